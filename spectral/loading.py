@@ -1,0 +1,179 @@
+"""Load a model and its tokenizer from any model spec, through one function.
+
+Security: weights are read from safetensors only (``use_safetensors=True``: a checkpoint
+that only has pickle weights is refused), and ``trust_remote_code`` is off unless the
+caller asks for it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from spectral.architectures import Architecture
+from spectral.errors import UsageError
+from spectral.specs import ModelSpec, parse_spec
+from spectral.tokenizer import byte_tokenizer
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for hooks: in eval mode, gradients off."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    spec: ModelSpec
+
+
+def load_model(
+    spec: str | ModelSpec,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    device_map: str | dict | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load model + tokenizer for ``spec`` (see ``spectral.specs`` for the forms).
+
+    ``device_map`` is handed to ``from_pretrained`` (accelerate sharding); ``device`` moves
+    a model that was loaded whole. Raises UsageError with one line naming the spec and what
+    was tried when it cannot be resolved.
+    """
+    spec = parse_spec(spec) if isinstance(spec, str) else spec
+    if spec.kind == "random":
+        model, tokenizer = _build_random(spec, dtype or torch.float32)
+    elif spec.kind == "organism":
+        from spectral.organisms import organism_dir  # local import: organisms import loading
+
+        path = organism_dir(spec.name)
+        model, tokenizer = _from_pretrained(spec, str(path), dtype, device_map, trust_remote_code, local=True)
+    elif spec.kind == "local":
+        _check_checkpoint_dir(spec)
+        model, tokenizer = _from_pretrained(spec, spec.name, dtype, device_map, trust_remote_code, local=True)
+    else:
+        model, tokenizer = _from_pretrained(spec, spec.name, dtype, device_map, trust_remote_code, local=False)
+    if device is not None and device_map is None:
+        model = model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, spec)
+
+
+def hf_config(arch: Architecture):
+    """A Hugging Face config with the exact shape of ``arch``."""
+    common = dict(
+        vocab_size=arch.vocab,
+        hidden_size=arch.hidden,
+        num_hidden_layers=arch.layers,
+        num_attention_heads=arch.heads,
+        max_position_embeddings=arch.max_positions,
+    )
+    if arch.family == "gpt_neox":
+        return GPTNeoXConfig(
+            **common, intermediate_size=arch.intermediate, rotary_pct=arch.rotary_pct,
+            rotary_emb_base=arch.rope_theta, layer_norm_eps=arch.norm_eps,
+            use_parallel_residual=True, tie_word_embeddings=False,
+            bos_token_id=0, eos_token_id=0,
+        )
+    if arch.family == "llama":
+        return LlamaConfig(
+            **common, intermediate_size=arch.intermediate, num_key_value_heads=arch.kv_heads or arch.heads,
+            rope_theta=arch.rope_theta, rms_norm_eps=arch.norm_eps, tie_word_embeddings=False,
+        )
+    return GPT2Config(
+        vocab_size=arch.vocab, n_embd=arch.hidden, n_layer=arch.layers, n_head=arch.heads,
+        n_positions=arch.max_positions, n_inner=arch.intermediate, layer_norm_epsilon=arch.norm_eps,
+        bos_token_id=0, eos_token_id=0,
+    )
+
+
+def _build_random(spec: ModelSpec, dtype: torch.dtype):
+    arch = spec.architecture()
+    tokenizer = byte_tokenizer()
+    if arch.vocab < len(tokenizer):
+        raise UsageError(f"model spec {spec.text!r}: vocab={arch.vocab} is smaller than the byte tokenizer ({len(tokenizer)})")
+    config = hf_config(arch)
+    config.pad_token_id = tokenizer.pad_token_id
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model, tokenizer
+
+
+def _check_checkpoint_dir(spec: ModelSpec) -> None:
+    path = Path(spec.name)
+    if not (path / "config.json").is_file():
+        raise UsageError(f"checkpoint directory {spec.text!r} has no config.json")
+    if not any(path.glob("*.safetensors")):
+        pickled = any(path.glob("*.bin")) or any(path.glob("*.pt"))
+        why = " (only pickle weights found; eigengap loads safetensors only)" if pickled else ""
+        raise UsageError(f"checkpoint directory {spec.text!r} has no safetensors weights{why}")
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise UsageError(f"checkpoint directory {spec.text!r} has no tokenizer files (looked for {', '.join(_TOKENIZER_FILES)})")
+
+
+def _from_pretrained(spec, source, dtype, device_map, trust_remote_code, *, local: bool):
+    """from_pretrained for directories and hub ids; the cache is tried first for hub ids."""
+    kwargs = dict(use_safetensors=True, trust_remote_code=trust_remote_code)
+    offline = local or _hub_offline()
+    try:
+        AutoConfig.from_pretrained(source, local_files_only=True, trust_remote_code=trust_remote_code)
+        cached = True
+    except (OSError, ValueError):
+        cached = False
+    if not cached and offline:
+        where = "the directory" if local else "the local Hugging Face cache (HF_HUB_OFFLINE is set)"
+        raise UsageError(f"cannot load model spec {spec.text!r}: no usable config.json in {where}")
+    if not cached and not _hub_reachable():
+        raise UsageError(
+            f"cannot load model spec {spec.text!r} (tried: the local Hugging Face cache, then "
+            f"{_hub_endpoint()}, which is unreachable)"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype or "auto", device_map=device_map, local_files_only=cached, **kwargs
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=cached, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        tried = "local checkpoint directory" if local else ("hub cache" if cached else "hub cache, then the hub")
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"cannot load model spec {spec.text!r} (tried: {tried}): {first}") from err
+    return model, tokenizer
+
+
+def _hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe, so an offline machine fails in seconds instead of retrying for minutes."""
+    url = urlparse(_hub_endpoint())
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
