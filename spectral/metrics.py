@@ -1,0 +1,69 @@
+"""Spectral metrics of a kernel, from its eigen- or singular values (DEFINITIONS.md).
+
+A spectrum is given as its leading values ``top`` (sorted descending, last axis) plus
+``fill_count`` further values all equal to ``fill_value``: the key kernel's N x N spectrum
+is its d_head leading eigenvalues plus N - d_head copies of the ridge, so every metric,
+entropy included, is exact without ever forming the N x N matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+from scipy.special import xlogy
+
+UNSTABLE_GAP = 0.77
+"""Gap at or below which the earlier GPT-2 study called a head unstable."""
+
+
+@dataclass
+class SpectrumMetrics:
+    """Metrics per head; every field has the shape of the leading axes of ``top``."""
+
+    lambda1: np.ndarray
+    """Largest value."""
+    lambda2: np.ndarray
+    """Second largest value."""
+    gap: np.ndarray
+    """(lambda1 - lambda2) / lambda1: small = unstable."""
+    instability: np.ndarray
+    """lambda2 / lambda1 (= 1 - gap)."""
+    entropy: np.ndarray
+    """-sum p_i log p_i over all values, p_i = value_i / sum of values."""
+    effective_rank: np.ndarray
+    """exp(entropy)."""
+    condition_number: np.ndarray
+    """lambda1 / smallest value."""
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in self.names()}
+
+
+def spectrum_metrics(top: np.ndarray, fill_value: float = 0.0, fill_count: int | np.ndarray = 0) -> SpectrumMetrics:
+    """Metrics of the spectrum ``top`` (..., k; descending) plus ``fill_count`` x ``fill_value``.
+
+    ``fill_count`` may be an array broadcasting against the leading axes (per-head N).
+    Needs at least two values in all; non-positive values give inf/NaN condition numbers
+    only where the spectrum truly is singular.
+    """
+    top = np.asarray(top, dtype=np.float64)
+    fill_count = np.broadcast_to(np.asarray(fill_count, dtype=np.float64), top.shape[:-1])
+    has_fill = fill_count > 0
+    lam1 = top[..., 0]
+    lam2 = top[..., 1] if top.shape[-1] > 1 else np.where(has_fill, fill_value, np.nan)
+    total = top.sum(axis=-1) + fill_count * fill_value
+    p = top / total[..., None]
+    entropy = -xlogy(p, p).sum(axis=-1)
+    if fill_value > 0:
+        q = fill_value / total
+        entropy = entropy - fill_count * xlogy(q, q)
+    smallest = np.where(has_fill, np.minimum(top[..., -1], fill_value), top[..., -1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        condition = lam1 / smallest
+        gap = (lam1 - lam2) / lam1
+    return SpectrumMetrics(lam1, lam2, gap, 1.0 - gap, entropy, np.exp(entropy), condition)
