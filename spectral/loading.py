@@ -177,3 +177,25 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def model_shape(spec: str | ModelSpec) -> tuple[int, int]:
+    """(layers, heads) from the architecture or config alone, without loading weights."""
+    spec = parse_spec(spec) if isinstance(spec, str) else spec
+    if spec.kind == "random":
+        arch = spec.architecture()
+        return arch.layers, arch.heads
+    if spec.kind == "organism":
+        from spectral.organisms import organism_dir
+
+        source = str(organism_dir(spec.name))
+    elif spec.kind == "local":
+        _check_checkpoint_dir(spec)
+        source = spec.name
+    else:
+        source = spec.name
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=spec.kind != "hub" or _hub_offline() or not _hub_reachable())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot read the config of model spec {spec.text!r}: {str(err).splitlines()[0]}") from err
+    return config.num_hidden_layers, config.num_attention_heads

@@ -1,0 +1,51 @@
+"""Plots of results tables (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+
+from spectral.metrics import UNSTABLE_GAP  # noqa: E402
+
+
+def layer_head_grid(table: pa.Table, column: str) -> tuple[np.ndarray, list[int], list[int]]:
+    """(layers, heads) array of ``column`` with NaN where a head has no row."""
+    layer, head = table["layer"].to_numpy(), table["head"].to_numpy()
+    values = table[column].to_numpy(zero_copy_only=False).astype(float)
+    layers, heads = sorted(set(layer.tolist())), sorted(set(head.tolist()))
+    grid = np.full((len(layers), len(heads)), np.nan)
+    li = {l: i for i, l in enumerate(layers)}
+    hi = {h: i for i, h in enumerate(heads)}
+    for l, h, v in zip(layer, head, values):
+        grid[li[l], hi[h]] = v
+    return grid, layers, heads
+
+
+def gap_heatmap(table: pa.Table, path: str | Path, title: str = "", threshold: float = UNSTABLE_GAP) -> Path:
+    """Layer x head heatmap of gaps; heads at or below ``threshold`` are outlined."""
+    grid, layers, heads = layer_head_grid(table, "gap")
+    fig, ax = plt.subplots(figsize=(max(4, 0.45 * len(heads) + 2), max(3, 0.35 * len(layers) + 1.5)))
+    im = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
+    for (i, j), g in np.ndenumerate(grid):
+        if np.isfinite(g) and g <= threshold:
+            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.5))
+    ax.set_xticks(range(len(heads)), heads)
+    ax.set_yticks(range(len(layers)), layers)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(title or f"eigenvalue gap (red: gap <= {threshold:g})", fontsize=9)
+    fig.colorbar(im, ax=ax, label="gap")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,130 @@
+"""Executors run work units against a loaded model: in-process, or on Ray actors.
+
+The job code is the same for both: ``executor.map(spec, fn, units)`` calls
+``fn(loaded_model, unit)`` for every unit and returns the results in unit order. A Ray
+worker loads the model once in ``__init__`` and serves many units; a failed unit raises
+(it is never turned into a made-up value), system failures are retried by Ray.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+from tqdm.auto import tqdm
+
+from spectral.loading import LoadedModel, load_model
+
+U = TypeVar("U")
+R = TypeVar("R")
+
+LOOPBACK = "127.0.0.1"
+
+
+class Executor(Protocol):
+    def map(self, spec: str, fn: Callable[[LoadedModel, U], R], units: Sequence[U], *, desc: str = "units") -> list[R]: ...
+
+
+class LocalExecutor:
+    """Runs units one after another in this process; loads the model once (or reuses one)."""
+
+    def __init__(self, loaded: LoadedModel | None = None, load_kwargs: dict | None = None, progress: bool = True):
+        self.loaded = loaded
+        self.load_kwargs = load_kwargs or {}
+        self.progress = progress
+
+    def model(self, spec: str) -> LoadedModel:
+        if self.loaded is None or self.loaded.spec.text != spec:
+            self.loaded = load_model(spec, **self.load_kwargs)
+        return self.loaded
+
+    def map(self, spec, fn, units, *, desc="units"):
+        loaded = self.model(spec)
+        return [fn(loaded, unit) for unit in tqdm(units, desc=desc, unit="unit", disable=not self.progress)]
+
+
+class ModelWorker:
+    """Ray actor body: holds one loaded model, applies job functions to work units."""
+
+    def __init__(self, spec: str, load_kwargs: dict):
+        self.loaded = load_model(spec, **load_kwargs)
+
+    def apply(self, fn: Callable[[LoadedModel, Any], Any], index: int, unit: Any) -> tuple[int, Any]:
+        return index, fn(self.loaded, unit)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to the Ray cluster at ``address`` (or RAY_ADDRESS, or a running local one);
+    start a local one bound to 127.0.0.1 when none is running."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    quiet = dict(logging_level="ERROR", log_to_driver=False)
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, **quiet)
+        return
+    try:
+        ray.init(address="auto", **quiet)
+    except ConnectionError:
+        ray.init(_node_ip_address=LOOPBACK, include_dashboard=False, **quiet)
+
+
+class RayExecutor:
+    """Spreads units over ``workers`` actors, each holding one loaded model."""
+
+    def __init__(self, workers: int = 2, address: str | None = None, num_cpus: float = 1, num_gpus: float = 0,
+                 load_kwargs: dict | None = None, progress: bool = True, max_restarts: int = 2):
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        self.workers, self.address = workers, address
+        self.num_cpus, self.num_gpus = num_cpus, num_gpus
+        self.load_kwargs = load_kwargs or {}
+        self.progress = progress
+        self.max_restarts = max_restarts
+
+    def map(self, spec, fn, units, *, desc="units"):
+        import ray
+
+        ensure_ray(self.address)
+        actor_cls = ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_restarts=self.max_restarts,
+                               max_task_retries=self.max_restarts)(ModelWorker)
+        actors = [actor_cls.remote(spec, self.load_kwargs) for _ in range(min(self.workers, max(len(units), 1)))]
+        try:
+            return self._run(ray, actors, fn, units, desc)
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+
+    def _run(self, ray, actors, fn, units, desc):
+        fn_ref = ray.put(fn)
+        results: list[Any] = [None] * len(units)
+        pending: dict[Any, Any] = {}
+        queue = list(enumerate(units))
+        idle = list(actors)
+        with tqdm(total=len(units), desc=desc, unit="unit", disable=not self.progress) as bar:
+            while queue or pending:
+                while idle and queue:
+                    actor = idle.pop()
+                    index, unit = queue.pop(0)
+                    pending[actor.apply.remote(fn_ref, index, unit)] = actor
+                done, _ = ray.wait(list(pending), num_returns=1)
+                actor = pending.pop(done[0])
+                index, value = ray.get(done[0])
+                results[index] = value
+                idle.append(actor)
+                bar.update(1)
+        return results
+
+
+def make_executor(kind: str, *, workers: int = 2, address: str | None = None, load_kwargs: dict | None = None,
+                  progress: bool = True) -> Executor:
+    if kind == "local":
+        return LocalExecutor(load_kwargs=load_kwargs, progress=progress)
+    if kind == "ray":
+        return RayExecutor(workers=workers, address=address, load_kwargs=load_kwargs, progress=progress)
+    raise ValueError(f"unknown executor {kind!r} (known: local, ray)")

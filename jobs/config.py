@@ -1,0 +1,86 @@
+"""Typed job configs and the CLI parsed from them.
+
+A job's config is a pydantic model: one field per option, a docstring under each field
+(its ``--help`` text), ``Literal`` for choices, constraints that raise naming the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from spectral.errors import UsageError
+
+C = TypeVar("C", bound="JobConfig")
+
+
+class JobConfig(BaseModel):
+    model_config = ConfigDict(use_attribute_docstrings=True, extra="forbid", frozen=True)
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0] if len(rest) == 1 else annotation
+    return annotation
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type[JobConfig], positional: tuple[str, ...] = ()) -> None:
+    """One option per config field; help from the field's docstring."""
+    for name, field in cls.model_fields.items():
+        ann = _unwrap_optional(field.annotation)
+        kwargs: dict[str, Any] = {"help": (field.description or "").replace("%", "%%")}
+        if not field.is_required():
+            kwargs["help"] += f" (default: {field.default})".replace("%", "%%")
+        if typing.get_origin(ann) is Literal:
+            kwargs["choices"] = list(typing.get_args(ann))
+        elif ann is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(ann) is list:
+            kwargs["type"] = _int_list
+            kwargs["metavar"] = "I,J,..."
+        if name in positional:
+            parser.add_argument(name, **kwargs)
+            continue
+        kwargs["default"] = None
+        kwargs["dest"] = name
+        if field.is_required():
+            kwargs["required"] = True
+        parser.add_argument("--" + name.replace("_", "-"), **kwargs)
+
+
+def parse_config(cls: type[C], namespace: argparse.Namespace) -> C:
+    """Validate the parsed options; a bad value raises UsageError naming the option."""
+    given = {k: v for k, v in vars(namespace).items() if k in cls.model_fields and v is not None}
+    return validate(cls, given)
+
+
+def validate(cls: type[C], values: dict[str, Any]) -> C:
+    try:
+        return cls.model_validate(values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = "--" + "-".join(str(p) for p in first["loc"]).replace("_", "-") if first["loc"] else cls.__name__
+        msg = first["msg"].removeprefix("Value error, ")
+        raise UsageError(f"{where}: {msg}") from None
+
+
+def out_dir_ready(path: Path, marker: str, force: bool) -> None:
+    """Refuse to overwrite earlier results unless asked (nothing computed is lost)."""
+    if (path / marker).exists() and not force:
+        raise UsageError(f"{path / marker} exists: pass --force to overwrite it, or choose another --out")
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {path} is a file, not a directory")

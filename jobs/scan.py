@@ -1,0 +1,157 @@
+"""``eigengap scan``: spectral metrics of every head, written as Parquet.
+
+Also ``python -m jobs.scan ...`` (what ``ray job submit`` runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from analysis.plots import gap_heatmap
+from analysis.summary import format_summary, layer_summaries
+from cluster.executors import make_executor
+from cluster.store import write_json, write_parquet, write_text
+from jobs.config import JobConfig, add_arguments, out_dir_ready, parse_config
+from spectral.errors import UsageError
+from spectral.loading import model_shape, parse_spec
+from spectral.metrics import UNSTABLE_GAP
+from spectral.prompts import read_prompts
+from spectral.scan import (
+    ScanSettings, finalize, reduce_partials, result_table, scan_unit, settings_dict, shard, weights_result,
+)
+
+RESULT_FILE = "scan.parquet"
+
+
+class ScanConfig(JobConfig):
+    model: str
+    """Model spec: hub id, checkpoint directory, random:ARCH[?k=v&...] or organism-NAME."""
+    out: Path
+    """Output directory (scan.parquet, params.json, summary.md, gap_heatmap.png)."""
+    prompts: Path | None = None
+    """Prompts: plain text, one per line, or JSONL with a 'text' field (not needed for --kernel weights)."""
+    kernel: Literal["key", "scores", "probs", "weights"] = "key"
+    """Which kernel of each head: key Gram, pre-softmax scores, attention probabilities, or W_Q W_K^T."""
+    keys: Literal["raw", "rotated"] = "raw"
+    """Keys before ('raw') or after ('rotated') the rotary rotation (key kernel)."""
+    ridge: float = Field(1e-2, gt=0)
+    """Ridge lambda added to the key Gram."""
+    center: bool = True
+    """Subtract the mean key before forming the Gram."""
+    batch_size: int = Field(8, gt=0)
+    """Prompts per forward pass."""
+    max_tokens: int | None = Field(None, gt=0)
+    """Truncate each prompt to this many tokens (default: the model's context length)."""
+    layers: list[int] | None = None
+    """Only these layers (comma-separated; default all)."""
+    heads: list[int] | None = None
+    """Only these heads (comma-separated; default all)."""
+    executor: Literal["local", "ray"] = "local"
+    """Run in this process, or on Ray actors (a local cluster on 127.0.0.1 is started if none runs)."""
+    workers: int = Field(2, ge=1)
+    """Ray actors, each holding one loaded model."""
+    ray_address: str | None = None
+    """Address of an existing Ray cluster (default: RAY_ADDRESS, a running local one, or a new local one)."""
+    shard_size: int = Field(64, gt=0)
+    """Prompts per work unit."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the model runs ('auto': a CUDA GPU when there is one)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Model weights dtype (statistics are always accumulated in float64)."""
+    threshold: float = Field(UNSTABLE_GAP, gt=0, lt=1)
+    """Gap at or below which a head counts as unstable in the summary."""
+    force: bool = False
+    """Overwrite an existing scan.parquet in --out."""
+
+    @model_validator(mode="after")
+    def _prompts_needed(self):
+        if self.kernel != "weights" and self.prompts is None:
+            raise ValueError("--prompts is required for --kernel " + self.kernel)
+        return self
+
+    def settings(self) -> ScanSettings:
+        return ScanSettings(
+            kernel=self.kernel, keys=self.keys, ridge=self.ridge, center=self.center,
+            batch_size=self.batch_size, max_tokens=self.max_tokens,
+            layers=tuple(sorted(set(self.layers))) if self.layers else None,
+            heads=tuple(sorted(set(self.heads))) if self.heads else None,
+        )
+
+    def load_kwargs(self) -> dict:
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return {"device": device, "dtype": getattr(torch, self.dtype)}
+
+
+def check_selection(settings: ScanSettings, n_layers: int, n_heads: int) -> None:
+    for name, chosen, size in (("layer", settings.layers, n_layers), ("head", settings.heads, n_heads)):
+        bad = [i for i in chosen or () if not 0 <= i < size]
+        if bad:
+            raise UsageError(f"--{name}s: {name} {bad[0]} out of range (the model has {name}s 0..{size - 1})")
+
+
+def run(config: ScanConfig, *, executor=None, echo=print):
+    """Validate everything, compute, then write the results directory."""
+    start = time.perf_counter()
+    spec = parse_spec(config.model)
+    prompts = read_prompts(config.prompts) if config.kernel != "weights" else []
+    out_dir_ready(config.out, RESULT_FILE, config.force)
+    n_layers, n_heads = model_shape(spec)
+    settings = config.settings()
+    check_selection(settings, n_layers, n_heads)
+    executor = executor or make_executor(config.executor, workers=config.workers, address=config.ray_address,
+                                         load_kwargs=config.load_kwargs())
+    if config.kernel == "weights":
+        result = executor.map(spec.text, weights_result, [settings], desc="weights")[0]
+    else:
+        units = shard(prompts, settings, config.shard_size)
+        result = finalize(reduce_partials(executor.map(spec.text, scan_unit, units, desc="scan")), settings)
+    table = result_table(result, settings, spec.text, n_layers, n_heads)
+    summary = format_summary(layer_summaries(table, config.threshold), config.threshold)
+    params = {"config": config.model_dump(mode="json"), "settings": settings_dict(settings),
+              "n_prompts": len(prompts), "seconds": round(time.perf_counter() - start, 3),
+              "versions": _versions()}
+    _write(config.out, table, params, summary, f"{spec.text} - {config.kernel} kernel ({table['keys'][0]} keys)",
+           config.threshold)
+    echo(summary)
+    echo(f"wrote {config.out / RESULT_FILE} ({table.num_rows} heads) in {params['seconds']:.1f} s")
+    return table
+
+
+def _write(out: Path, table, params, summary, title, threshold) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(params, out / "params.json")
+    write_text(summary + "\n", out / "summary.md")
+    gap_heatmap(table, out / "gap_heatmap.png", title=title, threshold=threshold)
+    write_parquet(table, out / RESULT_FILE)  # last: its presence means the run completed
+
+
+def _versions() -> dict[str, str]:
+    import pyarrow
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "pyarrow": pyarrow.__version__}
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("scan", help="spectral metrics of every head", description=__doc__.splitlines()[0])
+    add_arguments(parser, ScanConfig)
+    parser.set_defaults(handler=lambda ns: run(parse_config(ScanConfig, ns)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jobs.cli import main as cli_main
+
+    return cli_main(["scan", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
