@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -39,7 +40,8 @@ def gap_heatmap(table: pa.Table, path: str | Path, title: str = "", threshold: f
     ax.set_yticks(range(len(layers)), layers)
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
-    ax.set_title(title or f"eigenvalue gap (red: gap <= {threshold:g})", fontsize=9)
+    label = f"{title}\n" if title else ""
+    ax.set_title("\n".join(textwrap.wrap(label + f"eigenvalue gap (red: gap <= {threshold:g})", 60)), fontsize=8)
     fig.colorbar(im, ax=ax, label="gap")
     fig.tight_layout()
     path = Path(path)

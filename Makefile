@@ -1,0 +1,41 @@
+# eigengap: `make demo` runs the main job, `make test` the test suite. Both create or
+# refresh .venv first and install everything the project needs (tests' needs included).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.eigengap-installed
+DEMO_OUT ?= runs/demo
+DEMO_MODEL ?= random:pythia-410m?layers=6&hidden=256&heads=8
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+# On a machine without a CUDA GPU, the CPU build of torch (a local wheel or the PyTorch CPU
+# index); never the multi-GB CUDA build.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  $(BIN)/pip install "torch==$(TORCH_VERSION)"; \
+	else \
+	  $(BIN)/pip install "torch==$(TORCH_VERSION)+cpu" 2>/dev/null || \
+	  $(BIN)/pip install "torch==$(TORCH_VERSION)+cpu" --index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(BIN)/pip install -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/eigengap scan --model '$(DEMO_MODEL)' --prompts spectral/data/demo_prompts.txt \
+	  --out $(DEMO_OUT) --force
+	@echo "results: $(DEMO_OUT)/scan.parquet  heatmap: $(DEMO_OUT)/gap_heatmap.png  summary: $(DEMO_OUT)/summary.md"
+
+test: install
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python -m benchmarks.run_all
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
