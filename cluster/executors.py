@@ -71,7 +71,21 @@ def ensure_ray(address: str | None = None) -> None:
     try:
         ray.init(address="auto", **quiet)
     except ConnectionError:
+        _loopback_only()
         ray.init(_node_ip_address=LOOPBACK, include_dashboard=False, **quiet)
+
+
+def _loopback_only() -> None:
+    """Make a new local Ray cluster listen on 127.0.0.1 only.
+
+    On Linux Ray resolves 127.0.0.1 to the machine's routable address unless multi-node
+    clustering is off; RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 turns it off (the raylet and
+    workers inherit it), and the constant read by this driver is set to match.
+    """
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 class RayExecutor:

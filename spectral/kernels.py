@@ -20,8 +20,13 @@ from torch import Tensor
 
 from spectral.metrics import SpectrumMetrics, spectrum_metrics
 
-RANK_RTOL = 1e-10
-"""Eigenvalues of the centred key covariance below RANK_RTOL x the largest count as zero."""
+
+
+def rank_tolerance(largest: np.ndarray, size: int, eps: float) -> np.ndarray:
+    """numpy's matrix_rank convention: values below largest x size x eps of the input dtype
+    are not resolved by the data (keys, scores and probabilities arrive in the model's
+    dtype), so they count as zero: rank-deficient, condition number inf."""
+    return largest * size * eps
 
 STATUS_OK = "ok"
 STATUS_FEW_TOKENS = "too_few_tokens"
@@ -54,6 +59,8 @@ class KeyStats:
     count: np.ndarray  # (layers, heads) int64: tokens N
     n_prompts: np.ndarray  # (layers, heads) int64
     nonfinite: np.ndarray  # (layers, heads) bool
+    eps: float = float(np.finfo(np.float64).eps)
+    """Machine epsilon of the least precise keys seen (sets the rank tolerance)."""
 
     @classmethod
     def zeros(cls, layers: int, heads: int, d_head: int) -> "KeyStats":
@@ -65,6 +72,7 @@ class KeyStats:
 
     def update(self, layer: int, keys: Float[Tensor, "batch pos head d_head"], mask: Bool[Tensor, "batch pos"]) -> None:
         """Add the keys of every real token of a batch to ``layer``'s statistics."""
+        self.eps = max(self.eps, float(torch.finfo(keys.dtype).eps))
         x = keys[mask.to(keys.device)].to(torch.float64)  # (n, head, d_head)
         finite = torch.isfinite(x).all(dim=2).all(dim=0)  # (head,)
         x = torch.where(torch.isfinite(x), x, 0.0)
@@ -76,7 +84,7 @@ class KeyStats:
 
     def __add__(self, other: "KeyStats") -> "KeyStats":
         return KeyStats(self.ktk + other.ktk, self.ksum + other.ksum, self.count + other.count,
-                        self.n_prompts + other.n_prompts, self.nonfinite | other.nonfinite)
+                        self.n_prompts + other.n_prompts, self.nonfinite | other.nonfinite, max(self.eps, other.eps))
 
 
 def key_kernel_spectra(stats: KeyStats, ridge: float = 1e-2, center: bool = True, scale: float | None = None) -> KernelResult:
@@ -94,7 +102,7 @@ def key_kernel_spectra(stats: KeyStats, ridge: float = 1e-2, center: bool = True
         cov -= np.einsum("lhd,lhe->lhde", stats.ksum, stats.ksum) / safe_n[..., None, None]
     eig = np.linalg.eigvalsh(cov * scale)[..., ::-1]  # (layers, heads, d) descending
     eig = np.clip(eig, 0.0, None)
-    rank = (eig > RANK_RTOL * np.maximum(eig[..., :1], np.finfo(float).tiny)).sum(-1)
+    rank = (eig > np.maximum(rank_tolerance(eig[..., :1], d, stats.eps), np.finfo(float).tiny)).sum(-1)
     k = int(min(d, max(int(stats.count.max()), 2)))
     top = eig[..., :k].copy()
     # heads with N < k keep only their top N eigenvalues: N x N kernels have N values
@@ -159,15 +167,18 @@ class PromptSpectra:
             idx = mask[b].nonzero().squeeze(-1).to(mats.device)
             if len(idx) < 2:
                 continue
+            eps = float(torch.finfo(mats.dtype).eps)
             m = mats[b][:, idx][:, :, idx].to(torch.float64)  # (head, T, T)
             m = torch.where(torch.isneginf(m), 0.0, m)
             finite = torch.isfinite(m).flatten(1).all(dim=1).cpu().numpy()
             self.nonfinite[layer] |= ~finite
             sv = torch.linalg.svdvals(torch.where(torch.isfinite(m), m, 0.0)).cpu().numpy()  # (head, T) desc
-            res = spectrum_metrics(sv)
+            sv = np.where(sv > rank_tolerance(sv[:, :1], len(idx), eps), sv, 0.0)
+            with np.errstate(divide="ignore"):
+                res = spectrum_metrics(sv)
             for name, values in res.as_dict().items():
                 self.sums[name][layer] += values
-            rank = (sv > RANK_RTOL * sv[:, :1]).sum(-1)
+            rank = (sv > 0).sum(-1)
             self.rank_min[layer] = np.minimum(self.rank_min[layer], rank)
             self.n_prompts[layer] += 1
             self.n_tokens[layer] += len(idx)
@@ -203,10 +214,12 @@ def weight_spectra(wq: Float[Tensor, "head d_model d_head"], wk: Float[Tensor, "
     return torch.linalg.svdvals(rq @ rk.transpose(1, 2)).numpy()
 
 
-def weight_kernel_result(singular_values: np.ndarray) -> KernelResult:
-    """KernelResult from per-layer weight spectra (layers, heads, d_head)."""
-    metrics = spectrum_metrics(singular_values)
-    rank = (singular_values > RANK_RTOL * singular_values[..., :1]).sum(-1)
+def weight_kernel_result(singular_values: np.ndarray, eps: float = float(np.finfo(np.float32).eps)) -> KernelResult:
+    """KernelResult from per-layer weight spectra (layers, heads, d_head); ``eps`` of the weights' dtype."""
+    rank = (singular_values > rank_tolerance(singular_values[..., :1], singular_values.shape[-1], eps)).sum(-1)
+    singular_values = np.where(np.arange(singular_values.shape[-1]) < rank[..., None], singular_values, 0.0)
+    with np.errstate(divide="ignore"):
+        metrics = spectrum_metrics(singular_values)
     status = np.where(rank < 2, STATUS_RANK, STATUS_OK).astype(object)
     status[~np.isfinite(singular_values).all(-1)] = STATUS_NONFINITE
     _blank(metrics, status == STATUS_NONFINITE)

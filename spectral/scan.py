@@ -122,7 +122,8 @@ def weights_result(loaded: LoadedModel, settings: ScanSettings) -> KernelResult:
     """The weight-only kernel: no forward pass at all."""
     adapter = HeadAdapter(loaded.model)
     spectra = np.stack([weight_spectra(*adapter.qk_weights(l)) for l in range(adapter.n_layers)])
-    return weight_kernel_result(spectra)
+    dtype = adapter.qk_weights(0)[0].dtype
+    return weight_kernel_result(spectra, eps=float(torch.finfo(dtype).eps))
 
 
 def result_table(result: KernelResult, settings: ScanSettings, model: str, n_layers: int, n_heads: int) -> pa.Table:

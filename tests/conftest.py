@@ -1,0 +1,37 @@
+"""Shared fixtures: one tiny random model per adapter family, loaded once and read-only."""
+
+from __future__ import annotations
+
+import pytest
+
+from spectral.loading import load_model
+
+TINY = {
+    "gpt_neox": "random:pythia-410m?layers=3&hidden=64&heads=4&vocab=512",
+    "llama": "random:llama-2-7b?layers=3&hidden=64&heads=4&kv_heads=2&vocab=512",
+    "gpt2": "random:gpt2?layers=3&hidden=64&heads=4&vocab=512",
+}
+
+PROMPTS = [
+    "When Mary and John went to the store, John gave a drink to",
+    "The quick brown fox",
+    "Eigenvalue gaps of key kernels, measured for every head.",
+]
+
+
+@pytest.fixture(scope="session", params=sorted(TINY))
+def tiny(request):
+    """A LoadedModel of each family (session-scoped; do not modify)."""
+    return load_model(TINY[request.param])
+
+
+@pytest.fixture(scope="session")
+def neox():
+    return load_model(TINY["gpt_neox"])
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path
