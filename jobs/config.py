@@ -43,15 +43,17 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[JobConfig], positio
     for name, field in cls.model_fields.items():
         ann = _unwrap_optional(field.annotation)
         kwargs: dict[str, Any] = {"help": (field.description or "").replace("%", "%%")}
-        if not field.is_required():
+        if not field.is_required() and field.default_factory is None:
             kwargs["help"] += f" (default: {field.default})".replace("%", "%%")
         if typing.get_origin(ann) is Literal:
             kwargs["choices"] = list(typing.get_args(ann))
         elif ann is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(ann) is list:
+        elif typing.get_origin(ann) is list and typing.get_args(ann) == (int,):
             kwargs["type"] = _int_list
             kwargs["metavar"] = "I,J,..."
+        elif typing.get_origin(ann) is list:
+            kwargs["nargs"] = "*"
         if name in positional:
             parser.add_argument(name, **kwargs)
             continue
@@ -73,8 +75,10 @@ def validate(cls: type[C], values: dict[str, Any]) -> C:
         return cls.model_validate(values)
     except ValidationError as err:
         first = err.errors()[0]
-        where = "--" + "-".join(str(p) for p in first["loc"]).replace("_", "-") if first["loc"] else cls.__name__
         msg = first["msg"].removeprefix("Value error, ")
+        if not first["loc"]:
+            raise UsageError(msg) from None
+        where = "--" + str(first["loc"][0]).replace("_", "-")
         raise UsageError(f"{where}: {msg}") from None
 
 

@@ -1,0 +1,103 @@
+"""``eigengap organisms``: train, locate, evaluate and list the built-in model organisms."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from pydantic import Field, model_validator
+
+from cluster.store import write_json, write_text
+from jobs.config import JobConfig, add_arguments, parse_config
+from spectral.errors import UsageError
+from spectral.loading import load_model
+from spectral.organisms import SUITE, cache_root, organism_dir, train_organism
+from spectral.organisms.evaluate import evaluate, format_quality, load_tasks
+from spectral.organisms.suite import recipe_of, training_report
+
+
+class TrainConfig(JobConfig):
+    names: list[str] = Field(default_factory=list)
+    """Organisms to train (see `eigengap organisms list`)."""
+    all: bool = False
+    """Train the whole suite."""
+    force: bool = False
+    """Retrain even if a valid checkpoint is cached."""
+
+    @model_validator(mode="after")
+    def _something(self):
+        if not self.names and not self.all:
+            raise ValueError("name an organism or pass --all")
+        for name in self.names:
+            recipe_of(name)
+        return self
+
+
+class EvalConfig(JobConfig):
+    name: str
+    """Organism to evaluate."""
+    out: Path | None = None
+    """Directory for quality.json and quality.md (default: the organism's checkpoint directory)."""
+    n_ioi: int = Field(50, gt=0)
+    """Held-out IOI prompts per template."""
+    n_induction: int = Field(200, gt=0)
+    """Held-out induction sequences."""
+    n_sentiment: int = Field(200, gt=0)
+    """Held-out contexts per polarity."""
+
+
+def run_train(config: TrainConfig, echo=print) -> None:
+    names = list(SUITE) if config.all else config.names
+    total = time.perf_counter()
+    for name in names:
+        path = train_organism(name, force=config.force)
+        echo(f"{name}: {path} (trained in {training_report(path)['train_seconds']} s)")
+    echo(f"done in {time.perf_counter() - total:.1f} s")
+
+
+def run_eval(config: EvalConfig, echo=print):
+    path = organism_dir(config.name)
+    loaded = load_model(str(path))
+    quality = evaluate(loaded, load_tasks(path), n_ioi_per_template=config.n_ioi,
+                       n_induction=config.n_induction, n_sentiment=config.n_sentiment)
+    table = format_quality({config.name: quality})
+    out = config.out or path
+    write_json(quality.as_dict(), out / "quality.json")
+    write_text(table + "\n", out / "quality.md")
+    echo(table)
+    return quality
+
+
+def run_list(echo=print) -> None:
+    echo(f"cache: {cache_root()}")
+    for name, r in SUITE.items():
+        cached = "cached" if (cache_root() / name).exists() else "not trained"
+        echo(f"{name:12s} layers={r.layers} heads={r.heads} d_model={r.hidden} d_head={r.hidden // r.heads} "
+             f"steps={r.steps}  [{cached}]")
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("organisms", help="built-in model organisms: train, path, eval, list")
+    inner = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    train = inner.add_parser("train", help="train organisms into the cache")
+    add_arguments(train, TrainConfig, positional=("names",))
+    train.set_defaults(handler=lambda ns: run_train(parse_config(TrainConfig, ns)))
+    path = inner.add_parser("path", help="print an organism's checkpoint directory (training it if needed)")
+    path.add_argument("name")
+    path.set_defaults(handler=lambda ns: print(organism_dir(ns.name)))
+    ev = inner.add_parser("eval", help="held-out IOI, induction and sentiment quality")
+    add_arguments(ev, EvalConfig, positional=("name",))
+    ev.set_defaults(handler=lambda ns: run_eval(parse_config(EvalConfig, ns)))
+    ls = inner.add_parser("list", help="the suite and what is cached")
+    ls.set_defaults(handler=lambda ns: run_list())
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jobs.cli import main as cli_main
+
+    return cli_main(["organisms", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Quality of an organism on held-out samples: IOI, induction, sentiment contrast.
+
+Everything is built from the organism's ``tasks.json`` (any checkpoint with such a file can
+be evaluated) and a seed distinct from the training seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats
+
+from spectral.loading import LoadedModel
+from spectral.organisms.language import ioi_example, sentiment_context
+
+EVAL_SEED = 10_000
+IOI_BAR, INDUCTION_BAR = 0.95, 0.90
+
+
+@dataclass
+class OrganismQuality:
+    """Held-out quality figures of one organism."""
+
+    ioi_accuracy_abba: float
+    ioi_accuracy_baba: float
+    ioi_logit_diff_abba: float
+    ioi_logit_diff_baba: float
+    induction_accuracy: float
+    """Top-1 accuracy on tokens 2..k of the repeated half of a random span."""
+    sentiment_contrast: float
+    """Mean log-prob(positive words) - log-prob(negative words) after positive minus after negative contexts."""
+    sentiment_ci_low: float
+    sentiment_ci_high: float
+    n_ioi: int
+    n_induction_tokens: int
+    n_sentiment: int
+
+    @property
+    def ioi_accuracy(self) -> float:
+        return (self.ioi_accuracy_abba + self.ioi_accuracy_baba) / 2
+
+    def passes(self) -> dict[str, bool]:
+        return {
+            "ioi": min(self.ioi_accuracy_abba, self.ioi_accuracy_baba) >= IOI_BAR,
+            "induction": self.induction_accuracy >= INDUCTION_BAR,
+            "sentiment": self.sentiment_ci_low > 0 or self.sentiment_ci_high < 0,
+        }
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "passes": self.passes()}
+
+
+def load_tasks(path: Path) -> dict:
+    return json.loads((Path(path) / "tasks.json").read_text())
+
+
+@torch.no_grad()
+def final_logits(loaded: LoadedModel, texts: list[str]) -> torch.Tensor:
+    """Next-token logits after each text (batched by token length; no padding needed)."""
+    tok = loaded.tokenizer
+    encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    out = torch.empty(len(texts), loaded.model.config.vocab_size)
+    by_len: dict[int, list[int]] = {}
+    for i, ids in enumerate(encoded):
+        by_len.setdefault(len(ids), []).append(i)
+    for idx in by_len.values():
+        ids = torch.tensor([encoded[i] for i in idx])
+        out[idx] = loaded.model(input_ids=ids).logits[:, -1].float()
+    return out
+
+
+def single_token(tok, word: str) -> int:
+    ids = tok(word, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"{word!r} is not a single token ({len(ids)} tokens)")
+    return ids[0]
+
+
+def ioi_quality(loaded: LoadedModel, tasks: dict, n_per_template: int, seed: int):
+    rng = random.Random(seed)
+    examples = [ioi_example(rng, t, tasks) for t in range(len(tasks["ioi_templates"])) for _ in range(n_per_template)]
+    logits = final_logits(loaded, [e.clean for e in examples])
+    tok = loaded.tokenizer
+    answer = torch.tensor([single_token(tok, e.answer) for e in examples])
+    distractor = torch.tensor([single_token(tok, e.distractor) for e in examples])
+    diff = (logits.gather(1, answer[:, None]) - logits.gather(1, distractor[:, None])).squeeze(1).numpy()
+    order = np.array([e.order for e in examples])
+    return {o: (float((diff[order == o] > 0).mean()), float(diff[order == o].mean())) for o in ("ABBA", "BABA")}, len(examples)
+
+
+@torch.no_grad()
+def induction_quality(loaded: LoadedModel, tasks: dict, n: int, seed: int) -> tuple[float, int]:
+    rng = random.Random(seed)
+    tok = loaded.tokenizer
+    hits = []
+    for _ in range(n):
+        span = rng.sample(tasks["induction_tokens"], rng.randint(5, 10))
+        first = tok("Repeat: " + " ".join(span), add_special_tokens=False)["input_ids"]
+        second = tok(" | " + " ".join(span) + ".", add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([first + second])
+        pred = loaded.model(input_ids=ids).logits[0].argmax(-1)
+        start = len(first) + len(second) - len(span) - 1  # index of the repeated span's first token
+        for j in range(start + 1, start + len(span)):  # tokens 2..k, each predicted at j - 1
+            hits.append(bool(pred[j - 1] == ids[0, j]))
+    return float(np.mean(hits)), len(hits)
+
+
+def sentiment_quality(loaded: LoadedModel, tasks: dict, n: int, seed: int):
+    rng = random.Random(seed)
+    tok = loaded.tokenizer
+    pos = [single_token(tok, " " + w) for w in tasks["positive_words"]]
+    neg = [single_token(tok, " " + w) for w in tasks["negative_words"]]
+    scores = {}
+    for polarity in ("positive", "negative"):
+        logp = torch.log_softmax(final_logits(loaded, [sentiment_context(rng, polarity, tasks) for _ in range(n)]), -1)
+        scores[polarity] = (logp[:, pos].mean(1) - logp[:, neg].mean(1)).numpy()
+    res = stats.bootstrap((scores["positive"], scores["negative"]), lambda a, b, axis=-1: a.mean(axis) - b.mean(axis),
+                          n_resamples=2000, confidence_level=0.95, random_state=seed, vectorized=True)
+    contrast = float(scores["positive"].mean() - scores["negative"].mean())
+    return contrast, float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def evaluate(loaded: LoadedModel, tasks: dict, *, n_ioi_per_template: int = 50, n_induction: int = 200,
+             n_sentiment: int = 200, seed: int = EVAL_SEED) -> OrganismQuality:
+    """All quality figures on held-out samples drawn with ``seed``."""
+    ioi, n_ioi = ioi_quality(loaded, tasks, n_ioi_per_template, seed)
+    induction, n_tokens = induction_quality(loaded, tasks, n_induction, seed + 1)
+    contrast, low, high = sentiment_quality(loaded, tasks, n_sentiment, seed + 2)
+    return OrganismQuality(ioi["ABBA"][0], ioi["BABA"][0], ioi["ABBA"][1], ioi["BABA"][1], induction,
+                           contrast, low, high, n_ioi, n_tokens, 2 * n_sentiment)
+
+
+def format_quality(rows: dict[str, OrganismQuality]) -> str:
+    """A Markdown table of several organisms' quality."""
+    lines = ["| organism | IOI acc ABBA | IOI acc BABA | logit diff ABBA | logit diff BABA | induction acc | "
+             "sentiment contrast [95 % CI] | bars |", "|---|---:|---:|---:|---:|---:|---|---|"]
+    for name, q in rows.items():
+        bars = "all met" if all(q.passes().values()) else "missed: " + ", ".join(k for k, v in q.passes().items() if not v)
+        lines.append(f"| {name} | {q.ioi_accuracy_abba:.3f} | {q.ioi_accuracy_baba:.3f} | {q.ioi_logit_diff_abba:.2f} | "
+                     f"{q.ioi_logit_diff_baba:.2f} | {q.induction_accuracy:.3f} | {q.sentiment_contrast:.2f} "
+                     f"[{q.sentiment_ci_low:.2f}, {q.sentiment_ci_high:.2f}] | {bars} |")
+    return "\n".join(lines)

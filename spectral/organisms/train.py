@@ -1,0 +1,99 @@
+"""Training an organism: a plain causal-LM loop on the synthetic language, built on accelerate
+(the same code trains on a GPU), deterministic given the recipe's seed."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, get_cosine_schedule_with_warmup
+
+from spectral.organisms import language
+from spectral.organisms.vocab import word_tokenizer
+
+EPISODES_PER_SEQUENCE = 8
+"""Episodes joined into one training text before truncation to the context length."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines an organism: architecture, data and optimisation."""
+
+    name: str
+    layers: int
+    heads: int
+    hidden: int
+    intermediate: int
+    steps: int
+    context: int = 48
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup: int = 50
+    weight_decay: float = 0.01
+    seed: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def model_config(recipe: Recipe, vocab_size: int, tokenizer) -> GPTNeoXConfig:
+    """Pythia's architecture (GPT-NeoX: rotary on 25 % of d_head, parallel residual, untied
+    embeddings), at the recipe's size."""
+    return GPTNeoXConfig(
+        vocab_size=vocab_size, hidden_size=recipe.hidden, num_hidden_layers=recipe.layers,
+        num_attention_heads=recipe.heads, intermediate_size=recipe.intermediate,
+        max_position_embeddings=2 * recipe.context, rotary_pct=0.25, use_parallel_residual=True,
+        tie_word_embeddings=False, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def training_data(recipe: Recipe, tokenizer) -> TensorDataset:
+    """steps x batch_size sequences of ``context`` tokens, each starting with an episode."""
+    n_sequences = recipe.steps * recipe.batch_size
+    episodes = language.corpus(recipe.seed, n_sequences * EPISODES_PER_SEQUENCE)
+    texts = [" ".join(episodes[i:i + EPISODES_PER_SEQUENCE]) for i in range(0, len(episodes), EPISODES_PER_SEQUENCE)]
+    enc = tokenizer(texts, max_length=recipe.context, truncation=True, padding="max_length", return_tensors="pt")
+    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+    return TensorDataset(enc.input_ids, enc.attention_mask, labels)
+
+
+def train(recipe: Recipe, out_dir: Path, progress: bool = True) -> dict:
+    """Train ``recipe`` and save a plain Hugging Face checkpoint into ``out_dir``."""
+    torch.manual_seed(recipe.seed)
+    tokenizer = word_tokenizer()
+    vocab = 8 * math.ceil(len(tokenizer) / 8)
+    model = GPTNeoXForCausalLM(model_config(recipe, vocab, tokenizer))
+    data = training_data(recipe, tokenizer)
+    loader = DataLoader(data, batch_size=recipe.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(recipe.seed))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay,
+                                  betas=(0.9, 0.98), fused=True)
+    schedule = get_cosine_schedule_with_warmup(optimizer, recipe.warmup, recipe.steps)
+    accelerator = Accelerator()
+    model, optimizer, loader, schedule = accelerator.prepare(model, optimizer, loader, schedule)
+    model.train()
+    losses = []
+    bar = tqdm(loader, desc=f"training {recipe.name}", unit="step", disable=not progress)
+    for input_ids, attention_mask, labels in bar:
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        if len(losses) % 25 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-25:]) / 25:.3f}")
+    model = accelerator.unwrap_model(model).cpu().eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    n_params = sum(p.numel() for p in model.parameters())
+    return {"final_loss": sum(losses[-50:]) / min(50, len(losses)), "parameters": n_params, "steps": len(losses)}
