@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from spectral.loading import load_model
@@ -35,3 +38,27 @@ def prompts_file(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("\n".join(PROMPTS) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def organism_cache(tmp_path_factory):
+    """A cache holding the smallest organism, trained once per session (about a minute).
+
+    Set EIGENGAP_TEST_CACHE to a directory to keep it between sessions."""
+    root = Path(os.environ.get("EIGENGAP_TEST_CACHE") or tmp_path_factory.mktemp("eigengap-cache"))
+    previous = os.environ.get("EIGENGAP_CACHE")
+    os.environ["EIGENGAP_CACHE"] = str(root)
+    from spectral.organisms import SMALLEST, train_organism
+
+    path = train_organism(SMALLEST, progress=False)
+    yield path
+    if previous is None:
+        os.environ.pop("EIGENGAP_CACHE", None)
+    else:
+        os.environ["EIGENGAP_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def organism(organism_cache):
+    """The smallest organism, loaded (read-only)."""
+    return load_model(str(organism_cache))
