@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.eigengap-installed
 DEMO_OUT ?= runs/demo
-DEMO_MODEL ?= random:pythia-410m?layers=6&hidden=256&heads=8
+DEMO_MODEL ?= organism-s
 
 .PHONY: install demo test bench clean
 
@@ -27,7 +27,8 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/eigengap scan --model '$(DEMO_MODEL)' --prompts spectral/data/demo_prompts.txt \
+	$(BIN)/eigengap organisms prompts --out $(DEMO_OUT)/prompts.txt
+	$(BIN)/eigengap scan --model '$(DEMO_MODEL)' --prompts $(DEMO_OUT)/prompts.txt \
 	  --out $(DEMO_OUT) --force
 	@echo "results: $(DEMO_OUT)/scan.parquet  heatmap: $(DEMO_OUT)/gap_heatmap.png  summary: $(DEMO_OUT)/summary.md"
 

@@ -13,6 +13,7 @@ from jobs.config import JobConfig, add_arguments, parse_config
 from spectral.errors import UsageError
 from spectral.loading import load_model
 from spectral.organisms import SUITE, cache_root, organism_dir, train_organism
+from spectral.organisms.language import corpus
 from spectral.organisms.evaluate import evaluate, format_quality, load_tasks
 from spectral.organisms.suite import recipe_of, training_report
 
@@ -69,6 +70,24 @@ def run_eval(config: EvalConfig, echo=print):
     return quality
 
 
+class PromptsConfig(JobConfig):
+    out: Path
+    """File to write: one prompt per line."""
+    n: int = Field(256, gt=0)
+    """Number of prompts (each a few episodes of the synthetic language)."""
+    seed: int = 20_000
+    """Generator seed (training uses the recipes' seeds, 0 by default: keep this different)."""
+    episodes: int = Field(3, gt=0)
+    """Episodes per prompt."""
+
+
+def run_prompts(config: PromptsConfig, echo=print) -> None:
+    texts = corpus(config.seed, config.n * config.episodes)
+    lines = [" ".join(texts[i:i + config.episodes]) for i in range(0, len(texts), config.episodes)]
+    write_text("\n".join(lines) + "\n", config.out)
+    echo(f"wrote {len(lines)} prompts to {config.out}")
+
+
 def run_list(echo=print) -> None:
     echo(f"cache: {cache_root()}")
     for name, r in SUITE.items():
@@ -89,6 +108,9 @@ def add_parser(sub) -> None:
     ev = inner.add_parser("eval", help="held-out IOI, induction and sentiment quality")
     add_arguments(ev, EvalConfig, positional=("name",))
     ev.set_defaults(handler=lambda ns: run_eval(parse_config(EvalConfig, ns)))
+    pr = inner.add_parser("prompts", help="write held-out prompts in the organisms' language")
+    add_arguments(pr, PromptsConfig)
+    pr.set_defaults(handler=lambda ns: run_prompts(parse_config(PromptsConfig, ns)))
     ls = inner.add_parser("list", help="the suite and what is cached")
     ls.set_defaults(handler=lambda ns: run_list())
 

@@ -54,7 +54,7 @@ TASKS = {
 }
 """What ``tasks.json`` holds (see docs/ORGANISMS.md for the schema)."""
 
-MIXTURE = {"ioi": 0.35, "induction": 0.35, "sentiment": 0.15, "filler": 0.15}
+MIXTURE = {"ioi": 0.3, "induction": 0.45, "sentiment": 0.13, "filler": 0.12}
 
 
 def all_words() -> list[str]:
@@ -121,7 +121,8 @@ def episode(rng: random.Random) -> str:
         return ex.clean + ex.answer + "."
     if kind == "induction":
         span = " ".join(induction_span(rng))
-        return f"Repeat: {span} | {span}."
+        copies = 2 if rng.random() < 0.5 else 3
+        return "Repeat: " + " | ".join([span] * copies) + "."
     if kind == "sentiment":
         polarity = rng.choice(["positive", "negative"])
         if rng.random() < 0.25:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, get_cosine_schedule_with_warmup
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from spectral.organisms import language
 from spectral.organisms.vocab import word_tokenizer
@@ -37,6 +38,9 @@ class Recipe:
     warmup: int = 50
     weight_decay: float = 0.01
     seed: int = 0
+    decay_from: float = 0.7
+    """Fraction of training after which the learning rate decays (cosine) to zero; before it
+    stays at ``lr`` after warm-up (a late decay lets induction heads form first)."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -52,6 +56,17 @@ def model_config(recipe: Recipe, vocab_size: int, tokenizer) -> GPTNeoXConfig:
         tie_word_embeddings=False, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def lr_factor(recipe: Recipe, step: int) -> float:
+    """Linear warm-up, a plateau until ``decay_from``, then cosine decay to zero."""
+    if step < recipe.warmup:
+        return (step + 1) / recipe.warmup
+    start = max(recipe.warmup, int(recipe.decay_from * recipe.steps))
+    if step < start:
+        return 1.0
+    progress = (step - start) / max(1, recipe.steps - start)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def training_data(recipe: Recipe, tokenizer) -> TensorDataset:
@@ -75,7 +90,7 @@ def train(recipe: Recipe, out_dir: Path, progress: bool = True) -> dict:
                         generator=torch.Generator().manual_seed(recipe.seed))
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay,
                                   betas=(0.9, 0.98), fused=True)
-    schedule = get_cosine_schedule_with_warmup(optimizer, recipe.warmup, recipe.steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, recipe))
     accelerator = Accelerator()
     model, optimizer, loader, schedule = accelerator.prepare(model, optimizer, loader, schedule)
     model.train()
