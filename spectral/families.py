@@ -38,6 +38,8 @@ class Family:
     """(attention module, heads, kv_heads, d_head) -> W_Q (heads, d_model, d_head), W_K (kv_heads, d_model, d_head)."""
     rotary: Callable | None
     """The family's own ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)``; None if unrotated."""
+    final_norm: str
+    """Dotted path, from the CausalLM model, of the norm applied after the last block."""
 
 
 def _neox_split(attn, outs, heads, kv_heads, d_head) -> QKV:
@@ -79,10 +81,10 @@ def _gpt2_weights(attn, heads, kv_heads, d_head):
 
 
 GPT_NEOX = Family("gpt_neox", "attention", ("query_key_value",), "dense", _neox_split, _neox_weights,
-                  modeling_gpt_neox.apply_rotary_pos_emb)
+                  modeling_gpt_neox.apply_rotary_pos_emb, "gpt_neox.final_layer_norm")
 LLAMA = Family("llama", "self_attn", ("q_proj", "k_proj", "v_proj"), "o_proj", _llama_split, _llama_weights,
-               modeling_llama.apply_rotary_pos_emb)
-GPT2 = Family("gpt2", "attn", ("c_attn",), "c_proj", _gpt2_split, _gpt2_weights, None)
+               modeling_llama.apply_rotary_pos_emb, "model.norm")
+GPT2 = Family("gpt2", "attn", ("c_attn",), "c_proj", _gpt2_split, _gpt2_weights, None, "transformer.ln_f")
 
 FAMILIES: dict[str, Family] = {
     "gpt_neox": GPT_NEOX,

@@ -199,3 +199,14 @@ def model_shape(spec: str | ModelSpec) -> tuple[int, int]:
     except (OSError, ValueError) as err:
         raise UsageError(f"cannot read the config of model spec {spec.text!r}: {str(err).splitlines()[0]}") from err
     return config.num_hidden_layers, config.num_attention_heads
+
+
+def checkpoint_path(loaded: LoadedModel) -> Path | None:
+    """The directory a model was loaded from (organisms and local checkpoints), else None."""
+    if loaded.spec.kind == "local":
+        return Path(loaded.spec.name)
+    if loaded.spec.kind == "organism":
+        from spectral.organisms import organism_dir
+
+        return organism_dir(loaded.spec.name)
+    return None

@@ -1,0 +1,156 @@
+"""Activation patching of attention heads: exact (batched, from cached residuals),
+attribution (gradient), and ablations (zero, mean, resample).
+
+The unit of patching is a head's result before the output projection, at all positions.
+A patch at layer L replays only blocks L..end, starting from the base run's cached residual
+stream entering L (the blocks are the model's own modules, called with the arguments the
+model itself passed them), and many head patches share one batched replay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from spectral.adapter import HeadAdapter
+from spectral.tasks import EncodedTask
+
+Direction = Literal["denoise", "noise"]
+Method = Literal["exact", "attribution", "ablate-zero", "ablate-mean", "resample"]
+
+
+@dataclass
+class RunCache:
+    """One forward pass over a task's prompts, with what patching needs from it."""
+
+    metric: Tensor  # (n,) logit difference answer - distractor at the final position
+    results: list[Tensor]  # per layer: (n, pos, head, d_head)
+    resid_pre: list[Tensor]  # per layer: (n, pos, d_model)
+    block_kwargs: list[dict]  # per layer: the keyword arguments the model passed the block
+
+
+def logit_diff(logits: Tensor, task: EncodedTask) -> Tensor:
+    """(copies * n, pos, vocab) logits -> (copies * n,) answer minus distractor at the last position."""
+    n = len(task)
+    copies = logits.shape[0] // n
+    last = task.last.to(logits.device).repeat(copies)
+    final = logits[torch.arange(logits.shape[0], device=logits.device), last].float()  # (copies * n, vocab)
+    answer = task.answer.to(logits.device).repeat(copies)
+    distractor = task.distractor.to(logits.device).repeat(copies)
+    return final.gather(1, answer[:, None]).squeeze(1) - final.gather(1, distractor[:, None]).squeeze(1)
+
+
+@torch.no_grad()
+def cache_run(adapter: HeadAdapter, ids: Tensor, task: EncodedTask) -> RunCache:
+    """Run ``ids`` once, keeping every layer's per-head result, residual input and block kwargs."""
+    n_layers = adapter.n_layers
+    results: list[Tensor | None] = [None] * n_layers
+    resid: list[Tensor | None] = [None] * n_layers
+    kwargs: list[dict | None] = [None] * n_layers
+
+    def keep(layer, site, t):
+        (results if site == "result" else resid)[layer] = t.detach().clone()
+
+    handles = [block.register_forward_pre_hook(_kwargs_keeper(kwargs, l), with_kwargs=True)
+               for l, block in enumerate(adapter.blocks)]
+    try:
+        with adapter.trace(["result", "resid_pre"], keep):
+            logits = adapter.model(input_ids=ids, attention_mask=task.mask.to(ids.device), use_cache=False).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return RunCache(logit_diff(logits, task), results, resid, kwargs)
+
+
+def _kwargs_keeper(store: list, layer: int):
+    def hook(module, args, kwargs):
+        store[layer] = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "layer_past")}
+    return hook
+
+
+def _repeat(value, copies: int, n: int):
+    """Repeat batch-leading tensors (first dim n) ``copies`` times, copy-major; recurse into tuples."""
+    if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n:
+        return value.repeat(copies, *([1] * (value.dim() - 1)))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_repeat(v, copies, n) for v in value)
+    return value
+
+
+def replay(adapter: HeadAdapter, base: RunCache, layer: int, copies: int,
+           edit: Callable[[Tensor], Tensor]) -> Tensor:
+    """Logits of ``copies`` copies of the base run, recomputed from the residual entering
+    ``layer`` with ``edit`` applied to that layer's per-head result."""
+    n = base.resid_pre[layer].shape[0]
+    hidden = _repeat(base.resid_pre[layer], copies, n)
+    with adapter.trace([], edits={(layer, "result"): edit}):
+        for l in range(layer, adapter.n_layers):
+            kwargs = {k: _repeat(v, copies, n) for k, v in base.block_kwargs[l].items()}
+            out = adapter.blocks[l](hidden, **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+    norm = adapter.model.get_submodule(adapter.family.final_norm)
+    return adapter.model.get_output_embeddings()(norm(hidden))
+
+
+@torch.no_grad()
+def patch_layer(adapter: HeadAdapter, base: RunCache, task: EncodedTask, layer: int, heads: Sequence[int],
+                source: Tensor) -> Tensor:
+    """Metric (len(heads), n) of the base run with each head's result replaced by ``source``
+    (n, pos, head, d_head): one batched replay for all the heads."""
+    k, n = len(heads), len(task)
+    index = torch.tensor(list(heads), device=source.device)
+
+    def edit(result: Tensor) -> Tensor:  # (k * n, pos, head, d_head)
+        result = result.clone().view(k, n, *result.shape[1:])
+        copies = torch.arange(k, device=result.device)
+        result[copies, :, :, index] = source[:, :, index].permute(2, 0, 1, 3).to(result.dtype)
+        return result.view(k * n, *result.shape[2:])
+
+    return logit_diff(replay(adapter, base, layer, k, edit), task).view(k, n)
+
+
+def ablation_source(method: Method, clean: RunCache, task: EncodedTask, layer: int, seed: int = 0) -> Tensor:
+    """Replacement of every head's result at ``layer`` for an ablation of the clean run."""
+    result = clean.results[layer]  # (n, pos, head, d_head)
+    if method == "ablate-zero":
+        return torch.zeros_like(result)
+    if method == "ablate-mean":
+        mask = task.mask.to(result.device).bool()
+        mean = result[mask].mean(dim=0)  # (head, d_head) over every real token of every example
+        return mean.expand_as(result).clone()
+    if method == "resample":
+        gen = torch.Generator().manual_seed(seed + layer)
+        n = result.shape[0]
+        perm = (torch.arange(n) + 1 + torch.randint(0, max(n - 1, 1), (1,), generator=gen)) % n  # no fixed points
+        return result[perm.to(result.device)]
+    raise ValueError(f"{method!r} is not an ablation")
+
+
+def attribution(adapter: HeadAdapter, clean: RunCache, corrupt: RunCache, task: EncodedTask,
+                ids_corrupt: Tensor, direction: Direction = "denoise") -> Tensor:
+    """First-order estimate (layers, heads, n) of M_patched - M_base for every head at once:
+    (source - base) . dM/d(result), the gradient taken on the base run."""
+    base_ids, base, source = (ids_corrupt, corrupt, clean) if direction == "denoise" else (None, clean, corrupt)
+    if base_ids is None:
+        base_ids = task.clean.to(ids_corrupt.device)
+    deltas = {}
+
+    def make_edit(layer):
+        def edit(t):
+            deltas[layer] = torch.zeros_like(t, requires_grad=True)
+            return t + deltas[layer]
+        return edit
+
+    edits = {(l, "result"): make_edit(l) for l in range(adapter.n_layers)}
+    with torch.enable_grad(), adapter.trace([], edits=edits):
+        logits = adapter.model(input_ids=base_ids, attention_mask=task.mask.to(base_ids.device), use_cache=False).logits
+        logit_diff(logits, task).sum().backward()
+    out = []
+    for l in range(adapter.n_layers):
+        diff = (source.results[l] - base.results[l]).float()  # (n, pos, head, d_head)
+        out.append((diff * deltas[l].grad.float()).sum(dim=(1, 3)).T)  # (head, n)
+    return torch.stack(out)
