@@ -154,3 +154,61 @@ def attribution(adapter: HeadAdapter, clean: RunCache, corrupt: RunCache, task: 
         diff = (source.results[l] - base.results[l]).float()  # (n, pos, head, d_head)
         out.append((diff * deltas[l].grad.float()).sum(dim=(1, 3)).T)  # (head, n)
     return torch.stack(out)
+
+
+@dataclass(frozen=True)
+class PatchUnit:
+    """One work unit: patch ``heads`` of ``layer`` (every layer for attribution) on a task."""
+
+    examples: tuple  # tuple[Example, ...]
+    method: Method
+    direction: Direction
+    layer: int
+    heads: tuple[int, ...]
+    seed: int = 0
+
+
+def _caches(loaded, examples) -> tuple[HeadAdapter, EncodedTask, RunCache, RunCache]:
+    """Clean and corrupt runs of a task, memoised on the loaded model (a worker serves many units)."""
+    from spectral.tasks import encode
+
+    memo = loaded.__dict__.setdefault("_patch_memo", {})
+    key = hash(examples)
+    if key not in memo:
+        memo.clear()
+        adapter = HeadAdapter(loaded.model)
+        task = encode(loaded.tokenizer, list(examples))
+        device = loaded.model.get_input_embeddings().weight.device
+        clean = cache_run(adapter, task.clean.to(device), task)
+        corrupt = cache_run(adapter, task.corrupt.to(device), task)
+        memo[key] = (adapter, task, clean, corrupt)
+    return memo[key]
+
+
+def patch_unit(loaded, unit: PatchUnit) -> list[dict]:
+    """Per-example rows ``layer, head, example, metric_clean, metric_corrupt, metric_patched``."""
+    adapter, task, clean, corrupt = _caches(loaded, unit.examples)
+    if unit.method == "attribution":
+        device = clean.metric.device
+        base = corrupt if unit.direction == "denoise" else clean
+        estimate = attribution(adapter, clean, corrupt, task, task.corrupt.to(device), unit.direction)
+        patched = {(l, h): base.metric + estimate[l, h] for l in range(adapter.n_layers) for h in unit.heads}
+    elif unit.method == "exact":
+        base, source = (corrupt, clean) if unit.direction == "denoise" else (clean, corrupt)
+        metrics = patch_layer(adapter, base, task, unit.layer, unit.heads, source.results[unit.layer])
+        patched = {(unit.layer, h): metrics[i] for i, h in enumerate(unit.heads)}
+    else:  # ablations act on the clean run
+        source = ablation_source(unit.method, clean, task, unit.layer, unit.seed)
+        metrics = patch_layer(adapter, clean, task, unit.layer, unit.heads, source)
+        patched = {(unit.layer, h): metrics[i] for i, h in enumerate(unit.heads)}
+    rows = []
+    for (layer, head), values in patched.items():
+        for i, value in enumerate(values.tolist()):
+            rows.append({"layer": layer, "head": head, "example": i, "metric_clean": float(clean.metric[i]),
+                         "metric_corrupt": float(corrupt.metric[i]), "metric_patched": float(value)})
+    return rows
+
+
+def restoration(patched: Tensor | float, clean: Tensor | float, corrupt: Tensor | float):
+    """(M_patched - M_corrupt) / (M_clean - M_corrupt), as DEFINITIONS.md states it."""
+    return (patched - corrupt) / (clean - corrupt)

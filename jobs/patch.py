@@ -1,0 +1,138 @@
+"""``eigengap patch``: causal importance of every head by activation patching.
+
+Also ``python -m jobs.patch ...``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import torch
+from pydantic import Field
+
+from cluster.executors import make_executor
+from cluster.store import write_json, write_parquet
+from jobs.config import JobConfig, add_arguments, out_dir_ready, parse_config
+from spectral.errors import UsageError
+from spectral.loading import load_model, model_shape, parse_spec
+from spectral.patching import PatchUnit, patch_unit, restoration
+from spectral.tasks import builtin_ioi, encode, read_task_file
+
+RESULT_FILE = "patch.parquet"
+EXAMPLES_FILE = "patch_examples.parquet"
+
+
+class PatchConfig(JobConfig):
+    model: str
+    """Model spec: hub id, checkpoint directory, random:ARCH[?k=v&...] or organism-NAME."""
+    task: str
+    """A JSONL task file (clean, corrupt, answer, distractor per line), or 'ioi' for the built-in IOI task."""
+    out: Path
+    """Output directory (patch.parquet, patch_examples.parquet, params.json)."""
+    method: Literal["exact", "attribution", "ablate-zero", "ablate-mean", "resample"] = "exact"
+    """Exact patching, its gradient approximation, or an ablation of each head on the clean run."""
+    direction: Literal["denoise", "noise"] = "denoise"
+    """denoise: clean values into the corrupt run (sufficiency); noise: corrupt into clean (necessity)."""
+    n_examples: int = Field(64, gt=0)
+    """Examples of the built-in IOI task."""
+    seed: int = 0
+    """Seed of the built-in task and of resample ablations."""
+    layers: list[int] | None = None
+    """Only these layers (comma-separated; default all)."""
+    heads: list[int] | None = None
+    """Only these heads (comma-separated; default all)."""
+    executor: Literal["local", "ray"] = "local"
+    """Run in this process, or head-parallel on Ray actors."""
+    workers: int = Field(2, ge=1)
+    """Ray actors, each holding one loaded model."""
+    ray_address: str | None = None
+    """Address of an existing Ray cluster."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the model runs."""
+    force: bool = False
+    """Overwrite existing results in --out."""
+
+
+def examples_for(config: PatchConfig, loaded) -> list:
+    if config.task == "ioi":
+        return builtin_ioi(loaded, config.n_examples, config.seed)
+    return read_task_file(config.task)
+
+
+def units_for(config: PatchConfig, examples, n_layers: int, n_heads: int) -> list[PatchUnit]:
+    layers = sorted(set(config.layers)) if config.layers else list(range(n_layers))
+    heads = tuple(sorted(set(config.heads))) if config.heads else tuple(range(n_heads))
+    for name, chosen, size in (("layer", layers, n_layers), ("head", heads, n_heads)):
+        bad = [i for i in chosen if not 0 <= i < size]
+        if bad:
+            raise UsageError(f"--{name}s: {name} {bad[0]} out of range (the model has {name}s 0..{size - 1})")
+    examples = tuple(examples)
+    if config.method == "attribution":
+        return [PatchUnit(examples, "attribution", config.direction, -1, heads, config.seed)]
+    return [PatchUnit(examples, config.method, config.direction, l, heads, config.seed) for l in layers]
+
+
+def tables(rows: list[dict], config: PatchConfig, model: str) -> tuple[pa.Table, pa.Table]:
+    """Per-example rows and the per-head aggregate (restoration of the mean metrics)."""
+    meta = {"model": model, "method": config.method, "direction": config.direction}
+    examples = pa.table({**{k: [v] * len(rows) for k, v in meta.items()},
+                         **{k: [r[k] for r in rows] for k in rows[0]}})
+    heads: dict[tuple[int, int], list[dict]] = {}
+    for r in rows:
+        heads.setdefault((r["layer"], r["head"]), []).append(r)
+    agg = []
+    for (layer, head), rs in sorted(heads.items()):
+        clean, corrupt, patched = (float(np.mean([r[k] for r in rs])) for k in ("metric_clean", "metric_corrupt", "metric_patched"))
+        agg.append({**meta, "layer": layer, "head": head, "n_examples": len(rs), "metric_clean": clean,
+                    "metric_corrupt": corrupt, "metric_patched": patched,
+                    "restoration": restoration(patched, clean, corrupt) if clean != corrupt else float("nan")})
+    return pa.Table.from_pylist(agg), examples
+
+
+def run(config: PatchConfig, *, executor=None, echo=print):
+    start = time.perf_counter()
+    spec = parse_spec(config.model)
+    out_dir_ready(config.out, RESULT_FILE, config.force)
+    n_layers, n_heads = model_shape(spec)
+    device = "cuda" if config.device == "auto" and torch.cuda.is_available() else ("cpu" if config.device == "auto" else config.device)
+    probe = load_model(spec, device=device)  # the task is built and checked before any work is sent out
+    examples = examples_for(config, probe)
+    encode(probe.tokenizer, examples, source=config.task)
+    units = units_for(config, examples, n_layers, n_heads)
+    from cluster.executors import LocalExecutor
+
+    executor = executor or (LocalExecutor(probe) if config.executor == "local" else
+                            make_executor("ray", workers=config.workers, address=config.ray_address,
+                                          load_kwargs={"device": device}))
+    rows = [r for part in executor.map(spec.text, patch_unit, units, desc="patch") for r in part]
+    heads, per_example = tables(rows, config, spec.text)
+    config.out.mkdir(parents=True, exist_ok=True)
+    write_json({"config": config.model_dump(mode="json"), "n_examples": len(examples),
+                "seconds": round(time.perf_counter() - start, 3)}, config.out / "params.json")
+    write_parquet(per_example, config.out / EXAMPLES_FILE)
+    write_parquet(heads, config.out / RESULT_FILE)
+    top = heads.sort_by([("restoration", "descending")]).slice(0, 5).to_pylist()
+    echo("top heads by restoration: " + ", ".join(f"L{r['layer']}H{r['head']}={r['restoration']:.3f}" for r in top))
+    echo(f"wrote {config.out / RESULT_FILE} ({heads.num_rows} heads x {len(examples)} examples)")
+    return heads
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("patch", help="activation patching of every head", description=__doc__.splitlines()[0])
+    add_arguments(parser, PatchConfig)
+    parser.set_defaults(handler=lambda ns: run(parse_config(PatchConfig, ns)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jobs.cli import main as cli_main
+
+    return cli_main(["patch", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
