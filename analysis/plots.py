@@ -51,3 +51,47 @@ def gap_heatmap(table: pa.Table, path: str | Path, title: str = "", threshold: f
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def gap_importance_scatter(heads: pa.Table, path: str | Path, title: str = "", threshold: float = UNSTABLE_GAP) -> Path:
+    """Gap (x) vs importance (y), one point per head, coloured by layer."""
+    gap, imp = heads["gap"].to_numpy(), heads["importance"].to_numpy()
+    layer = heads["layer"].to_numpy()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    sc = ax.scatter(gap, imp, c=layer, cmap="viridis", s=28, edgecolor="k", linewidth=0.3)
+    ax.axvline(threshold, color="red", ls="--", lw=1, label=f"gap = {threshold:g}")
+    ax.set_xlabel("eigenvalue gap (key kernel)")
+    ax.set_ylabel("importance (restoration)")
+    ax.set_title("\n".join(textwrap.wrap(title or "gap vs importance", 60)), fontsize=8)
+    ax.legend(fontsize=7)
+    fig.colorbar(sc, ax=ax, label="layer")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def gap_importance_heatmaps(heads: pa.Table, path: str | Path, title: str = "") -> Path:
+    """Layer x head heatmaps of gap and of importance, side by side."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, column, cmap in zip(axes, ("gap", "importance"), ("viridis", "magma")):
+        grid, layers, head_ids = layer_head_grid(heads, column)
+        im = ax.imshow(grid, cmap=cmap, aspect="auto", origin="lower")
+        ax.set_xticks(range(len(head_ids)), head_ids)
+        ax.set_yticks(range(len(layers)), layers)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_title(column, fontsize=9)
+        fig.colorbar(im, ax=ax)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)

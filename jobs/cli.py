@@ -11,12 +11,12 @@ EXIT_USAGE = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jobs import organisms, patch, scan
+    from jobs import organisms, patch, scan, validate
 
     parser = argparse.ArgumentParser(
         prog="eigengap", description="Eigenvalue gaps of attention heads: scan, validate, steer.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for job in (scan, patch, organisms):
+    for job in (scan, patch, validate, organisms):
         job.add_parser(sub)
     return parser
 
