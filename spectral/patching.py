@@ -212,3 +212,53 @@ def patch_unit(loaded, unit: PatchUnit) -> list[dict]:
 def restoration(patched: Tensor | float, clean: Tensor | float, corrupt: Tensor | float):
     """(M_patched - M_corrupt) / (M_clean - M_corrupt), as DEFINITIONS.md states it."""
     return (patched - corrupt) / (clean - corrupt)
+
+
+@torch.no_grad()
+def patch_set(adapter: HeadAdapter, ids: Tensor, task: EncodedTask, heads: Sequence[tuple[int, int]],
+              sources: Sequence[Tensor]) -> Tensor:
+    """Metric (n,) of a run of ``ids`` with every (layer, head) in ``heads`` replaced at once,
+    each by ``sources[layer]`` (n, pos, head, d_head)."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in heads:
+        by_layer.setdefault(layer, []).append(head)
+
+    def make(layer):
+        index = torch.tensor(by_layer[layer])
+
+        def edit(t):
+            t = t.clone()
+            t[:, :, index] = sources[layer][:, :, index].to(t.dtype)
+            return t
+        return edit
+
+    with adapter.trace([], edits={(l, "result"): make(l) for l in by_layer}):
+        logits = adapter.model(input_ids=ids, attention_mask=task.mask.to(ids.device), use_cache=False).logits
+    return logit_diff(logits, task)
+
+
+@dataclass
+class Circuit:
+    """The smallest prefix of a head ranking whose joint patch restores ``target`` of the effect."""
+
+    heads: list[tuple[int, int]]
+    restoration: float
+    """Joint restoration of the set (clean values patched into the corrupt run)."""
+    removed: float
+    """Fraction of the clean logit difference removed by mean-ablating the set on the clean run."""
+
+
+def minimal_circuit(adapter: HeadAdapter, task: EncodedTask, clean: RunCache, corrupt: RunCache,
+                    ranking: Sequence[tuple[int, int]], target: float = 0.8) -> Circuit | None:
+    """Grow the set along ``ranking`` until its joint restoration reaches ``target``."""
+    device = clean.metric.device
+    m_clean, m_corrupt = clean.metric.mean().item(), corrupt.metric.mean().item()
+    means = [ablation_source("ablate-mean", clean, task, l) for l in range(adapter.n_layers)]
+    for size in range(1, len(ranking) + 1):
+        heads = list(ranking[:size])
+        patched = patch_set(adapter, task.corrupt.to(device), task, heads, clean.results).mean().item()
+        value = restoration(patched, m_clean, m_corrupt)
+        if value >= target:
+            ablated = patch_set(adapter, task.clean.to(device), task, heads, means).mean().item()
+            return Circuit(heads, value, 1.0 - ablated / m_clean)
+    return None

@@ -124,3 +124,25 @@ def test_patch_cli_on_an_organism(organism_cache, tmp_path, capsys):
     assert row["restoration"] == pytest.approx(
         (row["metric_patched"] - row["metric_corrupt"]) / (row["metric_clean"] - row["metric_corrupt"]))
     assert max(heads["restoration"].to_pylist()) > 0.2  # some head carries the IOI answer
+
+
+def test_ground_truth_ioi_circuit_is_small_and_necessary(organism):
+    """On the organism the IOI heads are known to matter: a few top-restoration heads restore
+    >= 80 % of the clean logit difference together, and mean-ablating them removes >= 80 %."""
+    from spectral.patching import minimal_circuit
+    from spectral.tasks import builtin_ioi
+
+    adapter = HeadAdapter(organism.model)
+    task = encode(organism.tokenizer, builtin_ioi(organism, 48, seed=3))
+    clean, corrupt = cache_run(adapter, task.clean, task), cache_run(adapter, task.corrupt, task)
+    assert clean.metric.mean() > 2.0 and abs(corrupt.metric.mean()) < 1.0  # ABC removes the answer's edge
+    scores = {}
+    for layer in range(adapter.n_layers):
+        patched = patch_layer(adapter, corrupt, task, layer, range(adapter.n_heads), clean.results[layer]).mean(1)
+        for head in range(adapter.n_heads):
+            scores[(layer, head)] = patched[head].item()
+    ranking = sorted(scores, key=scores.get, reverse=True)
+    circuit = minimal_circuit(adapter, task, clean, corrupt, ranking, target=0.8)
+    assert circuit is not None
+    assert len(circuit.heads) <= 2, circuit  # measured: one head (layer 1) on organism-xs
+    assert circuit.restoration >= 0.8 and circuit.removed >= 0.8
