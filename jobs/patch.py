@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 from pydantic import Field
+from scipy.stats import spearmanr
 
 from cluster.executors import make_executor
 from cluster.store import write_json, write_parquet
@@ -48,6 +49,9 @@ class PatchConfig(JobConfig):
     """Only these heads (comma-separated; default all)."""
     executor: Literal["local", "ray"] = "local"
     """Run in this process, or head-parallel on Ray actors."""
+    heads_per_unit: int | None = Field(None, gt=0)
+    """Heads per work unit (default: all heads of a layer in one unit); smaller units spread
+    one layer's heads over several Ray workers."""
     workers: int = Field(2, ge=1)
     """Ray actors, each holding one loaded model."""
     ray_address: str | None = None
@@ -74,7 +78,23 @@ def units_for(config: PatchConfig, examples, n_layers: int, n_heads: int) -> lis
     examples = tuple(examples)
     if config.method == "attribution":
         return [PatchUnit(examples, "attribution", config.direction, -1, heads, config.seed)]
-    return [PatchUnit(examples, config.method, config.direction, l, heads, config.seed) for l in layers]
+    step = config.heads_per_unit or len(heads)
+    return [PatchUnit(examples, config.method, config.direction, l, heads[i:i + step], config.seed)
+            for l in layers for i in range(0, len(heads), step)]
+
+
+def attribution_agreement(config: PatchConfig, executor, spec: str, examples, n_layers: int, n_heads: int,
+                          attributed: pa.Table) -> tuple[pa.Table, float]:
+    """Exact patching of the same heads, and the Spearman correlation of the attribution
+    estimate's per-head restoration with the exact one (reported with every attribution run)."""
+    exact_config = config.model_copy(update={"method": "exact"})
+    units = units_for(exact_config, examples, n_layers, n_heads)
+    rows = [r for part in executor.map(spec, patch_unit, units, desc="exact (for agreement)") for r in part]
+    exact, _ = tables(rows, exact_config, spec)
+    by_head = {(r["layer"], r["head"]): r["restoration"] for r in exact.to_pylist()}
+    column = [by_head[(l, h)] for l, h in zip(attributed["layer"].to_pylist(), attributed["head"].to_pylist())]
+    rho = float(spearmanr(attributed["restoration"].to_numpy(), column, nan_policy="omit").statistic)
+    return attributed.append_column("restoration_exact", pa.array(column, pa.float64())), rho
 
 
 def tables(rows: list[dict], config: PatchConfig, model: str) -> tuple[pa.Table, pa.Table]:
@@ -111,9 +131,13 @@ def run(config: PatchConfig, *, executor=None, echo=print):
                                           load_kwargs={"device": device}))
     rows = [r for part in executor.map(spec.text, patch_unit, units, desc="patch") for r in part]
     heads, per_example = tables(rows, config, spec.text)
+    params = {"config": config.model_dump(mode="json"), "n_examples": len(examples)}
+    if config.method == "attribution":
+        heads, rho = attribution_agreement(config, executor, spec.text, examples, n_layers, n_heads, heads)
+        params["spearman_attribution_vs_exact"] = rho
+        echo(f"attribution vs exact patching: Spearman rho = {rho:.3f} over {heads.num_rows} heads")
     config.out.mkdir(parents=True, exist_ok=True)
-    write_json({"config": config.model_dump(mode="json"), "n_examples": len(examples),
-                "seconds": round(time.perf_counter() - start, 3)}, config.out / "params.json")
+    write_json({**params, "seconds": round(time.perf_counter() - start, 3)}, config.out / "params.json")
     write_parquet(per_example, config.out / EXAMPLES_FILE)
     write_parquet(heads, config.out / RESULT_FILE)
     top = heads.sort_by([("restoration", "descending")]).slice(0, 5).to_pylist()

@@ -6,6 +6,7 @@ Also ``python -m jobs.validate ...``.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -78,10 +79,29 @@ def run(config: ValidateConfig, *, echo=print):
     rows = [r for part in executor.map(spec.text, patch_unit, units, desc="patch") for r in part]
     heads_patch, per_example = tables(rows, patch_config, spec.text)
     result = validate(scan, per_example, config.threshold, config.seed)
+    result.report += "\n\n" + circuit_report(probe, examples, result.heads)
     _write(config, spec.text, scan, heads_patch, per_example, result, round(time.perf_counter() - start, 3))
     echo(result.report)
     echo(f"wrote {config.out}")
     return result
+
+
+def circuit_report(loaded, examples, heads, target: float = 0.8) -> str:
+    """The smallest set of top-importance heads whose joint patch restores ``target`` of the
+    clean logit difference, and what mean-ablating that set on the clean run removes."""
+    from spectral.patching import task_caches, minimal_circuit
+
+    adapter, task, clean, corrupt = task_caches(loaded, tuple(examples))
+    rows = sorted(heads.to_pylist(), key=lambda r: (math.isnan(r["importance"]), -r["importance"]))
+    ranking = [(r["layer"], r["head"]) for r in rows]
+    circuit = minimal_circuit(adapter, task, clean, corrupt, ranking, target)
+    if circuit is None:
+        return (f"Circuit: no prefix of the importance ranking restores {target:.0%} of the clean logit "
+                f"difference, even all {len(ranking)} heads together.")
+    names = ", ".join(f"L{l}H{h}" for l, h in circuit.heads)
+    return (f"Circuit: the {len(circuit.heads)} most important head(s) ({names}) patched together restore "
+            f"{circuit.restoration:.3f} of the clean logit difference (target {target:.0%}); mean-ablating them "
+            f"on the clean run removes {circuit.removed:.3f} of it.")
 
 
 def _write(config, model, scan, heads_patch, per_example, result, seconds) -> None:

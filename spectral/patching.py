@@ -34,11 +34,15 @@ class RunCache:
 
 
 def logit_diff(logits: Tensor, task: EncodedTask) -> Tensor:
-    """(copies * n, pos, vocab) logits -> (copies * n,) answer minus distractor at the last position."""
+    """(copies * n, pos, vocab) logits, or (copies * n, vocab) logits already taken at each
+    example's last position -> (copies * n,) answer minus distractor at the last position."""
     n = len(task)
     copies = logits.shape[0] // n
-    last = task.last.to(logits.device).repeat(copies)
-    final = logits[torch.arange(logits.shape[0], device=logits.device), last].float()  # (copies * n, vocab)
+    if logits.dim() == 2:
+        final = logits.float()
+    else:
+        last = task.last.to(logits.device).repeat(copies)
+        final = logits[torch.arange(logits.shape[0], device=logits.device), last].float()  # (copies * n, vocab)
     answer = task.answer.to(logits.device).repeat(copies)
     distractor = task.distractor.to(logits.device).repeat(copies)
     return final.gather(1, answer[:, None]).squeeze(1) - final.gather(1, distractor[:, None]).squeeze(1)
@@ -82,9 +86,11 @@ def _repeat(value, copies: int, n: int):
 
 
 def replay(adapter: HeadAdapter, base: RunCache, layer: int, copies: int,
-           edit: Callable[[Tensor], Tensor]) -> Tensor:
+           edit: Callable[[Tensor], Tensor], last: Tensor | None = None) -> Tensor:
     """Logits of ``copies`` copies of the base run, recomputed from the residual entering
-    ``layer`` with ``edit`` applied to that layer's per-head result."""
+    ``layer`` with ``edit`` applied to that layer's per-head result: (copies * n, pos, vocab),
+    or (copies * n, vocab) at positions ``last`` (n,) only, when given (the unembedding of
+    the other positions is skipped)."""
     n = base.resid_pre[layer].shape[0]
     hidden = _repeat(base.resid_pre[layer], copies, n)
     with adapter.trace([], edits={(layer, "result"): edit}):
@@ -92,6 +98,8 @@ def replay(adapter: HeadAdapter, base: RunCache, layer: int, copies: int,
             kwargs = {k: _repeat(v, copies, n) for k, v in base.block_kwargs[l].items()}
             out = adapter.blocks[l](hidden, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
+    if last is not None:
+        hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device).repeat(copies)]
     norm = adapter.model.get_submodule(adapter.family.final_norm)
     return adapter.model.get_output_embeddings()(norm(hidden))
 
@@ -110,7 +118,7 @@ def patch_layer(adapter: HeadAdapter, base: RunCache, task: EncodedTask, layer: 
         result[copies, :, :, index] = source[:, :, index].permute(2, 0, 1, 3).to(result.dtype)
         return result.view(k * n, *result.shape[2:])
 
-    return logit_diff(replay(adapter, base, layer, k, edit), task).view(k, n)
+    return logit_diff(replay(adapter, base, layer, k, edit, last=task.last), task).view(k, n)
 
 
 def ablation_source(method: Method, clean: RunCache, task: EncodedTask, layer: int, seed: int = 0) -> Tensor:
@@ -168,7 +176,7 @@ class PatchUnit:
     seed: int = 0
 
 
-def _caches(loaded, examples) -> tuple[HeadAdapter, EncodedTask, RunCache, RunCache]:
+def task_caches(loaded, examples) -> tuple[HeadAdapter, EncodedTask, RunCache, RunCache]:
     """Clean and corrupt runs of a task, memoised on the loaded model (a worker serves many units)."""
     from spectral.tasks import encode
 
@@ -187,7 +195,7 @@ def _caches(loaded, examples) -> tuple[HeadAdapter, EncodedTask, RunCache, RunCa
 
 def patch_unit(loaded, unit: PatchUnit) -> list[dict]:
     """Per-example rows ``layer, head, example, metric_clean, metric_corrupt, metric_patched``."""
-    adapter, task, clean, corrupt = _caches(loaded, unit.examples)
+    adapter, task, clean, corrupt = task_caches(loaded, unit.examples)
     if unit.method == "attribution":
         device = clean.metric.device
         base = corrupt if unit.direction == "denoise" else clean

@@ -62,3 +62,16 @@ def organism_cache(tmp_path_factory):
 def organism(organism_cache):
     """The smallest organism, loaded (read-only)."""
     return load_model(str(organism_cache))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster (on loopback), started once for the session."""
+    import ray
+
+    from cluster.executors import ensure_ray
+
+    ensure_ray()
+    assert ray.is_initialized()
+    yield ray
+    ray.shutdown()

@@ -11,18 +11,6 @@ from tests.conftest import TINY
 MODEL = TINY["gpt_neox"]
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    from cluster.executors import ensure_ray
-
-    ensure_ray()
-    assert ray.is_initialized()
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.parametrize("kernel", ["key", "scores"])
 def test_ray_executor_equals_local(tmp_path, ray_cluster, kernel):
     prompts = tmp_path / "prompts.txt"

@@ -1,0 +1,118 @@
+"""The patch and validate jobs: Ray equals local, attribution agreement, bad input, verdicts,
+and an independent cross-check of exact patching with nnsight."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from jobs.cli import main
+from spectral.adapter import HeadAdapter
+from spectral.patching import cache_run, logit_diff, patch_layer
+from spectral.tasks import builtin_ioi, encode
+from tests.conftest import TINY
+
+NEOX = TINY["gpt_neox"]
+
+
+def write_task(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+GOOD = {"clean": "When Mary and John met, John gave it to ", "corrupt": "When Mary and John met, Kate gave it to ",
+        "answer": "M", "distractor": "J"}
+
+
+def test_ray_head_parallel_patching_equals_local(organism_cache, tmp_path, ray_cluster):
+    """Units of two heads spread over two actors give the same tables as one local process."""
+    common = ["patch", "--model", str(organism_cache), "--task", "ioi", "--n-examples", "12", "--heads-per-unit", "2"]
+    assert main([*common, "--out", str(tmp_path / "local")]) == 0
+    assert main([*common, "--out", str(tmp_path / "ray"), "--executor", "ray", "--workers", "2"]) == 0
+    for name in ("patch.parquet", "patch_examples.parquet"):
+        local, remote = pq.read_table(tmp_path / "local" / name), pq.read_table(tmp_path / "ray" / name)
+        assert local.num_rows == remote.num_rows > 0
+        assert local.equals(remote), name
+
+
+def test_attribution_run_reports_its_agreement_with_exact(organism_cache, tmp_path, capsys):
+    exact_out, attr_out = tmp_path / "exact", tmp_path / "attr"
+    common = ["patch", "--model", str(organism_cache), "--task", "ioi", "--n-examples", "16"]
+    assert main([*common, "--out", str(exact_out)]) == 0
+    assert main([*common, "--out", str(attr_out), "--method", "attribution"]) == 0
+    assert "Spearman rho" in capsys.readouterr().out
+    exact = pq.read_table(exact_out / "patch.parquet").to_pylist()
+    attr = pq.read_table(attr_out / "patch.parquet")
+    np.testing.assert_allclose(attr["restoration_exact"].to_numpy(), [r["restoration"] for r in exact], rtol=1e-9)
+    from scipy.stats import spearmanr
+
+    rho = json.loads((attr_out / "params.json").read_text())["spearman_attribution_vs_exact"]
+    assert rho == pytest.approx(spearmanr(attr["restoration"].to_numpy(), attr["restoration_exact"].to_numpy()).statistic)
+    assert rho > 0.5  # on the organism the gradient estimate ranks the heads much like exact patching
+
+
+@pytest.mark.parametrize("rows, extra, message", [
+    (["{not json"], [], "task.jsonl:1: not valid JSON"),
+    ([GOOD, {**GOOD, "answer": "Ma"}], [], "task.jsonl:2: answer 'Ma' is 2 tokens, not one"),
+    ([{**GOOD, "corrupt": GOOD["corrupt"] + "x"}], [], "task.jsonl:1: clean and corrupt differ in length"),
+    ([], [], "is empty"),
+    ([GOOD], ["--heads", "0,4"], "--heads: head 4 out of range (the model has heads 0..3)"),
+    ([GOOD], ["--layers", "3"], "--layers: layer 3 out of range (the model has layers 0..2)"),
+])
+def test_patch_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, rows, extra, message):
+    task = write_task(tmp_path / "task.jsonl", rows)
+    out = tmp_path / "out"
+    assert main(["patch", "--model", NEOX, "--task", str(task), "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_validate_reports_verdicts_on_an_organism(organism_cache, tmp_path, capsys):
+    out = tmp_path / "v"
+    assert main(["validate", "--model", str(organism_cache), "--n-examples", "16", "--out", str(out)]) == 0
+    for name in ("scan.parquet", "patch.parquet", "patch_examples.parquet", "heads.parquet", "validate.parquet",
+                 "report.md", "gap_heatmap.png", "gap_vs_importance.png", "gap_importance_heatmaps.png"):
+        assert (out / name).stat().st_size > 0, name
+    stats = {r["name"]: r for r in pq.read_table(out / "validate.parquet").to_pylist()}
+    r = stats["pearson r(importance, 1/gap)"]
+    assert r["target"] == 0.7 and r["verdict"] in ("PASS", "FAIL", "INCONCLUSIVE")
+    assert r["low"] <= r["value"] <= r["high"] and 0 <= r["p_value"] <= 1
+    assert stats["restoration ratio unstable/stable at gap <= 0.77"]["target"] == 2.0
+    heads = pq.read_table(out / "heads.parquet")
+    assert heads.num_rows == 2 * 4 and np.all(heads["gap"].to_numpy() > 0)
+    report = (out / "report.md").read_text()
+    assert "Weakest link" in report and "Circuit: the 1 most important head(s)" in report
+    # the table heads.importance is the per-head restoration of the patch table
+    patch = pq.read_table(out / "patch.parquet")
+    np.testing.assert_allclose(heads["importance"].to_numpy(), patch["restoration"].to_numpy(), rtol=1e-6)
+
+
+def nnsight_patch(model, task, layer, head, d_head):
+    """Independent implementation: nnsight edits the input of the attention output projection
+    (the concatenated head results) of one head, one head per trace."""
+    import nnsight  # a test dependency (pyproject extra "test")
+    wrapped = nnsight.NNsight(model)
+    dense = lambda m: m.gpt_neox.layers[layer].attention.dense  # noqa: E731
+    with torch.no_grad():
+        with wrapped.trace(task.clean, attention_mask=task.mask, use_cache=False):
+            clean_in = dense(wrapped).input.save()
+        with wrapped.trace(task.corrupt, attention_mask=task.mask, use_cache=False):
+            sl = slice(head * d_head, (head + 1) * d_head)
+            dense(wrapped).input[:, :, sl] = clean_in[:, :, sl]
+            logits = wrapped.output.logits.save()
+    return logit_diff(logits, task)
+
+
+def test_exact_patching_equals_nnsight(organism):
+    adapter = HeadAdapter(organism.model)
+    task = encode(organism.tokenizer, builtin_ioi(organism, 8, seed=5))
+    clean, corrupt = cache_run(adapter, task.clean, task), cache_run(adapter, task.corrupt, task)
+    d_head = organism.model.config.hidden_size // adapter.n_heads
+    for layer in range(adapter.n_layers):
+        ours = patch_layer(adapter, corrupt, task, layer, range(adapter.n_heads), clean.results[layer])
+        for head in range(adapter.n_heads):
+            theirs = nnsight_patch(organism.model, task, layer, head, d_head)
+            torch.testing.assert_close(ours[head], theirs, rtol=0, atol=1e-4)
