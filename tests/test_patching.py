@@ -144,5 +144,5 @@ def test_ground_truth_ioi_circuit_is_small_and_necessary(organism):
     ranking = sorted(scores, key=scores.get, reverse=True)
     circuit = minimal_circuit(adapter, task, clean, corrupt, ranking, target=0.8)
     assert circuit is not None
-    assert len(circuit.heads) <= 2, circuit  # measured: one head (layer 1) on organism-xs
+    assert len(circuit.heads) <= 3, circuit  # measured: 2 heads (L0H0, L1H1) on organism-xs
     assert circuit.restoration >= 0.8 and circuit.removed >= 0.8

@@ -18,7 +18,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 from spectral.organisms import language
 from spectral.organisms.vocab import word_tokenizer
 
-EPISODES_PER_SEQUENCE = 8
+EPISODES_PER_SEQUENCE = 5
 """Episodes joined into one training text before truncation to the context length."""
 
 
