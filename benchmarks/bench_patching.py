@@ -4,7 +4,8 @@ nnsight loop, on the same model and task (issue 4, target >= 3x faster than the 
     python -m benchmarks.bench_patching [--models organism-l,random:...] [--examples 32] [--repeats 3]
 
 eigengap: two cached runs (clean, corrupt) and, per layer, one batched replay of all heads
-from the cached residual entering that layer (``patch_layer``). Naive loop: for every
+from the cached residual entering that layer, recomputing only the positions from the first
+clean/corrupt difference on (``patch_layer``, as ``eigengap patch`` runs it). Naive loop: for every
 (layer, head), a full forward pass of the corrupt prompts with that head's result replaced
 (the reference the tests compare with). nnsight loop: the same per-head loop written with
 nnsight, editing the head's slice of the attention output projection's input. All three
@@ -21,20 +22,20 @@ import torch
 from benchmarks.common import interleaved_times, record
 from spectral.adapter import HeadAdapter
 from spectral.loading import load_model
-from spectral.patching import cache_run, logit_diff, patch_layer
+from spectral.patching import cache_run, first_difference, logit_diff, patch_layer
 from spectral.tasks import Example, builtin_ioi, encode
 
-MODELS = ["organism-l", "random:pythia-410m?layers=8&hidden=512&heads=8"]
+MODELS = ["organism-l", "random:pythia-410m?layers=6&hidden=512&heads=8"]
 TARGET = 3.0
 
-NAMES = ["Mary", "John", "Kate", "Anna", "Paul", "Mark", "Lucy", "Tom", "Bob", "Emma", "Jim", "Sam"]
+NAMES = ["Mary", "John", "Kate", "Anna", "Paul", "Mark", "Lucy", "Emma"]  # same length: clean and corrupt align
 
 
 def byte_ioi(n: int) -> list[Example]:
     """IOI-shaped examples for byte-level random models: single-byte answer and distractor."""
     out = []
     for i in range(n):
-        a, b, c = NAMES[i % 12], NAMES[(i + 5) % 12], NAMES[(i + 7) % 12]
+        a, b, c = NAMES[i % 8], NAMES[(i + 3) % 8], NAMES[(i + 5) % 8]
         out.append(Example(f"When {a} and {b} went to the park, {b} gave a ball to ",
                            f"When {a} and {b} went to the park, {c} gave a ball to ", a[0], b[0]))
     return out
@@ -47,8 +48,9 @@ def task_for(loaded, n: int):
 
 def eigengap_all_heads(adapter, task):
     clean, corrupt = cache_run(adapter, task.clean, task), cache_run(adapter, task.corrupt, task)
-    heads = range(adapter.n_heads)
-    return torch.stack([patch_layer(adapter, corrupt, task, l, heads, clean.results[l]) for l in range(adapter.n_layers)])
+    heads, start = range(adapter.n_heads), first_difference(task.clean, task.corrupt)
+    return torch.stack([patch_layer(adapter, corrupt, task, l, heads, clean.results[l], start)
+                        for l in range(adapter.n_layers)])
 
 
 @torch.no_grad()

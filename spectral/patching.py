@@ -9,6 +9,7 @@ model itself passed them), and many head patches share one batched replay.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -30,7 +31,14 @@ class RunCache:
     metric: Tensor  # (n,) logit difference answer - distractor at the final position
     results: list[Tensor]  # per layer: (n, pos, head, d_head)
     resid_pre: list[Tensor]  # per layer: (n, pos, d_model)
-    block_kwargs: list[dict]  # per layer: the keyword arguments the model passed the block
+    block_kwargs: list[dict]  # per layer: every argument the model passed the block, by name
+    keys: list[Tensor]  # per layer: (n, kv_head, pos, d_head), rotated, as the attention caches them
+    values: list[Tensor]  # per layer: (n, kv_head, pos, d_head)
+    resid_post: list[Tensor] | None = None  # per layer: (n, pos, d_model)
+
+
+CACHE_PARAMS = ("layer_past", "past_key_values", "past_key_value", "cache")
+"""Names a family's block uses for its key/value cache argument."""
 
 
 def logit_diff(logits: Tensor, task: EncodedTask) -> Tensor:
@@ -50,30 +58,53 @@ def logit_diff(logits: Tensor, task: EncodedTask) -> Tensor:
 
 @torch.no_grad()
 def cache_run(adapter: HeadAdapter, ids: Tensor, task: EncodedTask) -> RunCache:
-    """Run ``ids`` once, keeping every layer's per-head result, residual input and block kwargs."""
+    """Run ``ids`` once, keeping every layer's per-head result, residual input, keys and values,
+    and the arguments of each block call."""
     n_layers = adapter.n_layers
-    results: list[Tensor | None] = [None] * n_layers
-    resid: list[Tensor | None] = [None] * n_layers
+    store: dict[str, list] = {site: [None] * n_layers
+                              for site in ("result", "resid_pre", "resid_post", "keys_rotated", "values")}
     kwargs: list[dict | None] = [None] * n_layers
+    group = adapter.n_heads // adapter.n_kv_heads
 
     def keep(layer, site, t):
-        (results if site == "result" else resid)[layer] = t.detach().clone()
+        if site in ("keys_rotated", "values"):  # back to the cache layout, one entry per kv head
+            t = t.transpose(1, 2)[:, ::group]
+        store[site][layer] = t.detach().clone()
 
-    handles = [block.register_forward_pre_hook(_kwargs_keeper(kwargs, l), with_kwargs=True)
+    handles = [block.register_forward_pre_hook(_kwargs_keeper(kwargs, l, block), with_kwargs=True)
                for l, block in enumerate(adapter.blocks)]
     try:
-        with adapter.trace(["result", "resid_pre"], keep):
+        with adapter.trace(list(store), keep, attention_mask=task.mask.to(ids.device)):
             logits = adapter.model(input_ids=ids, attention_mask=task.mask.to(ids.device), use_cache=False).logits
     finally:
         for h in handles:
             h.remove()
-    return RunCache(logit_diff(logits, task), results, resid, kwargs)
+    return RunCache(logit_diff(logits, task), store["result"], store["resid_pre"], kwargs,
+                    store["keys_rotated"], store["values"], store["resid_post"])
 
 
-def _kwargs_keeper(store: list, layer: int):
+def _kwargs_keeper(store: list, layer: int, block: torch.nn.Module):
+    signature = _block_signature(block)
+
     def hook(module, args, kwargs):
-        store[layer] = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "layer_past")}
+        bound = signature.bind_partial(module, *args, **kwargs).arguments
+        named = {}
+        for name, value in list(bound.items())[1:]:  # past self
+            if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                named.update(value)
+            else:
+                named[name] = value
+        named.pop("hidden_states", None)
+        for name in CACHE_PARAMS:
+            named.pop(name, None)
+        store[layer] = named
     return hook
+
+
+def _block_signature(block: torch.nn.Module) -> inspect.Signature:
+    """The signature of the block class's own forward (tools such as nnsight may wrap the
+    instance's ``forward``; the class keeps the real one)."""
+    return inspect.signature(inspect.unwrap(type(block).forward))
 
 
 def _repeat(value, copies: int, n: int):
@@ -85,40 +116,130 @@ def _repeat(value, copies: int, n: int):
     return value
 
 
+class PrefixKV:
+    """A key/value cache holding the base run's keys and values of positions ``< start``: the
+    block's attention prepends them to the suffix it computes (duck-types ``Cache.update``)."""
+
+    def __init__(self, keys: dict[int, Tensor], values: dict[int, Tensor]):
+        self.keys, self.values = keys, values
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return (torch.cat([self.keys[layer_idx].to(key_states.dtype), key_states], dim=2),
+                torch.cat([self.values[layer_idx].to(value_states.dtype), value_states], dim=2))
+
+
+def first_difference(a: Tensor, b: Tensor) -> int:
+    """The first position at which any row of ``a`` and ``b`` differ (their width if none)."""
+    differs = (a != b).any(dim=0).nonzero()
+    return int(differs[0]) if len(differs) else a.shape[1]
+
+
+def _suffix_kwargs(adapter: HeadAdapter, kwargs: dict, start: int, mask: Tensor) -> dict | None:
+    """A block's arguments for positions ``start..`` only; None where this cannot be done exactly."""
+    out = dict(kwargs)
+    width = mask.shape[1]
+    am = out.get("attention_mask")
+    if isinstance(am, Tensor) and am.dim() == 4 and am.shape[-2] == width:
+        out["attention_mask"] = am[:, :, start:, :]
+    elif am is None and getattr(adapter.model.config, "_attn_implementation", None) == "sdpa":
+        rows = torch.arange(start, width, device=mask.device)[:, None]
+        causal = torch.arange(width, device=mask.device)[None, :] <= rows  # (width - start, width)
+        out["attention_mask"] = causal[None, None] & mask.bool()[:, None, None, :]
+    else:
+        return None
+    for name in ("position_ids", "cache_position"):
+        if isinstance(out.get(name), Tensor):
+            out[name] = out[name][..., start:]
+    if out.get("position_embeddings") is not None:
+        out["position_embeddings"] = tuple(t[..., start:, :] for t in out["position_embeddings"])
+    return out
+
+
 def replay(adapter: HeadAdapter, base: RunCache, layer: int, copies: int,
-           edit: Callable[[Tensor], Tensor], last: Tensor | None = None) -> Tensor:
+           edit: Callable[[Tensor], Tensor] | None, last: Tensor | None = None, start: int = 0,
+           mask: Tensor | None = None, hidden: Tensor | None = None) -> Tensor:
     """Logits of ``copies`` copies of the base run, recomputed from the residual entering
     ``layer`` with ``edit`` applied to that layer's per-head result: (copies * n, pos, vocab),
     or (copies * n, vocab) at positions ``last`` (n,) only, when given (the unembedding of
-    the other positions is skipped)."""
-    n = base.resid_pre[layer].shape[0]
-    hidden = _repeat(base.resid_pre[layer], copies, n)
-    with adapter.trace([], edits={(layer, "result"): edit}):
-        for l in range(layer, adapter.n_layers):
-            kwargs = {k: _repeat(v, copies, n) for k, v in base.block_kwargs[l].items()}
+    the other positions is skipped). ``hidden`` (copies * n, pos - start, d_model): the
+    residual entering ``layer`` to start from instead of the cached one (``edit`` None).
+
+    ``start > 0`` (the caller guarantees the change touches nothing before it): only positions
+    ``start..`` are recomputed, attending to the base run's cached keys and values of the
+    earlier positions (``mask``, the (n, pos) padding mask, is then required).
+    """
+    n = base.resid_pre[0].shape[0]
+    n_layers = adapter.n_layers
+    kwargs_by_layer = list(base.block_kwargs)
+    cache_name = next((c for c in CACHE_PARAMS if c in _block_signature(adapter.blocks[0]).parameters), None)
+    if start > 0 and layer < n_layers:
+        suffix = [_suffix_kwargs(adapter, kw, start, mask.to(base.resid_pre[0].device)) if l >= layer else kw
+                  for l, kw in enumerate(kwargs_by_layer)]
+        if cache_name is None or any(x is None for x in suffix[layer:]):
+            if hidden is not None:
+                raise ValueError("this model cannot replay a suffix of positions")
+            start = 0  # the exact full replay instead
+        else:
+            kwargs_by_layer = suffix
+            prefix = PrefixKV({l: _repeat(base.keys[l][:, :, :start], copies, n) for l in range(layer, n_layers)},
+                              {l: _repeat(base.values[l][:, :, :start], copies, n) for l in range(layer, n_layers)})
+    if hidden is None:
+        hidden = _repeat(base.resid_pre[layer][:, start:], copies, n)
+    edits = {(layer, "result"): edit} if edit is not None else {}
+    with adapter.trace([], edits=edits):
+        for l in range(layer, n_layers):
+            kwargs = {k: _repeat(v, copies, n) for k, v in kwargs_by_layer[l].items()}
+            if start > 0:
+                kwargs[cache_name] = prefix
             out = adapter.blocks[l](hidden, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
     if last is not None:
-        hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device).repeat(copies)]
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        hidden = hidden[rows, last.to(hidden.device).repeat(copies) - start]
+    elif start > 0:
+        raise ValueError("a replay from start > 0 gives the last positions only: pass last")
     norm = adapter.model.get_submodule(adapter.family.final_norm)
     return adapter.model.get_output_embeddings()(norm(hidden))
 
 
+def _parallel_residual(adapter: HeadAdapter, layer: int) -> bool:
+    """GPT-NeoX with a parallel residual: the block's MLP reads the block's input, not the
+    attention output, so a change of head results only adds ``W_O`` times the change."""
+    return bool(getattr(adapter.blocks[layer], "use_parallel_residual", False))
+
+
 @torch.no_grad()
 def patch_layer(adapter: HeadAdapter, base: RunCache, task: EncodedTask, layer: int, heads: Sequence[int],
-                source: Tensor) -> Tensor:
+                source: Tensor, start: int = 0) -> Tensor:
     """Metric (len(heads), n) of the base run with each head's result replaced by ``source``
-    (n, pos, head, d_head): one batched replay for all the heads."""
-    k, n = len(heads), len(task)
-    index = torch.tensor(list(heads), device=source.device)
+    (n, pos, head, d_head): one batched replay for all the heads. ``start``: the first
+    position at which ``source`` may differ from the base run's result (earlier positions are
+    reused from the base run, not recomputed).
 
-    def edit(result: Tensor) -> Tensor:  # (k * n, pos, head, d_head)
+    With a parallel residual (Pythia), block ``layer`` itself is not recomputed either: its
+    output is the cached one plus the output projection of the change of the patched head.
+    """
+    k, n = len(heads), len(task)
+    start = min(start, int(task.last.min()))  # every example's last position is recomputed
+    index = torch.tensor(list(heads), device=source.device)
+    source = source[:, start:]
+    if _parallel_residual(adapter, layer) and base.resid_post is not None:
+        out_proj = getattr(adapter.attentions[layer], adapter.family.out_proj)
+        weight = out_proj.weight.view(adapter.d_model, adapter.n_heads, adapter.d_head)[:, index]  # (d_model, k, d_head)
+        diff = (source[:, :, index] - base.results[layer][:, start:, index]).to(weight.dtype)  # (n, pos', k, d_head)
+        delta = torch.einsum("npkd,mkd->knpm", diff, weight).reshape(k * n, diff.shape[1], adapter.d_model)
+        hidden = _repeat(base.resid_post[layer][:, start:], k, n) + delta.to(base.resid_post[layer].dtype)
+        logits = replay(adapter, base, layer + 1, k, None, last=task.last, start=start, mask=task.mask, hidden=hidden)
+        return logit_diff(logits, task).view(k, n)
+
+    def edit(result: Tensor) -> Tensor:  # (k * n, pos - start, head, d_head)
         result = result.clone().view(k, n, *result.shape[1:])
         copies = torch.arange(k, device=result.device)
         result[copies, :, :, index] = source[:, :, index].permute(2, 0, 1, 3).to(result.dtype)
         return result.view(k * n, *result.shape[2:])
 
-    return logit_diff(replay(adapter, base, layer, k, edit, last=task.last), task).view(k, n)
+    logits = replay(adapter, base, layer, k, edit, last=task.last, start=start, mask=task.mask)
+    return logit_diff(logits, task).view(k, n)
 
 
 def ablation_source(method: Method, clean: RunCache, task: EncodedTask, layer: int, seed: int = 0) -> Tensor:
@@ -203,7 +324,8 @@ def patch_unit(loaded, unit: PatchUnit) -> list[dict]:
         patched = {(l, h): base.metric + estimate[l, h] for l in range(adapter.n_layers) for h in unit.heads}
     elif unit.method == "exact":
         base, source = (corrupt, clean) if unit.direction == "denoise" else (clean, corrupt)
-        metrics = patch_layer(adapter, base, task, unit.layer, unit.heads, source.results[unit.layer])
+        start = first_difference(task.clean, task.corrupt)  # clean and corrupt runs agree before it
+        metrics = patch_layer(adapter, base, task, unit.layer, unit.heads, source.results[unit.layer], start)
         patched = {(unit.layer, h): metrics[i] for i, h in enumerate(unit.heads)}
     else:  # ablations act on the clean run
         source = ablation_source(unit.method, clean, task, unit.layer, unit.seed)

@@ -52,6 +52,25 @@ def test_batched_patching_equals_one_head_loop(tiny, direction):
     assert moved > 1e-4  # the patches do change the metric
 
 
+def test_prefix_reuse_equals_the_full_replay(tiny):
+    """Recomputing only positions from the first clean/corrupt difference on, attending to the
+    cached keys and values of the prefix, gives the full replay's answer (every family)."""
+    from spectral.patching import first_difference
+
+    adapter = HeadAdapter(tiny.model)
+    task = byte_task(tiny.tokenizer)
+    clean, corrupt = cache_run(adapter, task.clean, task), cache_run(adapter, task.corrupt, task)
+    start = first_difference(task.clean, task.corrupt)
+    assert 0 < start < task.clean.shape[1]
+    for layer in range(adapter.n_layers):
+        full = patch_layer(adapter, corrupt, task, layer, range(adapter.n_heads), clean.results[layer])
+        reused = patch_layer(adapter, corrupt, task, layer, range(adapter.n_heads), clean.results[layer], start)
+        torch.testing.assert_close(reused, full, rtol=0, atol=1e-4)
+        for head in range(adapter.n_heads):
+            ref = loop_reference(adapter, task.corrupt, task, layer, head, clean.results[layer])
+            torch.testing.assert_close(reused[head], ref, rtol=0, atol=1e-4)
+
+
 def test_patching_every_head_of_every_layer_restores_the_clean_run(neox):
     """Patching all heads at layer 0 changes what flows on; patching the clean results of every
     layer into the corrupt run reproduces the clean metric exactly (a consistency check)."""
