@@ -95,3 +95,43 @@ def gap_importance_heatmaps(heads: pa.Table, path: str | Path, title: str = "") 
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def effect_by_layer(layers: pa.Table, path: str | Path, title: str = "") -> Path:
+    """Steering effect per layer at the matched budget (bars with 95 % intervals), with each
+    layer's min gap and mean gap on a second axis."""
+    rows = layers.to_pylist()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if rows:
+        x = np.array([r["layer"] for r in rows])
+        eff = np.array([r["effect"] for r in rows])
+        err = np.array([[r["effect"] - r["effect_low"] for r in rows], [r["effect_high"] - r["effect"] for r in rows]])
+        ax.bar(x, eff, yerr=err, color="tab:blue", alpha=0.7, capsize=3, label="effect at budget")
+        ax2 = ax.twinx()
+        ax2.plot(x, [r["min_gap"] for r in rows], "o-", color="tab:red", label="min gap")
+        ax2.plot(x, [r["mean_gap"] for r in rows], "s--", color="tab:orange", label="mean gap")
+        ax2.set_ylabel("eigenvalue gap")
+        ax2.legend(fontsize=7, loc="upper right")
+        ax.set_xticks(x)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("effect: change of log P(target) - log P(opposite)")
+    ax.set_title("\n".join(textwrap.wrap(title or "steering effect by layer", 60)), fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def effect_vs_side_effect(strategies: pa.Table, grid: pa.Table, path: str | Path, title: str = "") -> Path:
+    """Effect vs KL: every grid point (layer x coefficient) in grey, each strategy at the budget."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if grid.num_rows:
+        ax.scatter(grid["kl"].to_numpy(), grid["effect"].to_numpy(), c="lightgrey", s=14, label="grid (layer x coefficient)")
+    for r in strategies.to_pylist():
+        ax.errorbar([r["kl"]], [r["effect"]], yerr=[[r["effect"] - r["effect_low"]], [r["effect_high"] - r["effect"]]],
+                    fmt="o", capsize=3, label=r["strategy"])
+    ax.set_xscale("symlog", linthresh=1e-3)
+    ax.set_xlabel("side effect: mean KL on neutral prompts (nats)")
+    ax.set_ylabel("effect")
+    ax.set_title("\n".join(textwrap.wrap(title or "effect vs side effect", 60)), fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -14,7 +14,7 @@ import sys
 from benchmarks.common import RESULTS
 
 BENCHMARKS = {"bench_scan_overhead": "scan_overhead", "bench_scan_vs_naive": "scan_vs_naive",
-              "bench_scan_memory": "scan_memory"}
+              "bench_scan_memory": "scan_memory", "bench_patching": "patching"}
 
 
 def verdict(ok: bool) -> str:
@@ -46,10 +46,17 @@ def memory_lines(memory: dict) -> list[str]:
     return lines
 
 
+def patching_lines(patching: dict) -> list[str]:
+    return [f"patching        {row['speedup_vs_naive']:.1f}x vs one-head loop, {row['speedup_vs_nnsight']:.1f}x vs nnsight loop "
+            f"(target >= {patching['target_speedup_min']:.0f}x: {verdict(row['target_met'])})  {row['model']}"
+            for row in patching["rows"]]
+
+
 def summary() -> list[str]:
     """One line per figure, each with its target and whether it was met."""
     res = {name: json.loads((RESULTS / f"{name}.json").read_text()) for name in BENCHMARKS.values()}
-    return overhead_lines(res["scan_overhead"]) + naive_lines(res["scan_vs_naive"]) + memory_lines(res["scan_memory"])
+    return (overhead_lines(res["scan_overhead"]) + naive_lines(res["scan_vs_naive"]) + memory_lines(res["scan_memory"])
+            + patching_lines(res["patching"]))
 
 
 def main() -> None:

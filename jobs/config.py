@@ -38,6 +38,13 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type[JobConfig], positional: tuple[str, ...] = ()) -> None:
     """One option per config field; help from the field's docstring."""
     for name, field in cls.model_fields.items():
@@ -52,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[JobConfig], positio
         elif typing.get_origin(ann) is list and typing.get_args(ann) == (int,):
             kwargs["type"] = _int_list
             kwargs["metavar"] = "I,J,..."
+        elif typing.get_origin(ann) is list and typing.get_args(ann) == (float,):
+            kwargs["type"] = _float_list
+            kwargs["metavar"] = "X,Y,..."
         elif typing.get_origin(ann) is list:
             kwargs["nargs"] = "*"
         if name in positional:
