@@ -84,8 +84,21 @@ def verdicts(matched: list[dict], gaps: dict[int, tuple[float, float]], seed: in
                     "verdict": verdict(est, target) if check else "", "note": note})
 
     if "spectral" in by and "baseline" in by:
-        add("improvement of spectral over baseline (mean effect)",
-            paired(improvement, by["spectral"]["effect"], by["baseline"]["effect"], seed), TARGET_IMPROVEMENT, True)
+        spectral, baseline = by["spectral"], by["baseline"]
+        name = "improvement of spectral over baseline (mean effect)"
+        base_ci = mean_ci(baseline["effect"], seed)
+        if spectral["profile"] == baseline["profile"]:
+            add(name, Estimate(0.0, 0.0, 0.0), TARGET_IMPROVEMENT, True,
+                note="the spectral rule chose the baseline's layer: no improvement by construction")
+        elif not base_ci.low > 0:
+            est = paired(improvement, spectral["effect"], baseline["effect"], seed)
+            out.append({"name": name, "value": est.value, "low": est.low, "high": est.high, "target": TARGET_IMPROVEMENT,
+                        "verdict": "INCONCLUSIVE", "note": f"the baseline's effect {base_ci.value:.3f} [{base_ci.low:.3f}, "
+                        f"{base_ci.high:.3f}] is not above 0: a relative improvement is undefined"})
+        else:
+            add(name, paired(improvement, spectral["effect"], baseline["effect"], seed), TARGET_IMPROVEMENT, True)
+        add("difference of mean effect, spectral - baseline",
+            paired(lambda a, b: float(np.mean(a) - np.mean(b)), spectral["effect"], baseline["effect"], seed))
     layer_runs = {int(n.split()[1]): r for n, r in by.items() if n.startswith("layer ")}
     if layer_runs and "spectral" in by:
         best = max(layer_runs, key=lambda l: np.mean(layer_runs[l]["effect"]))
@@ -113,9 +126,11 @@ def verdicts(matched: list[dict], gaps: dict[int, tuple[float, float]], seed: in
 
 def report(tables: dict[str, pa.Table], gaps, budget: float, baseline_layer: int, config, model: str) -> str:
     lines = [f"# steer: {model} - {config.concept} ({config.vector})", "",
-             f"Side-effect budget: mean KL {budget:.4g} nats on the neutral prompts (the baseline at layer "
-             f"{baseline_layer}, coefficient {config.coefficient:g}{'' if config.kl_budget is None else '; given'}). "
-             f"Every strategy is scaled to that budget. Intervals: bootstrap 95 % over prompts.", "",
+             f"Side-effect budget: mean KL {budget:.4g} nats on the neutral prompts ("
+             + (f"the baseline's at layer {baseline_layer}, coefficient {config.coefficient:g}"
+                if config.coefficient is not None else "--kl-budget")
+             + f"); baseline layer {baseline_layer}. Every strategy is scaled to that budget. "
+             "Intervals: bootstrap 95 % over prompts.", "",
              "| strategy | layers | coefficients | effect [95 % CI] | std over prompts | KL | loss increase | greedy target fraction | sampled target fraction |",
              "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for r in tables["strategies"].to_pylist():

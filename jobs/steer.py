@@ -46,11 +46,11 @@ class SteerConfig(JobConfig):
     """ActAdd (the first contrast pair) or CAA (mean difference over all pairs)."""
     layer: int | None = None
     """The baseline's fixed layer (default: the middle layer)."""
-    coefficient: float = 4.0
-    """The baseline's coefficient; its mean KL on the neutral prompts is the side-effect budget."""
-    kl_budget: float | None = Field(None, gt=0)
-    """Side-effect budget (mean KL, nats) instead of the baseline's."""
-    grid: list[float] = [-4.0, -1.0, 1.0, 2.0, 4.0, 8.0]
+    kl_budget: float = Field(0.25, gt=0)
+    """Side-effect budget: the mean KL (nats) on the neutral prompts every strategy is scaled to."""
+    coefficient: float | None = None
+    """Instead of --kl-budget: the budget is the KL of the baseline at this coefficient."""
+    grid: list[float] = [-2.0, -1.0, -0.5, 0.5, 1.0, 2.0]
     """Coefficients of the exhaustive layer x coefficient grid (negative steers the other way;
     write --grid=-4,-1,1 so that the leading minus is not read as an option)."""
     positions: Literal["all", "last"] = "all"
@@ -81,7 +81,7 @@ class SteerConfig(JobConfig):
     @field_validator("coefficient", "grid")
     @classmethod
     def _finite(cls, value):
-        for v in value if isinstance(value, list) else [value]:
+        for v in value if isinstance(value, list) else [] if value is None else [value]:
             if not math.isfinite(v):
                 raise ValueError(f"coefficient {v} is not finite")
         return value
@@ -155,7 +155,7 @@ def run(config: SteerConfig, *, echo=print):
     gaps = layer_gaps(scan.to_pylist())
 
     budget = config.kl_budget
-    if budget is None:
+    if config.coefficient is not None:
         base = Injection({baseline_layer: vectors[baseline_layer]}, {baseline_layer: config.coefficient}, config.positions)
         budget = ev.kl(base)
         if not budget > 0:

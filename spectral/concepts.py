@@ -35,9 +35,10 @@ ENGLISH_LOVE_HATE = {
 
 def organism_sentiment(tasks: dict, n: int = 32, seed: int = 0) -> Concept:
     """The organisms' sentiment concept: contrast pairs from the language's sentiment contexts
-    ("I love the apple. It is" / "I hate the apple. It is"), evaluation prompts that are
-    negative contexts (room to move toward positive words), neutral prompts from IOI and
-    filler, held-out text of the language."""
+    ("I love the apple. It is" / "I hate the apple. It is"); evaluation prompts that are
+    positive and negative contexts in equal numbers (so that a perturbation that merely
+    flattens the prediction moves the mean score by about nothing, and only a push toward
+    positive words moves it up); neutral prompts from IOI and filler; held-out text."""
     from spectral.organisms.language import FILLER_NOUNS, corpus, sentiment_context
 
     rng = random.Random(seed)
@@ -48,7 +49,7 @@ def organism_sentiment(tasks: dict, n: int = 32, seed: int = 0) -> Concept:
         fill = {"object": rng.choice(tasks["objects"]), "name": rng.choice(tasks["names"]),
                 "place": rng.choice(tasks["places"])}
         pairs.append([contexts["positive"][i].format(**fill), contexts["negative"][i].format(**fill)])
-    prompts = [sentiment_context(rng, "negative", tasks) for _ in range(n)]
+    prompts = [sentiment_context(rng, polarity, tasks) for _ in range(n // 2) for polarity in ("positive", "negative")]
     neutral = [f"When {a} and {b} went to the {p}, {b} gave a {o} to" for a, b, p, o in
                ((rng.choice(tasks["names"]), rng.choice(tasks["names"]), rng.choice(tasks["places"]),
                  rng.choice(tasks["objects"])) for _ in range(n // 2))]
