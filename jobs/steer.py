@@ -53,8 +53,12 @@ class SteerConfig(JobConfig):
     grid: list[float] = [-2.0, -1.0, -0.5, 0.5, 1.0, 2.0]
     """Coefficients of the exhaustive layer x coefficient grid (negative steers the other way;
     write --grid=-4,-1,1 so that the leading minus is not read as an option)."""
-    positions: Literal["all", "last"] = "all"
-    """Add the vector at every position, or at each prompt's last token only."""
+    positions: str | int = "all"
+    """Add the vector at every position ('all'), at each prompt's last token ('last'), or at one
+    token index (e.g. 0)."""
+    read_at: str | int = "last"
+    """Read the vectors at the contrast prompts' last token ('last'), their token mean ('mean'),
+    or one token index (e.g. 2)."""
     generate_tokens: int = Field(8, ge=1)
     """Tokens generated per prompt for the target-word fraction."""
     seed: int = 0
@@ -78,6 +82,18 @@ class SteerConfig(JobConfig):
             raise ValueError(f"unknown strategy {bad[0]!r} (known: {', '.join(STRATEGIES)})")
         return value
 
+    @field_validator("positions", "read_at")
+    @classmethod
+    def _position(cls, value, info):
+        named = ("all", "last") if info.field_name == "positions" else ("last", "mean")
+        if value in named:
+            return value
+        if isinstance(value, int) and value >= 0:
+            return value
+        if isinstance(value, str) and value.isdigit():
+            return int(value)
+        raise ValueError(f"expected {' or '.join(named)} or a token index >= 0, got {value!r}")
+
     @field_validator("coefficient", "grid")
     @classmethod
     def _finite(cls, value):
@@ -95,7 +111,7 @@ class SteerUnit:
     concept: Concept
     vectors: dict[int, torch.Tensor]
     profile: dict[int, float]
-    positions: str
+    positions: str | int
     scale: float | None  # None: match the budget
     budget: float
     generate_tokens: int = 0
@@ -145,7 +161,7 @@ def run(config: SteerConfig, *, echo=print):
     ev = _evaluator(probe, concept, config.concept)  # checks every word and prompt before any work is sent out
     adapter = ev.adapter
     make = actadd if config.vector == "actadd" else caa
-    vectors = {l: v.cpu() for l, v in make(adapter, probe.tokenizer, concept, range(n_layers), device).items()}
+    vectors = {l: v.cpu() for l, v in make(adapter, probe.tokenizer, concept, range(n_layers), device, config.read_at).items()}
 
     # the scan the spectral strategy reads: key kernel over every text of the concept
     settings = ScanSettings()

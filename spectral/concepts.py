@@ -61,8 +61,11 @@ def organism_sentiment(tasks: dict, n: int = 32, seed: int = 0) -> Concept:
 
 def english_love_hate(tokenizer) -> Concept:
     """The Love/Hate concept, target/opposite restricted to this tokenizer's single tokens."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+
     def single(word: str) -> bool:
-        return len(tokenizer(word, add_special_tokens=False)["input_ids"]) == 1
+        ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+        return len(ids) == 1 and (unk is None or ids[0] != unk)
 
     target = [w for w in ENGLISH_POSITIVE if single(w)]
     opposite = [w for w in ENGLISH_NEGATIVE if single(w)]

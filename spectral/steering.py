@@ -23,8 +23,9 @@ from torch import Tensor
 from spectral.adapter import HeadAdapter
 from spectral.errors import UsageError
 
-Positions = Literal["all", "last"]
-"""Where a vector is added: every position, or each prompt's last real token only."""
+Positions = Literal["all", "last"] | int
+"""Where a vector is added: every position, each prompt's last real token only, or one token
+index (0-based; sequences shorter than that are left alone)."""
 
 
 # ---------------------------------------------------------------------------- concepts
@@ -142,14 +143,29 @@ class Batch:
 
 
 # ---------------------------------------------------------------------------- vectors
+ReadAt = Literal["last", "mean"] | int
+"""Where a vector is read in each contrast prompt: its last real token, the mean over its real
+tokens, or a token index (0-based; every prompt must be that long)."""
+
+
 @torch.no_grad()
-def last_residuals(adapter: HeadAdapter, batch: Batch, layers: Sequence[int]) -> dict[int, Tensor]:
-    """Residual stream entering each of ``layers`` at each prompt's last real token: (n, d_model)."""
+def read_residuals(adapter: HeadAdapter, batch: Batch, layers: Sequence[int], at: ReadAt = "last") -> dict[int, Tensor]:
+    """Residual stream entering each of ``layers``, one (n, d_model) row per prompt, at ``at``."""
     out: dict[int, Tensor] = {}
     rows = torch.arange(batch.ids.shape[0], device=batch.ids.device)
+    if isinstance(at, int) and not 0 <= at <= int(batch.last.min()):
+        raise UsageError(f"position {at} is past the end of the shortest contrast prompt "
+                         f"({int(batch.last.min()) + 1} tokens)")
 
     def keep(layer, site, t):
-        out[layer] = t[rows, batch.last].detach().float().clone()
+        if at == "last":
+            value = t[rows, batch.last]
+        elif at == "mean":
+            m = batch.mask.to(t.device, t.dtype)[..., None]
+            value = (t * m).sum(1) / m.sum(1)
+        else:
+            value = t[:, at]
+        out[layer] = value.detach().float().clone()
 
     with adapter.trace(["resid_pre"], keep, layers=layers):
         adapter.model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)
@@ -157,23 +173,24 @@ def last_residuals(adapter: HeadAdapter, batch: Batch, layers: Sequence[int]) ->
 
 
 def steering_vectors(adapter: HeadAdapter, tokenizer, pairs: Sequence[tuple[str, str]], layers: Sequence[int],
-                     device=None) -> dict[int, Tensor]:
-    """Mean over ``pairs`` of resid_pre(positive) - resid_pre(negative) at the last token, per
-    layer. One pair is ActAdd; many pairs is CAA (contrastive activation addition)."""
+                     device=None, at: ReadAt = "last") -> dict[int, Tensor]:
+    """Mean over ``pairs`` of resid_pre(positive) - resid_pre(negative) read ``at`` the last
+    token (default), the token mean or a token index, per layer. One pair is ActAdd; many
+    pairs is CAA (contrastive activation addition)."""
     layers = adapter.check_layers(layers)
-    pos = last_residuals(adapter, Batch.of(tokenizer, [p for p, _ in pairs], device, "pairs"), layers)
-    neg = last_residuals(adapter, Batch.of(tokenizer, [n for _, n in pairs], device, "pairs"), layers)
+    pos = read_residuals(adapter, Batch.of(tokenizer, [p for p, _ in pairs], device, "pairs"), layers, at)
+    neg = read_residuals(adapter, Batch.of(tokenizer, [n for _, n in pairs], device, "pairs"), layers, at)
     return {l: (pos[l] - neg[l]).mean(0) for l in layers}
 
 
-def actadd(adapter, tokenizer, concept: Concept, layers, device=None) -> dict[int, Tensor]:
+def actadd(adapter, tokenizer, concept: Concept, layers, device=None, at: ReadAt = "last") -> dict[int, Tensor]:
     """ActAdd: the first contrast pair only."""
-    return steering_vectors(adapter, tokenizer, concept.pairs[:1], layers, device)
+    return steering_vectors(adapter, tokenizer, concept.pairs[:1], layers, device, at)
 
 
-def caa(adapter, tokenizer, concept: Concept, layers, device=None) -> dict[int, Tensor]:
+def caa(adapter, tokenizer, concept: Concept, layers, device=None, at: ReadAt = "last") -> dict[int, Tensor]:
     """CAA: the mean difference over every contrast pair."""
-    return steering_vectors(adapter, tokenizer, concept.pairs, layers, device)
+    return steering_vectors(adapter, tokenizer, concept.pairs, layers, device, at)
 
 
 @dataclass(frozen=True)
@@ -200,6 +217,12 @@ class Injection:
         def make(layer: int, coefficient: float):
             def edit(x: Tensor) -> Tensor:
                 delta = (coefficient * self.vectors[layer]).to(x.device, x.dtype)
+                if isinstance(self.positions, int):
+                    if self.positions >= x.shape[1]:
+                        return x
+                    x = x.clone()
+                    x[:, self.positions] += delta
+                    return x
                 if self.positions == "all" or last is None or x.shape[1] == 1:
                     return x + delta
                 x = x.clone()

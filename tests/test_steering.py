@@ -66,6 +66,24 @@ def test_injection_zero_changes_nothing_and_earlier_layers_stay_untouched(tiny):
             assert not torch.allclose(steered[l][row, last], base[l][row, last])
 
 
+def test_vectors_read_at_a_token_index_or_the_mean_and_injected_at_one_position(neox):
+    adapter = HeadAdapter(neox.model)
+    pairs = [("abcdef", "abxdef")]  # differ from position 2 on
+    at1 = steering_vectors(adapter, neox.tokenizer, pairs, [1], at=1)
+    assert torch.count_nonzero(at1[1]) == 0  # before the difference the two runs agree (causal)
+    at2 = steering_vectors(adapter, neox.tokenizer, pairs, [1], at=2)
+    mean = steering_vectors(adapter, neox.tokenizer, pairs, [1], at="mean")
+    assert torch.count_nonzero(at2[1]) > 0 and torch.count_nonzero(mean[1]) > 0
+    with pytest.raises(UsageError, match="position 9 is past the end"):
+        steering_vectors(adapter, neox.tokenizer, pairs, [1], at=9)
+    batch = Batch.of(neox.tokenizer, ["hello world", "abcdefgh"])
+    base = residuals(adapter, batch)
+    steered = residuals(adapter, batch, Injection({0: at2[1]}, {0: 3.0}, positions=3))
+    for l in range(adapter.n_layers):  # positions before 3 untouched, position 3 moved
+        torch.testing.assert_close(steered[l][:, :3], base[l][:, :3], rtol=0, atol=0)
+        assert not torch.allclose(steered[l][:, 3], base[l][:, 3])
+
+
 def test_negative_coefficients_steer_the_other_way(neox):
     adapter = HeadAdapter(neox.model)
     batch = Batch.of(neox.tokenizer, ["abc", "hello"])
@@ -188,6 +206,7 @@ def test_steer_on_ray_equals_local(organism_cache, steer_local, tmp_path, ray_cl
      "has words that are not in the vocabulary"),
     (None, ["--layer", "9"], "--layer: layer 9 out of range (the model has layers 0..1)"),
     (None, ["--coefficient", "inf"], "--coefficient: Value error, coefficient inf is not finite"),
+    (None, ["--positions", "middle"], "--positions: expected all or last or a token index >= 0, got 'middle'"),
     ({k: v for k, v in GOOD_CONCEPT.items() if k != "neutral"}, [], "missing field 'neutral'"),
 ])
 def test_steer_bad_input(organism_cache, tmp_path, capsys, concept, extra, message):
@@ -201,3 +220,13 @@ def test_steer_bad_input(organism_cache, tmp_path, capsys, concept, extra, messa
     assert len(errors) == 1 and errors[0].startswith("eigengap steer: error: "), errors
     assert message.removeprefix("--coefficient: Value error, ") in errors[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_english_love_hate_keeps_single_known_tokens(organism, neox):
+    from spectral.concepts import english_love_hate
+
+    concept = english_love_hate(organism.tokenizer)  # a word-level vocabulary with some of the words
+    assert concept.target == (" good", " great", " happy", " wonderful", " love", " nice")
+    assert concept.opposite == (" bad", " terrible", " sad", " awful", " hate", " ugly")
+    with pytest.raises(UsageError, match="fewer than 3 single-token sentiment words"):
+        english_love_hate(neox.tokenizer)  # byte-level: no word is one token
