@@ -1,0 +1,205 @@
+"""``eigengap sweep CONFIG``: models x experiments from a YAML file, resumable, tracked in MLflow.
+
+Also ``python -m jobs.sweep CONFIG`` (what ``ray job submit -- python -m jobs.sweep CONFIG``
+runs on a cluster). A sweep run lives in ``OUT/RUN_ID``: ``sweep.json`` (the config and its
+hash), one directory per unit ``model=<model>/experiment=<i>-<kind>/`` holding that job's
+Parquet results, and ``mlflow.db`` (the default tracking store). Rerunning with the same run id
+skips completed units; a run id that holds a different config is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from tqdm.auto import tqdm
+
+from cluster.store import write_json
+from cluster.tracking import Tracker
+from spectral.errors import UsageError
+
+KINDS = ("scan", "patch", "validate", "steer")
+
+
+class Experiment(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["scan", "patch", "validate", "steer"]
+    """Which job."""
+    params: dict[str, Any] = {}
+    """That job's options (as in its --help, with underscores), except model and out."""
+
+
+class SweepConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    """The sweep's name (the default run id)."""
+    models: list[str] = Field(min_length=1)
+    """Model specs."""
+    experiments: list[Experiment] = Field(min_length=1)
+    """Experiments run on every model."""
+    executor: Literal["local", "ray"] = "local"
+    """Where each job's work units run."""
+    workers: int = Field(2, ge=1)
+    """Ray actors per job."""
+    ray_address: str | None = None
+    """An existing Ray cluster (default: RAY_ADDRESS, a running local one, or a new one on 127.0.0.1)."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///RUN_DIR/mlflow.db)."""
+
+
+def job_module(kind: str):
+    from jobs import patch, scan, steer, validate
+
+    return {"scan": scan, "patch": patch, "validate": validate, "steer": steer}[kind]
+
+
+def config_class(kind: str):
+    from jobs.patch import PatchConfig
+    from jobs.scan import ScanConfig
+    from jobs.steer import SteerConfig
+    from jobs.validate import ValidateConfig
+
+    return {"scan": ScanConfig, "patch": PatchConfig, "validate": ValidateConfig, "steer": SteerConfig}[kind]
+
+
+def read_sweep(path: str | Path) -> SweepConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"sweep config {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise UsageError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    try:
+        return SweepConfig.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise UsageError(f"{path}: {where}: {first['msg']}") from None
+
+
+def safe(text: str) -> str:
+    """A model spec as a directory name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+
+
+class Unit(BaseModel):
+    model: str
+    index: int
+    kind: str
+    params: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return f"model={safe(self.model)}/experiment={self.index}-{self.kind}"
+
+
+def units_of(config: SweepConfig) -> list[Unit]:
+    return [Unit(model=m, index=i, kind=e.kind, params=e.params) for m in config.models
+            for i, e in enumerate(config.experiments)]
+
+
+def job_config(config: SweepConfig, unit: Unit, out: Path, source: str = "sweep"):
+    """The unit's job config, validated; errors name the experiment and field."""
+    cls = config_class(unit.kind)
+    values = {**unit.params, "model": unit.model, "out": out, "force": True}
+    if "executor" in cls.model_fields and "executor" not in unit.params:
+        values.update(executor=config.executor, workers=config.workers, ray_address=config.ray_address)
+    try:
+        return cls.model_validate(values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise UsageError(f"{source}: experiments.{unit.index}.params.{where}: {first['msg']}") from None
+
+
+def config_hash(config: SweepConfig) -> str:
+    return hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare(config: SweepConfig, out: Path, run_id: str | None, source: str) -> tuple[Path, list[Unit]]:
+    """Validate every unit up front; create or check the run directory."""
+    units = units_of(config)
+    for unit in units:
+        job_config(config, unit, out, source)
+    run_dir = out / (run_id or config.name)
+    state = run_dir / "sweep.json"
+    digest = config_hash(config)
+    if state.exists():
+        previous = json.loads(state.read_text())
+        if previous["config_hash"] != digest:
+            raise UsageError(f"run id {run_dir.name!r} in {out} belongs to a different sweep config "
+                             f"(hash {previous['config_hash']}, this one {digest}): choose another --run-id")
+    else:
+        write_json({"config": config.model_dump(mode="json"), "config_hash": digest, "run_id": run_dir.name},
+                   state)
+    return run_dir, units
+
+
+def done(run_dir: Path, unit: Unit) -> bool:
+    return (run_dir / unit.name / job_module(unit.kind).RESULT_FILE).exists()
+
+
+def run(path: str | Path, out: Path = Path("runs/sweeps"), run_id: str | None = None, echo=print) -> Path:
+    config = read_sweep(path)
+    run_dir, units = prepare(config, Path(out), run_id, str(path))
+    tracker = Tracker.open(config.tracking_uri, run_dir, echo)
+    todo = [u for u in units if not done(run_dir, u)]
+    if len(todo) < len(units):
+        echo(f"resuming {run_dir}: {len(units) - len(todo)} of {len(units)} units already done")
+    with tqdm(total=len(units), initial=len(units) - len(todo), desc="sweep", unit="unit") as bar:
+        for unit in todo:
+            start = time.perf_counter()
+            unit_dir = run_dir / unit.name
+            job_module(unit.kind).run(job_config(config, unit, unit_dir, str(path)), echo=lambda *a: None)
+            write_json({"unit": unit.model_dump(), "seconds": round(time.perf_counter() - start, 3)},
+                       unit_dir / "unit.json")
+            bar.update(1)
+    tracker.track_all(run_dir, units)
+    echo(f"sweep {run_dir.name}: {len(units)} units in {run_dir}")
+    echo(tracker.where())
+    return run_dir
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("sweep", help="models x experiments from a YAML config, resumable, tracked in MLflow",
+                            description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="the sweep's YAML file")
+    parser.add_argument("--out", type=Path, default=Path("runs/sweeps"), help="where sweep runs live (default: runs/sweeps)")
+    parser.add_argument("--run-id", default=None, help="the run id (default: the sweep's name); the same id resumes")
+    parser.set_defaults(handler=lambda ns: run(ns.config, ns.out, ns.run_id))
+
+    track = sub.add_parser("track", help="upload a sweep run's results to MLflow (after the store was unreachable)")
+    track.add_argument("run_dir", type=Path, help="the sweep run directory (OUT/RUN_ID)")
+    track.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: as the sweep's config)")
+    track.set_defaults(handler=lambda ns: track_run(ns.run_dir, ns.tracking_uri))
+
+
+def track_run(run_dir: Path, uri: str | None = None, echo=print) -> None:
+    state = run_dir / "sweep.json"
+    if not state.is_file():
+        raise UsageError(f"{run_dir} is not a sweep run (no sweep.json)")
+    config = SweepConfig.model_validate(json.loads(state.read_text())["config"])
+    tracker = Tracker.open(uri or config.tracking_uri, run_dir, echo)
+    if not tracker.enabled:
+        raise UsageError(f"the tracking store {tracker.uri} is unreachable: nothing uploaded")
+    n = tracker.track_all(run_dir, units_of(config))
+    echo(f"tracked {n} units of {run_dir}; {tracker.where()}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jobs.cli import main as cli_main
+
+    return cli_main(["sweep", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Sweeps: config validation, resume without duplicates, refusal to mix configs, MLflow
+tracking in a real (SQLite) store, an unreachable store and a later upload."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from jobs.cli import main
+
+
+def write_sweep(path, model, **extra):
+    config = {"name": "t", "models": [str(model)],
+              "experiments": [{"kind": "validate", "params": {"n_examples": 8}},
+                              {"kind": "patch", "params": {"task": "ioi", "method": "attribution", "n_examples": 8}}], **extra}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def mlflow_runs(uri):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("eigengap")
+    return client.search_runs([experiment.experiment_id])
+
+
+def test_sweep_tracks_and_resumes_without_duplicates(organism_cache, tmp_path, capsys):
+    config = write_sweep(tmp_path / "s.yaml", organism_cache)
+    out = tmp_path / "runs"
+    assert main(["sweep", str(config), "--out", str(out)]) == 0
+    run_dir = out / "t"
+    units = sorted(p.parent.relative_to(run_dir).as_posix() for p in run_dir.glob("model=*/experiment=*/unit.json"))
+    assert units == [f"model={organism_cache.as_posix().strip('/').replace('/', '_')}/experiment=0-validate",
+                     f"model={organism_cache.as_posix().strip('/').replace('/', '_')}/experiment=1-patch"]
+    stats = pq.read_table(next(run_dir.glob("model=*/experiment=0-validate/validate.parquet")))
+    assert "pearson r(importance, 1/gap)" in stats["name"].to_pylist()
+    uri = f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+    runs = mlflow_runs(uri)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and len(children) == 2
+    validate_run = next(r for r in children if r.data.params["kind"] == "validate")
+    assert "pearson r_importance_ 1/gap_ value" in validate_run.data.metrics
+    assert validate_run.data.params["verdict pearson r_importance_ 1/gap_"] in ("PASS", "FAIL", "INCONCLUSIVE")
+    assert "seconds" in validate_run.data.metrics
+    patch_run = next(r for r in children if r.data.params["kind"] == "patch")
+    assert "spearman attribution vs exact" in patch_run.data.metrics
+    capsys.readouterr()
+
+    stamps = {p: p.stat().st_mtime_ns for p in run_dir.glob("model=*/experiment=*/unit.json")}
+    assert main(["sweep", str(config), "--out", str(out)]) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing recomputed
+    assert len(mlflow_runs(uri)) == 3  # and nothing logged twice
+
+    # the same run id with another config is refused, nothing touched
+    other = write_sweep(tmp_path / "other.yaml", organism_cache, workers=3)
+    assert main(["sweep", str(other), "--out", str(out)]) == 2
+    assert "belongs to a different sweep config" in capsys.readouterr().err
+
+
+def test_unreachable_store_keeps_results_and_track_uploads_later(organism_cache, tmp_path, capsys):
+    config = {"name": "u", "models": [str(organism_cache)], "tracking_uri": "http://127.0.0.1:9",
+              "experiments": [{"kind": "patch", "params": {"task": "ioi", "n_examples": 4, "layers": [0]}}]}
+    path = tmp_path / "u.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "runs"
+    assert main(["sweep", str(path), "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "is unreachable" in said and f"eigengap track {out / 'u'}" in said
+    assert next((out / "u").glob("model=*/experiment=0-patch/patch.parquet")).is_file()
+    uri = f"sqlite:///{tmp_path / 'later.db'}"
+    assert main(["track", str(out / "u"), "--tracking-uri", uri]) == 0
+    assert len(mlflow_runs(uri)) == 2  # the parent and the one unit
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"name": "x", "models": ["organism-xs"], "experiments": [{"kind": "train"}]}, "experiments.0.kind"),
+    ({"name": "x", "models": ["organism-xs"], "experiments": [{"kind": "patch", "params": {"task": "ioi", "ridge": 1}}]},
+     "experiments.0.params.ridge: Extra inputs are not permitted"),
+    ({"name": "x", "models": [], "experiments": [{"kind": "scan"}]}, "models: List should have at least 1 item"),
+    ({"name": "x", "models": ["m"], "experiments": [{"kind": "steer", "params": {"kl_budget": -1}}]},
+     "experiments.0.params.kl_budget: Input should be greater than 0"),
+])
+def test_invalid_sweep_config(tmp_path, capsys, config, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["sweep", str(path), "--out", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_example_sweeps_are_valid():
+    from pathlib import Path
+
+    from jobs.sweep import read_sweep, units_of
+
+    for path in sorted(Path(__file__).parent.parent.glob("sweeps/*.yaml")):
+        config = read_sweep(path)
+        assert units_of(config), path
+    assert json.dumps(read_sweep(Path(__file__).parent.parent / "sweeps" / "organisms.yaml").models) == \
+        '["organism-xs", "organism-s", "organism-m", "organism-l"]'
