@@ -11,12 +11,12 @@ EXIT_USAGE = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jobs import organisms, patch, scan, steer, sweep, validate
+    from jobs import organisms, patch, plan, scan, steer, sweep, validate
 
     parser = argparse.ArgumentParser(
         prog="eigengap", description="Eigenvalue gaps of attention heads: scan, validate, steer.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for job in (scan, patch, validate, steer, sweep, organisms):
+    for job in (scan, patch, validate, steer, sweep, plan, organisms):
         job.add_parser(sub)
     return parser
 
