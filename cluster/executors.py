@@ -66,6 +66,7 @@ def ensure_ray(address: str | None = None) -> None:
         return
     quiet = dict(logging_level="ERROR", log_to_driver=False)
     if address or os.environ.get("RAY_ADDRESS"):
+        _reachable(address or os.environ["RAY_ADDRESS"])
         ray.init(address=address, **quiet)
         return
     try:
@@ -73,6 +74,27 @@ def ensure_ray(address: str | None = None) -> None:
     except ConnectionError:
         _loopback_only()
         ray.init(_node_ip_address=LOOPBACK, include_dashboard=False, **quiet)
+
+
+def _reachable(address: str, timeout: float = 3.0) -> None:
+    """Fail in seconds, naming the address, when nothing answers there (Ray itself retries
+    for minutes)."""
+    import socket
+
+    from spectral.errors import UsageError
+
+    if address == "auto":
+        return
+    target = address.split("://", 1)[-1].rsplit("/", 1)[0]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"Ray address {address!r} is not HOST:PORT (or ray://HOST:PORT)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as err:
+        raise UsageError(f"cannot reach the Ray cluster at {address!r} ({err.strerror or err}); "
+                         "start one with `ray start --head` or leave the address out for a local one") from None
 
 
 def _loopback_only() -> None:

@@ -103,3 +103,13 @@ def test_example_sweeps_are_valid():
         assert units_of(config), path
     assert json.dumps(read_sweep(Path(__file__).parent.parent / "sweeps" / "organisms.yaml").models) == \
         '["organism-xs", "organism-s", "organism-m", "organism-l"]'
+
+
+def test_unreachable_ray_address_is_one_line(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello world\n")
+    assert main(["scan", "--model", "random:pythia-410m?layers=2&hidden=64&heads=4&vocab=512", "--prompts", str(prompts),
+                 "--out", str(tmp_path / "o"), "--executor", "ray", "--ray-address", "127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot reach the Ray cluster at '127.0.0.1:9'" in err[0]
+    assert not (tmp_path / "o" / "scan.parquet").exists()
