@@ -30,7 +30,10 @@ demo: install
 	$(BIN)/eigengap organisms prompts --out $(DEMO_OUT)/prompts.txt
 	$(BIN)/eigengap scan --model '$(DEMO_MODEL)' --prompts $(DEMO_OUT)/prompts.txt \
 	  --out $(DEMO_OUT) --force
-	@echo "results: $(DEMO_OUT)/scan.parquet  heatmap: $(DEMO_OUT)/gap_heatmap.png  summary: $(DEMO_OUT)/summary.md"
+	$(BIN)/eigengap sweep sweeps/demo.yaml --out $(DEMO_OUT)/sweeps
+	@echo "scan: $(DEMO_OUT)/scan.parquet  heatmap: $(DEMO_OUT)/gap_heatmap.png  summary: $(DEMO_OUT)/summary.md"
+	@echo "reports: $(DEMO_OUT)/sweeps/demo/model=organism-s/experiment=0-validate/report.md and .../experiment=1-steer/report.md"
+	@echo "MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/$(DEMO_OUT)/sweeps/demo/mlflow.db"
 
 test: install
 	$(BIN)/python -m pytest
