@@ -113,3 +113,43 @@ def test_unreachable_ray_address_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot reach the Ray cluster at '127.0.0.1:9'" in err[0]
     assert not (tmp_path / "o" / "scan.parquet").exists()
+
+
+def test_sweep_survives_a_killed_worker(organism_cache, tmp_path, ray_cluster):
+    """A worker process killed mid-sweep is restarted by Ray and its unit retried: the final
+    table has every (head, example) exactly once and equals a local run."""
+    import threading
+    import time
+
+    import psutil
+
+    params = {"task": "ioi", "n_examples": 8, "heads_per_unit": 1}
+    config = {"name": "k", "models": [str(organism_cache)], "executor": "ray", "workers": 2,
+              "experiments": [{"kind": "patch", "params": params}]}
+    path = tmp_path / "k.yaml"
+    path.write_text(yaml.safe_dump(config))
+    killed = []
+
+    def killer():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            for proc in psutil.process_iter(["cmdline"]):
+                if any("ModelWorker" in part for part in (proc.info["cmdline"] or [])):
+                    time.sleep(1.0)  # let it take a unit
+                    proc.kill()
+                    killed.append(proc.pid)
+                    return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    assert main(["sweep", str(path), "--out", str(tmp_path / "runs")]) == 0
+    thread.join(timeout=5)
+    assert killed, "no worker process was found to kill"
+    remote = pq.read_table(next((tmp_path / "runs" / "k").glob("model=*/experiment=0-patch/patch_examples.parquet")))
+    keys = list(zip(remote["layer"].to_pylist(), remote["head"].to_pylist(), remote["example"].to_pylist()))
+    assert len(keys) == len(set(keys)) == 2 * 4 * 8  # every unit exactly once
+    assert main(["patch", "--model", str(organism_cache), "--out", str(tmp_path / "local"),
+                 *[f"--{k.replace('_', '-')}={v}" for k, v in params.items()]]) == 0
+    local = pq.read_table(tmp_path / "local" / "patch_examples.parquet")
+    assert local.equals(remote)
