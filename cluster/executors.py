@@ -62,11 +62,12 @@ def ensure_ray(address: str | None = None) -> None:
     start a local one bound to 127.0.0.1 when none is running."""
     import ray
 
+    if address or os.environ.get("RAY_ADDRESS"):
+        _reachable(address or os.environ["RAY_ADDRESS"])
     if ray.is_initialized():
         return
     quiet = dict(logging_level="ERROR", log_to_driver=False)
     if address or os.environ.get("RAY_ADDRESS"):
-        _reachable(address or os.environ["RAY_ADDRESS"])
         ray.init(address=address, **quiet)
         return
     try:

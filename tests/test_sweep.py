@@ -123,23 +123,25 @@ def test_sweep_survives_a_killed_worker(organism_cache, tmp_path, ray_cluster):
 
     import psutil
 
-    params = {"task": "ioi", "n_examples": 8, "heads_per_unit": 1}
+    params = {"task": "ioi", "n_examples": 32, "heads_per_unit": 1}
     config = {"name": "k", "models": [str(organism_cache)], "executor": "ray", "workers": 2,
               "experiments": [{"kind": "patch", "params": params}]}
     path = tmp_path / "k.yaml"
     path.write_text(yaml.safe_dump(config))
     killed = []
 
-    def killer():
+    def killer():  # kills the first worker actor process it sees, as soon as it sees it
         deadline = time.time() + 120
         while time.time() < deadline and not killed:
             for proc in psutil.process_iter(["cmdline"]):
                 if any("ModelWorker" in part for part in (proc.info["cmdline"] or [])):
-                    time.sleep(1.0)  # let it take a unit
-                    proc.kill()
+                    try:
+                        proc.kill()
+                    except psutil.NoSuchProcess:
+                        continue
                     killed.append(proc.pid)
                     return
-            time.sleep(0.2)
+            time.sleep(0.05)
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
@@ -148,7 +150,7 @@ def test_sweep_survives_a_killed_worker(organism_cache, tmp_path, ray_cluster):
     assert killed, "no worker process was found to kill"
     remote = pq.read_table(next((tmp_path / "runs" / "k").glob("model=*/experiment=0-patch/patch_examples.parquet")))
     keys = list(zip(remote["layer"].to_pylist(), remote["head"].to_pylist(), remote["example"].to_pylist()))
-    assert len(keys) == len(set(keys)) == 2 * 4 * 8  # every unit exactly once
+    assert len(keys) == len(set(keys)) == 2 * 4 * 32  # every unit exactly once
     assert main(["patch", "--model", str(organism_cache), "--out", str(tmp_path / "local"),
                  *[f"--{k.replace('_', '-')}={v}" for k, v in params.items()]]) == 0
     local = pq.read_table(tmp_path / "local" / "patch_examples.parquet")
