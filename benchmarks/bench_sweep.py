@@ -1,0 +1,83 @@
+"""Sweeps (issue 6): 1 vs 2 Ray workers on a compute-bound patching sweep (target >= 1.6x on
+the 2-core machine), and the fixed overhead of a sweep on a tiny job (target <= 10 s).
+
+    python -m benchmarks.bench_sweep [--examples 256]
+
+Each sweep runs as its own process (``python -m jobs.sweep``), as a user would run it. The
+patching sweep: exact patching of every head of organism-l on the built-in IOI task, two heads
+per work unit, on a local Ray cluster started by the sweep. The unit's job time (unit.json:
+actor start, model load, caching and all units) is what the speed-up compares; the process
+wall time is reported beside it. Overhead: a sweep of one tiny patch job (organism-xs, 4
+examples, one layer, local executor), process wall time minus the job's own time (Python
+start-up, imports, config validation, MLflow store creation and tracking).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from benchmarks.common import record
+
+TARGET_SPEEDUP = 1.6
+TARGET_OVERHEAD_S = 10.0
+
+
+def run_sweep(config: dict, root: Path, name: str) -> tuple[float, float]:
+    """(process wall seconds, the unit's job seconds) of one sweep run."""
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**config, "name": name}))
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "jobs.sweep", str(path), "--out", str(root / "runs")], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    unit = json.loads(next((root / "runs" / name).glob("model=*/experiment=*/unit.json")).read_text())
+    return wall, unit["seconds"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    from spectral.organisms import organism_dir
+
+    organism_dir("organism-l")  # trained before timing
+    organism_dir("organism-xs")
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        patch = {"task": "ioi", "n_examples": args.examples, "heads_per_unit": 2}
+        for workers in (1, 2):
+            runs = [run_sweep({"models": ["organism-l"], "executor": "ray", "workers": workers,
+                               "experiments": [{"kind": "patch", "params": patch}]}, root, f"w{workers}r{i}")
+                    for i in range(args.repeats)]
+            rows[workers] = {"wall_s": [r[0] for r in runs], "job_s": [r[1] for r in runs]}
+            print(f"{workers} worker(s): job {min(rows[workers]['job_s']):.1f} s, process {min(rows[workers]['wall_s']):.1f} s",
+                  flush=True)
+        tiny = [run_sweep({"models": ["organism-xs"], "experiments": [
+            {"kind": "patch", "params": {"task": "ioi", "n_examples": 4, "layers": [0]}}]}, root, f"tiny{i}")
+                for i in range(3)]
+    speedup = min(rows[1]["job_s"]) / min(rows[2]["job_s"])
+    overheads = [wall - job for wall, job in tiny]
+    overhead = sorted(overheads)[len(overheads) // 2]
+    print(f"speed-up 1 -> 2 workers: {speedup:.2f}x (target >= {TARGET_SPEEDUP}); "
+          f"fixed overhead {overhead:.1f} s (target <= {TARGET_OVERHEAD_S:g} s)")
+    record("sweep", {"patching_sweep": {"model": "organism-l", "examples": args.examples, "heads_per_unit": 2,
+                                        "workers": rows, "speedup_1_to_2_workers": speedup,
+                                        "target_speedup_min": TARGET_SPEEDUP, "target_met": speedup >= TARGET_SPEEDUP},
+                     "tiny_sweep": {"wall_s": [t[0] for t in tiny], "job_s": [t[1] for t in tiny],
+                                    "overhead_s": overheads, "median_overhead_s": overhead,
+                                    "target_overhead_max_s": TARGET_OVERHEAD_S,
+                                    "target_met": overhead <= TARGET_OVERHEAD_S}})
+
+
+if __name__ == "__main__":
+    main()
