@@ -14,7 +14,7 @@ import sys
 from benchmarks.common import RESULTS
 
 BENCHMARKS = {"bench_scan_overhead": "scan_overhead", "bench_scan_vs_naive": "scan_vs_naive",
-              "bench_scan_memory": "scan_memory", "bench_patching": "patching"}
+              "bench_scan_memory": "scan_memory", "bench_patching": "patching", "bench_sweep": "sweep"}
 
 
 def verdict(ok: bool) -> str:
@@ -52,11 +52,19 @@ def patching_lines(patching: dict) -> list[str]:
             for row in patching["rows"]]
 
 
+def sweep_lines(sweep: dict) -> list[str]:
+    p, t = sweep["patching_sweep"], sweep["tiny_sweep"]
+    return [f"sweep           1 -> 2 Ray workers {p['speedup_1_to_2_workers']:.2f}x (target >= {p['target_speedup_min']}: "
+            f"{verdict(p['target_met'])})",
+            f"sweep           fixed overhead {t['median_overhead_s']:.1f} s (target <= {t['target_overhead_max_s']:g} s: "
+            f"{verdict(t['target_met'])})"]
+
+
 def summary() -> list[str]:
     """One line per figure, each with its target and whether it was met."""
     res = {name: json.loads((RESULTS / f"{name}.json").read_text()) for name in BENCHMARKS.values()}
     return (overhead_lines(res["scan_overhead"]) + naive_lines(res["scan_vs_naive"]) + memory_lines(res["scan_memory"])
-            + patching_lines(res["patching"]))
+            + patching_lines(res["patching"]) + sweep_lines(res["sweep"]))
 
 
 def main() -> None:
