@@ -5,7 +5,6 @@ Also ``python -m jobs.scan ...`` (what ``ray job submit`` runs).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path

@@ -5,7 +5,6 @@ Also ``python -m jobs.steer ...``.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -14,7 +13,6 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import pyarrow as pa
 import torch
 from pydantic import Field, field_validator
 

@@ -9,7 +9,6 @@ skips completed units; a run id that holds a different config is refused.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import re

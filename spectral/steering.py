@@ -208,9 +208,6 @@ class Injection:
             if layer not in self.vectors:
                 raise UsageError(f"no steering vector for layer {layer}")
 
-    def scaled(self, factor: float) -> Injection:
-        return Injection(self.vectors, {l: c * factor for l, c in self.coefficients.items()}, self.positions)
-
     def edits(self, last: Tensor | None = None) -> dict[tuple[int, str], object]:
         """Adapter edits (scoped to one ``trace``). ``last``: each row's last real position,
         needed for ``positions='last'`` on full prompts."""

@@ -1,7 +1,6 @@
 """Head patching: batched exact patching against the one-head-at-a-time loop, attribution,
 ablations, task files, the CLI."""
 
-import json
 
 import pyarrow.parquet as pq
 import pytest
@@ -10,10 +9,8 @@ import torch
 from jobs.cli import main
 from spectral.adapter import HeadAdapter
 from spectral.errors import UsageError
-from spectral.loading import load_model
 from spectral.patching import ablation_source, attribution, cache_run, logit_diff, patch_layer
 from spectral.tasks import Example, encode, read_task_file
-from tests.conftest import TINY
 
 PAIRS = [("Mary", "John", "Kate"), ("Anna", "Paul", "Mark"), ("Lucy", "Tom", "Bob"), ("Emma", "Jim", "Sam")]
 

@@ -14,7 +14,6 @@ from spectral.adapter import HeadAdapter
 from spectral.errors import UsageError
 from spectral.steering import Batch, Injection, concept_from_dict, next_token_logprobs, read_concept, steering_vectors
 from spectral.strategies import layer_gaps, match_budget, profiles, spectral_profile
-from tests.conftest import TINY
 
 PAIRS = [("I like it a lot", "I do not like it"), ("good day", "bad day")]
 
