@@ -77,12 +77,17 @@ def read_sweep(path: str | Path) -> SweepConfig:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise UsageError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    return validated(SweepConfig, data, f"{path}: ")
+
+
+def validated(cls, values, prefix: str):
+    """``cls`` validated from ``values``; the first error as one UsageError line naming the field."""
     try:
-        return SweepConfig.model_validate(data)
+        return cls.model_validate(values)
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise UsageError(f"{path}: {where}: {first['msg']}") from None
+        raise UsageError(f"{prefix}{where}: {first['msg']}") from None
 
 
 def safe(text: str) -> str:
@@ -112,12 +117,7 @@ def job_config(config: SweepConfig, unit: Unit, out: Path, source: str = "sweep"
     values = {**unit.params, "model": unit.model, "out": out, "force": True}
     if "executor" in cls.model_fields and "executor" not in unit.params:
         values.update(executor=config.executor, workers=config.workers, ray_address=config.ray_address)
-    try:
-        return cls.model_validate(values)
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise UsageError(f"{source}: experiments.{unit.index}.params.{where}: {first['msg']}") from None
+    return validated(cls, values, f"{source}: experiments.{unit.index}.params.")
 
 
 def config_hash(config: SweepConfig) -> str:
