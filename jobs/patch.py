@@ -52,6 +52,10 @@ class PatchConfig(JobConfig):
     heads_per_unit: int | None = Field(None, gt=0)
     """Heads per work unit (default: all heads of a layer in one unit); smaller units spread
     one layer's heads over several Ray workers."""
+    examples_per_unit: int | None = Field(None, gt=0)
+    """Data-parallel units: split the task into chunks of this many examples, each unit patching
+    every chosen head on one chunk (each worker runs clean/corrupt only on its own chunks).
+    Exact patching and attribution only (ablations take statistics over the whole task)."""
     workers: int = Field(2, ge=1)
     """Ray actors, each holding one loaded model."""
     ray_address: str | None = None
@@ -60,6 +64,12 @@ class PatchConfig(JobConfig):
     """Where the model runs."""
     force: bool = False
     """Overwrite existing results in --out."""
+
+
+def check_examples_per_unit(config: PatchConfig) -> None:
+    if config.examples_per_unit and config.method not in ("exact", "attribution"):
+        raise UsageError(f"--examples-per-unit works with exact patching and attribution only, not {config.method} "
+                         "(ablations use statistics of the whole task)")
 
 
 def examples_for(config: PatchConfig, loaded) -> list:
@@ -76,11 +86,18 @@ def units_for(config: PatchConfig, examples, n_layers: int, n_heads: int) -> lis
         if bad:
             raise UsageError(f"--{name}s: {name} {bad[0]} out of range (the model has {name}s 0..{size - 1})")
     examples = tuple(examples)
+    size = config.examples_per_unit or len(examples)
+    chunks = [(i, examples[i:i + size]) for i in range(0, len(examples), size)]
     if config.method == "attribution":
-        return [PatchUnit(examples, "attribution", config.direction, -1, heads, config.seed)]
+        return [PatchUnit(chunk, "attribution", config.direction, tuple(layers), heads, config.seed, first)
+                for first, chunk in chunks]
     step = config.heads_per_unit or len(heads)
-    return [PatchUnit(examples, config.method, config.direction, l, heads[i:i + step], config.seed)
-            for l in layers for i in range(0, len(heads), step)]
+    head_groups = [heads[i:i + step] for i in range(0, len(heads), step)]
+    if config.examples_per_unit:  # one unit per chunk (and head group): every layer on that chunk
+        return [PatchUnit(chunk, config.method, config.direction, tuple(layers), group, config.seed, first)
+                for first, chunk in chunks for group in head_groups]
+    return [PatchUnit(examples, config.method, config.direction, (l,), group, config.seed)
+            for l in layers for group in head_groups]
 
 
 def attribution_agreement(config: PatchConfig, executor, spec: str, examples, n_layers: int, n_heads: int,
@@ -117,6 +134,7 @@ def tables(rows: list[dict], config: PatchConfig, model: str) -> tuple[pa.Table,
 def run(config: PatchConfig, *, executor=None, echo=print):
     start = time.perf_counter()
     spec = parse_spec(config.model)
+    check_examples_per_unit(config)
     out_dir_ready(config.out, RESULT_FILE, config.force)
     n_layers, n_heads = model_shape(spec)
     device = "cuda" if config.device == "auto" and torch.cuda.is_available() else ("cpu" if config.device == "auto" else config.device)

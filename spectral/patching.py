@@ -287,14 +287,20 @@ def attribution(adapter: HeadAdapter, clean: RunCache, corrupt: RunCache, task: 
 
 @dataclass(frozen=True)
 class PatchUnit:
-    """One work unit: patch ``heads`` of ``layer`` (every layer for attribution) on a task."""
+    """One work unit: patch ``heads`` of every layer in ``layers`` on the task ``examples``.
+
+    ``first_example`` is the index of ``examples[0]`` in the whole task, so units holding
+    consecutive chunks of one task (data-parallel units) number their rows like one run.
+    Attribution units estimate all ``layers`` from one backward pass.
+    """
 
     examples: tuple  # tuple[Example, ...]
     method: Method
     direction: Direction
-    layer: int
+    layers: tuple[int, ...]
     heads: tuple[int, ...]
     seed: int = 0
+    first_example: int = 0
 
 
 def task_caches(loaded, examples) -> tuple[HeadAdapter, EncodedTask, RunCache, RunCache]:
@@ -317,25 +323,27 @@ def task_caches(loaded, examples) -> tuple[HeadAdapter, EncodedTask, RunCache, R
 def patch_unit(loaded, unit: PatchUnit) -> list[dict]:
     """Per-example rows ``layer, head, example, metric_clean, metric_corrupt, metric_patched``."""
     adapter, task, clean, corrupt = task_caches(loaded, unit.examples)
+    patched: dict[tuple[int, int], Tensor] = {}
     if unit.method == "attribution":
         device = clean.metric.device
         base = corrupt if unit.direction == "denoise" else clean
         estimate = attribution(adapter, clean, corrupt, task, task.corrupt.to(device), unit.direction)
-        patched = {(l, h): base.metric + estimate[l, h] for l in range(adapter.n_layers) for h in unit.heads}
-    elif unit.method == "exact":
-        base, source = (corrupt, clean) if unit.direction == "denoise" else (clean, corrupt)
-        start = first_difference(task.clean, task.corrupt)  # clean and corrupt runs agree before it
-        metrics = patch_layer(adapter, base, task, unit.layer, unit.heads, source.results[unit.layer], start)
-        patched = {(unit.layer, h): metrics[i] for i, h in enumerate(unit.heads)}
-    else:  # ablations act on the clean run
-        source = ablation_source(unit.method, clean, task, unit.layer, unit.seed)
-        metrics = patch_layer(adapter, clean, task, unit.layer, unit.heads, source)
-        patched = {(unit.layer, h): metrics[i] for i, h in enumerate(unit.heads)}
+        patched = {(l, h): base.metric + estimate[l, h] for l in unit.layers for h in unit.heads}
+    for layer in unit.layers if unit.method != "attribution" else ():
+        if unit.method == "exact":
+            base, source = (corrupt, clean) if unit.direction == "denoise" else (clean, corrupt)
+            start = first_difference(task.clean, task.corrupt)  # clean and corrupt runs agree before it
+            metrics = patch_layer(adapter, base, task, layer, unit.heads, source.results[layer], start)
+        else:  # ablations act on the clean run
+            source = ablation_source(unit.method, clean, task, layer, unit.seed)
+            metrics = patch_layer(adapter, clean, task, layer, unit.heads, source)
+        patched.update({(layer, h): metrics[i] for i, h in enumerate(unit.heads)})
     rows = []
     for (layer, head), values in patched.items():
         for i, value in enumerate(values.tolist()):
-            rows.append({"layer": layer, "head": head, "example": i, "metric_clean": float(clean.metric[i]),
-                         "metric_corrupt": float(corrupt.metric[i]), "metric_patched": float(value)})
+            rows.append({"layer": layer, "head": head, "example": unit.first_example + i,
+                         "metric_clean": float(clean.metric[i]), "metric_corrupt": float(corrupt.metric[i]),
+                         "metric_patched": float(value)})
     return rows
 
 

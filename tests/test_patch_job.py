@@ -38,6 +38,27 @@ def test_ray_head_parallel_patching_equals_local(organism_cache, tmp_path, ray_c
         assert local.equals(remote), name
 
 
+@pytest.mark.parametrize("method", ["exact", "attribution"])
+def test_data_parallel_units_equal_one_unit_per_layer(organism_cache, tmp_path, ray_cluster, method):
+    """Chunks of 5 examples (the last one shorter), run locally and on two Ray actors, give the
+    per-example rows (same example numbers) and the per-head restorations of the default units."""
+    common = ["patch", "--model", str(organism_cache), "--task", "ioi", "--n-examples", "12", "--method", method]
+    assert main([*common, "--out", str(tmp_path / "layers")]) == 0
+    assert main([*common, "--out", str(tmp_path / "chunks"), "--examples-per-unit", "5"]) == 0
+    assert main([*common, "--out", str(tmp_path / "ray"), "--examples-per-unit", "5", "--executor", "ray"]) == 0
+    keys = ["layer", "head", "example"]
+    want = pq.read_table(tmp_path / "layers" / "patch_examples.parquet").sort_by([(k, "ascending") for k in keys])
+    assert sorted(set(want["example"].to_pylist())) == list(range(12))
+    for run in ("chunks", "ray"):
+        got = pq.read_table(tmp_path / run / "patch_examples.parquet").sort_by([(k, "ascending") for k in keys])
+        assert got.select(keys).equals(want.select(keys))
+        for column in ("metric_clean", "metric_corrupt", "metric_patched"):
+            np.testing.assert_allclose(got[column].to_numpy(), want[column].to_numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(pq.read_table(tmp_path / run / "patch.parquet")["restoration"].to_numpy(),
+                                   pq.read_table(tmp_path / "layers" / "patch.parquet")["restoration"].to_numpy(),
+                                   rtol=1e-4, atol=1e-4)
+
+
 def test_attribution_run_reports_its_agreement_with_exact(organism_cache, tmp_path, capsys):
     exact_out, attr_out = tmp_path / "exact", tmp_path / "attr"
     common = ["patch", "--model", str(organism_cache), "--task", "ioi", "--n-examples", "16"]
@@ -61,6 +82,7 @@ def test_attribution_run_reports_its_agreement_with_exact(organism_cache, tmp_pa
     ([], [], "is empty"),
     ([GOOD], ["--heads", "0,4"], "--heads: head 4 out of range (the model has heads 0..3)"),
     ([GOOD], ["--layers", "3"], "--layers: layer 3 out of range (the model has layers 0..2)"),
+    ([GOOD], ["--method", "ablate-mean", "--examples-per-unit", "2"], "works with exact patching and attribution only"),
 ])
 def test_patch_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, rows, extra, message):
     task = write_task(tmp_path / "task.jsonl", rows)
