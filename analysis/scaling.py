@@ -1,0 +1,206 @@
+"""Scaling laws across models: how a per-model quantity (calibrated threshold, min gap,
+fraction of unstable heads, correlation r) varies with model size.
+
+Two forms, both fitted by ordinary least squares with ``scipy.stats.linregress``:
+
+- power:      ``y = a * x**b``          (fitted as log10 y = log10 a + b log10 x; needs x, y > 0)
+- log_linear: ``y = a + b * log10(x)``  (needs x > 0)
+
+Parameter intervals are 95 % t-intervals (n - 2 degrees of freedom) from linregress's
+standard errors; for the power law, ``a``'s interval is the transform of log10 a's.
+R² and RMSE are measured on y itself (not log y), so the two forms compare directly.
+With a handful of models these fits are descriptive: the leave-one-out extrapolation to
+the largest model is the honest check of whether a law predicts anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import numpy as np
+from scipy import stats
+
+Kind = Literal["power", "log_linear"]
+KINDS: tuple[Kind, ...] = ("power", "log_linear")
+PREDICTORS = ("parameters", "heads", "d_model", "d_head")
+"""Size measures. ``heads`` is the model's TOTAL head count, layers x heads-per-layer: a
+``models`` entry's own ``"heads"`` key is heads per layer, as in DEFINITIONS.md's table."""
+CONFIDENCE = 0.95
+NAN = float("nan")
+
+
+@dataclass(frozen=True)
+class Fit:
+    """A fitted two-parameter law with 95 % parameter intervals."""
+
+    kind: Kind
+    a: float
+    a_low: float
+    a_high: float
+    b: float
+    """Exponent (power) or slope per decade of x (log_linear)."""
+    b_low: float
+    b_high: float
+    r2: float
+    """1 - SS_res / SS_tot on y."""
+    rmse: float
+    """sqrt(mean squared residual) on y."""
+    n: int
+    """Points used."""
+    n_dropped: int
+    """Points dropped because x or y was not finite."""
+    reason: str = ""
+    """Why some fields are NaN; empty when all were computed."""
+
+    @property
+    def params(self) -> tuple[float, float]:
+        """(a, b)."""
+        return self.a, self.b
+
+    def predict(self, x: np.ndarray | float) -> np.ndarray:
+        """The law at ``x`` (NaN where x <= 0)."""
+        x = np.asarray(x, dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lx = np.where(x > 0, np.log10(np.where(x > 0, x, 1.0)), np.nan)
+        return self.a * 10.0 ** (self.b * lx) if self.kind == "power" else self.a + self.b * lx
+
+
+@dataclass(frozen=True)
+class LeaveOneOut:
+    """Fit without the largest-x point(s), predict them: the extrapolation check."""
+
+    kind: Kind
+    x_held_out: float
+    predicted: float
+    observed: float
+    """y at the largest x (the mean when several points share that x)."""
+    abs_error: float
+    """|predicted - observed|."""
+    rel_error: float
+    """abs_error / |observed|."""
+    n_train: int
+    n_held_out: int
+    n_dropped: int
+    reason: str = ""
+
+
+def _finite(x, y) -> tuple[np.ndarray, np.ndarray, int]:
+    x, y = np.asarray(x, dtype=float).ravel(), np.asarray(y, dtype=float).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have one length, got {x.size} and {y.size}")
+    ok = np.isfinite(x) & np.isfinite(y)
+    return x[ok], y[ok], int((~ok).sum())
+
+
+def _domain_problem(x: np.ndarray, y: np.ndarray, kind: Kind) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if (x <= 0).any():
+        return f"{kind} fit needs x > 0; {int((x <= 0).sum())} of {x.size} values are <= 0"
+    if kind == "power" and (y <= 0).any():
+        return f"power fit needs y > 0; {int((y <= 0).sum())} of {y.size} values are <= 0"
+    if x.size < 2:
+        return f"{x.size} point(s): a two-parameter fit needs at least 2"
+    if np.unique(x).size < 2:
+        return "all x values are identical: no slope can be fitted"
+    return ""
+
+
+def fit(x: np.ndarray, y: np.ndarray, kind: Kind) -> Fit:
+    """Least-squares fit of ``kind`` (see module docstring). Non-finite pairs are dropped and
+    counted. Fewer than 2 usable points, or x (or y, for power) <= 0: all NaN with a reason.
+    Exactly 2 points: the law through both, intervals / R² / RMSE NaN with a reason."""
+    x, y, dropped = _finite(x, y)
+    problem = _domain_problem(x, y, kind)
+    if problem:
+        return Fit(kind, *[NAN] * 8, n=x.size, n_dropped=dropped, reason=problem)
+    u, v = np.log10(x), (np.log10(y) if kind == "power" else y)
+    res = stats.linregress(u, v)
+    to_a = (lambda c: 10.0 ** c) if kind == "power" else (lambda c: c)
+    a, b, n = float(to_a(res.intercept)), float(res.slope), x.size
+    if n == 2:
+        return Fit(kind, a, NAN, NAN, b, NAN, NAN, NAN, NAN, n, dropped,
+                   "exactly 2 points: the law passes through both, no degrees of freedom "
+                   "left for intervals, R² or RMSE (needs >= 3)")
+    tq = stats.t.ppf(0.5 + CONFIDENCE / 2, n - 2)
+    a_lo, a_hi = to_a(res.intercept - tq * res.intercept_stderr), to_a(res.intercept + tq * res.intercept_stderr)
+    b_lo, b_hi = res.slope - tq * res.stderr, res.slope + tq * res.stderr
+    partial = Fit(kind, a, float(a_lo), float(a_hi), b, float(b_lo), float(b_hi), NAN, NAN, n, dropped)
+    resid = y - partial.predict(x)
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    rmse = float(np.sqrt(np.mean(resid ** 2)))
+    if ss_tot == 0:
+        return replace(partial, rmse=rmse, reason="y is constant: R² and the parameter intervals are undefined")
+    r2 = 1.0 - float((resid ** 2).sum()) / ss_tot
+    return replace(partial, r2=r2, rmse=rmse)
+
+
+def fit_power_law(x: np.ndarray, y: np.ndarray) -> Fit:
+    """``y = a * x**b``, fitted in log-log space (see ``fit``)."""
+    return fit(x, y, "power")
+
+
+def fit_log_linear(x: np.ndarray, y: np.ndarray) -> Fit:
+    """``y = a + b * log10(x)`` (see ``fit``)."""
+    return fit(x, y, "log_linear")
+
+
+def leave_one_out(x: np.ndarray, y: np.ndarray, kind: Kind) -> LeaveOneOut:
+    """Fit on every point except those at the largest x and predict there. Needs >= 3
+    training points (for a fit with residual degrees of freedom); else NaN with a reason."""
+    x, y, dropped = _finite(x, y)
+    if x.size == 0:
+        return LeaveOneOut(kind, NAN, NAN, NAN, NAN, NAN, 0, 0, dropped, "no finite points")
+    held = x == x.max()
+    n_train, n_held = int((~held).sum()), int(held.sum())
+    x_out, observed = float(x.max()), float(y[held].mean())
+    if n_train < 3:
+        return LeaveOneOut(kind, x_out, NAN, observed, NAN, NAN, n_train, n_held, dropped,
+                           f"{n_train} training points left after holding out the largest x; needs >= 3")
+    f = fit(x[~held], y[~held], kind)
+    if not np.isfinite(f.a) or not np.isfinite(f.b):
+        return LeaveOneOut(kind, x_out, NAN, observed, NAN, NAN, n_train, n_held, dropped, f.reason)
+    predicted = float(f.predict(x_out))
+    abs_error = abs(predicted - observed)
+    rel, reason = (abs_error / abs(observed), "") if observed != 0 else (NAN, "observed is 0: relative error undefined")
+    return LeaveOneOut(kind, x_out, predicted, observed, abs_error, rel, n_train, n_held, dropped, reason)
+
+
+def predictor_value(model: dict, predictor: str) -> float:
+    """A size measure of one ``models`` entry; ``heads`` is layers x heads-per-layer."""
+    if predictor not in PREDICTORS:
+        raise ValueError(f"predictor must be one of {PREDICTORS}, got {predictor!r}")
+    keys = ("layers", "heads") if predictor == "heads" else (predictor,)
+    missing = [k for k in keys if k not in model]
+    if missing:
+        raise ValueError(f"model {model.get('model', '?')!r} lacks {missing}")
+    return float(model["layers"] * model["heads"]) if predictor == "heads" else float(model[predictor])
+
+
+def scaling_table(models: list[dict], quantities: dict[str, dict[str, float]],
+                  predictors: tuple[str, ...] = PREDICTORS, kinds: tuple[Kind, ...] = KINDS) -> list[dict]:
+    """One row per (quantity, predictor, kind): fit over the models that have the quantity,
+    plus the leave-one-out extrapolation to the largest model. ``models`` entries look like
+    ``{"model": "pythia-410m", "parameters": 4.05e8, "layers": 24, "heads": 16,
+    "d_model": 1024, "d_head": 64}`` (``heads`` per layer); ``quantities`` maps a quantity
+    name to ``{model name: value}``. A value for a model absent from ``models`` is an error."""
+    by_name = {m["model"]: m for m in models}
+    rows = []
+    for quantity, values in quantities.items():
+        unknown = sorted(set(values) - set(by_name))
+        if unknown:
+            raise ValueError(f"quantity {quantity!r} names models not in models: {unknown}")
+        names = [m for m in by_name if m in values]
+        y = np.array([values[m] for m in names], dtype=float)
+        for predictor in predictors:
+            x = np.array([predictor_value(by_name[m], predictor) for m in names])
+            for kind in kinds:
+                f, loo = fit(x, y, kind), leave_one_out(x, y, kind)
+                reason = "; ".join(f"{k}: {r}" for k, r in (("fit", f.reason), ("loo", loo.reason)) if r)
+                rows.append(dict(quantity=quantity, predictor=predictor, kind=kind,
+                                 a=f.a, a_low=f.a_low, a_high=f.a_high, b=f.b, b_low=f.b_low, b_high=f.b_high,
+                                 r2=f.r2, rmse=f.rmse, n=f.n, n_dropped=f.n_dropped,
+                                 loo_predicted=loo.predicted, loo_observed=loo.observed,
+                                 loo_rel_error=loo.rel_error, reason=reason))
+    return rows
