@@ -26,6 +26,23 @@ class Executor(Protocol):
     def map(self, spec: str, fn: Callable[[LoadedModel, U], R], units: Sequence[U], *, desc: str = "units") -> list[R]: ...
 
 
+def resolve_load_kwargs(load_kwargs: dict | None, num_gpus: float = 1) -> dict:
+    """``load_model`` arguments for this process: ``device='auto'`` becomes a CUDA GPU when there
+    is one; with more than one GPU reserved (and visible) the model is spread over them by an
+    accelerate device map, so a model larger than one GPU still fits one actor."""
+    import torch
+
+    kwargs = dict(load_kwargs or {})
+    device = kwargs.pop("device", "auto") or "auto"
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and num_gpus > 1 and torch.cuda.device_count() > 1:
+        kwargs.setdefault("device_map", "auto")
+    elif "device_map" not in kwargs:
+        kwargs["device"] = device
+    return kwargs
+
+
 class LocalExecutor:
     """Runs units one after another in this process; loads the model once (or reuses one)."""
 
@@ -36,7 +53,7 @@ class LocalExecutor:
 
     def model(self, spec: str) -> LoadedModel:
         if self.loaded is None or self.loaded.spec.text != spec:
-            self.loaded = load_model(spec, **self.load_kwargs)
+            self.loaded = load_model(spec, **resolve_load_kwargs(self.load_kwargs))
         return self.loaded
 
     def map(self, spec, fn, units, *, desc="units"):
@@ -47,8 +64,8 @@ class LocalExecutor:
 class ModelWorker:
     """Ray actor body: holds one loaded model, applies job functions to work units."""
 
-    def __init__(self, spec: str, load_kwargs: dict):
-        self.loaded = load_model(spec, **load_kwargs)
+    def __init__(self, spec: str, load_kwargs: dict, num_gpus: float = 0):
+        self.loaded = load_model(spec, **resolve_load_kwargs(load_kwargs, num_gpus))
 
     def apply(self, fn: Callable[[LoadedModel, Any], Any], index: int, unit: Any) -> tuple[int, Any]:
         return index, fn(self.loaded, unit)
@@ -130,7 +147,8 @@ class RayExecutor:
         ensure_ray(self.address)
         actor_cls = ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_restarts=self.max_restarts,
                                max_task_retries=self.max_restarts)(ModelWorker)
-        actors = [actor_cls.remote(spec, self.load_kwargs) for _ in range(min(self.workers, max(len(units), 1)))]
+        actors = [actor_cls.remote(spec, self.load_kwargs, self.num_gpus)
+                  for _ in range(min(self.workers, max(len(units), 1)))]
         try:
             return self._run(ray, actors, fn, units, desc)
         finally:
@@ -156,12 +174,3 @@ class RayExecutor:
                 idle.append(actor)
                 bar.update(1)
         return results
-
-
-def make_executor(kind: str, *, workers: int = 2, address: str | None = None, load_kwargs: dict | None = None,
-                  progress: bool = True) -> Executor:
-    if kind == "local":
-        return LocalExecutor(load_kwargs=load_kwargs, progress=progress)
-    if kind == "ray":
-        return RayExecutor(workers=workers, address=address, load_kwargs=load_kwargs, progress=progress)
-    raise ValueError(f"unknown executor {kind!r} (known: local, ray)")

@@ -12,7 +12,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from spectral.errors import UsageError
 
@@ -21,6 +21,31 @@ C = TypeVar("C", bound="JobConfig")
 
 class JobConfig(BaseModel):
     model_config = ConfigDict(use_attribute_docstrings=True, extra="forbid", frozen=True)
+
+
+class ExecutorOptions(JobConfig):
+    """Where a job's work units run: the options every job shares."""
+
+    executor: Literal["local", "ray"] = "local"
+    """Run in this process, or on Ray actors (a local cluster on 127.0.0.1 is started if none runs)."""
+    workers: int = Field(2, ge=1)
+    """Ray actors, each loading the model once and serving many work units."""
+    ray_address: str | None = None
+    """Address of an existing Ray cluster (default: RAY_ADDRESS, a running local one, or a new local one)."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs Ray reserves for each actor (its torch threads)."""
+    gpus_per_worker: float = Field(0.0, ge=0)
+    """GPUs Ray reserves for each actor; more than one spreads the model over them with an
+    accelerate device map (for models larger than one GPU)."""
+
+    def make_executor(self, load_kwargs: dict | None = None, loaded=None):
+        """The executor these options name; ``loaded`` is reused by a local executor."""
+        from cluster.executors import LocalExecutor, RayExecutor
+
+        if self.executor == "local":
+            return LocalExecutor(loaded, load_kwargs=load_kwargs)
+        return RayExecutor(workers=self.workers, address=self.ray_address, num_cpus=self.cpus_per_worker,
+                           num_gpus=self.gpus_per_worker, load_kwargs=load_kwargs)
 
 
 def _unwrap_optional(annotation: Any) -> Any:

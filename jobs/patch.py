@@ -16,9 +16,8 @@ import torch
 from pydantic import Field
 from scipy.stats import spearmanr
 
-from cluster.executors import make_executor
 from cluster.store import write_json, write_parquet
-from jobs.config import JobConfig, add_arguments, out_dir_ready, parse_config
+from jobs.config import ExecutorOptions, JobConfig, add_arguments, out_dir_ready, parse_config
 from spectral.errors import UsageError
 from spectral.loading import load_model, model_shape, parse_spec
 from spectral.patching import PatchUnit, patch_unit, restoration
@@ -28,7 +27,7 @@ RESULT_FILE = "patch.parquet"
 EXAMPLES_FILE = "patch_examples.parquet"
 
 
-class PatchConfig(JobConfig):
+class PatchConfig(ExecutorOptions):
     model: str
     """Model spec: hub id, checkpoint directory, random:ARCH[?k=v&...] or organism-NAME."""
     task: str
@@ -47,8 +46,6 @@ class PatchConfig(JobConfig):
     """Only these layers (comma-separated; default all)."""
     heads: list[int] | None = None
     """Only these heads (comma-separated; default all)."""
-    executor: Literal["local", "ray"] = "local"
-    """Run in this process, or head-parallel on Ray actors."""
     heads_per_unit: int | None = Field(None, gt=0)
     """Heads per work unit (default: all heads of a layer in one unit); smaller units spread
     one layer's heads over several Ray workers."""
@@ -56,10 +53,6 @@ class PatchConfig(JobConfig):
     """Data-parallel units: split the task into chunks of this many examples, each unit patching
     every chosen head on one chunk (each worker runs clean/corrupt only on its own chunks).
     Exact patching and attribution only (ablations take statistics over the whole task)."""
-    workers: int = Field(2, ge=1)
-    """Ray actors, each holding one loaded model."""
-    ray_address: str | None = None
-    """Address of an existing Ray cluster."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the model runs."""
     force: bool = False
@@ -142,11 +135,7 @@ def run(config: PatchConfig, *, executor=None, echo=print):
     examples = examples_for(config, probe)
     encode(probe.tokenizer, examples, source=config.task)
     units = units_for(config, examples, n_layers, n_heads)
-    from cluster.executors import LocalExecutor
-
-    executor = executor or (LocalExecutor(probe) if config.executor == "local" else
-                            make_executor("ray", workers=config.workers, address=config.ray_address,
-                                          load_kwargs={"device": device}))
+    executor = executor or config.make_executor({"device": config.device}, loaded=probe)
     rows = [r for part in executor.map(spec.text, patch_unit, units, desc="patch") for r in part]
     heads, per_example = tables(rows, config, spec.text)
     params = {"config": config.model_dump(mode="json"), "n_examples": len(examples)}

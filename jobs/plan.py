@@ -52,6 +52,17 @@ def config_of(text: str):
                          "and no config.json in a local directory or the Hugging Face cache") from None
 
 
+def model_facts(text: str) -> dict:
+    """Size facts of a model from its architecture alone (no weights): parameter count, layers,
+    heads per layer, d_model, d_head, family; what cross-model scaling fits need."""
+    config = config_of(text)
+    params = sum(p.numel() for p in meta_model(config, torch.float32).parameters())
+    heads = config.num_attention_heads
+    return {"model": text, "family": config.model_type, "parameters": int(params),
+            "layers": int(config.num_hidden_layers), "heads": int(heads), "d_model": int(config.hidden_size),
+            "d_head": int(config.hidden_size // heads)}
+
+
 def meta_model(config, dtype: torch.dtype):
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)

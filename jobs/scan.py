@@ -15,9 +15,8 @@ from pydantic import Field, model_validator
 
 from analysis.plots import gap_heatmap
 from analysis.summary import format_summary, layer_summaries
-from cluster.executors import make_executor
 from cluster.store import write_json, write_parquet, write_text
-from jobs.config import JobConfig, add_arguments, out_dir_ready, parse_config
+from jobs.config import ExecutorOptions, JobConfig, add_arguments, out_dir_ready, parse_config
 from spectral.errors import UsageError
 from spectral.loading import model_shape, parse_spec
 from spectral.metrics import UNSTABLE_GAP
@@ -29,7 +28,7 @@ from spectral.scan import (
 RESULT_FILE = "scan.parquet"
 
 
-class ScanConfig(JobConfig):
+class ScanConfig(ExecutorOptions):
     model: str
     """Model spec: hub id, checkpoint directory, random:ARCH[?k=v&...] or organism-NAME."""
     out: Path
@@ -52,12 +51,6 @@ class ScanConfig(JobConfig):
     """Only these layers (comma-separated; default all)."""
     heads: list[int] | None = None
     """Only these heads (comma-separated; default all)."""
-    executor: Literal["local", "ray"] = "local"
-    """Run in this process, or on Ray actors (a local cluster on 127.0.0.1 is started if none runs)."""
-    workers: int = Field(2, ge=1)
-    """Ray actors, each holding one loaded model."""
-    ray_address: str | None = None
-    """Address of an existing Ray cluster (default: RAY_ADDRESS, a running local one, or a new local one)."""
     shard_size: int = Field(64, gt=0)
     """Prompts per work unit."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -84,10 +77,7 @@ class ScanConfig(JobConfig):
         )
 
     def load_kwargs(self) -> dict:
-        device = self.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        return {"device": device, "dtype": getattr(torch, self.dtype)}
+        return {"device": self.device, "dtype": getattr(torch, self.dtype)}
 
 
 def check_selection(settings: ScanSettings, n_layers: int, n_heads: int) -> None:
@@ -106,8 +96,7 @@ def run(config: ScanConfig, *, executor=None, echo=print):
     n_layers, n_heads = model_shape(spec)
     settings = config.settings()
     check_selection(settings, n_layers, n_heads)
-    executor = executor or make_executor(config.executor, workers=config.workers, address=config.ray_address,
-                                         load_kwargs=config.load_kwargs())
+    executor = executor or config.make_executor(config.load_kwargs())
     if config.kernel == "weights":
         result = executor.map(spec.text, weights_result, [settings], desc="weights")[0]
     else:

@@ -17,9 +17,8 @@ import torch
 from pydantic import Field, field_validator
 
 from analysis.steering import report, strategy_rows
-from cluster.executors import LocalExecutor, make_executor
 from cluster.store import write_json, write_parquet, write_text
-from jobs.config import JobConfig, add_arguments, out_dir_ready, parse_config
+from jobs.config import ExecutorOptions, JobConfig, add_arguments, out_dir_ready, parse_config
 from spectral.adapter import HeadAdapter
 from spectral.concepts import concept_for
 from spectral.errors import UsageError
@@ -31,7 +30,7 @@ from spectral.strategies import STRATEGIES, layer_gaps, match_budget, profiles
 RESULT_FILE = "strategies.parquet"
 
 
-class SteerConfig(JobConfig):
+class SteerConfig(ExecutorOptions):
     model: str
     """Model spec: hub id, checkpoint directory, random:ARCH[?k=v&...] or organism-NAME."""
     out: Path
@@ -61,12 +60,6 @@ class SteerConfig(JobConfig):
     """Tokens generated per prompt for the target-word fraction."""
     seed: int = 0
     """Seed of the random strategy, sampled generation and bootstrap."""
-    executor: Literal["local", "ray"] = "local"
-    """Run in this process, or layer x coefficient units on Ray actors."""
-    workers: int = Field(2, ge=1)
-    """Ray actors."""
-    ray_address: str | None = None
-    """Address of an existing Ray cluster."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the model runs."""
     force: bool = False
@@ -186,8 +179,7 @@ def run(config: SteerConfig, *, echo=print):
                                    config.generate_tokens, config.seed))
     units += [SteerUnit(f"grid {l} {c:g}", concept, vectors, {l: 1.0}, config.positions, c, budget)
               for l in range(n_layers) for c in config.grid]
-    executor = LocalExecutor(probe) if config.executor == "local" else make_executor(
-        "ray", workers=config.workers, address=config.ray_address, load_kwargs={"device": device})
+    executor = config.make_executor({"device": config.device}, loaded=probe)
     results = executor.map(spec.text, steer_unit, units, desc="steer")
 
     matched = [r for r in results if not r["name"].startswith("grid")]

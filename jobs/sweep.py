@@ -48,6 +48,11 @@ class SweepConfig(BaseModel):
     """Where each job's work units run."""
     workers: int = Field(2, ge=1)
     """Ray actors per job."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs Ray reserves for each actor."""
+    gpus_per_worker: float = Field(0.0, ge=0)
+    """GPUs Ray reserves for each actor (more than one: the model is spread over them with an
+    accelerate device map)."""
     ray_address: str | None = None
     """An existing Ray cluster (default: RAY_ADDRESS, a running local one, or a new one on 127.0.0.1)."""
     tracking_uri: str | None = None
@@ -116,7 +121,8 @@ def job_config(config: SweepConfig, unit: Unit, out: Path, source: str = "sweep"
     cls = config_class(unit.kind)
     values = {**unit.params, "model": unit.model, "out": out, "force": True}
     if "executor" in cls.model_fields and "executor" not in unit.params:
-        values.update(executor=config.executor, workers=config.workers, ray_address=config.ray_address)
+        values.update(executor=config.executor, workers=config.workers, ray_address=config.ray_address,
+                      cpus_per_worker=config.cpus_per_worker, gpus_per_worker=config.gpus_per_worker)
     return validated(cls, values, f"{source}: experiments.{unit.index}.params.")
 
 
@@ -143,6 +149,20 @@ def prepare(config: SweepConfig, out: Path, run_id: str | None, source: str) -> 
     return run_dir, units
 
 
+MODEL_FILE = "model.json"
+
+
+def write_model_facts(run_dir: Path, model: str) -> None:
+    """``model=<model>/model.json``: the model's size facts (parameters, layers, heads, d_model,
+    d_head) from its architecture, so the cross-model report needs no model."""
+    path = run_dir / f"model={safe(model)}" / MODEL_FILE
+    if path.exists():
+        return
+    from jobs.plan import model_facts
+
+    write_json(model_facts(model), path)
+
+
 def done(run_dir: Path, unit: Unit) -> bool:
     return (run_dir / unit.name / job_module(unit.kind).RESULT_FILE).exists()
 
@@ -156,6 +176,7 @@ def run(path: str | Path, out: Path = Path("runs/sweeps"), run_id: str | None = 
         echo(f"resuming {run_dir}: {len(units) - len(todo)} of {len(units)} units already done")
     with tqdm(total=len(units), initial=len(units) - len(todo), desc="sweep", unit="unit") as bar:
         for unit in todo:
+            write_model_facts(run_dir, unit.model)
             start = time.perf_counter()
             unit_dir = run_dir / unit.name
             job_module(unit.kind).run(job_config(config, unit, unit_dir, str(path)), echo=lambda *a: None)

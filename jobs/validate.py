@@ -17,9 +17,8 @@ from pydantic import Field
 
 from analysis.plots import gap_heatmap, gap_importance_heatmaps, gap_importance_scatter
 from analysis.validation import validate
-from cluster.executors import LocalExecutor, make_executor
 from cluster.store import write_json, write_parquet, write_text
-from jobs.config import JobConfig, add_arguments, out_dir_ready, parse_config
+from jobs.config import ExecutorOptions, JobConfig, add_arguments, out_dir_ready, parse_config
 from jobs.patch import PatchConfig, examples_for, tables, units_for
 from spectral.loading import load_model, model_shape, parse_spec
 from spectral.metrics import UNSTABLE_GAP
@@ -30,7 +29,7 @@ from spectral.tasks import encode
 RESULT_FILE = "validate.parquet"
 
 
-class ValidateConfig(JobConfig):
+class ValidateConfig(ExecutorOptions):
     model: str
     """Model spec: hub id, checkpoint directory, random:ARCH[?k=v&...] or organism-NAME."""
     task: str = "ioi"
@@ -47,12 +46,6 @@ class ValidateConfig(JobConfig):
     """Gap at or below which a head counts as unstable."""
     seed: int = 0
     """Seed of the built-in task and of the resampling."""
-    executor: Literal["local", "ray"] = "local"
-    """Run in this process, or on Ray actors."""
-    workers: int = Field(2, ge=1)
-    """Ray actors."""
-    ray_address: str | None = None
-    """Address of an existing Ray cluster."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the model runs."""
     force: bool = False
@@ -70,8 +63,7 @@ def run(config: ValidateConfig, *, echo=print):
                                seed=config.seed)
     examples = examples_for(patch_config, probe)
     encode(probe.tokenizer, examples, source=config.task)
-    executor = LocalExecutor(probe) if config.executor == "local" else make_executor(
-        "ray", workers=config.workers, address=config.ray_address, load_kwargs={"device": device})
+    executor = config.make_executor({"device": config.device}, loaded=probe)
     settings = ScanSettings(keys=config.keys, ridge=config.ridge)
     parts = executor.map(spec.text, scan_unit, shard([e.clean for e in examples], settings, 64), desc="scan")
     scan = result_table(finalize(reduce_partials(parts), settings), settings, spec.text, n_layers, n_heads)

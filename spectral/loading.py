@@ -48,12 +48,14 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     device_map: str | dict | None = None,
+    offload_folder: str | Path | None = None,
     trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load model + tokenizer for ``spec`` (see ``spectral.specs`` for the forms).
 
-    ``device_map`` is handed to ``from_pretrained`` (accelerate sharding); ``device`` moves
-    a model that was loaded whole. Raises UsageError with one line naming the spec and what
+    ``device_map`` is handed to ``from_pretrained`` (accelerate sharding over GPUs, CPU and
+    disk; ``offload_folder`` holds the weights a map sends to "disk"); ``device`` moves a
+    model that was loaded whole. Raises UsageError with one line naming the spec and what
     was tried when it cannot be resolved.
     """
     spec = parse_spec(spec) if isinstance(spec, str) else spec
@@ -63,12 +65,12 @@ def load_model(
         from spectral.organisms import organism_dir  # local import: organisms import loading
 
         path = organism_dir(spec.name)
-        model, tokenizer = _from_pretrained(spec, str(path), dtype, device_map, trust_remote_code, local=True)
+        model, tokenizer = _from_pretrained(spec, str(path), dtype, device_map, trust_remote_code, local=True, offload=offload_folder)
     elif spec.kind == "local":
         _check_checkpoint_dir(spec)
-        model, tokenizer = _from_pretrained(spec, spec.name, dtype, device_map, trust_remote_code, local=True)
+        model, tokenizer = _from_pretrained(spec, spec.name, dtype, device_map, trust_remote_code, local=True, offload=offload_folder)
     else:
-        model, tokenizer = _from_pretrained(spec, spec.name, dtype, device_map, trust_remote_code, local=False)
+        model, tokenizer = _from_pretrained(spec, spec.name, dtype, device_map, trust_remote_code, local=False, offload=offload_folder)
     if device is not None and device_map is None:
         model = model.to(device)
     model.eval()
@@ -131,9 +133,11 @@ def _check_checkpoint_dir(spec: ModelSpec) -> None:
         raise UsageError(f"checkpoint directory {spec.text!r} has no tokenizer files (looked for {', '.join(_TOKENIZER_FILES)})")
 
 
-def _from_pretrained(spec, source, dtype, device_map, trust_remote_code, *, local: bool):
+def _from_pretrained(spec, source, dtype, device_map, trust_remote_code, *, local: bool, offload=None):
     """from_pretrained for directories and hub ids; the cache is tried first for hub ids."""
     kwargs = dict(use_safetensors=True, trust_remote_code=trust_remote_code)
+    if offload is not None:
+        kwargs["offload_folder"] = str(offload)
     offline = local or _hub_offline()
     try:
         AutoConfig.from_pretrained(source, local_files_only=True, trust_remote_code=trust_remote_code)

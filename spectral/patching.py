@@ -217,14 +217,16 @@ def patch_layer(adapter: HeadAdapter, base: RunCache, task: EncodedTask, layer: 
     reused from the base run, not recomputed).
 
     With a parallel residual (Pythia), block ``layer`` itself is not recomputed either: its
-    output is the cached one plus the output projection of the change of the patched head.
+    output is the cached one plus the output projection of the change of the patched head
+    (unless accelerate has offloaded that projection's weights: then the block is replayed).
     """
     k, n = len(heads), len(task)
     start = min(start, int(task.last.min()))  # every example's last position is recomputed
     index = torch.tensor(list(heads), device=source.device)
     source = source[:, start:]
-    if _parallel_residual(adapter, layer) and base.resid_post is not None:
-        out_proj = getattr(adapter.attentions[layer], adapter.family.out_proj)
+    out_proj = getattr(adapter.attentions[layer], adapter.family.out_proj)
+    offloaded = out_proj.weight.device.type == "meta"  # accelerate brings it in only inside forward
+    if _parallel_residual(adapter, layer) and base.resid_post is not None and not offloaded:
         weight = out_proj.weight.view(adapter.d_model, adapter.n_heads, adapter.d_head)[:, index]  # (d_model, k, d_head)
         diff = (source[:, :, index] - base.results[layer][:, start:, index]).to(weight.dtype)  # (n, pos', k, d_head)
         delta = torch.einsum("npkd,mkd->knpm", diff, weight).reshape(k * n, diff.shape[1], adapter.d_model)
