@@ -5,14 +5,21 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pyarrow as pa
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
+from spectral.metrics import UNSTABLE_GAP
 
-from spectral.metrics import UNSTABLE_GAP  # noqa: E402
+
+def pyplot():
+    """matplotlib's pyplot on the headless Agg backend, imported on first use (jobs that do not
+    plot do not pay for it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def layer_head_grid(table: pa.Table, column: str) -> tuple[np.ndarray, list[int], list[int]]:
@@ -30,6 +37,7 @@ def layer_head_grid(table: pa.Table, column: str) -> tuple[np.ndarray, list[int]
 
 def gap_heatmap(table: pa.Table, path: str | Path, title: str = "", threshold: float = UNSTABLE_GAP) -> Path:
     """Layer x head heatmap of gaps; heads at or below ``threshold`` are outlined."""
+    plt = pyplot()
     grid, layers, heads = layer_head_grid(table, "gap")
     fig, ax = plt.subplots(figsize=(max(4, 0.45 * len(heads) + 2), max(3, 0.35 * len(layers) + 1.5)))
     im = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
@@ -54,6 +62,7 @@ def gap_heatmap(table: pa.Table, path: str | Path, title: str = "", threshold: f
 
 
 def _save(fig, path: str | Path) -> Path:
+    plt = pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
@@ -65,6 +74,7 @@ def _save(fig, path: str | Path) -> Path:
 
 def gap_importance_scatter(heads: pa.Table, path: str | Path, title: str = "", threshold: float = UNSTABLE_GAP) -> Path:
     """Gap (x) vs importance (y), one point per head, coloured by layer."""
+    plt = pyplot()
     gap, imp = heads["gap"].to_numpy(), heads["importance"].to_numpy()
     layer = heads["layer"].to_numpy()
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -81,6 +91,7 @@ def gap_importance_scatter(heads: pa.Table, path: str | Path, title: str = "", t
 
 def gap_importance_heatmaps(heads: pa.Table, path: str | Path, title: str = "") -> Path:
     """Layer x head heatmaps of gap and of importance, side by side."""
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, column, cmap in zip(axes, ("gap", "importance"), ("viridis", "magma")):
         grid, layers, head_ids = layer_head_grid(heads, column)
@@ -100,6 +111,7 @@ def gap_importance_heatmaps(heads: pa.Table, path: str | Path, title: str = "") 
 def effect_by_layer(layers: pa.Table, path: str | Path, title: str = "") -> Path:
     """Steering effect per layer at the matched budget (bars with 95 % intervals), with each
     layer's min gap and mean gap on a second axis."""
+    plt = pyplot()
     rows = layers.to_pylist()
     fig, ax = plt.subplots(figsize=(6, 4))
     if rows:
@@ -122,6 +134,7 @@ def effect_by_layer(layers: pa.Table, path: str | Path, title: str = "") -> Path
 
 def effect_vs_side_effect(strategies: pa.Table, grid: pa.Table, path: str | Path, title: str = "") -> Path:
     """Effect vs KL: every grid point (layer x coefficient) in grey, each strategy at the budget."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     if grid.num_rows:
         ax.scatter(grid["kl"].to_numpy(), grid["effect"].to_numpy(), c="lightgrey", s=14, label="grid (layer x coefficient)")

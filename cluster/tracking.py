@@ -62,6 +62,20 @@ def unit_metrics(kind: str, unit_dir: Path) -> tuple[dict[str, float], dict[str,
     return metrics, params
 
 
+def default_uri(run_dir: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+
+
+def empty_store(directory: Path) -> Path:
+    """A new, empty embedded store (MLflow's schema migrations take seconds: done ahead, in the
+    tracking process, while the sweep validates its config)."""
+    from mlflow.tracking import MlflowClient
+
+    path = directory / "mlflow.db"
+    MlflowClient(f"sqlite:///{path.resolve()}").search_experiments(max_results=1)
+    return path
+
+
 class Tracker:
     """Logs finished units of a sweep run; disabled (with a message) when the store is unreachable."""
 
@@ -69,9 +83,17 @@ class Tracker:
         self.uri, self.enabled, self.run_dir = uri, enabled, run_dir
 
     @classmethod
-    def open(cls, uri: str | None, run_dir: Path, echo=print) -> Tracker:
+    def open(cls, uri: str | None, run_dir: Path, echo=print, template: Path | None = None) -> Tracker:
+        """Reach the store (``uri``, else MLFLOW_TRACKING_URI, else the run's embedded SQLite
+        file, created from ``template``, an empty store made beforehand, when there is one)."""
         run_dir.mkdir(parents=True, exist_ok=True)
-        uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+        uri = uri or default_uri(run_dir)
+        embedded = run_dir / "mlflow.db"
+        if template is not None and uri == f"sqlite:///{embedded.resolve()}" and not embedded.exists():
+            import shutil
+
+            shutil.copyfile(template, embedded.with_suffix(".db.tmp"))
+            os.replace(embedded.with_suffix(".db.tmp"), embedded)
         probe_env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
         saved = {k: os.environ.get(k) for k in probe_env}
         os.environ.update(probe_env)  # an unreachable server fails in seconds, not after minutes of retries
@@ -147,3 +169,139 @@ class Tracker:
             logged += 1
         client.set_terminated(state["parent"])
         return logged
+
+
+class _Unit:
+    """A sweep unit as the tracking process sees it (name, model, kind, params)."""
+
+    def __init__(self, name: str, model: str, kind: str, params: dict):
+        self.name, self.model, self.kind, self.params = name, model, kind, params
+
+
+_STATE: dict = {}
+"""The tracking process's state between requests (the empty store made by warm)."""
+
+
+def _handle(request: dict) -> dict:
+    """One request of the tracking process: warm (import MLflow), open (reach or create the store
+    and the parent run), track (log finished units)."""
+    if request["op"] == "warm":  # import MLflow; make an empty store if the run will need one
+        from mlflow.tracking import MlflowClient  # noqa: F401
+
+        if request["scratch"]:
+            _STATE["template"] = empty_store(Path(request["scratch"]))
+        return {}
+    run_dir = Path(request["run_dir"])
+    if request["op"] == "open":
+        messages: list[str] = []
+        tracker = Tracker.open(request["uri"], run_dir, messages.append, template=_STATE.get("template"))
+        tracker.track_all(run_dir, [])
+        return {"uri": tracker.uri, "enabled": tracker.enabled, "messages": messages}
+    units = [_Unit(**u) for u in request["units"]]
+    return {"logged": Tracker(request["uri"], request["enabled"], run_dir).track_all(run_dir, units)}
+
+
+def serve() -> None:
+    """The tracking process: one JSON request per line on stdin, one JSON reply per line on the
+    original stdout (anything else printed goes to stderr)."""
+    import sys
+    import traceback
+
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    for line in sys.stdin:
+        try:
+            reply = {"ok": _handle(json.loads(line))}
+        except Exception as err:  # reported to the sweep, which raises it
+            reply = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
+
+
+class BackgroundTracker:
+    """A Tracker working in its own process (``python -m cluster.tracking``), started with the
+    sweep: importing MLflow, creating the store and the parent run overlap the sweep's validation
+    and compute instead of adding to them. ``open`` once the run directory is known (nothing is
+    written before); ``finish`` logs the finished units and returns the Tracker."""
+
+    def __init__(self, echo=print):
+        import subprocess
+        import sys
+        import tempfile
+        from concurrent.futures import ThreadPoolExecutor
+
+        import cluster
+
+        root = str(Path(cluster.__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+        self.process = subprocess.Popen([sys.executable, "-m", "cluster.tracking"], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, env=env, text=True)
+        self.calls = ThreadPoolExecutor(1)  # requests run in order, one at a time
+        self.echo, self.reported, self.opened, self.run_dir = echo, False, None, None
+        embedded = "MLFLOW_TRACKING_URI" not in os.environ
+        self.scratch = tempfile.mkdtemp(prefix="eigengap-mlflow-") if embedded else None
+        self._call({"op": "warm", "scratch": self.scratch})
+
+    def _call(self, request: dict):
+        def ask():
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+            line = self.process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the tracking process exited (status {self.process.wait()})")
+            reply = json.loads(line)
+            if "error" in reply:
+                raise RuntimeError(f"tracking failed: {reply['error']}\n{reply['trace']}")
+            return reply["ok"]
+
+        return self.calls.submit(ask)
+
+    def open(self, uri: str | None, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.opened = self._call({"op": "open", "uri": uri, "run_dir": str(run_dir)})
+
+    def poll(self) -> None:
+        """Say as soon as it is known that the store is unreachable."""
+        if self.opened is not None and not self.reported and self.opened.done():
+            self._report()
+
+    def _report(self) -> dict:
+        state = self.opened.result()
+        if not self.reported:
+            for message in state["messages"]:
+                self.echo(message)
+            self.reported = True
+        return state
+
+    def finish(self, units) -> Tracker:
+        try:
+            state = self._report()
+            if state["enabled"]:
+                self._call({"op": "track", "uri": state["uri"], "enabled": True, "run_dir": str(self.run_dir),
+                            "units": [{"name": u.name, "model": u.model, "kind": u.kind, "params": u.params}
+                                      for u in units]}).result()
+            return Tracker(state["uri"], state["enabled"], self.run_dir)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the tracking process: at once while it only imports; once it has started writing
+        the store, after it finishes (a store is never left half-created)."""
+        if self.opened is None:
+            self.process.kill()
+        self.calls.shutdown(wait=True, cancel_futures=True)
+        if self.process.stdin and not self.process.stdin.closed:
+            try:
+                self.process.stdin.close()
+            except BrokenPipeError:
+                pass
+        self.process.wait()
+        if self.scratch:
+            import shutil
+
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    serve()

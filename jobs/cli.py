@@ -1,28 +1,40 @@
-"""The ``eigengap`` command line: one subcommand per job."""
+"""The ``eigengap`` command line: one subcommand per job.
+
+Only the chosen command's module is imported (torch, transformers and MLflow are heavy: a
+command should not pay for the others); ``eigengap --help`` builds them all.
+"""
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import importlib
+import os
 import sys
 
 from spectral.errors import UsageError
 
 EXIT_USAGE = 2
 
+COMMANDS = {"scan": "jobs.scan", "patch": "jobs.patch", "validate": "jobs.validate", "steer": "jobs.steer",
+            "sweep": "jobs.sweep", "track": "jobs.sweep", "report": "jobs.report", "plan": "jobs.plan",
+            "organisms": "jobs.organisms"}
+"""Subcommand -> the module whose ``add_parser`` defines it."""
 
-def build_parser() -> argparse.ArgumentParser:
-    from jobs import organisms, patch, plan, scan, steer, sweep, validate
 
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="eigengap", description="Eigenvalue gaps of attention heads: scan, validate, steer.")
+        prog="eigengap", description="Eigenvalue gaps of attention heads: scan, validate, steer, sweep, report.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for job in (scan, patch, validate, steer, sweep, plan, organisms):
-        job.add_parser(sub)
+    modules = [COMMANDS[only]] if only in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
+    for name in modules:
+        importlib.import_module(name).add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     try:
         args.handler(args)
@@ -32,5 +44,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_now(code: int) -> None:
+    """Leave after a finished command without tearing the interpreter down module by module
+    (1-2 s once torch and transformers are loaded): exit handlers run and output is flushed
+    first, as at a normal exit. For process entry points only (never inside a test or a library
+    call); an exception still takes the normal path with its traceback."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def entry() -> None:
+    """The ``eigengap`` console script."""
+    exit_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

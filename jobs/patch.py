@@ -14,7 +14,6 @@ import numpy as np
 import pyarrow as pa
 import torch
 from pydantic import Field
-from scipy.stats import spearmanr
 
 from cluster.store import write_json, write_parquet
 from jobs.config import ExecutorOptions, JobConfig, add_arguments, out_dir_ready, parse_config
@@ -103,6 +102,8 @@ def attribution_agreement(config: PatchConfig, executor, spec: str, examples, n_
     exact, _ = tables(rows, exact_config, spec)
     by_head = {(r["layer"], r["head"]): r["restoration"] for r in exact.to_pylist()}
     column = [by_head[(l, h)] for l, h in zip(attributed["layer"].to_pylist(), attributed["head"].to_pylist())]
+    from scipy.stats import spearmanr
+
     rho = float(spearmanr(attributed["restoration"].to_numpy(), column, nan_policy="omit").statistic)
     return attributed.append_column("restoration_exact", pa.array(column, pa.float64())), rho
 
@@ -166,4 +167,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs.cli import exit_now
+
+    exit_now(main())

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
 from cluster.store import write_json
-from cluster.tracking import Tracker
+from cluster.tracking import BackgroundTracker, Tracker
 from spectral.errors import UsageError
 
 KINDS = ("scan", "patch", "validate", "steer")
@@ -60,18 +60,14 @@ class SweepConfig(BaseModel):
 
 
 def job_module(kind: str):
-    from jobs import patch, scan, steer, validate
+    """The job module of an experiment kind, imported on first use (only what a sweep runs)."""
+    import importlib
 
-    return {"scan": scan, "patch": patch, "validate": validate, "steer": steer}[kind]
+    return importlib.import_module(f"jobs.{kind}")
 
 
 def config_class(kind: str):
-    from jobs.patch import PatchConfig
-    from jobs.scan import ScanConfig
-    from jobs.steer import SteerConfig
-    from jobs.validate import ValidateConfig
-
-    return {"scan": ScanConfig, "patch": PatchConfig, "validate": ValidateConfig, "steer": SteerConfig}[kind]
+    return getattr(job_module(kind), f"{kind.capitalize()}Config")
 
 
 def read_sweep(path: str | Path) -> SweepConfig:
@@ -169,21 +165,27 @@ def done(run_dir: Path, unit: Unit) -> bool:
 
 def run(path: str | Path, out: Path = Path("runs/sweeps"), run_id: str | None = None, echo=print) -> Path:
     config = read_sweep(path)
-    run_dir, units = prepare(config, Path(out), run_id, str(path))
-    tracker = Tracker.open(config.tracking_uri, run_dir, echo)
-    todo = [u for u in units if not done(run_dir, u)]
-    if len(todo) < len(units):
-        echo(f"resuming {run_dir}: {len(units) - len(todo)} of {len(units)} units already done")
-    with tqdm(total=len(units), initial=len(units) - len(todo), desc="sweep", unit="unit") as bar:
-        for unit in todo:
-            write_model_facts(run_dir, unit.model)
-            start = time.perf_counter()
-            unit_dir = run_dir / unit.name
-            job_module(unit.kind).run(job_config(config, unit, unit_dir, str(path)), echo=lambda *a: None)
-            write_json({"unit": unit.model_dump(), "seconds": round(time.perf_counter() - start, 3)},
-                       unit_dir / "unit.json")
-            bar.update(1)
-    tracker.track_all(run_dir, units)
+    background = BackgroundTracker(echo)  # MLflow's start-up overlaps validation and the first units
+    try:
+        run_dir, units = prepare(config, Path(out), run_id, str(path))
+        background.open(config.tracking_uri, run_dir)
+        todo = [u for u in units if not done(run_dir, u)]
+        if len(todo) < len(units):
+            echo(f"resuming {run_dir}: {len(units) - len(todo)} of {len(units)} units already done")
+        with tqdm(total=len(units), initial=len(units) - len(todo), desc="sweep", unit="unit") as bar:
+            for unit in todo:
+                write_model_facts(run_dir, unit.model)
+                start = time.perf_counter()
+                unit_dir = run_dir / unit.name
+                job_module(unit.kind).run(job_config(config, unit, unit_dir, str(path)), echo=lambda *a: None)
+                write_json({"unit": unit.model_dump(), "seconds": round(time.perf_counter() - start, 3)},
+                           unit_dir / "unit.json")
+                bar.update(1)
+                background.poll()
+    except BaseException:
+        background.close()
+        raise
+    tracker = background.finish(units)
     echo(f"sweep {run_dir.name}: {len(units)} units in {run_dir}")
     echo(tracker.where())
     return run_dir
@@ -222,4 +224,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs.cli import exit_now
+
+    exit_now(main())
