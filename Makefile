@@ -9,9 +9,16 @@ STAMP := $(VENV)/.eigengap-installed
 DEMO_OUT ?= runs/demo
 DEMO_MODEL ?= organism-s
 
-.PHONY: install demo test bench clean
+.PHONY: install browser demo test bench clean
 
-install: $(STAMP)
+install: $(STAMP) browser
+
+# A headless browser for the report test (Debian's chromium), installed once.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y --no-install-recommends chromium || \
+	  { $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium; }; }
 
 # On a machine without a CUDA GPU, the CPU build of torch (a local wheel or the PyTorch CPU
 # index); never the multi-GB CUDA build.
@@ -30,10 +37,12 @@ demo: install
 	$(BIN)/eigengap organisms prompts --out $(DEMO_OUT)/prompts.txt
 	$(BIN)/eigengap scan --model '$(DEMO_MODEL)' --prompts $(DEMO_OUT)/prompts.txt \
 	  --out $(DEMO_OUT) --force
-	$(BIN)/eigengap sweep sweeps/demo.yaml --out $(DEMO_OUT)/sweeps
+	$(BIN)/eigengap sweep sweeps/organisms.yaml --out $(DEMO_OUT)/sweeps
+	$(BIN)/eigengap report $(DEMO_OUT)/sweeps/organisms
 	@echo "scan: $(DEMO_OUT)/scan.parquet  heatmap: $(DEMO_OUT)/gap_heatmap.png  summary: $(DEMO_OUT)/summary.md"
-	@echo "reports: $(DEMO_OUT)/sweeps/demo/model=organism-s/experiment=0-validate/report.md and .../experiment=1-steer/report.md"
-	@echo "MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/$(DEMO_OUT)/sweeps/demo/mlflow.db"
+	@echo "per-model reports: $(DEMO_OUT)/sweeps/organisms/model=*/experiment=*/report.md"
+	@echo "cross-model report: $(DEMO_OUT)/sweeps/organisms/report/report.html"
+	@echo "MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/$(DEMO_OUT)/sweeps/organisms/mlflow.db"
 
 test: install
 	$(BIN)/python -m pytest

@@ -56,6 +56,20 @@ class LocalExecutor:
             self.loaded = load_model(spec, **resolve_load_kwargs(self.load_kwargs))
         return self.loaded
 
+    def start(self, spec: str) -> None:
+        """Nothing to start ahead: the model is loaded (or reused) at the first map."""
+
+    def reuse(self, loaded: LoadedModel) -> None:
+        """Serve units with a model the caller has loaded already."""
+        if self.loaded is None:
+            self.loaded = loaded
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
     def map(self, spec, fn, units, *, desc="units"):
         loaded = self.model(spec)
         return [fn(loaded, unit) for unit in tqdm(units, desc=desc, unit="unit", disable=not self.progress)]
@@ -75,23 +89,50 @@ class ModelWorker:
 
 
 def ensure_ray(address: str | None = None) -> None:
-    """Connect to the Ray cluster at ``address`` (or RAY_ADDRESS, or a running local one);
-    start a local one bound to 127.0.0.1 when none is running."""
+    """Connect to the Ray cluster at ``address`` (or RAY_ADDRESS, or the running local one that
+    ``ray start`` recorded); start a local one bound to 127.0.0.1 when none is running.
+
+    An explicit address that does not answer fails in seconds with one line (Ray itself retries
+    for minutes); a cluster on 127.0.0.1 is joined on the loopback address it listens on.
+    """
     import ray
 
-    if address or os.environ.get("RAY_ADDRESS"):
-        _reachable(address or os.environ["RAY_ADDRESS"])
     if ray.is_initialized():
         return
     quiet = dict(logging_level="ERROR", log_to_driver=False)
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, **quiet)
+    given = address or os.environ.get("RAY_ADDRESS") or None
+    given = None if given == "auto" else given
+    if given and given.startswith("ray://"):  # Ray Client: a remote cluster's proxy
+        _reachable(given)
+        ray.init(address=given, **quiet)
         return
-    try:
-        ray.init(address="auto", **quiet)
-    except ConnectionError:
+    if given:
+        _reachable(given)
+        target = given
+    else:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        target = canonicalize_bootstrap_address("auto")  # the cluster `ray start` recorded, if any
+        if target is not None and not _answers(target):
+            target = None  # a stale record of a stopped cluster
+    if target is None:  # "local": a new cluster, never the stale one a `ray start` record points to
         _loopback_only()
-        ray.init(_node_ip_address=LOOPBACK, include_dashboard=False, **quiet)
+        ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False, **quiet)
+        return
+    if target.rsplit(":", 1)[0] in (LOOPBACK, "localhost"):
+        _loopback_only()
+    ray.init(address=target, **quiet)
+
+
+def _answers(target: str, timeout: float = 3.0) -> bool:
+    import socket
+
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def _reachable(address: str, timeout: float = 3.0) -> None:
@@ -101,8 +142,6 @@ def _reachable(address: str, timeout: float = 3.0) -> None:
 
     from spectral.errors import UsageError
 
-    if address == "auto":
-        return
     target = address.split("://", 1)[-1].rsplit("/", 1)[0]
     host, _, port = target.rpartition(":")
     if not host or not port.isdigit():
@@ -140,20 +179,55 @@ class RayExecutor:
         self.load_kwargs = load_kwargs or {}
         self.progress = progress
         self.max_restarts = max_restarts
+        self._spec: str | None = None
+        self._actors: list = []
+        self._held = False
 
-    def map(self, spec, fn, units, *, desc="units"):
+    def start(self, spec: str) -> None:
+        """Create the actors now: they import and load the model while the caller prepares the
+        work. Inside ``with executor:`` they serve every map until the block ends; otherwise
+        each map closes them when it is done."""
+        if self._actors and self._spec == spec:
+            return
+        self.close()
         import ray
 
         ensure_ray(self.address)
         actor_cls = ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_restarts=self.max_restarts,
                                max_task_retries=self.max_restarts)(ModelWorker)
-        actors = [actor_cls.remote(spec, self.load_kwargs, self.num_gpus)
-                  for _ in range(min(self.workers, max(len(units), 1)))]
-        try:
-            return self._run(ray, actors, fn, units, desc)
-        finally:
-            for actor in actors:
+        self._spec = spec
+        self._actors = [actor_cls.remote(spec, self.load_kwargs, self.num_gpus) for _ in range(self.workers)]
+
+    def reuse(self, loaded: LoadedModel) -> None:
+        """Actors load their own copies; a model in the driver is not shipped to them."""
+
+    def close(self) -> None:
+        if self._actors:
+            import ray
+
+            for actor in self._actors:
                 ray.kill(actor)
+        self._spec, self._actors = None, []
+
+    def __enter__(self):
+        self._held = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._held = False
+        self.close()
+
+    def map(self, spec, fn, units, *, desc="units"):
+        import ray
+
+        if not units:
+            return []
+        self.start(spec)
+        try:
+            return self._run(ray, self._actors[:len(units)], fn, units, desc)
+        finally:
+            if not self._held:
+                self.close()
 
     def _run(self, ray, actors, fn, units, desc):
         fn_ref = ray.put(fn)

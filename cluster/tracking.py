@@ -171,6 +171,32 @@ class Tracker:
         return logged
 
 
+def log_report(run_dir: Path, report_dir: Path, echo=print) -> str | None:
+    """Log a cross-model report (its summary metrics, verdicts as tags, the page and tables as
+    artifacts) to the sweep's MLflow parent run; returns the run id, or None (with one line
+    saying why) when the run was never tracked or the store cannot be reached."""
+    state_file = run_dir / "tracking.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    if not state.get("parent"):
+        echo(f"not logged to MLflow: {run_dir} has no tracked parent run (run `eigengap track {run_dir}` first)")
+        return None
+    tracker = Tracker.open(state["uri"], run_dir, echo)
+    if not tracker.enabled:
+        return None
+    from mlflow.entities import Metric, RunTag
+    from mlflow.tracking import MlflowClient
+
+    summary = json.loads((report_dir / "summary.json").read_text())
+    client = MlflowClient(tracker.uri)
+    parent = state["parent"]
+    metrics = [Metric(metric_name(f"report/{k}"), float(v), 0, 0) for k, v in summary["metrics"].items()]
+    tags = [RunTag(metric_name(f"verdict/{k}")[:250], v) for k, v in summary["verdicts"].items()]
+    for i in range(0, max(len(metrics), len(tags)), 500):  # MLflow's batch limits
+        client.log_batch(parent, metrics=metrics[i:i + 500], tags=tags[i:i + 500])
+    client.log_artifacts(parent, str(report_dir), artifact_path="report")
+    return parent
+
+
 class _Unit:
     """A sweep unit as the tracking process sees it (name, model, kind, params)."""
 

@@ -132,18 +132,20 @@ def run(config: PatchConfig, *, executor=None, echo=print):
     out_dir_ready(config.out, RESULT_FILE, config.force)
     n_layers, n_heads = model_shape(spec)
     device = "cuda" if config.device == "auto" and torch.cuda.is_available() else ("cpu" if config.device == "auto" else config.device)
-    probe = load_model(spec, device=device)  # the task is built and checked before any work is sent out
-    examples = examples_for(config, probe)
-    encode(probe.tokenizer, examples, source=config.task)
-    units = units_for(config, examples, n_layers, n_heads)
-    executor = executor or config.make_executor({"device": config.device}, loaded=probe)
-    rows = [r for part in executor.map(spec.text, patch_unit, units, desc="patch") for r in part]
-    heads, per_example = tables(rows, config, spec.text)
-    params = {"config": config.model_dump(mode="json"), "n_examples": len(examples)}
-    if config.method == "attribution":
-        heads, rho = attribution_agreement(config, executor, spec.text, examples, n_layers, n_heads, heads)
-        params["spearman_attribution_vs_exact"] = rho
-        echo(f"attribution vs exact patching: Spearman rho = {rho:.3f} over {heads.num_rows} heads")
+    with executor or config.make_executor({"device": config.device}) as executor:
+        executor.start(spec.text)  # Ray actors load the model while the task is built here
+        probe = load_model(spec, device=device)  # the task is built and checked before any work is sent out
+        executor.reuse(probe)
+        examples = examples_for(config, probe)
+        encode(probe.tokenizer, examples, source=config.task)
+        units = units_for(config, examples, n_layers, n_heads)
+        rows = [r for part in executor.map(spec.text, patch_unit, units, desc="patch") for r in part]
+        heads, per_example = tables(rows, config, spec.text)
+        params = {"config": config.model_dump(mode="json"), "n_examples": len(examples)}
+        if config.method == "attribution":
+            heads, rho = attribution_agreement(config, executor, spec.text, examples, n_layers, n_heads, heads)
+            params["spearman_attribution_vs_exact"] = rho
+            echo(f"attribution vs exact patching: Spearman rho = {rho:.3f} over {heads.num_rows} heads")
     config.out.mkdir(parents=True, exist_ok=True)
     write_json({**params, "seconds": round(time.perf_counter() - start, 3)}, config.out / "params.json")
     write_parquet(per_example, config.out / EXAMPLES_FILE)

@@ -7,6 +7,7 @@ Also ``python -m jobs.report RUN_DIR``.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -35,9 +36,10 @@ def _table(rows: list[dict], columns: list[str]) -> pa.Table:
 
 
 def run(run_dir: Path, out: Path | None = None, echo=print, *, n_resamples: int = N_RESAMPLES,
-        n_permutations: int = N_PERMUTATIONS, seed: int = 0) -> Path:
+        n_permutations: int = N_PERMUTATIONS, seed: int = 0, track: bool = True) -> Path:
     """Write report.html, its PNGs, verdicts/calibration/scaling/information.parquet and
-    summary.json into ``out`` (default RUN_DIR/report); returns the page's path."""
+    summary.json into ``out`` (default RUN_DIR/report); returns the page's path. With ``track``
+    the summary also goes to the sweep's MLflow parent run (when the sweep was tracked)."""
     from analysis.report import figures, render
     from jobs.sweep import safe
 
@@ -59,6 +61,11 @@ def run(run_dir: Path, out: Path | None = None, echo=print, *, n_resamples: int 
     counts = {v: sum(r["verdict"] == v for r in result.verdicts) for v in ("PASS", "FAIL", "INCONCLUSIVE")}
     echo(f"wrote {page} ({len(data.models)} models; verdicts: "
          + ", ".join(f"{n} {v}" for v, n in counts.items()) + ")")
+    if track:
+        from cluster.tracking import log_report
+
+        if log_report(run_dir, out, echo):
+            echo("logged the report's summary, verdicts and files to the sweep's MLflow parent run")
     return page
 
 
@@ -70,8 +77,11 @@ def add_parser(sub) -> None:
     parser.add_argument("--permutations", type=int, default=N_PERMUTATIONS,
                         help=f"permutations of the MI null (default: {N_PERMUTATIONS})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the resampling (default: 0)")
+    parser.add_argument("--track", action=argparse.BooleanOptionalAction, default=True,
+                        help="log the summary to the sweep's MLflow parent run (default: on)")
     parser.set_defaults(handler=lambda ns: run(ns.run_dir, ns.out, n_resamples=_positive(ns.resamples, "--resamples"),
-                                               n_permutations=_positive(ns.permutations, "--permutations"), seed=ns.seed))
+                                               n_permutations=_positive(ns.permutations, "--permutations"), seed=ns.seed,
+                                               track=ns.track))
 
 
 def _positive(value: int, option: str) -> int:

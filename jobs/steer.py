@@ -180,7 +180,8 @@ def run(config: SteerConfig, *, echo=print):
     units += [SteerUnit(f"grid {l} {c:g}", concept, vectors, {l: 1.0}, config.positions, c, budget)
               for l in range(n_layers) for c in config.grid]
     executor = config.make_executor({"device": config.device}, loaded=probe)
-    results = executor.map(spec.text, steer_unit, units, desc="steer")
+    with executor:
+        results = executor.map(spec.text, steer_unit, units, desc="steer")
 
     matched = [r for r in results if not r["name"].startswith("grid")]
     if "oracle" in config.strategies:  # the oracle's generations, at its best layer

@@ -58,17 +58,19 @@ def run(config: ValidateConfig, *, echo=print):
     out_dir_ready(config.out, RESULT_FILE, config.force)
     n_layers, n_heads = model_shape(spec)
     device = "cuda" if config.device == "auto" and torch.cuda.is_available() else ("cpu" if config.device == "auto" else config.device)
-    probe = load_model(spec, device=device)
-    patch_config = PatchConfig(model=config.model, task=config.task, out=config.out, n_examples=config.n_examples,
-                               seed=config.seed)
-    examples = examples_for(patch_config, probe)
-    encode(probe.tokenizer, examples, source=config.task)
-    executor = config.make_executor({"device": config.device}, loaded=probe)
-    settings = ScanSettings(keys=config.keys, ridge=config.ridge)
-    parts = executor.map(spec.text, scan_unit, shard([e.clean for e in examples], settings, 64), desc="scan")
-    scan = result_table(finalize(reduce_partials(parts), settings), settings, spec.text, n_layers, n_heads)
-    units = units_for(patch_config, examples, n_layers, n_heads)
-    rows = [r for part in executor.map(spec.text, patch_unit, units, desc="patch") for r in part]
+    with config.make_executor({"device": config.device}) as executor:  # one set of actors for both passes
+        executor.start(spec.text)
+        probe = load_model(spec, device=device)
+        executor.reuse(probe)
+        patch_config = PatchConfig(model=config.model, task=config.task, out=config.out, n_examples=config.n_examples,
+                                   seed=config.seed)
+        examples = examples_for(patch_config, probe)
+        encode(probe.tokenizer, examples, source=config.task)
+        settings = ScanSettings(keys=config.keys, ridge=config.ridge)
+        parts = executor.map(spec.text, scan_unit, shard([e.clean for e in examples], settings, 64), desc="scan")
+        scan = result_table(finalize(reduce_partials(parts), settings), settings, spec.text, n_layers, n_heads)
+        units = units_for(patch_config, examples, n_layers, n_heads)
+        rows = [r for part in executor.map(spec.text, patch_unit, units, desc="patch") for r in part]
     heads_patch, per_example = tables(rows, patch_config, spec.text)
     result = validate(scan, per_example, config.threshold, config.seed)
     result.report += "\n\n" + circuit_report(probe, examples, result.heads)
