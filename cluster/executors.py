@@ -112,7 +112,10 @@ def ensure_ray(address: str | None = None) -> None:
     else:
         from ray._private.services import canonicalize_bootstrap_address
 
-        target = canonicalize_bootstrap_address("auto")  # the cluster `ray start` recorded, if any
+        try:
+            target = canonicalize_bootstrap_address("auto")  # the cluster `ray start` recorded, if any
+        except ConnectionError:  # none running
+            target = None
         if target is not None and not _answers(target):
             target = None  # a stale record of a stopped cluster
     if target is None:  # "local": a new cluster, never the stale one a `ray start` record points to

@@ -159,6 +159,27 @@ def write_model_facts(run_dir: Path, model: str) -> None:
     write_json(model_facts(model), path)
 
 
+def results(run_dir: Path, name: str):
+    """One table of the file ``name`` (e.g. ``scan.parquet``) over every finished unit of a sweep
+    run, with the partition columns ``sweep_model``, ``experiment`` and ``unit`` in front."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    config = SweepConfig.model_validate(json.loads((run_dir / "sweep.json").read_text())["config"])
+    tables = []
+    for unit in units_of(config):
+        path = run_dir / unit.name / name
+        if (run_dir / unit.name / "unit.json").is_file() and path.is_file():
+            table = pq.read_table(path)
+            for i, (column, value) in enumerate((("sweep_model", unit.model), ("experiment", f"{unit.index}-{unit.kind}"),
+                                                 ("unit", unit.name))):
+                table = table.add_column(i, column, pa.array([value] * table.num_rows, pa.string()))
+            tables.append(table)
+    if not tables:
+        raise UsageError(f"no finished unit of {run_dir} has {name}")
+    return pa.concat_tables(tables, promote_options="default")
+
+
 def done(run_dir: Path, unit: Unit) -> bool:
     return (run_dir / unit.name / job_module(unit.kind).RESULT_FILE).exists()
 

@@ -65,3 +65,37 @@ def test_hooks_work_under_an_accelerate_device_map(organism_cache, tmp_path):
     for a, b in zip(*rows):
         assert (a["layer"], a["head"], a["example"]) == (b["layer"], b["head"], b["example"])
         assert a["metric_patched"] == pytest.approx(b["metric_patched"], rel=1e-4, abs=1e-4)
+
+
+@pytest.mark.parametrize("record", ["none", "stale", "live"])
+def test_ensure_ray_joins_a_live_cluster_and_never_a_stale_record(monkeypatch, record):
+    """No cluster, or a `ray start` record of a cluster that is gone: a new local cluster
+    (address="local"; plain ray.init would try the record and hang). A live one: joined."""
+    import socket
+
+    import ray
+    from ray._private import services
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    live = f"127.0.0.1:{listener.getsockname()[1]}"
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        stale = f"127.0.0.1:{unused.getsockname()[1]}"
+
+    def found(addr, temp_dir=None):
+        if record == "none":
+            raise ConnectionError("Could not find any running Ray instance")
+        return stale if record == "stale" else live
+
+    monkeypatch.setattr(services, "canonicalize_bootstrap_address", found)
+    try:
+        executors.ensure_ray(None)
+    finally:
+        listener.close()
+    assert calls[0]["address"] == (live if record == "live" else "local")

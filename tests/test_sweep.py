@@ -36,6 +36,12 @@ def test_sweep_tracks_and_resumes_without_duplicates(organism_cache, tmp_path, c
                      f"model={organism_cache.as_posix().strip('/').replace('/', '_')}/experiment=1-patch"]
     stats = pq.read_table(next(run_dir.glob("model=*/experiment=0-validate/validate.parquet")))
     assert "pearson r(importance, 1/gap)" in stats["name"].to_pylist()
+    from jobs.sweep import results
+
+    patched = results(run_dir, "patch.parquet")  # both units patch every head of the 2 x 4
+    assert patched.num_rows == 2 * 8 and patched["experiment"].value_counts().to_pylist() == [
+        {"values": "0-validate", "counts": 8}, {"values": "1-patch", "counts": 8}]
+    assert len({(r["unit"], r["layer"], r["head"]) for r in patched.to_pylist()}) == 16  # no duplicates
     uri = f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
     runs = mlflow_runs(uri)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -54,6 +60,7 @@ def test_sweep_tracks_and_resumes_without_duplicates(organism_cache, tmp_path, c
     assert "resuming" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing recomputed
     assert len(mlflow_runs(uri)) == 3  # and nothing logged twice
+    assert results(run_dir, "patch.parquet").num_rows == 2 * 8  # and no rows twice
 
     # the same run id with another config is refused, nothing touched
     other = write_sweep(tmp_path / "other.yaml", organism_cache, workers=3)
