@@ -17,6 +17,7 @@ import numpy as np
 from scipy import stats
 from sklearn.feature_selection import mutual_info_regression
 
+from analysis.stats import finite_pairs
 from spectral.metrics import UNSTABLE_GAP
 
 CONFIDENCE = 0.95
@@ -77,14 +78,6 @@ class StabilityComparison:
     reason: str = ""
 
 
-def _finite(x, y) -> tuple[np.ndarray, np.ndarray, int]:
-    x, y = np.asarray(x, dtype=float).ravel(), np.asarray(y, dtype=float).ravel()
-    if x.shape != y.shape:
-        raise ValueError(f"x and y must have one length, got {x.size} and {y.size}")
-    ok = np.isfinite(x) & np.isfinite(y)
-    return x[ok], y[ok], int((~ok).sum())
-
-
 def _knn_mi(x: np.ndarray, y: np.ndarray, n_neighbors: int, seed: int) -> float:
     return float(mutual_info_regression(x[:, None], y, discrete_features=False,
                                         n_neighbors=n_neighbors, random_state=seed)[0])
@@ -94,7 +87,7 @@ def mutual_information(x: np.ndarray, y: np.ndarray, *, n_neighbors: int = 3,
                        n_permutations: int = 200, seed: int = 0) -> MI:
     """kNN MI of x and y in nats with a permutation null. Non-finite pairs are dropped and
     counted; fewer than ``n_neighbors + 2`` pairs or a constant variable: NaN with a reason."""
-    x, y, dropped = _finite(x, y)
+    x, y, dropped = finite_pairs(x, y)
     n = x.size
 
     def undefined(reason: str) -> MI:
@@ -129,7 +122,7 @@ def entropy_by_stability(gap: np.ndarray, entropy: np.ndarray, threshold: float 
     """Entropy of unstable (gap <= threshold) vs stable heads: group summaries, two-sided
     Mann-Whitney U, and the difference of medians with a bootstrap 95 % interval. Heads with
     a non-finite gap or entropy are dropped and counted; an empty group gives NaN + reason."""
-    gap, ent, dropped = _finite(gap, entropy)
+    gap, ent, dropped = finite_pairs(gap, entropy)
     unstable = gap <= threshold
     a, b = ent[unstable], ent[~unstable]
     sa, sb = _summary(a), _summary(b)

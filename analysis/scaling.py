@@ -21,6 +21,8 @@ from typing import Literal
 import numpy as np
 from scipy import stats
 
+from analysis.stats import finite_pairs
+
 Kind = Literal["power", "log_linear"]
 KINDS: tuple[Kind, ...] = ("power", "log_linear")
 PREDICTORS = ("parameters", "heads", "d_model", "d_head")
@@ -85,14 +87,6 @@ class LeaveOneOut:
     reason: str = ""
 
 
-def _finite(x, y) -> tuple[np.ndarray, np.ndarray, int]:
-    x, y = np.asarray(x, dtype=float).ravel(), np.asarray(y, dtype=float).ravel()
-    if x.shape != y.shape:
-        raise ValueError(f"x and y must have one length, got {x.size} and {y.size}")
-    ok = np.isfinite(x) & np.isfinite(y)
-    return x[ok], y[ok], int((~ok).sum())
-
-
 def _domain_problem(x: np.ndarray, y: np.ndarray, kind: Kind) -> str:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -111,7 +105,7 @@ def fit(x: np.ndarray, y: np.ndarray, kind: Kind) -> Fit:
     """Least-squares fit of ``kind`` (see module docstring). Non-finite pairs are dropped and
     counted. Fewer than 2 usable points, or x (or y, for power) <= 0: all NaN with a reason.
     Exactly 2 points: the law through both, intervals / R² / RMSE NaN with a reason."""
-    x, y, dropped = _finite(x, y)
+    x, y, dropped = finite_pairs(x, y)
     problem = _domain_problem(x, y, kind)
     if problem:
         return Fit(kind, *[NAN] * 8, n=x.size, n_dropped=dropped, reason=problem)
@@ -149,7 +143,7 @@ def fit_log_linear(x: np.ndarray, y: np.ndarray) -> Fit:
 def leave_one_out(x: np.ndarray, y: np.ndarray, kind: Kind) -> LeaveOneOut:
     """Fit on every point except those at the largest x and predict there. Needs >= 3
     training points (for a fit with residual degrees of freedom); else NaN with a reason."""
-    x, y, dropped = _finite(x, y)
+    x, y, dropped = finite_pairs(x, y)
     if x.size == 0:
         return LeaveOneOut(kind, NAN, NAN, NAN, NAN, NAN, 0, 0, dropped, "no finite points")
     held = x == x.max()

@@ -18,6 +18,16 @@ N_RESAMPLES = 2000
 CONFIDENCE = 0.95
 
 
+def finite_pairs(x, y) -> tuple[np.ndarray, np.ndarray, int]:
+    """The pairs of ``x`` and ``y`` where both are finite, and how many pairs were dropped
+    (never dropped silently: callers report the count)."""
+    x, y = np.asarray(x, dtype=float).ravel(), np.asarray(y, dtype=float).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have one length, got {x.size} and {y.size}")
+    ok = np.isfinite(x) & np.isfinite(y)
+    return x[ok], y[ok], int((~ok).sum())
+
+
 @dataclass(frozen=True)
 class Estimate:
     """A statistic with its bootstrap 95 % interval (and a permutation p-value where one applies)."""

@@ -62,6 +62,15 @@ def test_sweep_tracks_and_resumes_without_duplicates(organism_cache, tmp_path, c
     assert len(mlflow_runs(uri)) == 3  # and nothing logged twice
     assert results(run_dir, "patch.parquet").num_rows == 2 * 8  # and no rows twice
 
+    # the cross-model report of the run goes to the parent run too (one model: no scaling fit)
+    assert main(["report", str(run_dir), "--resamples", "50", "--permutations", "20"]) == 0
+    said = capsys.readouterr().out
+    assert "logged the report's summary" in said and (run_dir / "report" / "report.html").is_file()
+    parent = next(r for r in mlflow_runs(uri) if "mlflow.parentRunId" not in r.data.tags)
+    assert any(k.startswith("report/") for k in parent.data.metrics)
+    assert {v for k, v in parent.data.tags.items() if k.startswith("verdict/")} <= {"PASS", "FAIL", "INCONCLUSIVE"}
+    assert any(k.startswith("verdict/") for k in parent.data.tags)
+
     # the same run id with another config is refused, nothing touched
     other = write_sweep(tmp_path / "other.yaml", organism_cache, workers=3)
     assert main(["sweep", str(other), "--out", str(out)]) == 2
