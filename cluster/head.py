@@ -72,12 +72,12 @@ class LocalHead:
     def submit(self, entrypoint: list[str], working_dir: str | Path = ".", timeout: float = 600) -> subprocess.CompletedProcess:
         """``ray job submit`` (waits for the job; its exit status is the job's). Retried while the
         head's job agent is still starting (the dashboard answers a few seconds before it)."""
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180
         while True:
             done = subprocess.run([self.ray, "job", "submit", "--address", self.dashboard, "--working-dir",
                                    str(working_dir), "--", *entrypoint], env=self.env, capture_output=True, text=True,
                                   timeout=timeout)
-            if "No available agent" not in done.stderr or time.monotonic() > deadline:
+            if "No available agent" not in done.stdout + done.stderr or time.monotonic() > deadline:
                 return done
             time.sleep(2)
 

@@ -25,7 +25,11 @@ EXPERIMENT = "eigengap"
 
 
 def metric_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_\-. /]+", "_", text)[:250]
+    """``text`` as an MLflow metric/param/tag name (a model given as a path contributes
+    slashes: MLflow refuses empty or dot path segments)."""
+    name = re.sub(r"[^A-Za-z0-9_\-. /]+", "_", text)
+    name = "/".join(part for part in name.split("/") if part.strip(" .")) or "_"
+    return name[:250]
 
 
 def unit_metrics(kind: str, unit_dir: Path) -> tuple[dict[str, float], dict[str, str]]:
