@@ -97,17 +97,17 @@ def ensure_ray(address: str | None = None) -> None:
     """
     import ray
 
+    given = address or os.environ.get("RAY_ADDRESS") or None
+    given = None if given == "auto" else given
+    if given:
+        _reachable(given)  # also when this process is connected already: a wrong address is an error
     if ray.is_initialized():
         return
     quiet = dict(logging_level="ERROR", log_to_driver=False)
-    given = address or os.environ.get("RAY_ADDRESS") or None
-    given = None if given == "auto" else given
     if given and given.startswith("ray://"):  # Ray Client: a remote cluster's proxy
-        _reachable(given)
         ray.init(address=given, **quiet)
         return
     if given:
-        _reachable(given)
         target = given
     else:
         from ray._private.services import canonicalize_bootstrap_address

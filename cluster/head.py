@@ -48,7 +48,13 @@ class LocalHead:
         self.process = subprocess.Popen(
             [self.ray, "start", "--head", "--block", "--node-ip-address", LOOPBACK, "--port", str(self.port),
              "--dashboard-host", LOOPBACK, "--dashboard-port", str(self.dashboard_port), "--include-dashboard", "true",
-             "--num-cpus", str(self.num_cpus), "--disable-usage-stats"],
+             "--num-cpus", str(self.num_cpus), "--disable-usage-stats",
+             # every other listening port free too: another Ray cluster on this machine (a test
+             # session's, a user's) holds the defaults, and the job agent would not start
+             *[arg for option in ("--ray-client-server-port", "--dashboard-agent-listen-port",
+                                  "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
+                                  "--node-manager-port", "--object-manager-port")
+               for arg in (option, str(free_port()))]],
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
