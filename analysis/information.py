@@ -1,4 +1,4 @@
-"""Information-theoretic views of the gap (RESEARCH_TODO 3.3): how much a spectral quantity
+"""Information-theoretic views of the gap (research plan, section 3.3): how much a spectral quantity
 tells about an outcome (mutual information), and whether spectral entropy differs between
 unstable and stable heads.
 

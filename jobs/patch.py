@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 
 from cluster.store import write_json, write_parquet
-from jobs.config import ExecutorOptions, JobConfig, add_arguments, out_dir_ready, parse_config
+from jobs.config import ExecutorOptions, add_arguments, out_dir_ready, parse_config
 from spectral.errors import UsageError
 from spectral.loading import load_model, model_shape, parse_spec
 from spectral.patching import PatchUnit, patch_unit, restoration

@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 from analysis.plots import gap_heatmap
 from analysis.summary import format_summary, layer_summaries
 from cluster.store import write_json, write_parquet, write_text
-from jobs.config import ExecutorOptions, JobConfig, add_arguments, out_dir_ready, parse_config
+from jobs.config import ExecutorOptions, add_arguments, out_dir_ready, parse_config
 from spectral.errors import UsageError
 from spectral.loading import model_shape, parse_spec
 from spectral.metrics import UNSTABLE_GAP

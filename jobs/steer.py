@@ -18,7 +18,7 @@ from pydantic import Field, field_validator
 
 from analysis.steering import report, strategy_rows
 from cluster.store import write_json, write_parquet, write_text
-from jobs.config import ExecutorOptions, JobConfig, add_arguments, out_dir_ready, parse_config
+from jobs.config import ExecutorOptions, add_arguments, out_dir_ready, parse_config
 from spectral.adapter import HeadAdapter
 from spectral.concepts import concept_for
 from spectral.errors import UsageError

@@ -25,8 +25,6 @@ from cluster.store import write_json
 from cluster.tracking import BackgroundTracker, Tracker
 from spectral.errors import UsageError
 
-KINDS = ("scan", "patch", "validate", "steer")
-
 
 class Experiment(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -18,7 +18,7 @@ from pydantic import Field
 from analysis.plots import gap_heatmap, gap_importance_heatmaps, gap_importance_scatter
 from analysis.validation import validate
 from cluster.store import write_json, write_parquet, write_text
-from jobs.config import ExecutorOptions, JobConfig, add_arguments, out_dir_ready, parse_config
+from jobs.config import ExecutorOptions, add_arguments, out_dir_ready, parse_config
 from jobs.patch import PatchConfig, examples_for, tables, units_for
 from spectral.loading import load_model, model_shape, parse_spec
 from spectral.metrics import UNSTABLE_GAP
