@@ -42,7 +42,7 @@ def config_of(text: str):
     if spec.kind == "organism":
         from spectral.organisms import organism_dir
 
-        source = str(organism_dir(spec.name))
+        source = str(organism_dir(spec.name, spec.seed))
     else:
         source = spec.name
     try:

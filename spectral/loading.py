@@ -64,7 +64,7 @@ def load_model(
     elif spec.kind == "organism":
         from spectral.organisms import organism_dir  # local import: organisms import loading
 
-        path = organism_dir(spec.name)
+        path = organism_dir(spec.name, spec.seed)
         model, tokenizer = _from_pretrained(spec, str(path), dtype, device_map, trust_remote_code, local=True, offload=offload_folder)
     elif spec.kind == "local":
         _check_checkpoint_dir(spec)
@@ -192,7 +192,7 @@ def model_shape(spec: str | ModelSpec) -> tuple[int, int]:
     if spec.kind == "organism":
         from spectral.organisms import organism_dir
 
-        source = str(organism_dir(spec.name))
+        source = str(organism_dir(spec.name, spec.seed))
     elif spec.kind == "local":
         _check_checkpoint_dir(spec)
         source = spec.name
@@ -212,5 +212,5 @@ def checkpoint_path(loaded: LoadedModel) -> Path | None:
     if loaded.spec.kind == "organism":
         from spectral.organisms import organism_dir
 
-        return organism_dir(loaded.spec.name)
+        return organism_dir(loaded.spec.name, loaded.spec.seed)
     return None

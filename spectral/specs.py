@@ -5,7 +5,9 @@ Forms (resolved in this order):
 - ``random:ARCH[?key=value&...]`` - a random-weight twin of a shipped architecture
   (``spectral.architectures``), e.g. ``random:pythia-410m?layers=4&hidden=256&heads=4``.
   Keys: ``layers heads hidden intermediate vocab kv_heads max_positions seed``.
-- ``organism-NAME`` - a built-in model organism.
+- ``organism-NAME[?seed=N]`` - a built-in model organism, trained with training seed ``N``
+  (default 0: ``organism-s`` and ``organism-s?seed=0`` are the same model). Organisms of one
+  recipe and different seeds form a *population*, the unit of replication of verdicts.
 - a path to a local checkpoint directory (config.json, safetensors weights, tokenizer).
 - a Hugging Face hub id ``owner/name`` (cache first; ``HF_HUB_OFFLINE`` honoured).
 """
@@ -35,7 +37,7 @@ class ModelSpec:
     name: str
     """Architecture name, organism name, directory path or hub id."""
     overrides: dict[str, int] = field(default_factory=dict)
-    """``random:`` only: architecture fields replaced, plus ``seed``."""
+    """``random:``: architecture fields replaced, plus ``seed``; ``organism-``: ``seed`` only."""
 
     @property
     def seed(self) -> int:
@@ -66,7 +68,7 @@ def parse_spec(text: str) -> ModelSpec:
     if text.startswith("random:"):
         return _parse_random(text)
     if text.startswith("organism-"):
-        return ModelSpec(text, "organism", text)
+        return _parse_organism(text)
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -78,6 +80,39 @@ def parse_spec(text: str) -> ModelSpec:
         f"cannot resolve model spec {text!r}: not random:ARCH, not organism-NAME, "
         "not an existing directory, not a hub id owner/name"
     )
+
+
+def population(spec: str | ModelSpec) -> tuple[str, int | None]:
+    """(population, seed) of a model spec: the spec without its seed, and the seed.
+
+    ``organism-s?seed=3`` -> ("organism-s", 3); ``organism-s`` -> ("organism-s", 0);
+    ``random:pythia-410m?layers=2&seed=1`` -> ("random:pythia-410m?layers=2", 1). Hub ids and
+    local checkpoints are populations of one model whose seed is unknown (None).
+    """
+    spec = parse_spec(spec) if isinstance(spec, str) else spec
+    if spec.kind == "organism":
+        return spec.name, spec.seed
+    if spec.kind == "random":
+        rest = "&".join(f"{k}={v}" for k, v in spec.overrides.items() if k != "seed")
+        return f"random:{spec.name}" + (f"?{rest}" if rest else ""), spec.seed
+    return spec.text, None
+
+
+def _parse_organism(text: str) -> ModelSpec:
+    name, _, query = text.partition("?")
+    overrides: dict[str, int] = {}
+    if query:
+        try:
+            pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+        except ValueError:
+            raise UsageError(f"model spec {text!r}: an organism takes only ?seed=N") from None
+        for key, value in pairs:
+            if key != "seed":
+                raise UsageError(f"model spec {text!r}: unknown organism option {key!r} (known: seed)")
+            if not value.isdigit():
+                raise UsageError(f"model spec {text!r}: seed={value!r} is not a non-negative integer")
+            overrides["seed"] = int(value)
+    return ModelSpec(text, "organism", name, overrides)
 
 
 def _looks_like_hub_id(text: str) -> bool:

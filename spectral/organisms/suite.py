@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from spectral.errors import UsageError
@@ -41,39 +42,65 @@ def cache_root() -> Path:
     return Path(os.environ.get("EIGENGAP_CACHE") or Path.home() / ".cache" / "eigengap") / "organisms"
 
 
-def recipe_of(name: str) -> Recipe:
-    if name not in SUITE:
-        raise UsageError(f"unknown organism {name!r} (known: {', '.join(SUITE)})")
-    return SUITE[name]
+def split_name(text: str) -> tuple[str, int]:
+    """``organism-s?seed=3`` -> ("organism-s", 3); a plain name is seed 0."""
+    from spectral.specs import parse_spec
+
+    spec = parse_spec(text)
+    if spec.kind != "organism":
+        raise UsageError(f"{text!r} is not an organism (organism-NAME[?seed=N])")
+    return spec.name, spec.seed
 
 
-def organism_dir(name: str, *, progress: bool = True) -> Path:
-    """The checkpoint directory of organism ``name``, trained first if it is not cached."""
-    recipe = recipe_of(name)
-    path = cache_root() / name
+def recipe_of(name: str, seed: int | None = None) -> Recipe:
+    """The recipe of ``name`` (which may carry ``?seed=N``), at ``seed`` when given."""
+    base, parsed_seed = split_name(name)
+    if base not in SUITE:
+        raise UsageError(f"unknown organism {base!r} (known: {', '.join(SUITE)})")
+    return replace(SUITE[base], seed=parsed_seed if seed is None else seed)
+
+
+def entry_name(recipe: Recipe) -> str:
+    """The cache entry of a recipe: its name for seed 0 (the suite's own organisms), else
+    ``NAME-seedN``."""
+    return recipe.name if recipe.seed == 0 else f"{recipe.name}-seed{recipe.seed}"
+
+
+def spec_text(recipe: Recipe) -> str:
+    """The model spec naming a recipe's organism (``organism-s``, ``organism-s?seed=3``)."""
+    return recipe.name if recipe.seed == 0 else f"{recipe.name}?seed={recipe.seed}"
+
+
+def organism_dir(name: str, seed: int | None = None, *, progress: bool = True) -> Path:
+    """The checkpoint directory of organism ``name`` (``organism-s`` or ``organism-s?seed=3``;
+    ``seed`` overrides), trained first if it is not cached."""
+    recipe = recipe_of(name, seed)
+    path = cache_root() / entry_name(recipe)
     if path.exists():
         if _recipe_matches(path, recipe):
             verify(path)
             return path
-        print(f"eigengap: cached {name} was trained by an older recipe; retraining it", file=sys.stderr)
+        print(f"eigengap: cached {spec_text(recipe)} was trained by an older recipe; retraining it", file=sys.stderr)
     else:
-        print(f"eigengap: {name} is not trained yet; training it now into {path}", file=sys.stderr)
-    return train_organism(name, force=True, progress=progress)
+        print(f"eigengap: {spec_text(recipe)} is not trained yet; training it now into {path}", file=sys.stderr)
+    return train_organism(name, seed, force=True, progress=progress)
 
 
-def train_organism(name: str, *, force: bool = False, progress: bool = True) -> Path:
-    """Train ``name`` into the cache (reusing a valid entry unless ``force``)."""
-    recipe = recipe_of(name)
+def train_organism(name: str, seed: int | None = None, *, force: bool = False, progress: bool = True) -> Path:
+    """Train ``name`` (``?seed=N`` allowed; ``seed`` overrides) into the cache, reusing a valid
+    entry unless ``force``."""
+    recipe = recipe_of(name, seed)
     root = cache_root()
-    path = root / name
+    entry = entry_name(recipe)
+    path = root / entry
     if path.exists() and not force:
         if not _recipe_matches(path, recipe):
-            raise UsageError(f"cached {name} at {path} is stale (older recipe): retrain with "
-                             f"`eigengap organisms train {name} --force`")
+            raise UsageError(f"cached {spec_text(recipe)} at {path} is stale (older recipe): retrain with "
+                             f"`eigengap organisms train '{spec_text(recipe)}' --force`")
         verify(path)
         return path
     _check_writable(root)
-    tmp = root / f".{name}.tmp-{os.getpid()}"
+    tmp = root / f".{entry}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         start = time.perf_counter()
@@ -82,7 +109,7 @@ def train_organism(name: str, *, force: bool = False, progress: bool = True) -> 
         (tmp / "tasks.json").write_text(json.dumps(TASKS, indent=2) + "\n")
         (tmp / "recipe.json").write_text(json.dumps(
             {"version": RECIPE_VERSION, "recipe": recipe.as_dict(), "training": report}, indent=2) + "\n")
-        _write_manifest(tmp)
+        _write_manifest(tmp, report)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -94,12 +121,13 @@ def train_organism(name: str, *, force: bool = False, progress: bool = True) -> 
 def verify(path: Path) -> None:
     """Raise UsageError if any file of the entry is missing or differs from its manifest."""
     name = path.name
-    hint = f"retrain with `eigengap organisms train {name} --force`"
+    hint = f"retrain with `eigengap organisms train {name.replace('-seed', '?seed=')} --force`"
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
+        files = manifest["files"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
         raise UsageError(f"cached {name} at {path} is corrupted (no readable {MANIFEST}): {hint}") from None
-    for file, digest in manifest.items():
+    for file, digest in files.items():
         target = path / file
         if not target.is_file():
             raise UsageError(f"cached {name} at {path} is corrupted ({file} is missing): {hint}")
@@ -119,9 +147,16 @@ def _recipe_matches(path: Path, recipe: Recipe) -> bool:
     return saved.get("version") == RECIPE_VERSION and saved.get("recipe") == recipe.as_dict()
 
 
-def _write_manifest(path: Path) -> None:
+def _write_manifest(path: Path, report: dict) -> None:
+    """sha256 of every file, plus what the weights depend on besides the recipe: the software
+    and the processor. Bit-identical weights are expected for the same recipe on the same
+    machine and software, not across machines (float reduction order differs with the CPU's
+    vector width and the library versions) - which is why verdicts are taken over seeds."""
     files = sorted(p.name for p in path.iterdir() if p.is_file() and p.name != MANIFEST)
-    (path / MANIFEST).write_text(json.dumps({f: _sha256(path / f) for f in files}, indent=2) + "\n")
+    digests = {f: _sha256(path / f) for f in files}
+    manifest = {"files": digests, "weights_sha256": digests.get("model.safetensors"),
+                "environment": report.get("environment", {})}
+    (path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def _sha256(path: Path) -> str:

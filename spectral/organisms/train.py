@@ -110,4 +110,17 @@ def train(recipe: Recipe, out_dir: Path, progress: bool = True) -> dict:
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     n_params = sum(p.numel() for p in model.parameters())
-    return {"final_loss": sum(losses[-50:]) / min(50, len(losses)), "parameters": n_params, "steps": len(losses)}
+    return {"final_loss": sum(losses[-50:]) / min(50, len(losses)), "parameters": n_params, "steps": len(losses),
+            "environment": environment(accelerator.device)}
+
+
+def environment(device) -> dict:
+    """What besides the recipe decides the trained bits: software versions and the processor."""
+    import platform
+
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(),
+            "device": str(device), "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(device) if getattr(device, "type", "") == "cuda" else None}
