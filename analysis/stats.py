@@ -1,21 +1,68 @@
 """Statistics of gap vs importance (reads result tables only; never loads a model).
 
-Uncertainty comes from resampling the task's *examples* (the importance of every head is
-recomputed on each bootstrap sample) and from permuting gaps across heads (the null of no
-association). scipy does the resampling.
+What varies, and what an interval must resample
+-----------------------------------------------
+A correlation "across heads" or a difference of group means describes the *heads* of a model:
+which heads there are is as random as how precisely each head's importance is known from the
+task's examples. Intervals therefore resample heads (or layers) *and* examples jointly
+(``analysis.population.estimate``); holding heads fixed and resampling examples only measures
+the precision of each head's importance, and in a null simulation (8 heads, gap independent
+of importance) it declared "r > 0.7: PASS" in 8 of 300 runs (issue 12, defect 3;
+``tests/test_nulls.py``).
+
+This module gives *pure statistics* with the signature of ``analysis.population.Statistic``::
+
+    f(per_unit: dict, per_example: dict) -> float
+
+with ``per_unit = {"gap": (n,)}`` and ``per_example = {"patched", "clean", "corrupt":
+(n, n_examples)}`` for head-level statistics (``r_inverse_gap``, ``r_gap``, ``spearman_gap``,
+``group_difference(t)``, ``group_mean(t, unstable)``, ``group_ratio(t)``), and a layer-level
+one (``layer_r``, members built by ``layer_member``). ``head_member`` builds the
+``analysis.population.Member`` of one model; ``analysis.population.estimate`` gives the
+per-seed (heads x examples) and the across-seed (seeds -> heads -> examples) intervals.
+
+Verdict rules
+-------------
+- Group comparisons rest on the *difference* of mean restorations (unstable - stable). A
+  ratio is reported only when both group means' intervals lie above 0; otherwise it is
+  undefined (NaN with a note): a ratio with a denominator near or below 0 inverts (-19.4 for
+  a difference of +0.226; ``ratio_rule``).
+- Restoration is NaN (with a reason) for a head whose clean - corrupt metric difference is
+  near zero relative to the metric's scale (``RESTORATION_RTOL``; ``restoration_reasons``).
+- Layer-level correlations need at least ``MIN_LAYERS`` layers for an interval.
+- ``decide`` turns a Holm-adjusted p-value into PASS / FAIL / INCONCLUSIVE (see its docstring).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
 
+from analysis.population import Member
 from spectral.metrics import UNSTABLE_GAP
 
 N_RESAMPLES = 2000
 CONFIDENCE = 0.95
+NAN = float("nan")
+
+RESTORATION_RTOL = 0.01
+"""A head's restoration is undefined (NaN) when ``|mean(clean) - mean(corrupt)| <=
+RESTORATION_RTOL x (mean |clean| + mean |corrupt|)`` over its examples: the corruption does not
+move the metric by more than 1 % of its magnitude, and dividing by that difference turns noise
+into restorations of any size. The same rule applies inside every bootstrap resample."""
+
+MIN_LAYERS = 5
+"""Fewer layers than this: a layer-level correlation is reported without an interval
+("too few layers"); a Pearson r over 3-4 points has no useful sampling distribution."""
+
+MIN_UNITS = 3
+"""A correlation needs at least this many finite (x, y) pairs; else NaN."""
+
+Arrays = Mapping[str, np.ndarray]
+Statistic = Callable[[Arrays, Arrays], float]
 
 
 def finite_pairs(x, y) -> tuple[np.ndarray, np.ndarray, int]:
@@ -30,13 +77,15 @@ def finite_pairs(x, y) -> tuple[np.ndarray, np.ndarray, int]:
 
 @dataclass(frozen=True)
 class Estimate:
-    """A statistic with its bootstrap 95 % interval (and a permutation p-value where one applies)."""
+    """A statistic with its 95 % interval (and a p-value where one applies)."""
 
     value: float
     low: float
     high: float
-    p_value: float = float("nan")
+    p_value: float = NAN
 
+
+# --- restoration -------------------------------------------------------------------------
 
 def restoration_matrix(per_example: dict[str, np.ndarray], n_heads: int, n_examples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(heads, examples) arrays of patched, clean and corrupt metrics from flat per-example columns
@@ -50,74 +99,232 @@ def restoration_matrix(per_example: dict[str, np.ndarray], n_heads: int, n_examp
     return patched, clean, corrupt
 
 
+def _near_zero(clean: np.ndarray, corrupt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(denominator mean(clean) - mean(corrupt) per row, mask of rows where it is near zero)."""
+    with np.errstate(all="ignore"):
+        den = clean.mean(-1) - corrupt.mean(-1)
+        scale = np.abs(clean).mean(-1) + np.abs(corrupt).mean(-1)
+    return den, ~(np.abs(den) > RESTORATION_RTOL * scale)
+
+
+def restoration(patched: np.ndarray, clean: np.ndarray, corrupt: np.ndarray) -> np.ndarray:
+    """Restoration per row (head): ratio of means ``(mean patched - mean corrupt) / (mean clean -
+    mean corrupt)`` over the row's examples (last axis); NaN where the denominator is near zero
+    (``RESTORATION_RTOL``) or a metric is missing."""
+    den, bad = _near_zero(clean, corrupt)
+    with np.errstate(all="ignore"):
+        out = (patched.mean(-1) - corrupt.mean(-1)) / den
+    return np.where(bad | ~np.isfinite(out), np.nan, out)
+
+
+def restoration_reasons(patched: np.ndarray, clean: np.ndarray, corrupt: np.ndarray) -> list[str]:
+    """Per row, why its restoration is NaN ("" where it is defined)."""
+    den, bad = _near_zero(clean, corrupt)
+    value = restoration(patched, clean, corrupt)
+    out = []
+    for d, b, v in zip(np.atleast_1d(den), np.atleast_1d(bad), np.atleast_1d(value)):
+        if not np.isfinite(d):
+            out.append("missing metrics")
+        elif b:
+            out.append(f"clean - corrupt metric difference {d:.3g} is near zero (<= {RESTORATION_RTOL:g} x its "
+                       "scale): restoration undefined")
+        elif not np.isfinite(v):
+            out.append("missing patched metric")
+        else:
+            out.append("")
+    return out
+
+
 def importance(patched: np.ndarray, clean: np.ndarray, corrupt: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray:
-    """Restoration per head on the examples ``idx`` (all by default): ratio of means."""
+    """Restoration per head on the examples ``idx`` (all by default); see ``restoration``."""
     if idx is not None:
         patched, clean, corrupt = patched[:, idx], clean[:, idx], corrupt[:, idx]
-    c, k = clean.mean(1), corrupt.mean(1)
-    return (patched.mean(1) - k) / (c - k)
+    return restoration(patched, clean, corrupt)
 
 
-def correlation(x: np.ndarray, patched, clean, corrupt, kind: str = "pearson", seed: int = 0) -> Estimate:
-    """Correlation of a per-head quantity ``x`` with importance; bootstrap over examples and
-    a permutation p-value (two-sided) over heads."""
-    fn = stats.pearsonr if kind == "pearson" else stats.spearmanr
-    y = importance(patched, clean, corrupt)
-    ok = np.isfinite(x) & np.isfinite(y)
-    value = float(fn(x[ok], y[ok])[0])
-    n = patched.shape[1]
-
-    def stat(idx):
-        yy = importance(patched, clean, corrupt, idx.astype(int))
-        good = np.isfinite(x) & np.isfinite(yy)
-        return fn(x[good], yy[good])[0]
-
-    boot = stats.bootstrap((np.arange(n),), stat, n_resamples=N_RESAMPLES, vectorized=False,
-                           method="percentile", random_state=seed, confidence_level=CONFIDENCE)
-    perm = stats.permutation_test((x[ok],), lambda a: fn(a, y[ok])[0], permutation_type="pairings",
-                                  n_resamples=N_RESAMPLES, random_state=seed)
-    return Estimate(value, float(boot.confidence_interval.low), float(boot.confidence_interval.high), float(perm.pvalue))
+def _restoration(per_example: Arrays) -> np.ndarray:
+    return restoration(per_example["patched"], per_example["clean"], per_example["corrupt"])
 
 
-def group_ratio(gap: np.ndarray, patched, clean, corrupt, threshold: float = UNSTABLE_GAP, seed: int = 0) -> Estimate:
-    """Mean importance of unstable heads (gap <= threshold) over that of stable heads."""
-    unstable = gap <= threshold
-    if unstable.all() or not unstable.any():
-        return Estimate(float("nan"), float("nan"), float("nan"))
+# --- correlations (numpy: these run inside bootstraps) -----------------------------------
 
-    def ratio(idx=None):
-        imp = importance(patched, clean, corrupt, None if idx is None else idx.astype(int))
-        return imp[unstable].mean() / imp[~unstable].mean()
-
-    boot = stats.bootstrap((np.arange(patched.shape[1]),), ratio, n_resamples=N_RESAMPLES, vectorized=False,
-                           method="percentile", random_state=seed, confidence_level=CONFIDENCE)
-    return Estimate(float(ratio()), float(boot.confidence_interval.low), float(boot.confidence_interval.high))
-
-
-def group_difference(gap: np.ndarray, patched, clean, corrupt, threshold: float, seed: int = 0) -> Estimate:
-    """Mean importance of unstable heads minus that of stable heads (stable where ratios are not:
-    a stable group's mean importance can be near zero)."""
-    unstable = gap <= threshold
-    if unstable.all() or not unstable.any():
-        return Estimate(float("nan"), float("nan"), float("nan"))
-
-    def diff(idx=None):
-        imp = importance(patched, clean, corrupt, None if idx is None else idx.astype(int))
-        return imp[unstable].mean() - imp[~unstable].mean()
-
-    boot = stats.bootstrap((np.arange(patched.shape[1]),), diff, n_resamples=N_RESAMPLES, vectorized=False,
-                           method="percentile", random_state=seed, confidence_level=CONFIDENCE)
-    return Estimate(float(diff()), float(boot.confidence_interval.low), float(boot.confidence_interval.high))
+def pearson(x, y) -> float:
+    """Pearson r over the finite pairs; NaN with fewer than ``MIN_UNITS`` pairs or a constant side."""
+    x, y, _ = finite_pairs(x, y)
+    if x.size < MIN_UNITS:
+        return NAN
+    x, y = x - x.mean(), y - y.mean()
+    den = np.sqrt((x * x).sum() * (y * y).sum())
+    if not den > 1e-300:
+        return NAN
+    return float(np.clip((x * y).sum() / den, -1.0, 1.0))
 
 
-def best_threshold(gap: np.ndarray, imp: np.ndarray) -> float:
-    """The gap threshold that best separates important heads: maximal difference of mean
-    importance between heads at or below it and heads above it (both groups non-empty)."""
-    candidates = np.unique(gap[np.isfinite(gap)])[:-1]
-    if len(candidates) == 0:
-        return float("nan")
-    diffs = [imp[gap <= t].mean() - imp[gap > t].mean() for t in candidates]
-    return float(candidates[int(np.nanargmax(diffs))])
+def spearman(x, y) -> float:
+    """Spearman rho (Pearson r of average ranks) over the finite pairs; NaN as ``pearson``."""
+    x, y, _ = finite_pairs(x, y)
+    if x.size < MIN_UNITS:
+        return NAN
+    return pearson(stats.rankdata(x), stats.rankdata(y))
+
+
+def r_inverse_gap(per_unit: Arrays, per_example: Arrays) -> float:
+    """Pearson r(1/gap, restoration) across heads: the research plan's test 1.1 (target r > 0.7)."""
+    with np.errstate(divide="ignore"):
+        return pearson(1.0 / np.asarray(per_unit["gap"], dtype=float), _restoration(per_example))
+
+
+def r_gap(per_unit: Arrays, per_example: Arrays) -> float:
+    """Pearson r(gap, restoration) across heads (descriptive; negative = small gap important)."""
+    return pearson(per_unit["gap"], _restoration(per_example))
+
+
+def spearman_gap(per_unit: Arrays, per_example: Arrays) -> float:
+    """Spearman rho(gap, restoration) across heads (negative = small gap important). The rank
+    correlation with 1/gap is exactly its negative and is not reported separately."""
+    return spearman(per_unit["gap"], _restoration(per_example))
+
+
+# --- groups (unstable: gap <= threshold) ------------------------------------------------
+
+def group_sizes(gap, threshold: float) -> tuple[int, int]:
+    """(n unstable, n stable) among the heads with a finite gap."""
+    g = np.asarray(gap, dtype=float)
+    g = g[np.isfinite(g)]
+    return int((g <= threshold).sum()), int((g > threshold).sum())
+
+
+def _groups(per_unit: Arrays, per_example: Arrays, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    gap = np.asarray(per_unit["gap"], dtype=float)
+    imp = _restoration(per_example)
+    ok = np.isfinite(gap) & np.isfinite(imp)
+    return imp[ok & (gap <= threshold)], imp[ok & (gap > threshold)]
+
+
+def group_difference(threshold: float = UNSTABLE_GAP) -> Statistic:
+    """Statistic: mean restoration of unstable heads (gap <= threshold) minus that of stable
+    heads; NaN when a group is empty. The verdict statistic of the group comparison."""
+    def stat(per_unit: Arrays, per_example: Arrays) -> float:
+        u, s = _groups(per_unit, per_example, threshold)
+        return float(u.mean() - s.mean()) if u.size and s.size else NAN
+    stat.__name__ = f"group_difference_{threshold:g}"
+    return stat
+
+
+def group_mean(threshold: float = UNSTABLE_GAP, unstable: bool = True) -> Statistic:
+    """Statistic: mean restoration of the unstable (or stable) heads; NaN when the group is empty."""
+    def stat(per_unit: Arrays, per_example: Arrays) -> float:
+        u, s = _groups(per_unit, per_example, threshold)
+        g = u if unstable else s
+        return float(g.mean()) if g.size else NAN
+    stat.__name__ = f"group_mean_{'unstable' if unstable else 'stable'}_{threshold:g}"
+    return stat
+
+
+def group_ratio(threshold: float = UNSTABLE_GAP) -> Statistic:
+    """Statistic: mean restoration of unstable heads over that of stable heads. Only meaningful
+    when both means are known to be > 0: read it through ``ratio_rule``, never alone."""
+    def stat(per_unit: Arrays, per_example: Arrays) -> float:
+        u, s = _groups(per_unit, per_example, threshold)
+        if not (u.size and s.size) or s.mean() == 0:
+            return NAN
+        return float(u.mean() / s.mean())
+    stat.__name__ = f"group_ratio_{threshold:g}"
+    return stat
+
+
+def ratio_rule(numerator: Estimate, denominator: Estimate, ratio: Estimate) -> tuple[Estimate, str]:
+    """The ratio as reported: itself when both group means' intervals lie above 0, else NaN
+    (undefined) with a note saying why. A verdict on a ratio is taken only when it is defined;
+    the difference carries the group comparison's verdict in every case."""
+    for name, e in (("numerator", numerator), ("denominator", denominator)):
+        if not (np.isfinite(e.low) and e.low > 0):
+            return (Estimate(NAN, NAN, NAN),
+                    f"ratio undefined: the {name} group mean {e.value:.3g} [{e.low:.3g}, {e.high:.3g}] is not "
+                    f"known to be > 0 (the raw ratio {ratio.value:.3g} would invert or explode); read the difference")
+    return ratio, ""
+
+
+# --- layer level -------------------------------------------------------------------------
+
+def layer_member(layer, gap, patched: np.ndarray, clean: np.ndarray, corrupt: np.ndarray,
+                 seed: int | None = None) -> Member:
+    """A ``Member`` whose units are *layers*: ``per_unit = {"min_gap": (L,)}`` (min gap over the
+    layer's heads) and ``per_example = {"clean", "corrupt", "patched:<j>": (L, n_examples)}``
+    (head slot j of each layer; a layer with fewer heads repeats its last head, which leaves the
+    per-layer max restoration unchanged). Resampling rows resamples layers; resampling columns
+    resamples examples jointly for every head of every layer."""
+    layer, gap = np.asarray(layer), np.asarray(gap, dtype=float)
+    layers = np.unique(layer)
+    rows = [np.flatnonzero(layer == k) for k in layers]
+    width = max(len(r) for r in rows)
+    min_gap = np.array([np.nanmin(gap[r]) if np.isfinite(gap[r]).any() else np.nan for r in rows])
+    per_example = {"clean": np.stack([clean[r[0]] for r in rows]), "corrupt": np.stack([corrupt[r[0]] for r in rows])}
+    for j in range(width):
+        per_example[f"patched:{j}"] = np.stack([patched[r[min(j, len(r) - 1)]] for r in rows])
+    # clean/corrupt of every head of one layer are the same runs (the model unpatched); the
+    # per-head copies are kept where they differ
+    for j in range(width):
+        c = np.stack([clean[r[min(j, len(r) - 1)]] for r in rows])
+        k = np.stack([corrupt[r[min(j, len(r) - 1)]] for r in rows])
+        if not (np.array_equal(c, per_example["clean"], equal_nan=True)
+                and np.array_equal(k, per_example["corrupt"], equal_nan=True)):
+            per_example[f"clean:{j}"], per_example[f"corrupt:{j}"] = c, k
+    return Member(seed, {"min_gap": min_gap, "layer": layers.astype(float)}, per_example)
+
+
+def layer_max_restoration(per_example: Arrays) -> np.ndarray:
+    """(L,) max restoration over each layer's heads (a ``layer_member``'s ``per_example``)."""
+    slots = sorted(int(k.split(":")[1]) for k in per_example if k.startswith("patched:"))
+    cols = [restoration(per_example[f"patched:{j}"], per_example.get(f"clean:{j}", per_example["clean"]),
+                        per_example.get(f"corrupt:{j}", per_example["corrupt"])) for j in slots]
+    with np.errstate(all="ignore"):
+        m = np.stack(cols).astype(float)
+        return np.where(np.isfinite(m).any(0), np.nanmax(np.where(np.isfinite(m), m, -np.inf), 0), np.nan)
+
+
+def layer_r(per_unit: Arrays, per_example: Arrays) -> float:
+    """Pearson r(per-layer min gap, per-layer max restoration) across layers (negative = layers
+    with smaller min gaps hold more important heads). Units are layers (``layer_member``)."""
+    return pearson(per_unit["min_gap"], layer_max_restoration(per_example))
+
+
+# --- members -----------------------------------------------------------------------------
+
+def head_member(gap, patched: np.ndarray, clean: np.ndarray, corrupt: np.ndarray, seed: int | None = None) -> Member:
+    """The ``Member`` of one model for head-level statistics: ``per_unit = {"gap"}``,
+    ``per_example = {"patched", "clean", "corrupt"}`` ((heads, examples) arrays)."""
+    return Member(seed, {"gap": np.asarray(gap, dtype=float)},
+                  {"patched": np.asarray(patched, dtype=float), "clean": np.asarray(clean, dtype=float),
+                   "corrupt": np.asarray(corrupt, dtype=float)})
+
+
+# --- p-values and verdicts ---------------------------------------------------------------
+
+def bootstrap_p(resamples: Sequence[float] | np.ndarray, target: float) -> float:
+    """Two-sided bootstrap p-value of "the statistic equals ``target``":
+    ``2 x min(P*(theta* <= target), P*(theta* >= target))`` with the +1 correction, over the
+    finite resamples (NaN when fewer than half are finite). It rejects at 0.05 exactly when the
+    95 % percentile interval excludes the target (up to the +1 correction)."""
+    b = np.asarray(resamples, dtype=float)
+    ok = b[np.isfinite(b)]
+    if ok.size == 0 or ok.size < b.size / 2:
+        return NAN
+    lo = (1 + (ok <= target).sum()) / (1 + ok.size)
+    hi = (1 + (ok >= target).sum()) / (1 + ok.size)
+    return float(min(1.0, 2 * min(lo, hi)))
+
+
+def decide(value: float, p_adjusted: float, target: float, direction: str = "above", alpha: float = 1 - CONFIDENCE) -> str:
+    """PASS / FAIL / INCONCLUSIVE from a (Holm-adjusted) two-sided p-value of "statistic =
+    target": significant (p < alpha) on the hypothesis' side (``direction`` "above": value >
+    target; "below": value < target) is PASS, significant on the other side FAIL, else
+    INCONCLUSIVE (including an undefined value or p)."""
+    if direction not in ("above", "below"):
+        raise ValueError(f"direction must be 'above' or 'below', got {direction!r}")
+    if not (np.isfinite(value) and np.isfinite(p_adjusted)) or p_adjusted >= alpha or value == target:
+        return "INCONCLUSIVE"
+    return "PASS" if (value > target) == (direction == "above") else "FAIL"
 
 
 def verdict(estimate: Estimate, target: float) -> str:
@@ -129,3 +336,17 @@ def verdict(estimate: Estimate, target: float) -> str:
     if estimate.high < target:
         return "FAIL"
     return "INCONCLUSIVE"
+
+
+def best_threshold(gap: np.ndarray, imp: np.ndarray) -> float:
+    """The gap threshold that best separates important heads: maximal difference of mean
+    importance between heads at or below it and heads above it (both groups non-empty).
+    Exploratory: any interval computed on the heads it was selected on ignores the selection."""
+    gap, imp = np.asarray(gap, dtype=float), np.asarray(imp, dtype=float)
+    ok = np.isfinite(gap) & np.isfinite(imp)
+    gap, imp = gap[ok], imp[ok]
+    candidates = np.unique(gap)[:-1]
+    if len(candidates) == 0:
+        return NAN
+    diffs = [imp[gap <= t].mean() - imp[gap > t].mean() for t in candidates]
+    return float(candidates[int(np.nanargmax(diffs))])

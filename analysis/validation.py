@@ -12,14 +12,75 @@ import numpy as np
 import pyarrow as pa
 from scipy import stats as sps
 
-from analysis.stats import (
-    CONFIDENCE, N_RESAMPLES, Estimate, best_threshold, correlation, group_difference, group_ratio, importance,
-    restoration_matrix, verdict,
-)
+from analysis.stats import CONFIDENCE, N_RESAMPLES, Estimate, best_threshold, importance, restoration_matrix, verdict
 from spectral.metrics import UNSTABLE_GAP
+from scipy import stats
 
 TARGET_R = 0.7
 TARGET_RATIO = 2.0
+
+
+# --- interim: the pre-issue-12 example-only bootstraps (replaced in the next commit) ---
+
+def _old_importance(patched, clean, corrupt, idx=None):
+    if idx is not None:
+        patched, clean, corrupt = patched[:, idx], clean[:, idx], corrupt[:, idx]
+    c, k = clean.mean(1), corrupt.mean(1)
+    return (patched.mean(1) - k) / (c - k)
+
+
+def correlation(x: np.ndarray, patched, clean, corrupt, kind: str = "pearson", seed: int = 0) -> Estimate:
+    """Correlation of a per-head quantity ``x`` with importance; bootstrap over examples and
+    a permutation p-value (two-sided) over heads."""
+    fn = stats.pearsonr if kind == "pearson" else stats.spearmanr
+    y = _old_importance(patched, clean, corrupt)
+    ok = np.isfinite(x) & np.isfinite(y)
+    value = float(fn(x[ok], y[ok])[0])
+    n = patched.shape[1]
+
+    def stat(idx):
+        yy = _old_importance(patched, clean, corrupt, idx.astype(int))
+        good = np.isfinite(x) & np.isfinite(yy)
+        return fn(x[good], yy[good])[0]
+
+    boot = stats.bootstrap((np.arange(n),), stat, n_resamples=N_RESAMPLES, vectorized=False,
+                           method="percentile", random_state=seed, confidence_level=CONFIDENCE)
+    perm = stats.permutation_test((x[ok],), lambda a: fn(a, y[ok])[0], permutation_type="pairings",
+                                  n_resamples=N_RESAMPLES, random_state=seed)
+    return Estimate(value, float(boot.confidence_interval.low), float(boot.confidence_interval.high), float(perm.pvalue))
+
+
+def group_ratio(gap: np.ndarray, patched, clean, corrupt, threshold: float = UNSTABLE_GAP, seed: int = 0) -> Estimate:
+    """Mean importance of unstable heads (gap <= threshold) over that of stable heads."""
+    unstable = gap <= threshold
+    if unstable.all() or not unstable.any():
+        return Estimate(float("nan"), float("nan"), float("nan"))
+
+    def ratio(idx=None):
+        imp = _old_importance(patched, clean, corrupt, None if idx is None else idx.astype(int))
+        return imp[unstable].mean() / imp[~unstable].mean()
+
+    boot = stats.bootstrap((np.arange(patched.shape[1]),), ratio, n_resamples=N_RESAMPLES, vectorized=False,
+                           method="percentile", random_state=seed, confidence_level=CONFIDENCE)
+    return Estimate(float(ratio()), float(boot.confidence_interval.low), float(boot.confidence_interval.high))
+
+
+def group_difference(gap: np.ndarray, patched, clean, corrupt, threshold: float, seed: int = 0) -> Estimate:
+    """Mean importance of unstable heads minus that of stable heads (stable where ratios are not:
+    a stable group's mean importance can be near zero)."""
+    unstable = gap <= threshold
+    if unstable.all() or not unstable.any():
+        return Estimate(float("nan"), float("nan"), float("nan"))
+
+    def diff(idx=None):
+        imp = _old_importance(patched, clean, corrupt, None if idx is None else idx.astype(int))
+        return imp[unstable].mean() - imp[~unstable].mean()
+
+    boot = stats.bootstrap((np.arange(patched.shape[1]),), diff, n_resamples=N_RESAMPLES, vectorized=False,
+                           method="percentile", random_state=seed, confidence_level=CONFIDENCE)
+    return Estimate(float(diff()), float(boot.confidence_interval.low), float(boot.confidence_interval.high))
+
+
 
 
 @dataclass
