@@ -14,14 +14,33 @@ from spectral.loading import load_model
 from spectral.organisms import SUITE, cache_root, organism_dir, train_organism
 from spectral.organisms.language import corpus
 from spectral.organisms.evaluate import evaluate, format_quality, load_tasks
-from spectral.organisms.suite import recipe_of, training_report
+from spectral.organisms.suite import recipe_of, spec_text, training_report
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+    """'0-4' -> [0, 1, 2, 3, 4]; '0,3,7' -> [0, 3, 7]; None -> None."""
+    if text is None:
+        return None
+    try:
+        if "-" in text:
+            lo, hi = (int(x) for x in text.split("-"))
+            seeds = list(range(lo, hi + 1))
+        else:
+            seeds = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"seeds must look like 0-4 or 0,3,7, got {text!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise ValueError(f"seeds must be non-negative and non-empty, got {text!r}")
+    return seeds
 
 
 class TrainConfig(JobConfig):
     names: list[str] = Field(default_factory=list)
-    """Organisms to train (see `eigengap organisms list`)."""
+    """Organisms to train (see `eigengap organisms list`); NAME?seed=N names one training seed."""
     all: bool = False
     """Train the whole suite."""
+    seeds: str | None = None
+    """Training seeds of each organism, e.g. 0-4 or 0,3 (a population; default: the name's own seed)."""
     force: bool = False
     """Retrain even if a valid checkpoint is cached."""
 
@@ -31,12 +50,22 @@ class TrainConfig(JobConfig):
             raise ValueError("name an organism or pass --all")
         for name in self.names:
             recipe_of(name)
+        parse_seeds(self.seeds)
         return self
+
+    def specs(self) -> list[str]:
+        names = list(SUITE) if self.all else self.names
+        seeds = parse_seeds(self.seeds)
+        if seeds is None:
+            return names
+        return [spec_text(recipe_of(n, s)) for n in names for s in seeds]
 
 
 class EvalConfig(JobConfig):
     name: str
-    """Organism to evaluate."""
+    """Organism to evaluate (NAME or NAME?seed=N)."""
+    seeds: str | None = None
+    """Evaluate several training seeds (e.g. 0-4; each trained if needed) and table them."""
     out: Path | None = None
     """Directory for quality.json and quality.md (default: the organism's checkpoint directory)."""
     n_ioi: int = Field(50, gt=0)
@@ -48,25 +77,34 @@ class EvalConfig(JobConfig):
 
 
 def run_train(config: TrainConfig, echo=print) -> None:
-    names = list(SUITE) if config.all else config.names
     total = time.perf_counter()
-    for name in names:
+    for name in config.specs():
         path = train_organism(name, force=config.force)
         echo(f"{name}: {path} (trained in {training_report(path)['train_seconds']} s)")
     echo(f"done in {time.perf_counter() - total:.1f} s")
 
 
 def run_eval(config: EvalConfig, echo=print):
-    path = organism_dir(config.name)
-    loaded = load_model(str(path))
-    quality = evaluate(loaded, load_tasks(path), n_ioi_per_template=config.n_ioi,
-                       n_induction=config.n_induction, n_sentiment=config.n_sentiment)
-    table = format_quality({config.name: quality})
-    out = config.out or path
-    write_json(quality.as_dict(), out / "quality.json")
-    write_text(table + "\n", out / "quality.md")
+    seeds = parse_seeds(config.seeds)
+    names = [config.name] if seeds is None else [spec_text(recipe_of(config.name, s)) for s in seeds]
+    rows = {}
+    for name in names:
+        path = organism_dir(name)
+        rows[name] = evaluate(load_model(str(path)), load_tasks(path), n_ioi_per_template=config.n_ioi,
+                              n_induction=config.n_induction, n_sentiment=config.n_sentiment)
+        if config.out is None:  # beside the checkpoint, one file per organism
+            write_json(rows[name].as_dict(), path / "quality.json")
+            write_text(format_quality({name: rows[name]}) + "\n", path / "quality.md")
+    table = format_quality(rows)
+    if config.out is not None:
+        write_json({n: q.as_dict() for n, q in rows.items()} if seeds is not None else rows[names[0]].as_dict(),
+                   config.out / "quality.json")
+        write_text(table + "\n", config.out / "quality.md")
     echo(table)
-    return quality
+    missed = [n for n, q in rows.items() if not all(q.passes().values())]
+    if len(rows) > 1:
+        echo(f"{len(rows) - len(missed)} of {len(rows)} seeds meet every bar" + (f"; missed: {', '.join(missed)}" if missed else ""))
+    return rows[names[0]] if seeds is None else rows
 
 
 class PromptsConfig(JobConfig):
@@ -90,7 +128,11 @@ def run_prompts(config: PromptsConfig, echo=print) -> None:
 def run_list(echo=print) -> None:
     echo(f"cache: {cache_root()}")
     for name, r in SUITE.items():
-        cached = "cached" if (cache_root() / name).exists() else "not trained"
+        root = cache_root()
+        seeds = sorted(int(p.name.rsplit("-seed", 1)[1]) for p in root.glob(f"{name}-seed*") if p.name.rsplit("-seed", 1)[1].isdigit()) \
+            if root.exists() else []
+        seeds = ([0] if (root / name).exists() else []) + seeds
+        cached = f"cached seeds: {','.join(map(str, seeds))}" if seeds else "not trained"
         echo(f"{name:12s} layers={r.layers} heads={r.heads} d_model={r.hidden} d_head={r.hidden // r.heads} "
              f"steps={r.steps}  [{cached}]")
 

@@ -1,5 +1,11 @@
-"""``eigengap validate``: scan and patch the same model on the same prompts, then test
-whether small gaps mark causally important heads (research plan 1.1), with verdicts.
+"""``eigengap validate``: scan a model, patch it, then test whether small gaps mark causally
+important heads (research plan 1.1), with verdicts.
+
+The scan that gives each head its gap runs, by default, on *held-out* prompts: a sample from
+the same distribution as the patched examples, disjoint from them (built-in IOI: drawn with
+``scan_seed``, any prompt also in the patched set removed; a task file: a seeded split). A
+claim that the gap *predicts* importance needs the gap measured on prompts the importance
+never saw. ``--scan-set in-sample`` scans the patched prompts themselves, labelled as such.
 
 Also ``python -m jobs.validate ...``.
 """
@@ -7,6 +13,7 @@ Also ``python -m jobs.validate ...``.
 from __future__ import annotations
 
 import math
+import random
 import sys
 import time
 from pathlib import Path
@@ -24,7 +31,8 @@ from spectral.loading import load_model, model_shape, parse_spec
 from spectral.metrics import UNSTABLE_GAP
 from spectral.patching import patch_unit
 from spectral.scan import ScanSettings, finalize, reduce_partials, result_table, scan_unit, shard
-from spectral.tasks import encode
+from spectral.errors import UsageError
+from spectral.tasks import builtin_ioi, encode
 
 RESULT_FILE = "validate.parquet"
 
@@ -46,6 +54,16 @@ class ValidateConfig(ExecutorOptions):
     """Gap at or below which a head counts as unstable."""
     seed: int = 0
     """Seed of the built-in task and of the resampling."""
+    scan_set: Literal["held-out", "in-sample"] = "held-out"
+    """Prompts the gap is measured on: a held-out sample disjoint from the patched examples
+    (default), or the patched examples themselves (in-sample; labelled in the report)."""
+    n_scan: int = Field(64, gt=0)
+    """Held-out scan prompts (built-in IOI task)."""
+    scan_fraction: float = Field(0.5, gt=0, lt=1)
+    """With a task file and a held-out scan: the fraction of its examples used for the scan
+    (a seeded split; the rest are patched)."""
+    scan_seed: int | None = None
+    """Seed of the held-out scan sample or split (default: seed + 1); recorded in params.json."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the model runs."""
     force: bool = False
@@ -64,20 +82,64 @@ def run(config: ValidateConfig, *, echo=print):
         executor.reuse(probe)
         patch_config = PatchConfig(model=config.model, task=config.task, out=config.out, n_examples=config.n_examples,
                                    seed=config.seed)
-        examples = examples_for(patch_config, probe)
+        examples, scan_texts = scan_split(config, patch_config, probe)
         encode(probe.tokenizer, examples, source=config.task)
         settings = ScanSettings(keys=config.keys, ridge=config.ridge)
-        parts = executor.map(spec.text, scan_unit, shard([e.clean for e in examples], settings, 64), desc="scan")
+        parts = executor.map(spec.text, scan_unit, shard(scan_texts, settings, 64), desc="scan")
         scan = result_table(finalize(reduce_partials(parts), settings), settings, spec.text, n_layers, n_heads)
         units = units_for(patch_config, examples, n_layers, n_heads)
         rows = [r for part in executor.map(spec.text, patch_unit, units, desc="patch") for r in part]
     heads_patch, per_example = tables(rows, patch_config, spec.text)
     result = validate(scan, per_example, config.threshold, config.seed)
+    result.report = scan_note(config, len(scan_texts), len(examples)) + "\n\n" + result.report
     result.report += "\n\n" + circuit_report(probe, examples, result.heads)
     _write(config, spec.text, scan, heads_patch, per_example, result, round(time.perf_counter() - start, 3))
     echo(result.report)
     echo(f"wrote {config.out}")
     return result
+
+
+def scan_seed(config: ValidateConfig) -> int:
+    return config.seed + 1 if config.scan_seed is None else config.scan_seed
+
+
+def scan_split(config: ValidateConfig, patch_config: PatchConfig, loaded) -> tuple[list, list[str]]:
+    """(examples to patch, texts to scan): disjoint by default (module docstring)."""
+    examples = examples_for(patch_config, loaded)
+    if config.scan_set == "in-sample":
+        return examples, [e.clean for e in examples]
+    seed = scan_seed(config)
+    if config.task == "ioi":
+        if seed == config.seed:
+            raise UsageError("--scan-seed must differ from --seed for a held-out scan (or use --scan-set in-sample)")
+        patched = {e.clean for e in examples}
+        pool = [e.clean for e in builtin_ioi(loaded, 4 * config.n_scan, seed) if e.clean not in patched]
+        texts = list(dict.fromkeys(pool))[:config.n_scan]
+        if len(texts) < config.n_scan:
+            raise UsageError(f"only {len(texts)} IOI prompts disjoint from the patched ones could be drawn for the "
+                             f"held-out scan (asked {config.n_scan}): lower --n-scan or use --scan-set in-sample")
+        return examples, texts
+    if len(examples) < 4:
+        raise UsageError(f"task {config.task}: {len(examples)} examples are too few to split into scan and patch "
+                         "sets (need >= 4): use --scan-set in-sample")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    k = min(len(examples) - 2, max(2, round(config.scan_fraction * len(examples))))
+    scan_idx, patch_idx = sorted(order[:k]), sorted(order[k:])
+    patched = [examples[i] for i in patch_idx]
+    texts = [examples[i].clean for i in scan_idx if examples[i].clean not in {e.clean for e in patched}]
+    if not texts:
+        raise UsageError(f"task {config.task}: every scan prompt also occurs among the patched prompts: "
+                         "use --scan-set in-sample")
+    return patched, texts
+
+
+def scan_note(config: ValidateConfig, n_scan: int, n_patched: int) -> str:
+    if config.scan_set == "in-sample":
+        return (f"Scan set: IN-SAMPLE - the gaps were measured on the {n_patched} patched prompts themselves; "
+                "a correlation here does not show that the gap predicts importance on unseen prompts.")
+    return (f"Scan set: held out - gaps from {n_scan} prompts disjoint from the {n_patched} patched examples "
+            f"(same distribution, scan seed {scan_seed(config)}).")
 
 
 def circuit_report(loaded, examples, heads, target: float = 0.8) -> str:
@@ -101,7 +163,9 @@ def circuit_report(loaded, examples, heads, target: float = 0.8) -> str:
 def _write(config, model, scan, heads_patch, per_example, result, seconds) -> None:
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
-    write_json({"config": config.model_dump(mode="json"), "seconds": seconds}, out / "params.json")
+    write_json({"config": config.model_dump(mode="json"), "seconds": seconds,
+                "scan_set": config.scan_set, "scan_seed": scan_seed(config) if config.scan_set == "held-out" else None},
+               out / "params.json")
     write_parquet(scan, out / "scan.parquet")
     write_parquet(heads_patch, out / "patch.parquet")
     write_parquet(per_example, out / "patch_examples.parquet")

@@ -113,6 +113,41 @@ def test_cache_reuse_corruption_and_force(tiny_suite, capsys):
     assert capsys.readouterr().out.strip().endswith("organism-xs")
 
 
+def test_seeded_organisms_are_cached_apart(tiny_suite, capsys):
+    """organism-xs?seed=1 is its own model: own cache entry, own weights, same recipe otherwise."""
+    from spectral.specs import parse_spec, population
+
+    assert parse_spec("organism-xs?seed=1").seed == 1 and parse_spec("organism-xs").seed == 0
+    assert population("organism-xs?seed=1") == population("organism-xs?seed=1") == ("organism-xs", 1)
+    assert population("organism-xs") == ("organism-xs", 0)
+    assert population("random:pythia-410m?layers=2&seed=4") == ("random:pythia-410m?layers=2", 4)
+    assert main(["organisms", "train", "organism-xs?seed=1"]) == 0
+    seeded = tiny_suite.parent / "organism-xs-seed1"
+    assert (seeded / "model.safetensors").is_file() and not tiny_suite.exists()
+    recipe = json.loads((seeded / "recipe.json").read_text())["recipe"]
+    assert recipe["seed"] == 1 and recipe["name"] == "organism-xs"
+    manifest = json.loads((seeded / "manifest.json").read_text())
+    env = manifest["environment"]
+    assert env["torch"] == torch.__version__ and env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert manifest["weights_sha256"] == manifest["files"]["model.safetensors"]
+    assert main(["organisms", "path", "organism-xs"]) == 0  # seed 0 trains into its own entry
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("organism-xs")
+    a = load_model(str(tiny_suite)).model.state_dict()
+    b = load_model("organism-xs?seed=1").model.state_dict()
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("organism-xs?seed=x", "seed='x' is not a non-negative integer"),
+    ("organism-xs?layers=2", "unknown organism option 'layers'"),
+    ("organism-xs?seed", "an organism takes only ?seed=N"),
+])
+def test_bad_organism_seed(spec, message, capsys):
+    assert main(["organisms", "path", spec]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
 def test_bad_organism_input(tmp_path, monkeypatch, capsys):
     assert main(["organisms", "train", "organism-q"]) == 2
     assert "unknown organism 'organism-q' (known: organism-xs, organism-s, organism-m, organism-l)" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import torch
 
 from jobs.cli import main
 from spectral.adapter import HeadAdapter
+from spectral.errors import UsageError
 from spectral.patching import cache_run, logit_diff, patch_layer
 from spectral.tasks import builtin_ioi, encode
 from tests.conftest import TINY
@@ -105,7 +106,9 @@ def test_validate_reports_verdicts_on_an_organism(organism_cache, tmp_path, caps
     assert r["low"] <= r["value"] <= r["high"] and 0 <= r["p_value"] <= 1
     assert stats["restoration ratio unstable/stable at gap <= 0.77"]["target"] == 2.0
     heads = pq.read_table(out / "heads.parquet")
-    assert heads.num_rows == 2 * 4 and np.all(heads["gap"].to_numpy() > 0)
+    assert heads.num_rows == 2 * 8 and np.all(heads["gap"].to_numpy() > 0)
+    params = json.loads((out / "params.json").read_text())
+    assert params["scan_set"] == "held-out" and params["scan_seed"] == 1
     report = (out / "report.md").read_text()
     assert "Weakest link" in report
     size = int(re.search(r"Circuit: the (\d+) most important head\(s\)", report).group(1))
@@ -141,3 +144,41 @@ def test_exact_patching_equals_nnsight(organism):
         for head in range(adapter.n_heads):
             theirs = nnsight_patch(organism.model, task, layer, head, d_head)
             torch.testing.assert_close(ours[head], theirs, rtol=0, atol=1e-4)
+
+
+def test_validate_scans_held_out_prompts_by_default(organism, tmp_path):
+    from jobs.patch import PatchConfig
+    from jobs.validate import ValidateConfig, scan_note, scan_split
+
+    config = ValidateConfig(model="organism-xs", out=tmp_path, n_examples=32, n_scan=40)
+    patch_config = PatchConfig(model="organism-xs", out=tmp_path, n_examples=32, seed=0)
+    examples, texts = scan_split(config, patch_config, organism)
+    assert len(examples) == 32 and len(texts) == 40 and len(set(texts)) == 40
+    assert not {e.clean for e in examples} & set(texts)  # disjoint from the patched prompts
+    assert "held out" in scan_note(config, len(texts), len(examples))
+    again = scan_split(config, patch_config, organism)[1]
+    assert again == texts  # seeded: the same held-out sample every time
+    inside = ValidateConfig(model="organism-xs", out=tmp_path, n_examples=32, scan_set="in-sample")
+    examples_in, texts_in = scan_split(inside, patch_config, organism)
+    assert texts_in == [e.clean for e in examples_in]
+    assert "IN-SAMPLE" in scan_note(inside, len(texts_in), len(examples_in))
+
+
+def test_validate_splits_a_task_file_into_scan_and_patch_sets(organism, tmp_path):
+    from jobs.patch import PatchConfig
+    from jobs.validate import ValidateConfig, scan_split
+    from spectral.tasks import builtin_ioi
+
+    task = tmp_path / "task.jsonl"
+    rows = builtin_ioi(organism, 20, seed=3)
+    task.write_text("".join(json.dumps({"clean": e.clean, "corrupt": e.corrupt, "answer": e.answer,
+                                        "distractor": e.distractor}) + "\n" for e in rows))
+    config = ValidateConfig(model="organism-xs", task=str(task), out=tmp_path)
+    examples, texts = scan_split(config, PatchConfig(model="organism-xs", task=str(task), out=tmp_path), organism)
+    assert len(examples) == 10 and len(texts) == 10
+    assert not {e.clean for e in examples} & set(texts)
+    tiny = tmp_path / "tiny.jsonl"
+    tiny.write_text("".join(task.read_text().splitlines(keepends=True)[:3]))
+    with pytest.raises(UsageError, match="too few to split"):
+        scan_split(ValidateConfig(model="organism-xs", task=str(tiny), out=tmp_path),
+                   PatchConfig(model="organism-xs", task=str(tiny), out=tmp_path), organism)
