@@ -48,6 +48,10 @@ class Member:
     """(n,) arrays, one entry per head (or layer)."""
     per_example: dict[str, np.ndarray] = field(default_factory=dict)
     """(n, n_examples) arrays; empty when the statistic has no example level."""
+    clusters: np.ndarray | None = None
+    """(n,) cluster label per unit, or None. Units of one cluster are not independent
+    replicates (the query heads of a grouped-query model that share one key head have the
+    same key kernel): the bootstrap then draws whole clusters, not units."""
 
     @property
     def n_units(self) -> int:
@@ -93,7 +97,14 @@ def scheme(n_seeds: int, levels: str, n_resamples: int) -> str:
 
 def _draw(member: Member, rng: np.random.Generator, units: bool, examples: bool) -> tuple[dict, dict]:
     n = member.n_units
-    u = rng.integers(0, n, n) if units else np.arange(n)
+    if not units:
+        u = np.arange(n)
+    elif member.clusters is None:
+        u = rng.integers(0, n, n)
+    else:
+        labels = np.unique(member.clusters)
+        drawn = labels[rng.integers(0, labels.size, labels.size)]
+        u = np.concatenate([np.flatnonzero(member.clusters == c) for c in drawn])
     per_unit = {k: v[u] for k, v in member.per_unit.items()}
     if not member.per_example:
         return per_unit, {}

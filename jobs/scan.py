@@ -18,7 +18,7 @@ from analysis.summary import format_summary, layer_summaries
 from cluster.store import write_json, write_parquet, write_text
 from jobs.config import ExecutorOptions, add_arguments, out_dir_ready, parse_config
 from spectral.errors import UsageError
-from spectral.loading import model_shape, parse_spec
+from spectral.loading import model_heads, parse_spec
 from spectral.metrics import UNSTABLE_GAP
 from spectral.prompts import read_prompts
 from spectral.scan import (
@@ -40,6 +40,9 @@ class ScanConfig(ExecutorOptions):
     keys: Literal["raw", "rotated"] = "raw"
     """Keys before ('raw') or after ('rotated') the rotary rotation (key kernel)."""
     ridge: float = Field(1e-2, gt=0)
+    ridge_mode: Literal["absolute", "relative"] = "absolute"
+    """Key kernel ridge: absolute (lambda = ridge, the definitions' default) or relative
+    (lambda = ridge x the kernel's mean eigenvalue: metrics invariant to the keys' scale)."""
     """Ridge lambda added to the key Gram."""
     center: bool = True
     """Subtract the mean key before forming the Gram."""
@@ -70,7 +73,7 @@ class ScanConfig(ExecutorOptions):
 
     def settings(self) -> ScanSettings:
         return ScanSettings(
-            kernel=self.kernel, keys=self.keys, ridge=self.ridge, center=self.center,
+            kernel=self.kernel, keys=self.keys, ridge=self.ridge, center=self.center, ridge_mode=self.ridge_mode,
             batch_size=self.batch_size, max_tokens=self.max_tokens,
             layers=tuple(sorted(set(self.layers))) if self.layers else None,
             heads=tuple(sorted(set(self.heads))) if self.heads else None,
@@ -93,7 +96,7 @@ def run(config: ScanConfig, *, executor=None, echo=print):
     spec = parse_spec(config.model)
     prompts = read_prompts(config.prompts) if config.kernel != "weights" else []
     out_dir_ready(config.out, RESULT_FILE, config.force)
-    n_layers, n_heads = model_shape(spec)
+    n_layers, n_heads, n_kv_heads = model_heads(spec)
     settings = config.settings()
     check_selection(settings, n_layers, n_heads)
     executor = executor or config.make_executor(config.load_kwargs())
@@ -102,7 +105,7 @@ def run(config: ScanConfig, *, executor=None, echo=print):
     else:
         units = shard(prompts, settings, config.shard_size)
         result = finalize(reduce_partials(executor.map(spec.text, scan_unit, units, desc="scan")), settings)
-    table = result_table(result, settings, spec.text, n_layers, n_heads)
+    table = result_table(result, settings, spec.text, n_layers, n_heads, n_kv_heads)
     summary = format_summary(layer_summaries(table, config.threshold), config.threshold)
     params = {"config": config.model_dump(mode="json"), "settings": settings_dict(settings),
               "n_prompts": len(prompts), "seconds": round(time.perf_counter() - start, 3),

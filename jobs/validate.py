@@ -27,7 +27,7 @@ from analysis.validation import validate
 from cluster.store import write_json, write_parquet, write_text
 from jobs.config import ExecutorOptions, add_arguments, out_dir_ready, parse_config
 from jobs.patch import PatchConfig, examples_for, tables, units_for
-from spectral.loading import load_model, model_shape, parse_spec
+from spectral.loading import load_model, model_heads, parse_spec
 from spectral.metrics import UNSTABLE_GAP
 from spectral.patching import patch_unit
 from spectral.scan import ScanSettings, finalize, reduce_partials, result_table, scan_unit, shard
@@ -50,6 +50,8 @@ class ValidateConfig(ExecutorOptions):
     """Keys of the key kernel."""
     ridge: float = Field(1e-2, gt=0)
     """Ridge of the key kernel."""
+    ridge_mode: Literal["absolute", "relative"] = "absolute"
+    """Key kernel ridge: absolute (the definitions' default) or relative to the kernel's mean eigenvalue."""
     threshold: float = Field(UNSTABLE_GAP, gt=0, lt=1)
     """Gap at or below which a head counts as unstable."""
     seed: int = 0
@@ -74,7 +76,7 @@ def run(config: ValidateConfig, *, echo=print):
     start = time.perf_counter()
     spec = parse_spec(config.model)
     out_dir_ready(config.out, RESULT_FILE, config.force)
-    n_layers, n_heads = model_shape(spec)
+    n_layers, n_heads, n_kv_heads = model_heads(spec)
     device = "cuda" if config.device == "auto" and torch.cuda.is_available() else ("cpu" if config.device == "auto" else config.device)
     with config.make_executor({"device": config.device}) as executor:  # one set of actors for both passes
         executor.start(spec.text)
@@ -84,9 +86,9 @@ def run(config: ValidateConfig, *, echo=print):
                                    seed=config.seed)
         examples, scan_texts = scan_split(config, patch_config, probe)
         encode(probe.tokenizer, examples, source=config.task)
-        settings = ScanSettings(keys=config.keys, ridge=config.ridge)
+        settings = ScanSettings(keys=config.keys, ridge=config.ridge, ridge_mode=config.ridge_mode)
         parts = executor.map(spec.text, scan_unit, shard(scan_texts, settings, 64), desc="scan")
-        scan = result_table(finalize(reduce_partials(parts), settings), settings, spec.text, n_layers, n_heads)
+        scan = result_table(finalize(reduce_partials(parts), settings), settings, spec.text, n_layers, n_heads, n_kv_heads)
         units = units_for(patch_config, examples, n_layers, n_heads)
         rows = [r for part in executor.map(spec.text, patch_unit, units, desc="patch") for r in part]
     heads_patch, per_example = tables(rows, patch_config, spec.text)

@@ -12,13 +12,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from spectral.metrics import SpectrumMetrics, spectrum_metrics
+from spectral.metrics import SpectrumMetrics, dhead_entropy, spectrum_metrics
 
 
 
@@ -48,6 +49,11 @@ class KernelResult:
     """(layers, heads) numerical rank of the kernel before the ridge."""
     status: np.ndarray
     """(layers, heads) strings: ok, too_few_tokens, rank_deficient, non_finite."""
+    ridge: np.ndarray | None = None
+    """(layers, heads) the ridge added (key kernel; per head under the relative ridge)."""
+    entropy_dhead: np.ndarray | None = None
+    """(layers, heads) entropy over the d_head eigenvalues alone (key kernel; see
+    ``spectral.metrics.dhead_entropy``)."""
 
 
 @dataclass
@@ -87,11 +93,21 @@ class KeyStats:
                         self.n_prompts + other.n_prompts, self.nonfinite | other.nonfinite, max(self.eps, other.eps))
 
 
-def key_kernel_spectra(stats: KeyStats, ridge: float = 1e-2, center: bool = True, scale: float | None = None) -> KernelResult:
-    """Exact spectrum metrics of G = scale * Kc Kc^T + ridge I (N x N) from the statistics.
+RidgeMode = Literal["absolute", "relative"]
+
+
+def key_kernel_spectra(stats: KeyStats, ridge: float = 1e-2, center: bool = True, scale: float | None = None,
+                       ridge_mode: RidgeMode = "absolute") -> KernelResult:
+    """Exact spectrum metrics of G = scale * Kc Kc^T + lambda I (N x N) from the statistics.
 
     The non-zero eigenvalues of Kc Kc^T are those of Kc^T Kc (d x d); the remaining N - d
-    eigenvalues of G equal the ridge. ``scale`` defaults to 1/d_head.
+    eigenvalues of G equal lambda. ``scale`` defaults to 1/d_head.
+
+    ``ridge_mode``: "absolute" (the definitions' default, lambda = ``ridge``, which reproduces
+    the earlier study) or "relative" (lambda = ``ridge`` x trace(G before the ridge) / N, the
+    kernel's mean eigenvalue: then every metric is invariant to the keys' scale). Under an
+    absolute ridge the N-value entropy and effective rank grow with N and shrink with the key
+    scale; ``entropy_dhead`` (over the d_head eigenvalues only) depends on neither.
     """
     d = stats.ktk.shape[-1]
     scale = 1.0 / d if scale is None else scale
@@ -109,24 +125,36 @@ def key_kernel_spectra(stats: KeyStats, ridge: float = 1e-2, center: bool = True
     idx = np.arange(k)
     short = idx[None, None, :] >= stats.count[..., None]
     top[short] = np.nan
-    metrics = _metrics_with_padding(top + ridge, ridge, np.maximum(stats.count - k, 0))
+    if ridge_mode == "relative":
+        mean_eig = eig.sum(-1) / np.where(n > 0, n, 1.0)
+        lam = ridge * np.maximum(mean_eig, np.finfo(float).tiny)
+    elif ridge_mode == "absolute":
+        lam = np.full(stats.count.shape, float(ridge))
+    else:
+        raise ValueError(f"unknown ridge mode {ridge_mode!r} (absolute or relative)")
+    metrics = _metrics_with_padding(top + lam[..., None], lam, np.maximum(stats.count - k, 0))
+    entropy_d = dhead_entropy(eig)
     status = np.full(stats.count.shape, STATUS_OK, dtype=object)
     status[rank < 2] = STATUS_RANK
     status[stats.count < 2] = STATUS_FEW_TOKENS
     status[stats.nonfinite] = STATUS_NONFINITE
-    _blank(metrics, (status == STATUS_FEW_TOKENS) | (status == STATUS_NONFINITE))
-    return KernelResult(metrics, stats.count.copy(), stats.n_prompts.copy(), np.minimum(rank, stats.count), status)
+    blank = (status == STATUS_FEW_TOKENS) | (status == STATUS_NONFINITE)
+    _blank(metrics, blank)
+    entropy_d[blank] = np.nan
+    return KernelResult(metrics, stats.count.copy(), stats.n_prompts.copy(), np.minimum(rank, stats.count), status,
+                        lam, entropy_d)
 
 
-def _metrics_with_padding(top: np.ndarray, fill_value: float, fill_count: np.ndarray) -> SpectrumMetrics:
+def _metrics_with_padding(top: np.ndarray, fill_value: float | np.ndarray, fill_count: np.ndarray) -> SpectrumMetrics:
     """spectrum_metrics for rows whose trailing entries are NaN (fewer than k values)."""
     n_valid = (~np.isnan(top)).sum(-1)
+    fill_value = np.broadcast_to(np.asarray(fill_value, dtype=np.float64), top.shape[:-1])
     out: dict[str, np.ndarray] = {name: np.full(top.shape[:-1], np.nan) for name in SpectrumMetrics.names()}
     for m in np.unique(n_valid):
         if m < 1:
             continue
         sel = n_valid == m
-        res = spectrum_metrics(top[sel][:, :m], fill_value, fill_count[sel])
+        res = spectrum_metrics(top[sel][:, :m], fill_value[sel], fill_count[sel])
         for name, values in res.as_dict().items():
             out[name][sel] = values
     return SpectrumMetrics(**out)

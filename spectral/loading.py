@@ -185,10 +185,18 @@ def _hub_offline() -> bool:
 
 def model_shape(spec: str | ModelSpec) -> tuple[int, int]:
     """(layers, heads) from the architecture or config alone, without loading weights."""
+    layers, heads, _ = model_heads(spec)
+    return layers, heads
+
+
+def model_heads(spec: str | ModelSpec) -> tuple[int, int, int]:
+    """(layers, query heads, key/value heads) from the architecture or config alone. Grouped-
+    query models share one key head among heads / kv_heads query heads: their key kernels are
+    identical, so statistics across heads must resample the key groups, not the heads."""
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     if spec.kind == "random":
         arch = spec.architecture()
-        return arch.layers, arch.heads
+        return arch.layers, arch.heads, arch.kv_heads or arch.heads
     if spec.kind == "organism":
         from spectral.organisms import organism_dir
 
@@ -202,7 +210,8 @@ def model_shape(spec: str | ModelSpec) -> tuple[int, int]:
         config = AutoConfig.from_pretrained(source, local_files_only=spec.kind != "hub" or _hub_offline() or not _hub_reachable())
     except (OSError, ValueError) as err:
         raise UsageError(f"cannot read the config of model spec {spec.text!r}: {str(err).splitlines()[0]}") from err
-    return config.num_hidden_layers, config.num_attention_heads
+    heads = config.num_attention_heads
+    return config.num_hidden_layers, heads, getattr(config, "num_key_value_heads", None) or heads
 
 
 def checkpoint_path(loaded: LoadedModel) -> Path | None:

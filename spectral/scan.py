@@ -36,6 +36,9 @@ class ScanSettings:
     keys: KeyKind = "raw"
     ridge: float = 1e-2
     center: bool = True
+    ridge_mode: str = "absolute"
+    """"absolute" (lambda = ridge, the definitions' default) or "relative" (lambda = ridge x the
+    kernel's mean eigenvalue; scale-invariant metrics)."""
     batch_size: int = 8
     max_tokens: int | None = None
     layers: tuple[int, ...] | None = None
@@ -114,7 +117,7 @@ def reduce_partials(parts: Sequence[Partial]) -> Partial:
 
 def finalize(total: Partial, settings: ScanSettings) -> KernelResult:
     if isinstance(total, KeyStats):
-        return key_kernel_spectra(total, ridge=settings.ridge, center=settings.center)
+        return key_kernel_spectra(total, ridge=settings.ridge, center=settings.center, ridge_mode=settings.ridge_mode)
     return total.result()
 
 
@@ -126,8 +129,11 @@ def weights_result(loaded: LoadedModel, settings: ScanSettings) -> KernelResult:
     return weight_kernel_result(spectra, eps=float(torch.finfo(dtype).eps))
 
 
-def result_table(result: KernelResult, settings: ScanSettings, model: str, n_layers: int, n_heads: int) -> pa.Table:
-    """One row per (layer, head) selected, carrying what produced it."""
+def result_table(result: KernelResult, settings: ScanSettings, model: str, n_layers: int, n_heads: int,
+                 n_kv_heads: int | None = None) -> pa.Table:
+    """One row per (layer, head) selected, carrying what produced it. ``kv_head`` is the key
+    head a query head reads (grouped-query models: ``head // (heads / kv_heads)``): heads of
+    one key group have identical key kernels and are not independent replicates."""
     layers = list(settings.layers) if settings.layers is not None else list(range(n_layers))
     heads = list(settings.heads) if settings.heads is not None else list(range(n_heads))
     grid_l, grid_h = np.meshgrid(layers, heads, indexing="ij")
@@ -137,13 +143,16 @@ def result_table(result: KernelResult, settings: ScanSettings, model: str, n_lay
     n = len(l)
     columns = {
         "model": [model] * n, "kernel": [settings.kernel] * n, "keys": [keys] * n,
-        "ridge": [settings.ridge if settings.kernel == "key" else 0.0] * n,
+        "ridge": result.ridge[l, h] if result.ridge is not None else np.zeros(n),
+        "ridge_mode": [settings.ridge_mode if settings.kernel == "key" else "none"] * n,
         "center": [settings.center if settings.kernel == "key" else False] * n,
         "layer": l.astype(np.int32), "head": h.astype(np.int32),
+        "kv_head": (h // (n_heads // (n_kv_heads or n_heads))).astype(np.int32),
         "n_tokens": result.n_tokens[l, h], "n_prompts": result.n_prompts[l, h],
     }
     for name in SpectrumMetrics.names():
         columns[name] = getattr(result.metrics, name)[l, h]
+    columns["entropy_dhead"] = result.entropy_dhead[l, h] if result.entropy_dhead is not None else np.full(n, np.nan)
     columns["rank"] = result.rank[l, h].astype(np.int64)
     columns["status"] = [str(s) for s in result.status[l, h]]
     return pa.table(columns)

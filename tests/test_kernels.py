@@ -110,3 +110,42 @@ def test_weight_spectra_equal_full_product_svd():
         np.testing.assert_allclose(sv[h], full, rtol=1e-9)
     res = weight_kernel_result(sv[None])
     assert (res.status == STATUS_OK).all()
+
+
+def _stats_of(keys: torch.Tensor) -> KeyStats:
+    """KeyStats of one layer from (batch, pos, heads, d) keys, every position real."""
+    stats = KeyStats.zeros(1, keys.shape[2], keys.shape[3])
+    stats.update(0, keys, torch.ones(keys.shape[:2], dtype=torch.bool))
+    return stats
+
+
+def test_relative_ridge_makes_metrics_scale_invariant_and_matches_brute_force():
+    gen = torch.Generator().manual_seed(3)
+    keys = torch.randn(3, 20, 2, 8, generator=gen, dtype=torch.float64)
+    small, large = _stats_of(keys), _stats_of(10 * keys)
+    # the defect: an absolute ridge makes entropy depend on the keys' scale
+    a, b = key_kernel_spectra(small, ridge=1e-2), key_kernel_spectra(large, ridge=1e-2)
+    assert np.all(np.abs(a.metrics.entropy - b.metrics.entropy) > 0.05)
+    ra, rb = (key_kernel_spectra(s, ridge=1e-2, ridge_mode="relative") for s in (small, large))
+    for name in ("gap", "instability", "entropy", "effective_rank", "condition_number"):  # the scale-free metrics
+        np.testing.assert_allclose(getattr(ra.metrics, name), getattr(rb.metrics, name), rtol=1e-9, err_msg=name)
+    np.testing.assert_allclose(rb.metrics.lambda1, 100 * ra.metrics.lambda1, rtol=1e-9)
+    np.testing.assert_allclose(rb.ridge, 100 * ra.ridge, rtol=1e-9)
+    for h in range(2):  # the relative ridge is exactly the definitions' kernel with lambda = ridge x mean eigenvalue
+        pooled = keys[:, :, h].reshape(-1, 8).numpy()
+        ref = brute_key_kernel_metrics(pooled, float(ra.ridge[0, h]), True)
+        for name in METRICS:
+            np.testing.assert_allclose(getattr(ra.metrics, name)[0, h], ref[name], rtol=1e-6, err_msg=name)
+
+
+def test_dhead_entropy_depends_on_neither_n_nor_scale():
+    gen = torch.Generator().manual_seed(4)
+    keys = 0.05 * torch.randn(2, 30, 2, 8, generator=gen, dtype=torch.float64) * torch.linspace(0.2, 3, 8, dtype=torch.float64)
+    once, twice = _stats_of(keys), _stats_of(torch.cat([keys, keys]))  # same keys twice: N doubles
+    a, b = key_kernel_spectra(once), key_kernel_spectra(twice)
+    assert np.all(np.abs(a.metrics.entropy - b.metrics.entropy) > 0.01)  # the N-value entropy moves with N
+    np.testing.assert_allclose(a.entropy_dhead, b.entropy_dhead, rtol=1e-9)
+    np.testing.assert_allclose(a.entropy_dhead, key_kernel_spectra(_stats_of(5 * keys)).entropy_dhead, rtol=1e-9)
+    cov = np.cov(keys[:, :, 0].reshape(-1, 8).numpy().T, bias=True)
+    p = np.linalg.eigvalsh(cov)[::-1] / np.trace(cov)
+    assert a.entropy_dhead[0, 0] == pytest.approx(-(p * np.log(p)).sum(), rel=1e-9)
