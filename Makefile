@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.eigengap-installed
 DEMO_OUT ?= runs/demo
-DEMO_MODEL ?= organism-s
+DEMO_MODEL ?= organism-xs
 
 .PHONY: install browser demo test bench clean
 
@@ -37,12 +37,13 @@ demo: install
 	$(BIN)/eigengap organisms prompts --out $(DEMO_OUT)/prompts.txt
 	$(BIN)/eigengap scan --model '$(DEMO_MODEL)' --prompts $(DEMO_OUT)/prompts.txt \
 	  --out $(DEMO_OUT) --force
-	$(BIN)/eigengap sweep sweeps/organisms.yaml --out $(DEMO_OUT)/sweeps
-	$(BIN)/eigengap report $(DEMO_OUT)/sweeps/organisms
+	$(BIN)/eigengap sweep sweeps/demo.yaml --out $(DEMO_OUT)/sweeps
+	$(BIN)/eigengap report $(DEMO_OUT)/sweeps/demo
 	@echo "scan: $(DEMO_OUT)/scan.parquet  heatmap: $(DEMO_OUT)/gap_heatmap.png  summary: $(DEMO_OUT)/summary.md"
-	@echo "per-model reports: $(DEMO_OUT)/sweeps/organisms/model=*/experiment=*/report.md"
-	@echo "cross-model report: $(DEMO_OUT)/sweeps/organisms/report/report.html"
-	@echo "MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/$(DEMO_OUT)/sweeps/organisms/mlflow.db"
+	@echo "per-model reports: $(DEMO_OUT)/sweeps/demo/model=*/experiment=*/report.md"
+	@echo "cross-model report (a small population: 2 sizes x 3 seeds): $(DEMO_OUT)/sweeps/demo/report/report.html"
+	@echo "MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/$(DEMO_OUT)/sweeps/demo/mlflow.db"
+	@echo "the full population (4 sizes x 5 seeds, docs/RESULTS.md): eigengap sweep sweeps/organisms.yaml"
 
 test: install
 	$(BIN)/python -m pytest

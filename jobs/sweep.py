@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from tqdm.auto import tqdm
 
 from cluster.store import write_json
@@ -40,6 +40,10 @@ class SweepConfig(BaseModel):
     """The sweep's name (the default run id)."""
     models: list[str] = Field(min_length=1)
     """Model specs."""
+    seeds: list[int] | None = None
+    """Training seeds: every organism or random-twin spec in ``models`` becomes a population,
+    one model per seed (``organism-s`` -> ``organism-s``, ``organism-s?seed=1``, ...); verdicts
+    are then taken across seeds. Hub ids and checkpoint directories have no seed: refused."""
     experiments: list[Experiment] = Field(min_length=1)
     """Experiments run on every model."""
     executor: Literal["local", "ray"] = "local"
@@ -55,6 +59,39 @@ class SweepConfig(BaseModel):
     """An existing Ray cluster (default: RAY_ADDRESS, a running local one, or a new one on 127.0.0.1)."""
     tracking_uri: str | None = None
     """MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///RUN_DIR/mlflow.db)."""
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value):
+        if value is not None and (not value or min(value) < 0 or len(set(value)) != len(value)):
+            raise ValueError("seeds must be distinct non-negative integers, at least one")
+        return value
+
+    @model_validator(mode="after")
+    def _expand(self):
+        if self.seeds is not None:
+            self.models = population_specs(self.models, self.seeds)
+            self.seeds = None  # expanded once: the stored config lists every model
+        return self
+
+
+def population_specs(models: list[str], seeds: list[int]) -> list[str]:
+    """Each spec once per seed (seed 0 of an organism keeps its plain name)."""
+    from spectral.specs import parse_spec
+
+    out = []
+    for text in models:
+        spec = parse_spec(text)
+        if spec.kind not in ("organism", "random"):
+            raise ValueError(f"models: {text!r} has no training seed (seeds apply to organism-... and random:... specs)")
+        if "seed" in spec.overrides:
+            raise ValueError(f"models: {text!r} already names a seed: list it without one when seeds are given")
+        for seed in seeds:
+            if spec.kind == "organism":
+                out.append(text if seed == 0 else f"{text}?seed={seed}")
+            else:
+                out.append(f"{text}{'&' if '?' in text else '?'}seed={seed}")
+    return out
 
 
 def job_module(kind: str):
@@ -86,7 +123,8 @@ def validated(cls, values, prefix: str):
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise UsageError(f"{prefix}{where}: {first['msg']}") from None
+        message = first["msg"].removeprefix("Value error, ")
+        raise UsageError(f"{prefix}{where + ': ' if where else ''}{message}") from None
 
 
 def safe(text: str) -> str:

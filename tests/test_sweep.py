@@ -99,6 +99,12 @@ def test_unreachable_store_keeps_results_and_track_uploads_later(organism_cache,
     ({"name": "x", "models": [], "experiments": [{"kind": "scan"}]}, "models: List should have at least 1 item"),
     ({"name": "x", "models": ["m"], "experiments": [{"kind": "steer", "params": {"kl_budget": -1}}]},
      "experiments.0.params.kl_budget: Input should be greater than 0"),
+    ({"name": "x", "models": ["EleutherAI/pythia-410m"], "seeds": [0, 1], "experiments": [{"kind": "scan"}]},
+     "models: 'EleutherAI/pythia-410m' has no training seed"),
+    ({"name": "x", "models": ["organism-s?seed=2"], "seeds": [0, 1], "experiments": [{"kind": "scan"}]},
+     "models: 'organism-s?seed=2' already names a seed"),
+    ({"name": "x", "models": ["organism-s"], "seeds": [1, 1], "experiments": [{"kind": "scan"}]},
+     "seeds: seeds must be distinct"),
 ])
 def test_invalid_sweep_config(tmp_path, capsys, config, message):
     path = tmp_path / "bad.yaml"
@@ -117,8 +123,21 @@ def test_example_sweeps_are_valid():
     for path in sorted(Path(__file__).parent.parent.glob("sweeps/*.yaml")):
         config = read_sweep(path)
         assert units_of(config), path
-    assert json.dumps(read_sweep(Path(__file__).parent.parent / "sweeps" / "organisms.yaml").models) == \
-        '["organism-xs", "organism-s", "organism-m", "organism-l"]'
+    population = read_sweep(Path(__file__).parent.parent / "sweeps" / "organisms.yaml").models
+    assert len(population) == 4 * 5 and population[:3] == ["organism-xs", "organism-xs?seed=1", "organism-xs?seed=2"]
+    assert population[-1] == "organism-l?seed=4"
+
+
+def test_seeds_expand_organisms_and_random_twins():
+    from jobs.sweep import SweepConfig, units_of
+
+    config = SweepConfig.model_validate({"name": "p", "models": ["organism-xs", "random:gpt2?layers=2"], "seeds": [0, 3],
+                                         "experiments": [{"kind": "scan"}]})
+    assert config.models == ["organism-xs", "organism-xs?seed=3", "random:gpt2?layers=2&seed=0",
+                             "random:gpt2?layers=2&seed=3"]
+    assert len(units_of(config)) == 4
+    again = SweepConfig.model_validate(config.model_dump())  # what sweep.json stores validates to itself
+    assert again.models == config.models
 
 
 def test_unreachable_ray_address_is_one_line(tmp_path, capsys):
