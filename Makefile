@@ -41,7 +41,7 @@ demo: install
 	$(BIN)/eigengap report $(DEMO_OUT)/sweeps/demo
 	@echo "scan: $(DEMO_OUT)/scan.parquet  heatmap: $(DEMO_OUT)/gap_heatmap.png  summary: $(DEMO_OUT)/summary.md"
 	@echo "per-model reports: $(DEMO_OUT)/sweeps/demo/model=*/experiment=*/report.md"
-	@echo "cross-model report (a small population: 2 sizes x 3 seeds): $(DEMO_OUT)/sweeps/demo/report/report.html"
+	@echo "cross-model report (a small population: organism-xs x 3 seeds, organism-s x 1): $(DEMO_OUT)/sweeps/demo/report/report.html"
 	@echo "MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/$(DEMO_OUT)/sweeps/demo/mlflow.db"
 	@echo "the full population (4 sizes x 5 seeds, docs/RESULTS.md): eigengap sweep sweeps/organisms.yaml"
 
