@@ -2,6 +2,19 @@
 
 Input: a scan table (one row per head, ``gap``) and a per-example patching table
 (``layer, head, example, metric_*``). Output: per-head rows, statistics rows, a Markdown report.
+
+One model (one training seed) is described here; verdicts about a recipe are taken over a
+population of seeds (``analysis.population``), with the same statistics (``analysis.stats``).
+
+Intervals: a bootstrap that resamples heads (layers, for the layer-level row) and examples
+jointly (``analysis.population.estimate`` on one member), so that they describe the association
+across this model's heads and not only how precisely each head's importance is known; the
+interval is ``value ± t(df) x SE x sqrt(n/(n-1))`` (``analysis.stats.scaled_interval``: the
+percentile interval under-covers with 6-12 heads), on Fisher's z scale with df = n - 3 for
+correlations, with Welch's df for the difference of group means. p-values: two-sided t p-value of "statistic = target" from the same
+SE and df, Holm-adjusted within the verdict family of this page (``VERDICT_KEYS``; undefined rows are not
+counted). Verdict: PASS when the Holm-adjusted p < 0.05 and the value lies on the hypothesis'
+side of the target, FAIL when it is significant on the other side, else INCONCLUSIVE.
 """
 
 from __future__ import annotations
@@ -10,85 +23,39 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-from scipy import stats as sps
 
-from analysis.stats import CONFIDENCE, N_RESAMPLES, Estimate, best_threshold, importance, restoration_matrix, verdict
+from analysis.population import Member, estimate, holm
+from analysis.stats import (
+    CONFIDENCE, MIN_LAYERS, N_RESAMPLES, RESTORATION_RTOL, Estimate, best_threshold, bootstrap_p, decide,
+    group_difference, group_mean, group_ratio, group_sizes, head_member, importance, layer_member, layer_r,
+    r_gap, r_inverse_gap, ratio_rule, restoration_matrix, restoration_reasons, scaled_interval, spearman_gap, welch_df,
+)
 from spectral.metrics import UNSTABLE_GAP
-from scipy import stats
 
 TARGET_R = 0.7
 TARGET_RATIO = 2.0
+TARGET_DIFFERENCE = 0.0
+TARGET_LAYER_R = 0.0
 
+VERDICT_KEYS = ("importance_correlation", "restoration_difference", "restoration_ratio", "layer_correlation")
+"""The verdict family of one validate page: Holm's correction runs over these rows."""
 
-# --- interim: the pre-issue-12 example-only bootstraps (replaced in the next commit) ---
-
-def _old_importance(patched, clean, corrupt, idx=None):
-    if idx is not None:
-        patched, clean, corrupt = patched[:, idx], clean[:, idx], corrupt[:, idx]
-    c, k = clean.mean(1), corrupt.mean(1)
-    return (patched.mean(1) - k) / (c - k)
-
-
-def correlation(x: np.ndarray, patched, clean, corrupt, kind: str = "pearson", seed: int = 0) -> Estimate:
-    """Correlation of a per-head quantity ``x`` with importance; bootstrap over examples and
-    a permutation p-value (two-sided) over heads."""
-    fn = stats.pearsonr if kind == "pearson" else stats.spearmanr
-    y = _old_importance(patched, clean, corrupt)
-    ok = np.isfinite(x) & np.isfinite(y)
-    value = float(fn(x[ok], y[ok])[0])
-    n = patched.shape[1]
-
-    def stat(idx):
-        yy = _old_importance(patched, clean, corrupt, idx.astype(int))
-        good = np.isfinite(x) & np.isfinite(yy)
-        return fn(x[good], yy[good])[0]
-
-    boot = stats.bootstrap((np.arange(n),), stat, n_resamples=N_RESAMPLES, vectorized=False,
-                           method="percentile", random_state=seed, confidence_level=CONFIDENCE)
-    perm = stats.permutation_test((x[ok],), lambda a: fn(a, y[ok])[0], permutation_type="pairings",
-                                  n_resamples=N_RESAMPLES, random_state=seed)
-    return Estimate(value, float(boot.confidence_interval.low), float(boot.confidence_interval.high), float(perm.pvalue))
-
-
-def group_ratio(gap: np.ndarray, patched, clean, corrupt, threshold: float = UNSTABLE_GAP, seed: int = 0) -> Estimate:
-    """Mean importance of unstable heads (gap <= threshold) over that of stable heads."""
-    unstable = gap <= threshold
-    if unstable.all() or not unstable.any():
-        return Estimate(float("nan"), float("nan"), float("nan"))
-
-    def ratio(idx=None):
-        imp = _old_importance(patched, clean, corrupt, None if idx is None else idx.astype(int))
-        return imp[unstable].mean() / imp[~unstable].mean()
-
-    boot = stats.bootstrap((np.arange(patched.shape[1]),), ratio, n_resamples=N_RESAMPLES, vectorized=False,
-                           method="percentile", random_state=seed, confidence_level=CONFIDENCE)
-    return Estimate(float(ratio()), float(boot.confidence_interval.low), float(boot.confidence_interval.high))
-
-
-def group_difference(gap: np.ndarray, patched, clean, corrupt, threshold: float, seed: int = 0) -> Estimate:
-    """Mean importance of unstable heads minus that of stable heads (stable where ratios are not:
-    a stable group's mean importance can be near zero)."""
-    unstable = gap <= threshold
-    if unstable.all() or not unstable.any():
-        return Estimate(float("nan"), float("nan"), float("nan"))
-
-    def diff(idx=None):
-        imp = _old_importance(patched, clean, corrupt, None if idx is None else idx.astype(int))
-        return imp[unstable].mean() - imp[~unstable].mean()
-
-    boot = stats.bootstrap((np.arange(patched.shape[1]),), diff, n_resamples=N_RESAMPLES, vectorized=False,
-                           method="percentile", random_state=seed, confidence_level=CONFIDENCE)
-    return Estimate(float(diff()), float(boot.confidence_interval.low), float(boot.confidence_interval.high))
-
-
+RULE = ("Verdict rule: PASS when the Holm-adjusted two-sided p-value of \"statistic = target\" is "
+        "< 0.05 and the value lies on the hypothesis' side of the target (r(importance, 1/gap) > 0.7; restoration "
+        "difference unstable - stable > 0; ratio unstable/stable > 2, only where both group means' intervals lie "
+        "above 0; layer-level r(min gap, max importance) < 0, only with >= 5 layers); FAIL when significant on the "
+        "other side; INCONCLUSIVE otherwise. Holm's correction runs within this page's verdict family "
+        f"({', '.join(VERDICT_KEYS)}; undefined rows are not counted). Rows without a target are descriptive; "
+        "rows marked exploratory carry no interval and no verdict.")
 
 
 @dataclass
 class Validation:
     heads: pa.Table
-    """layer, head, gap, importance (restoration), unstable."""
+    """layer, head, gap, importance (restoration), unstable, importance_note."""
     statistics: pa.Table
-    """name, value, low, high, p_value, target, verdict."""
+    """key, name, value, low, high, p_value, p_holm, target, direction, verdict, n_units, n_unstable,
+    n_stable, n_examples, scheme, note."""
     report: str
 
 
@@ -107,74 +74,177 @@ def _arrays(scan: pa.Table, per_example: pa.Table):
     return keys, gap, patched, clean, corrupt
 
 
-def weakest_link(keys, gap, patched, clean, corrupt, seed: int = 0) -> dict:
-    """Rank of the min-gap head, and per-layer min gap vs per-layer max importance."""
+class _Recorder:
+    """Wraps a statistic and records every value it returns, in call order: with one member,
+    ``analysis.population.estimate`` calls it once on the data, then once per resample."""
+
+    def __init__(self, stat):
+        self.stat, self.values = stat, []
+
+    def __call__(self, per_unit, per_example):
+        try:
+            v = float(self.stat(per_unit, per_example))
+        except (ValueError, ZeroDivisionError, FloatingPointError):
+            v = float("nan")
+        self.values.append(v if np.isfinite(v) else float("nan"))
+        return v
+
+
+def bootstrap(member: Member, stat, *, df: float, n_resamples: int = N_RESAMPLES, seed: int = 0,
+              unit_name: str = "heads", target: float = float("nan"), fisher: bool = False) -> tuple[Estimate, str]:
+    """One model's statistic with its interval and the two-sided p of "= target"
+    (``analysis.stats.scaled_interval`` over the resamples of ``analysis.population.estimate``,
+    which resamples units and examples jointly), and the scheme in words."""
+    rec = _Recorder(stat)
+    est = estimate([member], rec, n_resamples=n_resamples, seed=seed, unit_name=unit_name)
+    out = scaled_interval(est.value, rec.values[1:], member.n_units, df, target, fisher=fisher)
+    scale = "atanh(value)" if fisher else "value"
+    scheme = (f"one seed: bootstrap over {unit_name} x examples ({n_resamples}), {scale} ± t({df:.1f}) x SE x "
+              f"sqrt(n/(n-1)); describes this model only")
+    return out, scheme
+
+
+def weakest_link(keys, gap, patched, clean, corrupt, seed: int = 0, n_resamples: int = N_RESAMPLES) -> dict:
+    """Rank of the min-gap head, and per-layer min gap vs per-layer max importance. The layer-level
+    r gets an interval that resamples layers and examples, only with >= ``MIN_LAYERS`` layers."""
     imp = importance(patched, clean, corrupt)
-    order = np.argsort(-imp)
+    ok = np.isfinite(imp)
+    order = np.argsort(np.where(ok, -imp, np.inf))
     rank_of_weakest = int(np.where(order == int(np.nanargmin(gap)))[0][0]) + 1
     layers = sorted({l for l, _ in keys})
     layer_of = np.array([l for l, _ in keys])
-
-    def per_layer(values, fn):
-        return np.array([fn(values[layer_of == l]) for l in layers])
-
-    min_gap = per_layer(gap, np.nanmin)
-    max_imp = per_layer(imp, np.nanmax)
+    member = layer_member(layer_of, gap, patched, clean, corrupt)
+    min_gap = member.per_unit["min_gap"]
+    with np.errstate(all="ignore"):
+        max_imp = np.array([np.nanmax(imp[layer_of == l]) if ok[layer_of == l].any() else np.nan for l in layers])
     weakest_layer = layers[int(np.nanargmin(min_gap))]
-    top_layer = int(layer_of[int(np.nanargmax(imp))])
+    top_layer = int(layer_of[int(np.nanargmax(np.where(ok, imp, -np.inf)))]) if ok.any() else -1
     out = {"rank_of_min_gap_head": rank_of_weakest, "n_heads": len(keys), "weakest_layer": weakest_layer,
            "layer_of_most_important_head": top_layer, "weakest_layer_holds_top_head": weakest_layer == top_layer,
            "per_layer_min_gap": min_gap.tolist(), "per_layer_max_importance": max_imp.tolist(), "layers": layers}
-    if len(layers) >= 3:
-        def stat(idx):
-            return sps.pearsonr(min_gap, per_layer(importance(patched, clean, corrupt, idx.astype(int)), np.nanmax))[0]
-
-        boot = sps.bootstrap((np.arange(patched.shape[1]),), stat, n_resamples=N_RESAMPLES, vectorized=False,
-                             method="percentile", random_state=seed, confidence_level=CONFIDENCE)
-        out["layer_r"] = Estimate(float(sps.pearsonr(min_gap, max_imp)[0]), float(boot.confidence_interval.low),
-                                  float(boot.confidence_interval.high))
+    value = layer_r(member.per_unit, member.per_example)
+    if len(layers) < MIN_LAYERS:
+        out["layer_r"] = Estimate(value, float("nan"), float("nan"))
+        out["layer_scheme"] = "none"
+        out["layer_note"] = (f"too few layers ({len(layers)} < {MIN_LAYERS}): no interval, no verdict; "
+                             "describes this model's layers only")
+    else:
+        est, scheme = bootstrap(member, layer_r, df=len(layers) - 3, n_resamples=n_resamples, seed=seed,
+                                unit_name="layers", target=TARGET_LAYER_R, fisher=True)
+        out["layer_r"], out["layer_scheme"] = est, scheme
+        out["layer_note"] = f"{len(layers)} layers; describes this model's layers only (not a replication of any earlier figure)"
     return out
 
 
-def validate(scan: pa.Table, per_example: pa.Table, threshold: float = UNSTABLE_GAP, seed: int = 0) -> Validation:
+def _row(key, name, est: Estimate, *, target=float("nan"), direction="", n_units=0, groups=(-1, -1),
+         n_examples=0, scheme="", note="") -> dict:
+    return {"key": key, "name": name, "value": float(est.value), "low": float(est.low), "high": float(est.high),
+            "p_value": float(est.p_value), "p_holm": float("nan"), "target": float(target), "direction": direction,
+            "verdict": "", "n_units": int(n_units), "n_unstable": int(groups[0]), "n_stable": int(groups[1]),
+            "n_examples": int(n_examples), "scheme": scheme, "note": note}
+
+
+def validate(scan: pa.Table, per_example: pa.Table, threshold: float = UNSTABLE_GAP, seed: int = 0,
+             n_resamples: int = N_RESAMPLES) -> Validation:
     keys, gap, patched, clean, corrupt = _arrays(scan, per_example)
     imp = importance(patched, clean, corrupt)
-    inv = 1.0 / gap
+    why = restoration_reasons(patched, clean, corrupt)
+    member = head_member(gap, patched, clean, corrupt, seed)
+    n_heads, n_examples = len(keys), patched.shape[1]
+    usable = np.isfinite(gap) & np.isfinite(imp)
+    n_used = int(usable.sum())
+    groups = group_sizes(gap[usable], threshold)
+    dropped = (f"{n_heads - n_used} of {n_heads} heads without a defined restoration or gap (excluded)"
+               if n_used < n_heads else "")
     rows = []
 
-    def add(name, est: Estimate, target=float("nan"), check=None):
-        rows.append({"name": name, "value": est.value, "low": est.low, "high": est.high, "p_value": est.p_value,
-                     "target": target, "verdict": verdict(est, target) if check else ""})
+    u_imp, s_imp = imp[usable & (gap <= threshold)], imp[usable & (gap > threshold)]
+    df_corr, df_diff = n_used - 3, welch_df(u_imp, s_imp)
 
-    add("pearson r(importance, 1/gap)", correlation(inv, patched, clean, corrupt, "pearson", seed), TARGET_R, True)
-    add("spearman rho(importance, 1/gap)", correlation(inv, patched, clean, corrupt, "spearman", seed))
-    add("pearson r(importance, gap)", correlation(gap, patched, clean, corrupt, "pearson", seed))
-    add("spearman rho(importance, gap)", correlation(gap, patched, clean, corrupt, "spearman", seed))
-    add(f"restoration ratio unstable/stable at gap <= {threshold:g}",
-        group_ratio(gap, patched, clean, corrupt, threshold, seed), TARGET_RATIO, True)
+    def boot(stat, df, target=float("nan"), s=0, fisher=False):
+        return bootstrap(member, stat, df=df, n_resamples=n_resamples, seed=seed + s, target=target, fisher=fisher)
+
+    def add(key, name, stat, df, target=float("nan"), direction="", grp=(-1, -1), note="", s=0, fisher=False):
+        est, scheme = boot(stat, df, target, s, fisher)
+        rows.append(_row(key, name, est, target=target, direction=direction, n_units=n_used, groups=grp,
+                         n_examples=n_examples, scheme=scheme, note="; ".join(x for x in (note, dropped) if x)))
+        return est
+
+    add("importance_correlation", "pearson r(importance, 1/gap)", r_inverse_gap, df_corr, TARGET_R, "above", s=0, fisher=True)
+    add("importance_correlation_gap", "pearson r(importance, gap)", r_gap, df_corr, s=1, fisher=True)
+    add("importance_spearman_gap", "spearman rho(importance, gap)", spearman_gap, df_corr, s=2, fisher=True,
+        note="rho(importance, 1/gap) is exactly its negative")
+    t = f"{threshold:g}"
+    add("restoration_difference", f"restoration difference unstable - stable at gap <= {t}",
+        group_difference(threshold), df_diff, TARGET_DIFFERENCE, "above", groups, s=3,
+        note="" if np.isfinite(df_diff) else "a group has fewer than 2 heads: no interval")
+    mu = add("restoration_unstable_mean", f"mean restoration of unstable heads (gap <= {t})",
+             group_mean(threshold, True), u_imp.size - 1, grp=groups, s=4)
+    ms = add("restoration_stable_mean", f"mean restoration of stable heads (gap > {t})",
+             group_mean(threshold, False), s_imp.size - 1, grp=groups, s=5)
+    raw, scheme = boot(group_ratio(threshold), df_diff, TARGET_RATIO, 6)
+    ratio, note = ratio_rule(mu, ms, raw)
+    rows.append(_row("restoration_ratio", f"restoration ratio unstable/stable at gap <= {t}",
+                     ratio if not note else Estimate(float("nan"), float("nan"), float("nan")),
+                     target=TARGET_RATIO, direction="above", n_units=n_used, groups=groups, n_examples=n_examples,
+                     scheme=scheme if not note else "none", note="; ".join(x for x in (note, dropped) if x)))
     best = best_threshold(gap, imp)
-    add(f"restoration ratio unstable/stable at best threshold {best:.3f}", group_ratio(gap, patched, clean, corrupt, best, seed))
-    add(f"restoration difference unstable - stable at gap <= {threshold:g}",
-        group_difference(gap, patched, clean, corrupt, threshold, seed))
-    add(f"restoration difference unstable - stable at best threshold {best:.3f}",
-        group_difference(gap, patched, clean, corrupt, best, seed))
-    link = weakest_link(keys, gap, patched, clean, corrupt, seed)
-    if "layer_r" in link:
-        add("pearson r(per-layer min gap, per-layer max importance)", link["layer_r"])
+    gd = group_difference(best)(member.per_unit, member.per_example) if np.isfinite(best) else float("nan")
+    exploratory = ("exploratory: the threshold is chosen on these same heads to maximise the difference, so no "
+                   "interval or verdict can account for the selection")
+    rows.append(_row("best_threshold", "best threshold (exploratory)", Estimate(best, float("nan"), float("nan")),
+                     n_units=n_used, groups=group_sizes(gap[usable], best) if np.isfinite(best) else (0, 0),
+                     n_examples=n_examples, scheme="none", note=exploratory))
+    rows.append(_row("restoration_difference_best", f"restoration difference unstable - stable at best threshold "
+                     f"{best:.3f} (exploratory)", Estimate(gd, float("nan"), float("nan")), n_units=n_used,
+                     groups=group_sizes(gap[usable], best) if np.isfinite(best) else (0, 0), n_examples=n_examples,
+                     scheme="none", note=exploratory))
+    link = weakest_link(keys, gap, patched, clean, corrupt, seed + 7, n_resamples)
+    rows.append(_row("layer_correlation", "pearson r(per-layer min gap, per-layer max importance)", link["layer_r"],
+                     target=TARGET_LAYER_R, direction="below", n_units=len(link["layers"]), n_examples=n_examples,
+                     scheme=link["layer_scheme"], note=link["layer_note"]))
+    _holm(rows)
     heads = pa.table({"layer": [l for l, _ in keys], "head": [h for _, h in keys], "gap": gap, "importance": imp,
-                      "unstable": gap <= threshold})
+                      "unstable": gap <= threshold, "importance_note": why})
     statistics = pa.Table.from_pylist(rows)
-    return Validation(heads, statistics, _report(statistics, link, best, threshold, len(keys), patched.shape[1]))
+    return Validation(heads, statistics, _report(statistics, link, threshold, n_heads, n_used, n_examples, why))
 
 
-def _report(statistics: pa.Table, link: dict, best: float, threshold: float, n_heads: int, n_examples: int) -> str:
-    lines = [f"Heads: {n_heads}; examples: {n_examples}; intervals: bootstrap {CONFIDENCE:.0%} over examples "
-             f"({N_RESAMPLES} resamples); p-values: permutation of gaps over heads.", "",
-             "| statistic | value | 95 % interval | p | target | verdict |", "|---|---:|---|---:|---:|---|"]
+def _holm(rows: list[dict]) -> None:
+    """Holm-adjusted p and verdicts over the verdict family (in place)."""
+    family = [r for r in rows if r["key"] in VERDICT_KEYS]
+    adjusted = holm([r["p_value"] for r in family])
+    for r, p in zip(family, adjusted):
+        r["p_holm"] = float(p)
+        r["verdict"] = decide(r["value"], float(p), r["target"], r["direction"])
+
+
+def _fmt(x: float, spec: str = ".3f") -> str:
+    return "" if not np.isfinite(x) else format(x, spec)
+
+
+def _report(statistics: pa.Table, link: dict, threshold: float, n_heads: int, n_used: int, n_examples: int,
+            why: list[str]) -> str:
+    lines = [f"Heads: {n_heads} ({n_used} with a defined restoration and gap); examples: {n_examples}; "
+             f"unstable: gap <= {threshold:g}. One model (one training seed): every interval describes this model only.",
+             f"Intervals ({CONFIDENCE:.0%}): bootstrap resampling heads (layers for the layer-level row) and examples "
+             "jointly; value ± t(df) x SE x sqrt(n/(n-1)) (correlations on Fisher's z scale, df = n - 3), Welch's df "
+             "for the group difference. p: two-sided t p-value of \"statistic = target\" from the same SE; p (Holm): Holm-adjusted "
+             "within this page's verdict family.",
+             f"Restoration is undefined for a head whose |clean - corrupt| metric difference is <= {RESTORATION_RTOL:g} "
+             "x its scale (mean |clean| + mean |corrupt|).", "", RULE, "",
+             "| statistic | value | 95 % interval | scheme | n | unstable / stable | p | p (Holm) | target | verdict | note |",
+             "|---|---:|---|---|---:|---|---:|---:|---:|---|---|"]
     for r in statistics.to_pylist():
-        target = "" if np.isnan(r["target"]) else f"{r['target']:g}"
-        p = "" if np.isnan(r["p_value"]) else f"{r['p_value']:.3g}"
-        lines.append(f"| {r['name']} | {r['value']:.3f} | [{r['low']:.3f}, {r['high']:.3f}] | {p} | {target} | {r['verdict']} |")
+        interval = f"[{r['low']:.3f}, {r['high']:.3f}]" if np.isfinite(r["low"]) and np.isfinite(r["high"]) else "undefined"
+        target = "" if not np.isfinite(r["target"]) else ("> " if r["direction"] == "above" else "< ") + f"{r['target']:g}"
+        value = _fmt(r["value"]) if np.isfinite(r["value"]) else "undefined"
+        grp = f"{r['n_unstable']} / {r['n_stable']}" if r["n_unstable"] >= 0 else ""
+        lines.append(f"| {r['name']} | {value} | {interval} | {r['scheme']} | {r['n_units']} | {grp} | "
+                     f"{_fmt(r['p_value'], '.3g')} | {_fmt(r['p_holm'], '.3g')} | {target} | {r['verdict']} | {r['note']} |")
+    undefined = [w for w in why if w]
+    if undefined:
+        lines += ["", f"{len(undefined)} head(s) without a restoration: {undefined[0]}"]
     lines += ["", "Weakest link:",
               f"- the min-gap head ranks {link['rank_of_min_gap_head']} of {link['n_heads']} by importance;",
               f"- the layer with the smallest min gap is layer {link['weakest_layer']}; the most important head is in "
