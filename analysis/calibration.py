@@ -4,14 +4,31 @@
 Rule under test: a unit (head, or layer by its min gap) is predicted positive iff
 ``gap <= t`` (small gap = unstable = important). The threshold ``t`` is chosen among the
 observed gaps to maximise Youden's J = TPR - FPR; separation is summarised by the AUROC of
-the score ``-gap``. Intervals come from a bootstrap over units, stratified by class (scipy
-resamples the positives and the negatives independently, with replacement), so that every
-resample holds both classes and keeps the observed class balance.
+the score ``-gap``. J and AUROC intervals come from a bootstrap over units, stratified by class
+(scipy resamples the positives and the negatives independently, with replacement), so that
+every resample holds both classes and keeps the observed class balance.
+
+The threshold's interval is NOT a percentile bootstrap of the argmax: a resample can only pick
+one of the observed gaps, and with few units the argmax sits on the same gap in most resamples,
+so that interval hugs the point (0.817 [0.748, 0.817]) and never covers a true threshold lying
+between two observed gaps (in a perfectly separable sample the true threshold lies above the
+largest positive gap, which no resample can pick: coverage 0). Instead the interval is the
+range of thresholds whose J is not significantly below the maximum (``near_optimal_thresholds``:
+a paired, class-stratified bootstrap of J(best) - J(t) at every observed gap t; t stays when the
+5 % quantile of that difference is <= 0), extended up to the next observed gap, since every
+t in [g_i, g_i+1) makes the same predictions.
+
+Whether the gap separates the classes at all is decided by the exact permutation test of the
+AUROC (Mann-Whitney; ``auroc_test``), which is valid for any class sizes; with very small
+classes no ordering can be significant, and the result says so (``separation`` = "too few
+units", see ``MIN_ORDERINGS``) instead of reading INCONCLUSIVE for a perfectly reversed AUROC.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+from math import comb
 
 import numpy as np
 from scipy import stats
@@ -20,6 +37,16 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from spectral.metrics import UNSTABLE_GAP
 
 CONFIDENCE = 0.95
+ALPHA = 1 - CONFIDENCE
+
+MIN_ORDERINGS = int(round(2 / ALPHA))
+"""Minimum group size rule: the exact two-sided permutation p of a perfect ordering is
+2 / C(n, n_small); it can fall below 0.05 only when C(n, n_small) > 40 (1 positive: n >= 41;
+2: n >= 10; 3: n >= 8; 4: n >= 8). Smaller samples get separation "too few units"."""
+
+EXACT_LIMIT = 200_000
+"""Class assignments enumerated for the exact AUROC test; beyond, the tie-corrected normal
+approximation of the Mann-Whitney U."""
 
 IMPORTANCE_MIN_RESTORATION = 0.1
 """Absolute restoration a head needs before it can count as important."""
@@ -66,6 +93,17 @@ class Calibration:
     """Units dropped because their gap or label was not finite."""
     reason: str = ""
     """Why the statistics are NaN; empty when they were computed."""
+    auroc_p_value: float = float("nan")
+    """Exact two-sided permutation p-value of AUROC = 0.5 (Mann-Whitney; ``auroc_test``)."""
+    auroc_min_p: float = float("nan")
+    """Smallest p-value any ordering of these class sizes could give (2 / C(n, n_positive))."""
+    separation: str = ""
+    """"separates" (AUROC > 0.5, p < 0.05), "reversed" (AUROC < 0.5, p < 0.05: small gaps mark
+    the LESS important units), "not shown" (p >= 0.05), "too few units" (no ordering of these
+    class sizes could reach p < 0.05: ``MIN_ORDERINGS``), or "" when undefined (one class)."""
+    separation_note: str = ""
+    threshold_method: str = ""
+    """How threshold_low / threshold_high were obtained."""
 
 
 def important(restoration: np.ndarray) -> np.ndarray:
@@ -142,13 +180,136 @@ def _clean(gap, positive) -> tuple[np.ndarray, np.ndarray, int]:
     return gap[ok], lab.astype(bool), int((~ok).sum())
 
 
+def auroc_test(gap: np.ndarray, positive: np.ndarray) -> tuple[float, float]:
+    """(two-sided exact permutation p-value of AUROC(-gap) = 0.5, smallest attainable p-value).
+    Exact: every assignment of the positive labels to the units is enumerated (ties in the gaps
+    get mid-ranks) while there are at most ``EXACT_LIMIT``; beyond, the tie-corrected normal
+    approximation of Mann-Whitney's U."""
+    gap, pos = np.asarray(gap, dtype=float), np.asarray(positive, dtype=bool)
+    n, k = gap.size, int(pos.sum())
+    if k == 0 or k == n:
+        return float("nan"), float("nan")
+    k_small = min(k, n - k)
+    min_p = min(1.0, 2.0 / comb(n, k_small))
+    ranks = stats.rankdata(-gap)  # large rank = small gap
+    u_obs = ranks[pos].sum() - k * (k + 1) / 2
+    mean = k * (n - k) / 2
+    if comb(n, k) <= EXACT_LIMIT:
+        combos = np.fromiter(itertools.chain.from_iterable(itertools.combinations(range(n), k)), dtype=np.int64)
+        u = ranks[combos.reshape(-1, k)].sum(1) - k * (k + 1) / 2
+        p = float(np.mean(np.abs(u - mean) >= abs(u_obs - mean) - 1e-9))
+    else:
+        res = stats.mannwhitneyu(-gap[pos], -gap[~pos], alternative="two-sided", method="asymptotic")
+        p = float(res.pvalue)
+    return min(1.0, p), min_p
+
+
+def separation(auroc: float, p_value: float, min_p: float, n: int, n_positive: int) -> tuple[str, str]:
+    """(label, note) of the AUROC test (see ``Calibration.separation``)."""
+    if not np.isfinite(auroc):
+        return "", ""
+    small = min(n_positive, n - n_positive)
+    if min_p >= ALPHA:
+        return "too few units", (f"smallest class has {small} of {n} units: even a perfect ordering has exact "
+                                 f"p = {min_p:.3g} >= {ALPHA:g} (needs C(n, n_small) > {MIN_ORDERINGS}); "
+                                 f"AUROC {auroc:.2f} cannot be told from chance")
+    if p_value < ALPHA:
+        return ("separates", f"exact p = {p_value:.3g}") if auroc > 0.5 else \
+            ("reversed", f"exact p = {p_value:.3g}: small gaps mark the LESS important units")
+    return "not shown", f"exact p = {p_value:.3g} >= {ALPHA:g}"
+
+
+def near_optimal_thresholds(gap_pos: np.ndarray, gap_neg: np.ndarray, *, n_resamples: int = 2000, seed: int = 0,
+                            alpha: float = ALPHA) -> tuple[float, float, np.ndarray]:
+    """(low, high, kept candidate gaps): the observed gaps t whose Youden J is not significantly
+    below that of the best gap, by a paired bootstrap stratified by class (positives and negatives
+    resampled independently; J of every candidate on every resample): t is kept unless the
+    ``alpha`` quantile of J(best) - J(t) is > 0. ``low`` is the smallest kept gap; ``high`` the
+    next observed gap above the largest kept one (the rule "gap <= t" predicts the same for every
+    t below it), or the largest kept gap when none is above."""
+    gp, gn = np.asarray(gap_pos, dtype=float), np.asarray(gap_neg, dtype=float)
+    cand = np.unique(np.concatenate([gp, gn]))
+    n1, n0 = gp.size, gn.size
+    j = (gp[:, None] <= cand).mean(0) - (gn[:, None] <= cand).mean(0)
+    best = int(np.argmax(j))
+    rng = np.random.default_rng(seed)
+    jb = (_counts_at(gp[rng.integers(0, n1, (n_resamples, n1))], cand) / n1
+          - _counts_at(gn[rng.integers(0, n0, (n_resamples, n0))], cand) / n0)
+    d = jb[:, [best]] - jb
+    keep = np.quantile(d, alpha, axis=0) <= 0
+    keep[best] = True
+    idx = np.flatnonzero(keep)
+    lo, top = float(cand[idx[0]]), int(idx[-1])
+    hi = float(cand[top + 1]) if top + 1 < cand.size else float(cand[top])
+    return lo, hi, cand[keep]
+
+
+def _counts_at(samples: np.ndarray, queries: np.ndarray, side: str = "right") -> np.ndarray:
+    """(B, q) counts of the values of each row of ``samples`` (B, m) that are <= (side "right")
+    or < (side "left") each query; ``queries`` is (q,) shared by all rows or (B, q). One
+    searchsorted over the rows laid end to end, each shifted past the previous one."""
+    b, m = samples.shape
+    q = np.broadcast_to(queries, (b, queries.shape[-1]))
+    lo = min(samples.min(), q.min())
+    span = (max(samples.max(), q.max()) - lo) + 1.0
+    shift = (np.arange(b) * span)[:, None]
+    flat = (np.sort(samples - lo, axis=1) + shift).ravel()
+    pos = np.searchsorted(flat, (q - lo + shift).ravel(), side=side).reshape(b, -1)
+    return pos - (np.arange(b) * m)[:, None]
+
+
+def bootstrap_j_auroc(gap_pos: np.ndarray, gap_neg: np.ndarray, *, n_resamples: int = 2000,
+                      seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Class-stratified bootstrap (positives and negatives resampled independently): (candidate
+    gaps (K,), J of every candidate on every resample (B, K), AUROC of every resample (B,)). The
+    maximum of a row of J is that resample's Youden J (as ``youden_auroc``)."""
+    gp, gn = np.asarray(gap_pos, dtype=float), np.asarray(gap_neg, dtype=float)
+    cand = np.unique(np.concatenate([gp, gn]))
+    n1, n0 = gp.size, gn.size
+    rng = np.random.default_rng(seed)
+    rp = gp[rng.integers(0, n1, (n_resamples, n1))]
+    rn = gn[rng.integers(0, n0, (n_resamples, n0))]
+    jb = _counts_at(rp, cand) / n1 - _counts_at(rn, cand) / n0
+    le, lt = _counts_at(rn, rp, "right"), _counts_at(rn, rp, "left")
+    auroc = ((n0 - le) + 0.5 * (le - lt)).sum(1) / (n0 * n1)
+    return cand, jb, auroc
+
+
+def near_optimal_thresholds(gap_pos: np.ndarray, gap_neg: np.ndarray, *, n_resamples: int = 2000, seed: int = 0,
+                            alpha: float = ALPHA, boot: tuple | None = None) -> tuple[float, float, np.ndarray]:
+    """(low, high, kept candidate gaps): the observed gaps t whose Youden J is not significantly
+    below that of the best gap, by a paired bootstrap stratified by class (``bootstrap_j_auroc``;
+    J of every candidate on every resample): t is kept unless the ``alpha`` quantile of
+    J(best) - J(t) is > 0. ``low`` is the smallest kept gap; ``high`` the next observed gap above
+    the largest kept one (the rule "gap <= t" predicts the same for every t below it), or the
+    largest kept gap when none is above. ``boot``: a ``bootstrap_j_auroc`` result to reuse."""
+    gp, gn = np.asarray(gap_pos, dtype=float), np.asarray(gap_neg, dtype=float)
+    cand, jb, _ = boot if boot is not None else bootstrap_j_auroc(gp, gn, n_resamples=n_resamples, seed=seed)
+    j = (gp[:, None] <= cand).mean(0) - (gn[:, None] <= cand).mean(0)
+    best = int(np.argmax(j))
+    d = jb[:, [best]] - jb
+    keep = np.quantile(d, alpha, axis=0) <= 0
+    keep[best] = True
+    idx = np.flatnonzero(keep)
+    lo, top = float(cand[idx[0]]), int(idx[-1])
+    hi = float(cand[top + 1]) if top + 1 < cand.size else float(cand[top])
+    return lo, hi, cand[keep]
+
+
+THRESHOLD_METHOD = ("near-optimal set: observed gaps whose J is not significantly below the maximum (paired "
+                    "class-stratified bootstrap, one-sided 5 %), up to the next observed gap")
+
+
 def calibrate(gap: np.ndarray, positive: np.ndarray, *, n_resamples: int = 2000, seed: int = 0,
               reference: float = UNSTABLE_GAP) -> Calibration:
-    """Youden-optimal threshold of "positive iff gap <= t", AUROC of -gap, J at ``reference``,
-    with stratified percentile-bootstrap 95 % intervals. Units with a non-finite gap or label
-    are dropped and counted; with only one class present everything is NaN with a reason.
+    """Youden-optimal threshold of "positive iff gap <= t", AUROC of -gap, J at ``reference``.
+    Intervals: J and AUROC by stratified percentile bootstrap; the threshold by the near-optimal
+    set (``near_optimal_thresholds``; module docstring); the AUROC's exact permutation test and
+    the ``separation`` label for any class sizes. Units with a non-finite gap or label are
+    dropped and counted; with only one class present everything is NaN with a reason; with a
+    class of 1 unit there are no bootstrap intervals, but the exact test still runs.
     The optimal J is a maximum over thresholds, so it is biased upward (its interval can
-    exclude 0 for random labels): judge separation by the AUROC interval and j_at_reference."""
+    exclude 0 for random labels): judge separation by ``separation`` (exact test) and j_at_reference."""
     gap, pos, n_dropped = _clean(gap, positive)
     n, n_pos = len(gap), int(pos.sum())
     nan = float("nan")
@@ -161,16 +322,20 @@ def calibrate(gap: np.ndarray, positive: np.ndarray, *, n_resamples: int = 2000,
     threshold, youden = float(-thr[1:][best]), float(j[best])
     auroc = float(roc_auc_score(pos, -gap))
     j_ref = _j_at(gap, pos, reference)
+    p, min_p = auroc_test(gap, pos)
+    sep, sep_note = separation(auroc, p, min_p, n, n_pos)
+    extra = dict(auroc_p_value=p, auroc_min_p=min_p, separation=sep, separation_note=sep_note)
     if min(n_pos, n - n_pos) < 2:
         return Calibration(threshold, nan, nan, youden, nan, nan, auroc, nan, nan, j_ref, reference,
-                           n, n_pos, n_dropped, "a class has 1 unit: no bootstrap interval (needs >= 2 per class)")
-    boot = stats.bootstrap((gap[pos], gap[~pos]), youden_auroc, n_resamples=n_resamples,
-                           vectorized=False, method="percentile", random_state=seed,
-                           confidence_level=CONFIDENCE)
-    lo, hi = boot.confidence_interval.low, boot.confidence_interval.high
-    return Calibration(threshold, float(lo[0]), float(hi[0]), youden, float(lo[1]), float(hi[1]),
-                       auroc, float(lo[2]), float(hi[2]), j_ref, reference,
-                       n, n_pos, n_dropped)
+                           n, n_pos, n_dropped, "a class has 1 unit: no bootstrap interval (needs >= 2 per class)",
+                           **extra)
+    boot = bootstrap_j_auroc(gap[pos], gap[~pos], n_resamples=n_resamples, seed=seed)
+    q = [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2]
+    j_lo, j_hi = np.quantile(boot[1].max(1), q)
+    a_lo, a_hi = np.quantile(boot[2], q)
+    t_lo, t_hi, _ = near_optimal_thresholds(gap[pos], gap[~pos], boot=boot)
+    return Calibration(threshold, t_lo, t_hi, youden, float(j_lo), float(j_hi), auroc, float(a_lo), float(a_hi),
+                       j_ref, reference, n, n_pos, n_dropped, threshold_method=THRESHOLD_METHOD, **extra)
 
 
 def calibrate_layers(min_gap: np.ndarray, effect: np.ndarray, effect_low: np.ndarray | None = None,
