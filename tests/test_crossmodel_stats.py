@@ -20,7 +20,7 @@ from analysis.calibration import (
     youden_auroc,
 )
 from analysis.information import entropy_by_stability, mutual_information
-from analysis.scaling import fit_log_linear, fit_power_law, leave_one_out, scaling_table
+from analysis.scaling import extrapolate_largest, fit_log_linear, fit_power_law, scaling_table
 
 FAST = 400  # bootstrap resamples in tests
 
@@ -166,8 +166,8 @@ def test_noisy_intervals_cover_truth_at_nominal_rate():
     assert ((coverage > 0.92) & (coverage < 0.98)).all(), coverage
 
 
-def test_loo_on_exact_power_law_predicts_exactly():
-    loo = leave_one_out(X, 2 * X ** -0.5, "power")
+def test_extrapolation_on_exact_power_law_predicts_exactly():
+    loo = extrapolate_largest(X, 2 * X ** -0.5, "power")
     assert loo.x_held_out == 3e9 and loo.n_train == 5 and loo.n_held_out == 1
     assert loo.predicted == pytest.approx(loo.observed, rel=1e-9) and loo.rel_error < 1e-9
 
@@ -187,8 +187,8 @@ def test_fit_domain_and_non_finite():
     assert (g.n, g.n_dropped) == (6, 2) and g.b == pytest.approx(-0.02)
 
 
-def test_loo_needs_three_training_points():
-    loo = leave_one_out([1.0, 10.0, 100.0], [1.0, 2.0, 3.0], "log_linear")
+def test_extrapolation_needs_three_training_points():
+    loo = extrapolate_largest([1.0, 10.0, 100.0], [1.0, 2.0, 3.0], "log_linear")
     assert math.isnan(loo.predicted) and loo.observed == 3.0 and "needs >= 3" in loo.reason
 
 
