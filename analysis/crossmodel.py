@@ -1,19 +1,33 @@
-"""Cross-model analysis of a sweep run (reads result tables only; never loads a model).
+"""Cross-model analysis of a sweep run over *populations* of models (reads result tables only;
+never loads a model).
 
-``load_run`` gathers what each model's finished units hold (gaps, importances, steering per
-layer, the per-model verdicts the jobs already computed) and names what is missing.
-``analyse`` turns that into the report's tables: threshold calibration per model, verdicts
-for every success metric of the research plan, cross-model generalization (threshold spread,
-heterogeneity of correlations), scaling fits and information measures.
+Populations. Models whose specs differ only by their training seed (``organism-s``,
+``organism-s?seed=1``, ...; ``spectral.specs.population``) form a population, and the unit of
+replication of every verdict is the seed: a verdict about ``organism-s`` is a claim about the
+recipe, not about one training draw. A hub model or a local checkpoint is a population of one
+model (its verdicts describe that model only and say so).
 
-Non-finite gaps, importances, entropies and steering effects are excluded from the statistics
-that read them and counted in ``ModelData.excluded``; nothing is dropped silently.
+Per population, every success metric of the research plan is an across-seed estimate
+(``analysis.population``): the mean over seeds of the per-seed statistic, per-seed values and
+intervals (heads or layers, and examples, resampled jointly), the across-seed interval (a
+t-scaled hierarchical bootstrap seeds -> heads -> examples) and the fraction of seeds with the
+sign of the mean. Verdicts rest on differences; a ratio claim "a > c x b" is tested as
+``a - c b > 0`` and only where b's interval lies above 0 (else undefined). PASS / FAIL come from
+one-sided tests at 2.5 % (the two sides of a 95 % interval) after Holm's correction within the
+verdict's family (one metric over all populations of the run). Every rule is in ``RULES`` and
+printed on the page.
+
+``load_run`` gathers what each model's finished units hold and names what is missing;
+``analyse`` builds the report's tables. Non-finite values are excluded from the statistics that
+read them and counted in ``ModelData.excluded``; nothing is dropped silently.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import math
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,64 +36,111 @@ import pyarrow.parquet as pq
 from scipy import stats
 
 from analysis.calibration import IMPORTANCE_RULE, STEERABLE_RULE, Calibration, calibrate, calibrate_layers, important
-from analysis.information import entropy_by_stability, mutual_information
+from analysis.information import N_PERMUTATIONS, entropy_by_stability, mutual_information
+from analysis.population import Member, PopulationEstimate, holm, scheme
 from analysis.scaling import scaling_table
-from analysis.stats import Estimate, verdict
+from analysis.stats import RESTORATION_RTOL, restoration
 from spectral.metrics import UNSTABLE_GAP
 
 NAN = float("nan")
+ALPHA = 0.05
+"""Two-sided level of every interval (95 %); a one-sided claim is tested at ALPHA / 2."""
 BAND = 0.05
 """Half-width of the band around 0.77 the plan allows ("threshold holds ±0.05")."""
 STABLE_RANGE = 0.10
-"""Largest spread of per-model thresholds that still counts as one threshold (2 x BAND)."""
+"""Largest spread of population thresholds that still counts as one threshold (2 x BAND)."""
 LAYER_CHOICE_TOLERANCE = 0.10
 """Fraction of the oracle's effect the automated layer choice may lose and still match it."""
-MIN_SCALING_MODELS = 3
+TARGET_R = 0.7
+TARGET_RATIO = 2.0
+TARGET_IMPROVEMENT = 0.25
+MIN_SCALING_POPULATIONS = 3
+MIN_LOO_POINTS = 4
 FINISHED = "unit.json"
-HETEROGENEITY_ALPHA = 0.05
-Z95 = float(stats.norm.ppf(0.975))
+IMPORTANCE_METHODS = ("exact", "attribution")
+"""Patch methods whose restoration (direction denoise) measures importance. Noise-direction
+runs and ablations restore ~1 for *unimportant* heads: they are excluded with a note."""
+UNIT_CHUNK_CELLS = 2_000_000
+"""Cells (resamples x units x examples) one vectorised bootstrap chunk may hold."""
 
 # verdict keys (flat names for summary.json / MLflow) -> metric as the page states it
-PER_MODEL_METRICS = {
-    "importance_correlation": "r(1/gap, importance) > 0.7",
-    "restoration_ratio": f"restoration of unstable heads > 2x stable (gap <= {UNSTABLE_GAP:g})",
-    "steering_improvement": "spectral steering improves on the baseline by >= 25 %",
-    "layer_choice": f"automated layer choice matches the oracle (effect lost <= {LAYER_CHOICE_TOLERANCE:.0%})",
+POPULATION_METRICS = {
+    "importance_correlation": f"r(1/gap, importance) > {TARGET_R:g}",
+    "restoration_difference": f"restoration: unstable - stable heads > 0 (gap <= {UNSTABLE_GAP:g})",
+    "restoration_ratio": f"restoration of unstable heads > {TARGET_RATIO:g}x stable (unstable - {TARGET_RATIO:g} x stable > 0)",
+    "steering_difference": "spectral steering - baseline effect > 0 (1 layer each)",
+    "steering_improvement": (f"spectral steering improves on the baseline by >= {TARGET_IMPROVEMENT:.0%} "
+                             f"(spectral - {1 + TARGET_IMPROVEMENT:g} x baseline > 0)"),
+    "spectral_vs_random": "spectral steering - random layers > 0 (k layers each)",
+    "layer_choice": (f"automated layer choice matches the oracle (effect lost <= {LAYER_CHOICE_TOLERANCE:.0%}: "
+                     f"spectral - {1 - LAYER_CHOICE_TOLERANCE:g} x oracle >= 0)"),
     "threshold_heads": f"head threshold within {UNSTABLE_GAP:g} ± {BAND:g}",
     "threshold_layers": f"layer threshold within {UNSTABLE_GAP:g} ± {BAND:g}",
 }
-CROSS_MODEL_METRICS = {
-    "threshold_holds_heads": f"{UNSTABLE_GAP:g} holds across models (important heads)",
-    "threshold_holds_layers": f"{UNSTABLE_GAP:g} holds across models (steerable layers)",
-    "threshold_stable_heads": "threshold stable across models (important heads)",
-    "threshold_stable_layers": "threshold stable across models (steerable layers)",
-    "consistent_importance_r": "r(importance, 1/gap) consistent across models",
-    "consistent_steering_r": "r(layer min gap, steering effect) consistent across models",
+CROSS_POPULATION_METRICS = {
+    "threshold_holds_heads": f"{UNSTABLE_GAP:g} holds across populations (important heads)",
+    "threshold_holds_layers": f"{UNSTABLE_GAP:g} holds across populations (steerable layers)",
+    "threshold_stable_heads": "threshold stable across populations (important heads)",
+    "threshold_stable_layers": "threshold stable across populations (steerable layers)",
+    "consistent_importance_r": "r(importance, 1/gap) consistent across populations",
+    "consistent_steering_r": "r(layer min gap, steering effect) consistent across populations",
 }
-VERDICT_RULES = {
-    "per-model threshold": f"PASS if the bootstrap 95 % interval of the model's threshold lies within "
-                           f"[{UNSTABLE_GAP - BAND:.2f}, {UNSTABLE_GAP + BAND:.2f}] and the gap separates "
-                           "(AUROC interval above 0.5); FAIL if the interval lies entirely outside the band, or "
-                           "the AUROC interval lies below 0.5 (small gaps mark the less important units); "
-                           "else (or without an interval) INCONCLUSIVE.",
-    "0.77 holds": f"PASS if every model's threshold interval lies within [{UNSTABLE_GAP - BAND:.2f}, "
-                  f"{UNSTABLE_GAP + BAND:.2f}] and every model's gap separates (AUROC interval above 0.5); "
-                  "FAIL if any model's interval lies entirely outside the band, or any model's gap separates "
-                  "the wrong way (AUROC interval below 0.5); else INCONCLUSIVE "
-                  "(also with fewer than 2 models).",
-    "threshold stable": f"PASS if the range of point thresholds is <= {STABLE_RANGE:.2f} and all intervals "
-                        f"overlap a common ±{BAND:g} band (max low - min high <= {STABLE_RANGE:.2f}); FAIL if "
-                        f"two models' intervals are more than {STABLE_RANGE:.2f} apart; else INCONCLUSIVE "
-                        "(also with fewer than 2 models, or a model without an interval).",
-    "correlation consistent": "Cochran's Q on the Fisher-z scale, SE of each model's z from its 95 % "
-                              "interval (width / 2 / 1.96): FAIL if Q's p < 0.05 or two models' intervals "
-                              "exclude 0 with opposite signs; PASS if p >= 0.05 and every model's r has "
-                              "the same sign; else INCONCLUSIVE (also with fewer than 2 models).",
-    "copied": "r(1/gap, importance), the restoration ratio and the steering improvement keep the verdict "
-              "of the job that measured them: PASS if the interval lies above the target, FAIL if below.",
-    "layer choice": f"PASS if the upper bound of the effect the spectral choice loses against the "
-                    f"oracle's best layer is <= {LAYER_CHOICE_TOLERANCE:g}; FAIL if its lower bound "
-                    f"is > {LAYER_CHOICE_TOLERANCE:g}; else INCONCLUSIVE.",
+ALL = "all"
+"""The ``population`` of cross-population rows."""
+
+RULE = ("Each verdict is about a population of models: the training seeds of one recipe (a hub model or a "
+        "checkpoint is a population of one, labelled 'one model', whose verdicts describe that model only). "
+        "Value: the mean over seeds of the per-seed statistic. 95 % interval: with >= 2 seeds, mean ± t(k-1) x SE x "
+        "sqrt(k/(k-1)) with SE from a hierarchical bootstrap (seeds -> heads or layers -> examples; the 'scheme' "
+        "column); with one seed, that model's percentile bootstrap over heads (or layers) and examples. "
+        "PASS when the one-sided p-value of the metric's claim is < 0.025 after Holm's correction within the "
+        "verdict family (the same metric over every population of the run); FAIL when that of the opposite claim "
+        "is; else INCONCLUSIVE. Without the correction this is 'the 95 % interval lies on the claim's side of the "
+        "target'. A claim 'a > c x b' is tested as a - c x b > 0, and only where b's interval lies above 0 "
+        "(otherwise the ratio is undefined and the verdict INCONCLUSIVE).")
+
+RULES = {
+    "importance_correlation": f"Pearson r(1/gap, restoration) across heads, per seed; claim: mean r > {TARGET_R:g}.",
+    "restoration_difference": (f"mean restoration of unstable heads (gap <= {UNSTABLE_GAP:g}) minus that of stable "
+                               "heads, per seed; claim: > 0. Group sizes per seed in the 'groups' column."),
+    "restoration_ratio": (f"claim: unstable > {TARGET_RATIO:g} x stable, tested as unstable - {TARGET_RATIO:g} x "
+                          "stable > 0; undefined (INCONCLUSIVE) unless the stable group's mean restoration has an "
+                          "interval above 0. The ratio of the means is shown only where both group means' intervals "
+                          "lie above 0."),
+    "steering_difference": ("spectral rule's single layer minus the 1-layer baseline, mean effect over held-out "
+                            "prompts, per seed; claim: > 0."),
+    "steering_improvement": (f"claim: spectral >= {1 + TARGET_IMPROVEMENT:g} x baseline (1 layer each), tested as "
+                             f"spectral - {1 + TARGET_IMPROVEMENT:g} x baseline > 0; undefined (INCONCLUSIVE) unless "
+                             "the baseline's effect interval lies above 0."),
+    "spectral_vs_random": ("spectral rule at its k layers minus the random control at k layers (per prompt, the "
+                           "mean over the control's draws); claim: > 0."),
+    "layer_choice": (f"claim: spectral (k layers) keeps >= {1 - LAYER_CHOICE_TOLERANCE:.0%} of the oracle's effect "
+                     f"(k layers; chosen on the selection prompts where the steer job records a split), tested as "
+                     f"spectral - {1 - LAYER_CHOICE_TOLERANCE:g} x oracle > 0 (PASS) against < 0 (FAIL); "
+                     "undefined unless the oracle's effect interval lies above 0."),
+    "threshold": (f"the Youden-optimal gap threshold (important heads: {IMPORTANCE_RULE}; steerable layers: "
+                  f"{STEERABLE_RULE}). PASS when the threshold lies within [{UNSTABLE_GAP - BAND:.2f}, "
+                  f"{UNSTABLE_GAP + BAND:.2f}] (both one-sided tests, TOST) and the gap separates (AUROC > 0.5); "
+                  "FAIL when it lies outside the band or the AUROC is below 0.5 (small gaps mark the LESS important "
+                  "units); one-sided tests at 0.025, Holm over populations. Across seeds: t-interval of the seeds' "
+                  "thresholds (each seed's threshold already varies with its heads); one model: the calibration's "
+                  "stratified bootstrap."),
+    "0.77 holds": ("PASS when every population's threshold verdict is PASS (an intersection-union rule: no "
+                   "correction needed); FAIL when any is FAIL (those verdicts are Holm-corrected over populations); "
+                   "else INCONCLUSIVE (also with fewer than 2 populations)."),
+    "threshold stable": (f"PASS when the 95 % intervals of all population thresholds lie within one window of width "
+                         f"{STABLE_RANGE:.2f}; FAIL when two populations' Bonferroni-simultaneous intervals "
+                         f"(1 - 0.05/m for m populations) are more than {STABLE_RANGE:.2f} apart; else INCONCLUSIVE "
+                         "(also with fewer than 2 populations)."),
+    "correlation consistent": (
+        "Fisher z per seed (SE 1/sqrt(n - 3), n heads or layers; seeds with n <= 3 excluded); a population's z is "
+        "the mean over its seeds with variance max(between-seed variance, mean 1/(n-3)) / k and k - 1 degrees of "
+        "freedom (one seed: 1/(n-3), known). Heterogeneity across populations: Cochran's Q with these weights, its "
+        "p-value from Welch's F test (chi-square when every variance is known); I² = (Q - df)/Q. FAIL when the "
+        "Holm-adjusted (over the two correlations) heterogeneity p < 0.05; PASS when the heterogeneity p >= 0.05, "
+        "the pooled z differs from 0 (Holm-adjusted two-sided p < 0.05) and every population's mean r has the "
+        "pooled sign (no evidence of heterogeneity alone is not consistency); else INCONCLUSIVE (also with fewer "
+        "than 2 populations)."),
 }
 
 
@@ -87,9 +148,11 @@ VERDICT_RULES = {
 
 @dataclass
 class ModelData:
-    """Everything the finished units of one model hold, as arrays (non-finite values kept)."""
+    """Everything the finished units of one model (one seed of a population) hold."""
 
     name: str
+    population: str
+    seed: int | None
     facts: dict | None
     """model.json: parameters, layers, heads (per layer), d_model, d_head; None if absent."""
     units: dict[str, Path]
@@ -98,14 +161,49 @@ class ModelData:
     """layer, head, gap, entropy of every head."""
     heads: dict[str, np.ndarray] | None = None
     """layer, head, gap, importance (restoration) of every patched head."""
+    examples: dict[str, np.ndarray] | None = None
+    """patched, clean, corrupt: (heads, examples) metrics aligned with ``heads`` (None: only
+    per-head importances are known and intervals resample heads only)."""
     layers: dict[str, np.ndarray] | None = None
     """layer, min_gap, effect, effect_low, effect_high from the steering experiment."""
+    arms: dict[str, dict] = field(default_factory=dict)
+    """Steering role (baseline, spectral1, spectral_k, random_k, oracle_k) -> {name, k, n_draws,
+    effects: (prompts,) per-prompt effect (mean over draws), n_prompts}."""
+    prompts: str = ""
+    """Which prompts the steering effects are measured on (held-out split or all)."""
     validate: dict[str, dict] = field(default_factory=dict)
-    """validate.parquet rows by name."""
+    """validate.parquet rows by key (``key`` column) or name."""
     steer: dict[str, dict] = field(default_factory=dict)
-    """steer verdicts.parquet rows by name."""
+    """steer verdicts.parquet rows by key (``key`` column) or name."""
+    scan_set: str = ""
+    """held-out / in-sample scan prompts of the validate unit ('' when not recorded)."""
+    importance_source: str = ""
+    notes: list[str] = field(default_factory=list)
     excluded: dict[str, int] = field(default_factory=dict)
     """Non-finite values excluded, by quantity."""
+
+
+@dataclass
+class Population:
+    """The finished models (seeds) of one population, seeds in ascending order."""
+
+    name: str
+    members: list[ModelData]
+    listed: list[str]
+    """Every spec of the sweep in this population (finished or not)."""
+
+    @property
+    def seeds(self) -> list[int | None]:
+        return [m.seed for m in self.members]
+
+    @property
+    def one_model(self) -> bool:
+        """One model only: its verdicts describe that model, not a recipe."""
+        return len(self.members) <= 1
+
+    @property
+    def facts(self) -> dict | None:
+        return next((m.facts for m in self.members if m.facts is not None), None)
 
 
 @dataclass
@@ -114,10 +212,23 @@ class RunData:
     run_id: str
     config: dict
     models: list[ModelData]
+    populations: list[Population]
     found: list[str]
     """Finished units, one line each."""
     missing: list[str]
     """What the report could not use, one line each."""
+
+
+def population_of(spec: str) -> tuple[str, int | None]:
+    """(population, seed) of a model spec (``spectral.specs.population``); a spec it cannot
+    parse is a population of one with an unknown seed."""
+    from spectral.errors import UsageError
+    from spectral.specs import population
+
+    try:
+        return population(spec)
+    except (UsageError, ValueError):
+        return spec, None
 
 
 def _columns(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -126,8 +237,25 @@ def _columns(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
                 else np.full(table.num_rows, np.nan)) for n in names}
 
 
-def _rows_by_name(path: Path) -> dict[str, dict]:
-    return {r["name"]: r for r in pq.read_table(path).to_pylist()} if path.exists() else {}
+def _rows_by_key(path: Path) -> dict[str, dict]:
+    """Rows of a job's statistics table by their stable ``key`` when the table has one, and by
+    ``name`` (the display label) as well, for tables written before keys existed."""
+    if not path.exists():
+        return {}
+    out: dict[str, dict] = {}
+    for r in pq.read_table(path).to_pylist():
+        if r.get("key"):
+            out[r["key"]] = r
+        if r.get("name"):
+            out.setdefault(r["name"], r)
+    return out
+
+
+def job_row(rows: dict[str, dict], key: str, *old_prefixes: str) -> dict | None:
+    """The row with ``key``, else the first whose name starts with one of ``old_prefixes``."""
+    if key in rows:
+        return rows[key]
+    return next((r for name, r in rows.items() for p in old_prefixes if name.startswith(p)), None)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -141,15 +269,128 @@ def _scan(units: dict[str, Path]) -> dict[str, np.ndarray] | None:
     return None
 
 
-def _heads(units: dict[str, Path], scan: dict[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
-    if "validate" in units and (units["validate"] / "heads.parquet").exists():
-        return _columns(units["validate"] / "heads.parquet", ("layer", "head", "gap", "importance"))
-    if "patch" in units and scan is not None:
-        patch = _columns(units["patch"] / "patch.parquet", ("layer", "head", "restoration"))
-        gap_of = {(l, h): g for l, h, g in zip(scan["layer"], scan["head"], scan["gap"])}
-        gap = np.array([gap_of.get((l, h), np.nan) for l, h in zip(patch["layer"], patch["head"])])
-        return {"layer": patch["layer"], "head": patch["head"], "gap": gap, "importance": patch["restoration"]}
-    return None
+def _per_example(path: Path) -> tuple[list[tuple[int, int]], dict[str, np.ndarray]]:
+    """(sorted (layer, head) keys, {patched, clean, corrupt: (heads, examples)}) of a per-example
+    patching table; missing cells are NaN."""
+    t = _columns(path, ("layer", "head", "example", "metric_patched", "metric_clean", "metric_corrupt"))
+    lh = np.c_[t["layer"], t["head"]].astype(int)
+    keys, index = np.unique(lh, axis=0, return_inverse=True)
+    ex = t["example"].astype(int)
+    shape = (len(keys), int(ex.max()) + 1 if ex.size else 0)
+    out = {}
+    for name in ("patched", "clean", "corrupt"):
+        m = np.full(shape, np.nan)
+        m[index.ravel(), ex] = t[f"metric_{name}"]
+        out[name] = m
+    return [(int(a), int(b)) for a, b in keys], out
+
+
+def _patch_params(unit: Path) -> tuple[str, str]:
+    """(method, direction) of a patch unit: params.json, else the table's columns."""
+    params = _read_json(unit / "params.json") or {}
+    config = params.get("config", params)
+    method, direction = config.get("method"), config.get("direction")
+    if (method is None or direction is None) and (unit / "patch.parquet").exists():
+        t = pq.read_table(unit / "patch.parquet")
+        if method is None and "method" in t.column_names and t.num_rows:
+            method = t["method"][0].as_py()
+        if direction is None and "direction" in t.column_names and t.num_rows:
+            direction = t["direction"][0].as_py()
+    return method or "exact", direction or "denoise"
+
+
+def _heads(md: ModelData) -> None:
+    """Fill ``heads`` (and ``examples``) from the validate unit, else from a patch unit whose
+    restoration measures importance (exact / attribution patching, direction denoise)."""
+    units, scan = md.units, md.scan
+    unit, source = None, ""
+    if "validate" in units:
+        unit, source = units["validate"], "validate (exact patching, denoise)"
+        params = _read_json(unit / "params.json") or {}
+        md.scan_set = str(params.get("scan_set") or "")
+    elif "patch" in units:
+        method, direction = _patch_params(units["patch"])
+        if method not in IMPORTANCE_METHODS or direction != "denoise":
+            md.notes.append(f"patch unit with method {method}, direction {direction}: its restoration is ~1 for "
+                            "heads that do NOT matter (it measures what survives, not importance); not read as "
+                            "importance")
+            return
+        unit, source = units["patch"], f"patch ({method}, {direction})"
+    if unit is None:
+        return
+    md.importance_source = source
+    gap_of = {} if scan is None else {(int(l), int(h)): g for l, h, g in zip(scan["layer"], scan["head"], scan["gap"])
+                                     if np.isfinite(l) and np.isfinite(h)}
+    if (unit / "patch_examples.parquet").exists():
+        keys, ex = _per_example(unit / "patch_examples.parquet")
+        gap = np.array([gap_of.get(k, np.nan) for k in keys])
+        if not gap_of and (unit / "heads.parquet").exists():
+            h = _columns(unit / "heads.parquet", ("layer", "head", "gap"))
+            g = {(int(a), int(b)): c for a, b, c in zip(h["layer"], h["head"], h["gap"])}
+            gap = np.array([g.get(k, np.nan) for k in keys])
+        missing = ~np.isfinite(np.stack(list(ex.values()))).all(axis=(0, 2)) if ex["clean"].size else np.zeros(len(keys), bool)
+        imp = restoration(ex["patched"], ex["clean"], ex["corrupt"])
+        md.excluded["heads with missing per-example metrics"] = int(missing.sum())
+        md.excluded["restoration undefined (clean ~ corrupt)"] = int((np.isnan(imp) & ~missing).sum())
+        imp = np.where(missing, np.nan, imp)
+        md.heads = {"layer": np.array([k[0] for k in keys], float), "head": np.array([k[1] for k in keys], float),
+                    "gap": gap, "importance": imp}
+        md.examples = ex
+    elif (unit / "heads.parquet").exists():
+        md.heads = _columns(unit / "heads.parquet", ("layer", "head", "gap", "importance"))
+        md.notes.append("no per-example patching table: intervals resample heads only, not examples")
+    elif (unit / "patch.parquet").exists() and scan is not None:
+        patch = _columns(unit / "patch.parquet", ("layer", "head", "restoration"))
+        gap = np.array([gap_of.get((int(l), int(h)), np.nan) for l, h in zip(patch["layer"], patch["head"])])
+        md.heads = {"layer": patch["layer"], "head": patch["head"], "gap": gap, "importance": patch["restoration"]}
+        md.notes.append("no per-example patching table: intervals resample heads only, not examples")
+
+
+ROLES = ("baseline", "spectral1", "spectral_k", "random_k", "oracle_k")
+
+
+def _arms(unit: Path) -> tuple[dict[str, dict], str]:
+    """Steering arms by role from per_prompt.parquet (held-out prompts where it records a split)
+    and which prompts they are measured on."""
+    path = unit / "per_prompt.parquet"
+    if not path.exists():
+        return {}, ""
+    rows = pq.read_table(path).to_pylist()
+    split = any("split" in r for r in rows[:1])
+    if split:
+        rows = [r for r in rows if r.get("split") == "heldout"]
+    by: dict[str, dict] = {}
+    for r in rows:
+        name = r["strategy"]
+        if name.startswith("layer ") or name.startswith("grid "):
+            continue
+        a = by.setdefault(name, {"name": name, "family": r.get("family") or name, "k": int(r.get("k") or 1),
+                                 "draws": {}})
+        a["draws"].setdefault(int(r.get("draw") or 0), {})[int(r["prompt"])] = float(r["effect"])
+    arms = {}
+    for a in by.values():
+        prompts = sorted(set.intersection(*(set(d) for d in a["draws"].values())))
+        effects = np.array([[d[p] for p in prompts] for d in a["draws"].values()], dtype=float)
+        a.update(prompts=prompts, effects=effects.mean(0), n_draws=len(a["draws"]), n_prompts=len(prompts))
+        del a["draws"]
+        arms[a["name"]] = a
+
+    def pick(family: str, largest: bool) -> dict | None:
+        c = [a for a in arms.values() if a["family"] == family]
+        if not c:
+            return None
+        return max(c, key=lambda a: a["k"]) if largest else min(c, key=lambda a: a["k"])
+
+    roles = {"baseline": pick("baseline", False), "spectral1": pick("spectral", False),
+             "spectral_k": pick("spectral", True), "random_k": pick("random", True), "oracle_k": pick("oracle", True)}
+    roles = {k: v for k, v in roles.items() if v is not None}
+    if "spectral_k" in roles:  # comparisons at equal numbers of layers only
+        for r in ("random_k", "oracle_k"):
+            if r in roles and roles[r]["k"] != roles["spectral_k"]["k"] and split:
+                del roles[r]
+    where = ("held-out split of the evaluation prompts (the oracle chosen on the selection split)" if split else
+             "all evaluation prompts (no selection split recorded: the oracle is chosen and scored on the same prompts)")
+    return roles, where
 
 
 def _count_bad(*arrays: np.ndarray) -> int:
@@ -157,14 +398,16 @@ def _count_bad(*arrays: np.ndarray) -> int:
 
 
 def load_model(name: str, facts: dict | None, units: dict[str, Path]) -> ModelData:
-    md = ModelData(name, facts, units)
+    pop, seed = population_of(name)
+    md = ModelData(name, pop, seed, facts, units)
     md.scan = _scan(units)
-    md.heads = _heads(units, md.scan)
+    _heads(md)
     if "steer" in units and (units["steer"] / "layers.parquet").exists():
         md.layers = _columns(units["steer"] / "layers.parquet", ("layer", "min_gap", "effect", "effect_low", "effect_high"))
-        md.steer = _rows_by_name(units["steer"] / "verdicts.parquet")
+        md.steer = _rows_by_key(units["steer"] / "verdicts.parquet")
+        md.arms, md.prompts = _arms(units["steer"])
     if "validate" in units:
-        md.validate = _rows_by_name(units["validate"] / "validate.parquet")
+        md.validate = _rows_by_key(units["validate"] / "validate.parquet")
     if md.scan is not None:
         md.excluded["gap (scan)"] = _count_bad(md.scan["gap"])
         md.excluded["entropy (scan)"] = _count_bad(md.scan["entropy"])
@@ -179,7 +422,8 @@ def load_model(name: str, facts: dict | None, units: dict[str, Path]) -> ModelDa
 def load_run(run_dir: Path, safe: Callable[[str], str]) -> RunData:
     """Read ``run_dir/sweep.json`` and every finished unit; ``safe`` maps a model spec to its
     directory name (``jobs.sweep.safe``). A unit without ``unit.json`` is unfinished: named
-    in ``missing`` and not read."""
+    in ``missing`` and not read. Models are grouped into populations by
+    ``spectral.specs.population`` (order of first appearance in the sweep)."""
     sweep = json.loads((run_dir / "sweep.json").read_text(encoding="utf-8"))
     config = sweep.get("config", {})
     experiments = [e.get("kind", "?") for e in config.get("experiments", [])]
@@ -187,7 +431,16 @@ def load_run(run_dir: Path, safe: Callable[[str], str]) -> RunData:
     for kind in ("validate", "steer"):
         if kind not in experiments and not (kind == "validate" and "patch" in experiments):
             missing.append(f"the sweep has no {kind} experiment: its metrics are not evaluated")
+    listed: dict[str, list[str]] = {}
+    seen: dict[tuple[str, int | None], str] = {}
     for model in config.get("models", []):
+        pop, seed = population_of(model)
+        listed.setdefault(pop, []).append(model)
+        if seed is not None and (pop, seed) in seen:
+            missing.append(f"{model}: the same model as {seen[(pop, seed)]} (population {pop}, seed {seed}): "
+                           "counted once")
+            continue
+        seen[(pop, seed)] = model
         model_dir = run_dir / f"model={safe(model)}"
         units: dict[str, Path] = {}
         for i, kind in enumerate(experiments):
@@ -202,11 +455,18 @@ def load_run(run_dir: Path, safe: Callable[[str], str]) -> RunData:
         facts = _read_json(model_dir / "model.json")
         if facts is None:
             missing.append(f"{model}: model.json (size facts) missing: excluded from scaling fits")
-        models.append(load_model(model, facts, units))
-    return RunData(run_dir, str(sweep.get("run_id", run_dir.name)), config, models, found, missing)
+        md = load_model(model, facts, units)
+        missing += [f"{model}: {n}" for n in md.notes if "not read as importance" in n]
+        models.append(md)
+    populations = []
+    for pop, specs in listed.items():
+        members = sorted([m for m in models if m.population == pop and m.units],
+                         key=lambda m: (m.seed is None, m.seed if m.seed is not None else 0))
+        populations.append(Population(pop, members, specs))
+    return RunData(run_dir, str(sweep.get("run_id", run_dir.name)), config, models, populations, found, missing)
 
 
-# --- per-model statistics --------------------------------------------------------------
+# --- finite views ------------------------------------------------------------------------
 
 def finite_heads(md: ModelData) -> dict[str, np.ndarray] | None:
     if md.heads is None:
@@ -228,200 +488,715 @@ def finite_gaps(md: ModelData) -> np.ndarray:
     return md.scan["gap"][np.isfinite(md.scan["gap"])]
 
 
-def calibrations(md: ModelData, n_resamples: int, seed: int) -> dict[str, Calibration | None]:
-    """Head threshold (important heads) and layer threshold (steerable layers); None where the
-    model has no such data."""
-    heads, layers = finite_heads(md), finite_layers(md)
-    out: dict[str, Calibration | None] = {"heads": None, "layers": None}
-    if heads is not None:
-        out["heads"] = calibrate(heads["gap"], important(heads["importance"]), n_resamples=n_resamples, seed=seed)
-    if layers is not None:
-        out["layers"] = calibrate_layers(layers["min_gap"], layers["effect"], layers["effect_low"],
-                                         n_resamples=n_resamples, seed=seed)
+def head_member(md: ModelData) -> Member | None:
+    """The model as a population member for head-level statistics: ``per_unit`` gap (and
+    importance when there are no per-example metrics), ``per_example`` patched / clean /
+    corrupt. Heads with a non-finite gap or importance are left out (counted in ``excluded``).
+    Heads sharing one key head (grouped-query attention) form a cluster."""
+    h = finite_heads(md)
+    if h is None or h["gap"].size == 0:
+        return None
+    ok = np.isfinite(md.heads["gap"]) & np.isfinite(md.heads["importance"])
+    clusters = None
+    f = md.facts or {}
+    if f.get("kv_heads") and f.get("heads") and int(f["kv_heads"]) < int(f["heads"]):
+        group = int(f["heads"]) // int(f["kv_heads"])
+        clusters = (h["layer"].astype(int) * int(f["heads"]) + h["head"].astype(int) // group * group)
+    if md.examples is not None:
+        ex = {k: v[ok] for k, v in md.examples.items()}
+        return Member(md.seed, {"gap": h["gap"]}, ex, clusters) if clusters is not None else \
+            Member(md.seed, {"gap": h["gap"]}, ex)
+    per_unit = {"gap": h["gap"], "importance": h["importance"]}
+    return Member(md.seed, per_unit, {}, clusters) if clusters is not None else Member(md.seed, per_unit)
+
+
+def arm_member(md: ModelData, roles: Sequence[str]) -> Member | None:
+    """The model as a member for steering contrasts: one unit, per-prompt effects of each role
+    (paired: one example axis), or None when a role is missing or prompts differ."""
+    if not all(r in md.arms for r in roles):
+        return None
+    prompts = [md.arms[r]["prompts"] for r in roles]
+    if any(p != prompts[0] for p in prompts) or len(prompts[0]) < 2:
+        return None
+    return Member(md.seed, {"one": np.zeros(1)}, {r: md.arms[r]["effects"][None, :] for r in roles})
+
+
+# --- vectorised population estimates -------------------------------------------------------
+
+@dataclass(frozen=True)
+class Stat:
+    """A statistic in two forms: ``batched(per_unit, means) -> (b,)`` over a batch of resamples,
+    where ``per_unit`` holds (b, n) arrays and ``means`` the (b, n) means over each resample's
+    examples of every per-example array (and ``|clean|``, ``|corrupt|``: means of absolute
+    values, for the restoration's near-zero guard); and, through ``__call__``, the
+    ``analysis.population.Statistic`` form f(per_unit, per_example) -> float."""
+
+    name: str
+    batched: Callable[[dict, dict], np.ndarray]
+
+    def __call__(self, per_unit, per_example) -> float:
+        pu = {k: np.asarray(v, float)[None] for k, v in per_unit.items()}
+        mu = {}
+        for k, v in per_example.items():
+            v = np.asarray(v, float)
+            mu[k] = v.mean(-1)[None]
+            if k in ("clean", "corrupt"):
+                mu[f"|{k}|"] = np.abs(v).mean(-1)[None]
+        return float(self.batched(pu, mu)[0])
+
+
+def _example_means(per_example: dict[str, np.ndarray], weights: np.ndarray | None, b: int) -> dict[str, np.ndarray]:
+    """(b, n) means of every per-example array over resampled examples (``weights``: (b, m)
+    multiplicities / m; None: all examples once)."""
+    out = {}
+    for k, v in per_example.items():
+        arrays = [(k, v)] + ([(f"|{k}|", np.abs(v))] if k in ("clean", "corrupt") else [])
+        for name, a in arrays:
+            out[name] = np.broadcast_to(a.mean(-1), (b, a.shape[0])) if weights is None else weights @ a.T
     return out
 
 
-def calibration_row(model: str, target: str, c: Calibration) -> dict:
-    row = {"model": model, "target": target, "rule": IMPORTANCE_RULE if target == "important heads" else STEERABLE_RULE}
-    row.update({k: v for k, v in asdict(c).items()})
-    return row
+def _boots(m: Member, stats_: dict[str, Stat], n_resamples: int, rng: np.random.Generator, units: bool,
+           examples: bool) -> dict[str, np.ndarray]:
+    """Per statistic, ``n_resamples`` values on the same resamples of the member's units and examples."""
+    n, ex = m.n_units, m.per_example
+    mex = m.n_examples
+    step = max(1, min(n_resamples, UNIT_CHUNK_CELLS // max(1, n * max(mex, 1))))
+    out = {k: np.empty(n_resamples) for k in stats_}
+    for start in range(0, n_resamples, step):
+        b = min(step, n_resamples - start)
+        u = rng.integers(0, n, (b, n)) if units else np.broadcast_to(np.arange(n), (b, n))
+        pu = {k: v[u] for k, v in m.per_unit.items()}
+        mu = {}
+        if ex:
+            if examples and mex:
+                e = rng.integers(0, mex, (b, mex))
+                w = np.bincount((e + mex * np.arange(b)[:, None]).ravel(), minlength=b * mex).reshape(b, mex) / mex
+            else:
+                w = None
+            mu = {k: np.take_along_axis(v, u, axis=1) for k, v in _example_means(ex, w, b).items()}
+        for k, stat in stats_.items():
+            with np.errstate(all="ignore"):
+                v = np.asarray(stat.batched(pu, mu), dtype=float)
+            out[k][start:start + b] = np.where(np.isfinite(v), v, np.nan)
+    return out
 
 
-def band_verdict(low: float, high: float, reference: float = UNSTABLE_GAP, band: float = BAND) -> str:
-    """Per-model threshold rule (see VERDICT_RULES['per-model threshold'])."""
-    lo_edge, hi_edge = round(reference - band, 10), round(reference + band, 10)
-    if not (np.isfinite(low) and np.isfinite(high)):
-        return "INCONCLUSIVE"
-    if lo_edge <= low and high <= hi_edge:
+def estimate(members: Sequence[Member], stat: Stat, **kwargs) -> PopulationEstimate:
+    """``analysis.population.estimate`` with the per-seed bootstrap vectorised (see ``estimate_many``)."""
+    return estimate_many(members, {"_": stat}, **kwargs)["_"]
+
+
+def estimate_many(members: Sequence[Member], stats_: dict[str, Stat], *, n_resamples: int = 2000, seed: int = 0,
+                  confidence: float = 1 - ALPHA, resample_units: bool = True, resample_examples: bool = True,
+                  unit_name: str = "heads") -> dict[str, PopulationEstimate]:
+    """``analysis.population.estimate`` for several statistics on the same resamples, with the
+    per-seed bootstrap vectorised (each statistic runs on batches of resamples; examples are
+    resampled through their multiplicities, exact for statistics of example means). Same
+    intervals, same scheme text, same NaN rules. Members with clusters (grouped-query heads) go
+    to ``analysis.population.estimate`` itself, one statistic at a time."""
+    from analysis import population as pop
+
+    if not members:
+        raise ValueError("a population needs at least one member")
+    if any(getattr(m, "clusters", None) is not None for m in members):
+        return {k: pop.estimate(members, st, n_resamples=n_resamples, seed=seed, confidence=confidence,
+                                resample_units=resample_units, resample_examples=resample_examples,
+                                unit_name=unit_name) for k, st in stats_.items()}
+    rng = np.random.default_rng(seed)
+    alpha = 1 - confidence
+    levels = " -> ".join([x for x, on in ((unit_name, resample_units),
+                                           ("examples", resample_examples and any(m.per_example for m in members)))
+                          if on]) or "nothing"
+    per_member = [_boots(m, stats_, n_resamples, rng, resample_units, resample_examples) for m in members]
+    picks = rng.integers(0, len(members), (n_resamples, len(members)))
+    cols = rng.integers(0, n_resamples, (n_resamples, len(members)))
+    out = {}
+    for key, stat in stats_.items():
+        values = np.array([pop._safe(stat, m.per_unit, m.per_example) for m in members])
+        boots = np.stack([b[key] for b in per_member])
+        lows, highs = [], []
+        for row in boots:
+            ok = row[np.isfinite(row)]
+            if ok.size < n_resamples / 2:
+                lows.append(NAN), highs.append(NAN)
+            else:
+                lows.append(float(np.quantile(ok, alpha / 2))), highs.append(float(np.quantile(ok, 1 - alpha / 2)))
+        finite = np.isfinite(values)
+        n = int(finite.sum())
+        mean = float(values[finite].mean()) if n else NAN
+        if n == 0:
+            low = high = NAN
+        elif len(members) == 1:
+            low, high = lows[0], highs[0]
+        else:
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                means = np.nanmean(boots[picks, cols], axis=1)
+            means = means[np.isfinite(means)]
+            if n < 2 or means.size < n_resamples / 2:
+                low = high = NAN
+            else:
+                se = float(np.std(means, ddof=1)) * np.sqrt(n / (n - 1))
+                t = float(stats.t.ppf(1 - alpha / 2, n - 1))
+                low, high = mean - t * se, mean + t * se
+        sign = np.sign(mean) if np.isfinite(mean) and mean != 0 else 0
+        same = float(np.mean(np.sign(values[finite]) == sign)) if sign and n else NAN
+        out[key] = PopulationEstimate(
+            mean, float(low), float(high), tuple(float(v) for v in values), tuple(lows), tuple(highs),
+            tuple(m.seed for m in members), same, tuple(m.n_units for m in members),
+            tuple(m.n_examples for m in members), scheme(len(members), levels, n_resamples))
+    return out
+
+
+def seed_t_estimate(values: Sequence[float], seeds: Sequence[int | None], n_units: Sequence[int],
+                    per_seed_low: Sequence[float] | None = None, per_seed_high: Sequence[float] | None = None,
+                    *, what: str, confidence: float = 1 - ALPHA) -> PopulationEstimate:
+    """Across seeds: mean of the seeds' values ± t(k-1) x SD / sqrt(k) (each seed's value already
+    varies with its heads or layers, so the seeds' spread carries that variation); one seed: its
+    own interval (``per_seed_low/high``), if any. Seeds with an undefined value are left out."""
+    v = np.array(values, dtype=float)
+    ok = np.isfinite(v)
+    k = int(ok.sum())
+    lows = tuple(per_seed_low) if per_seed_low is not None else (NAN,) * len(v)
+    highs = tuple(per_seed_high) if per_seed_high is not None else (NAN,) * len(v)
+    mean = float(v[ok].mean()) if k else NAN
+    if len(v) == 1:
+        low, high = lows[0], highs[0]
+        text = f"one seed: {what}; describes this model only"
+    elif k >= 2:
+        half = float(stats.t.ppf(1 - (1 - confidence) / 2, k - 1)) * float(v[ok].std(ddof=1)) / math.sqrt(k)
+        low, high = mean - half, mean + half
+        text = f"{k} seeds: mean ± t({k - 1}) x SD/sqrt({k}) of the seeds' values (per seed: {what})"
+    else:
+        low = high = NAN
+        text = f"{k} of {len(v)} seeds with a value: no across-seed interval"
+    sign = np.sign(mean) if np.isfinite(mean) and mean != 0 else 0
+    same = float(np.mean(np.sign(v[ok]) == sign)) if sign and k else NAN
+    return PopulationEstimate(mean, float(low), float(high), tuple(float(x) for x in v), lows, highs,
+                              tuple(seeds), same, tuple(int(n) for n in n_units), (0,) * len(v), text)
+
+
+# --- batched statistics ----------------------------------------------------------------------
+
+def clip_correlation(e: PopulationEstimate) -> PopulationEstimate:
+    """A correlation's across-seed interval clipped to [-1, 1] (a t-interval over few seeds can
+    reach beyond; the scheme says so when it was clipped)."""
+    lo, hi = max(-1.0, e.low), min(1.0, e.high)
+    if (lo, hi) == (e.low, e.high) or not (np.isfinite(e.low) and np.isfinite(e.high)):
+        return e
+    from dataclasses import replace
+
+    return replace(e, low=lo, high=hi, scheme=e.scheme + "; clipped to [-1, 1]")
+
+
+def _restoration_b(pu: dict, mu: dict) -> np.ndarray:
+    """(b, n) restoration (``analysis.stats.restoration`` on resampled example means)."""
+    if "patched" not in mu:
+        return pu["importance"]
+    den = mu["clean"] - mu["corrupt"]
+    bad = ~(np.abs(den) > RESTORATION_RTOL * (mu["|clean|"] + mu["|corrupt|"]))
+    out = (mu["patched"] - mu["corrupt"]) / np.where(bad, 1.0, den)
+    return np.where(bad | ~np.isfinite(out), np.nan, out)
+
+
+def pearson_b(x: np.ndarray, y: np.ndarray, min_units: int = 3) -> np.ndarray:
+    """Row-wise Pearson r over the finite pairs of (b, n) arrays; NaN with fewer than
+    ``min_units`` distinct x values among them or a constant side (``analysis.stats.pearson``)."""
+    ok = np.isfinite(x) & np.isfinite(y)
+    cnt = ok.sum(1)
+    xs = np.sort(np.where(ok, x, np.inf), axis=1)
+    distinct = ((np.diff(xs, axis=1) != 0) & np.isfinite(xs[:, 1:])).sum(1) + (cnt > 0)
+    with np.errstate(all="ignore"):
+        mx = np.where(ok, x, 0).sum(1) / cnt
+        my = np.where(ok, y, 0).sum(1) / cnt
+        dx = np.where(ok, x - mx[:, None], 0)
+        dy = np.where(ok, y - my[:, None], 0)
+        den = np.sqrt((dx * dx).sum(1) * (dy * dy).sum(1))
+        r = np.clip((dx * dy).sum(1) / den, -1, 1)
+    return np.where((distinct >= min_units) & (den > 1e-300), r, np.nan)
+
+
+def _group_means(gap: np.ndarray, imp: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    ok = np.isfinite(gap) & np.isfinite(imp)
+    u, s = ok & (gap <= threshold), ok & (gap > threshold)
+    with np.errstate(all="ignore"):
+        mu = np.where(u, imp, 0).sum(1) / u.sum(1)
+        ms = np.where(s, imp, 0).sum(1) / s.sum(1)
+    return np.where(u.any(1), mu, np.nan), np.where(s.any(1), ms, np.nan)
+
+
+def r_inverse_gap() -> Stat:
+    return Stat("r(1/gap, restoration)", lambda pu, mu: pearson_b(1.0 / pu["gap"], _restoration_b(pu, mu)))
+
+
+def group_contrast(threshold: float = UNSTABLE_GAP, unstable: float = 1.0, stable: float = -1.0) -> Stat:
+    """unstable x mean(unstable restoration) + stable x mean(stable restoration)."""
+    def f(pu, mu):
+        a, b = _group_means(pu["gap"], _restoration_b(pu, mu), threshold)
+        return (unstable * a if unstable else 0.0) + (stable * b if stable else 0.0)
+    return Stat(f"{unstable:g} x unstable + {stable:g} x stable restoration (gap <= {threshold:g})", f)
+
+
+def arm_contrast(weights: dict[str, float]) -> Stat:
+    def f(pu, mu):
+        return sum(w * mu[r][:, 0] for r, w in weights.items())
+    return Stat(" + ".join(f"{w:g} x {r}" for r, w in weights.items()), f)
+
+
+def entropy_difference(threshold: float = UNSTABLE_GAP) -> Stat:
+    """Median entropy of unstable heads minus that of stable heads."""
+    def f(pu, mu):
+        g, e = pu["gap"], pu["entropy"]
+        ok = np.isfinite(g) & np.isfinite(e)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            a = np.nanmedian(np.where(ok & (g <= threshold), e, np.nan), axis=1)
+            b = np.nanmedian(np.where(ok & (g > threshold), e, np.nan), axis=1)
+        return a - b
+    return Stat("median entropy unstable - stable", f)
+
+
+# --- p-values, Holm, decisions --------------------------------------------------------------
+
+def _k(e: PopulationEstimate) -> int:
+    return int(np.isfinite(np.array(e.per_seed, dtype=float)).sum())
+
+
+def p_one_sided(e: PopulationEstimate, target: float, side: str) -> float:
+    """One-sided p-value of "value > target" (side 'above') or "< target" ('below') implied by
+    the estimate's 95 % interval: from its t-interval across >= 2 seeds, else from the
+    percentile interval's half-width on that side (normal scale). p < 0.025 exactly when the
+    interval lies on that side of the target."""
+    v, lo, hi = e.value, e.low, e.high
+    if not (np.isfinite(v) and np.isfinite(lo) and np.isfinite(hi)) or not np.isfinite(target):
+        return NAN
+    d = v - target if side == "above" else target - v
+    k = _k(e)
+    if e.n_seeds >= 2 and k >= 2:
+        tq = float(stats.t.ppf(1 - ALPHA / 2, k - 1))
+        se = (hi - lo) / (2 * tq)
+        if se <= 0:
+            return 0.0 if d > 0 else 1.0
+        return float(stats.t.sf(d / se, k - 1))
+    half = (v - lo) if side == "above" else (hi - v)
+    if half <= 0:
+        edge = lo if side == "above" else hi
+        inside = (edge > target) if side == "above" else (edge < target)
+        return 0.0 if inside else 1.0
+    se = half / stats.norm.ppf(1 - ALPHA / 2)
+    return float(stats.norm.sf(d / se))
+
+
+def interval_at(e: PopulationEstimate, confidence: float) -> tuple[float, float]:
+    """The estimate's interval rescaled to another confidence level (t or normal scale)."""
+    v, lo, hi = e.value, e.low, e.high
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return NAN, NAN
+    k = _k(e)
+    if e.n_seeds >= 2 and k >= 2:
+        f = stats.t.ppf(1 - (1 - confidence) / 2, k - 1) / stats.t.ppf(1 - ALPHA / 2, k - 1)
+    else:
+        f = stats.norm.ppf(1 - (1 - confidence) / 2) / stats.norm.ppf(1 - ALPHA / 2)
+    return float(v - f * (v - lo)), float(v + f * (hi - v))
+
+
+def decide(p_pass_adjusted: float, p_fail_adjusted: float) -> str:
+    if np.isfinite(p_pass_adjusted) and p_pass_adjusted < ALPHA / 2:
         return "PASS"
-    if high < lo_edge or low > hi_edge:
+    if np.isfinite(p_fail_adjusted) and p_fail_adjusted < ALPHA / 2:
         return "FAIL"
     return "INCONCLUSIVE"
 
 
-def threshold_verdict(c: Calibration) -> tuple[str, str]:
-    """Per-model threshold rule: the band rule, except that a threshold which does not separate
-    (AUROC interval not above 0.5) cannot PASS, and one that separates the wrong way FAILs."""
-    band = band_verdict(c.threshold_low, c.threshold_high)
-    if np.isfinite(c.auroc_high) and c.auroc_high < 0.5:
-        return "FAIL", "small gaps mark the LESS important units (AUROC interval below 0.5)"
-    if band == "PASS" and not c.auroc_low > 0.5:
-        return "INCONCLUSIVE", "interval within the band, but the gap does not separate (AUROC interval reaches 0.5)"
-    return band, ""
+# --- rows ------------------------------------------------------------------------------------
+
+def _fmt(v: float, lo: float = NAN, hi: float = NAN) -> str:
+    if not np.isfinite(v):
+        return "–"
+    return f"{v:.3g}" + (f" [{lo:.3g}, {hi:.3g}]" if np.isfinite(lo) and np.isfinite(hi) else "")
 
 
-def _row(model: str, key: str, value=NAN, low=NAN, high=NAN, target=NAN, verdict_="INCONCLUSIVE", note="") -> dict:
-    names = {**PER_MODEL_METRICS, **CROSS_MODEL_METRICS}
-    return {"model": model, "metric": names[key], "key": key, "value": float(value), "low": float(low),
-            "high": float(high), "target": float(target), "verdict": verdict_ or "INCONCLUSIVE", "note": note}
+def _units_text(n_units: Sequence[int]) -> str:
+    n = [int(x) for x in n_units]
+    if not n:
+        return "0"
+    return str(n[0]) if min(n) == max(n) else f"{min(n)}–{max(n)}"
 
 
-def _copied(model: str, key: str, rows: dict[str, dict], prefix: str, target: float, absent: str) -> dict:
-    match = [r for name, r in rows.items() if name.startswith(prefix)]
-    if not match:
-        return _row(model, key, target=target, note=absent)
-    r = match[0]
-    note = r.get("note") or ""
-    return _row(model, key, r["value"], r["low"], r["high"], target,
-                r.get("verdict") or verdict(Estimate(r["value"], r["low"], r["high"]), target),
-                f"{r['name']}{'; ' + note if note else ''}")
+def _row(population: str, key: str, *, pop: Population | None = None, e: PopulationEstimate | None = None,
+         target: float = NAN, unit: str = "", groups: str = "", note: str = "", p_pass: float = NAN,
+         p_fail: float = NAN, value: float | None = None, low: float | None = None, high: float | None = None,
+         family: str | None = None, scheme_text: str | None = None, prompts: str = "") -> dict:
+    names = {**POPULATION_METRICS, **CROSS_POPULATION_METRICS}
+    n_seeds = e.n_seeds if e is not None else (len(pop.members) if pop is not None else 0)
+    per_seed = ""
+    if e is not None and e.n_seeds:
+        per_seed = "; ".join(f"{'seed ' + str(s) if s is not None else 'model'}: {_fmt(v, lo, hi)}"
+                             for s, v, lo, hi in zip(e.seeds, e.per_seed, e.per_seed_low, e.per_seed_high))
+    one = pop is not None and pop.one_model
+    return {
+        "population": population, "key": key, "metric": names[key], "family": family or key,
+        "n_seeds": int(n_seeds), "seeds": "one model" if one else (
+            ", ".join(str(s) for s in (e.seeds if e is not None else pop.seeds if pop else []))),
+        "unit": unit, "n_units": _units_text(e.n_units) if e is not None and e.n_units else "",
+        "groups": groups, "value": float(e.value if value is None and e is not None else (NAN if value is None else value)),
+        "low": float(e.low if low is None and e is not None else (NAN if low is None else low)),
+        "high": float(e.high if high is None and e is not None else (NAN if high is None else high)),
+        "same_sign": float(e.same_sign) if e is not None else NAN, "per_seed": per_seed,
+        "target": float(target), "p_pass": float(p_pass), "p_fail": float(p_fail),
+        "p_pass_holm": NAN, "p_fail_holm": NAN, "verdict": "INCONCLUSIVE",
+        "scheme": scheme_text if scheme_text is not None else (e.scheme if e is not None else ""),
+        "correction": "", "prompts": prompts, "note": note,
+    }
 
 
-def layer_choice_row(model: str, steer: dict[str, dict], absent: str) -> dict:
-    r = steer.get("effect lost by spectral vs the oracle's best layer (fraction)")
-    if r is None:
-        return _row(model, "layer_choice", target=LAYER_CHOICE_TOLERANCE, note=absent)
-    lo, hi = r["low"], r["high"]
-    v = ("PASS" if hi <= LAYER_CHOICE_TOLERANCE else "FAIL" if lo > LAYER_CHOICE_TOLERANCE else "INCONCLUSIVE") \
-        if np.isfinite(lo) and np.isfinite(hi) else "INCONCLUSIVE"
-    return _row(model, "layer_choice", r["value"], lo, hi, LAYER_CHOICE_TOLERANCE, v,
-                "effect lost by the spectral choice vs the oracle's best layer (fraction); " + (r.get("note") or ""))
+def _apply_holm(rows: list[dict]) -> None:
+    """Holm within each family (the same key over populations), PASS and FAIL claims each;
+    verdicts from the adjusted one-sided p-values."""
+    families: dict[str, list[dict]] = {}
+    for r in rows:
+        families.setdefault(r["family"], []).append(r)
+    for fam, rs in families.items():
+        pp = holm([r["p_pass"] for r in rs])
+        pf = holm([r["p_fail"] for r in rs])
+        m = sum(np.isfinite(r["p_pass"]) or np.isfinite(r["p_fail"]) for r in rs)
+        for r, a, b in zip(rs, pp, pf):
+            r["p_pass_holm"], r["p_fail_holm"] = float(a), float(b)
+            r["verdict"] = decide(a, b)
+            r["correction"] = (f"Holm over {m} population(s) (family: {fam}); one-sided tests at 0.025" if m > 1 else
+                               "none needed (one test in its family); one-sided tests at 0.025" if m == 1 else
+                               "no test (undefined)")
 
 
-def model_verdicts(md: ModelData, cal: dict[str, Calibration | None]) -> list[dict]:
-    """One row per success metric of the plan, present whether or not the data is."""
-    no_validate = "no finished validate experiment for this model"
-    no_steer = "no finished steer experiment for this model"
+# --- per-population verdicts -----------------------------------------------------------------
+
+def _groups_text(pop_members: list[ModelData], threshold: float = UNSTABLE_GAP) -> str:
+    parts = []
+    for md in pop_members:
+        h = finite_heads(md)
+        if h is not None:
+            u = int((h["gap"] <= threshold).sum())
+            parts.append(f"{u}/{h['gap'].size - u}")
+    return ("unstable/stable heads per seed: " + ", ".join(parts)) if parts else ""
+
+
+@dataclass
+class PopulationResult:
+    """The estimates behind one population's rows."""
+
+    estimates: dict[str, PopulationEstimate] = field(default_factory=dict)
+    calibrations: dict[str, list[Calibration | None]] = field(default_factory=dict)
+    """'heads' / 'layers' -> per seed (None where the seed has no such data)."""
+
+
+def _scan_note(pop: Population) -> str:
+    sets = sorted({m.scan_set for m in pop.members if m.scan_set})
+    return ("gaps from " + "/".join(sets) + " scan prompts") if sets else ""
+
+
+def head_rows(pop: Population, res: PopulationResult, n_resamples: int, seed: int) -> list[dict]:
+    members = [(md, m) for md in pop.members if (m := head_member(md)) is not None]
+    absent = "no patched heads (no finished validate experiment, or its restoration is not importance)"
+    keys = ("importance_correlation", "restoration_difference", "restoration_ratio")
+    if not members:
+        return [_row(pop.name, k, pop=pop, note=absent, target={"importance_correlation": TARGET_R}.get(k, 0.0))
+                for k in keys]
+    mds, ms = [x[0] for x in members], [x[1] for x in members]
+    es = estimate_many(ms, {"r": r_inverse_gap(), "diff": group_contrast(),
+                            "margin": group_contrast(stable=-TARGET_RATIO), "unstable": group_contrast(stable=0.0),
+                            "stable": group_contrast(unstable=0.0, stable=1.0)}, n_resamples=n_resamples, seed=seed)
+    r_raw, diff, margin, unstable, stable = (es[k] for k in ("r", "diff", "margin", "unstable", "stable"))
+    r = clip_correlation(r_raw)
+    res.estimates.update(importance_correlation=r, restoration_difference=diff, restoration_ratio=margin,
+                         unstable_mean=unstable, stable_mean=stable)
+    groups, scan = _groups_text(mds), _scan_note(pop)
+    notes = "; ".join(x for x in [scan, *sorted({n for md in mds for n in md.notes if 'per-example' in n})] if x)
     rows = [
-        _copied(md.name, "importance_correlation", md.validate, "pearson r(importance, 1/gap)", 0.7, no_validate),
-        _copied(md.name, "restoration_ratio", md.validate, f"restoration ratio unstable/stable at gap <= {UNSTABLE_GAP:g}",
-                2.0, no_validate),
-        _copied(md.name, "steering_improvement", md.steer, "improvement of spectral over baseline", 0.25, no_steer),
-        layer_choice_row(md.name, md.steer, no_steer),
+        _row(pop.name, "importance_correlation", pop=pop, e=r, target=TARGET_R, unit="heads", note=notes,
+             p_pass=p_one_sided(r_raw, TARGET_R, "above"), p_fail=p_one_sided(r_raw, TARGET_R, "below")),
+        _row(pop.name, "restoration_difference", pop=pop, e=diff, target=0.0, unit="heads", groups=groups,
+             note="; ".join(x for x in (f"unstable {_fmt(unstable.value, unstable.low, unstable.high)}, stable "
+                                        f"{_fmt(stable.value, stable.low, stable.high)}", notes) if x),
+             p_pass=p_one_sided(diff, 0.0, "above"), p_fail=p_one_sided(diff, 0.0, "below")),
     ]
-    for which, key, absent in (("heads", "threshold_heads", "no patched heads for this model"),
-                               ("layers", "threshold_layers", no_steer)):
-        c = cal[which]
-        if c is None:
-            rows.append(_row(md.name, key, target=UNSTABLE_GAP, note=absent))
-            continue
-        note = (f"Youden-optimal gap, AUROC {c.auroc:.2f} [{c.auroc_low:.2f}, {c.auroc_high:.2f}], "
-                f"n = {c.n} ({c.n_positive} positive)")
-        v, why = threshold_verdict(c)
-        rows.append(_row(md.name, key, c.threshold, c.threshold_low, c.threshold_high, UNSTABLE_GAP, v,
-                         "; ".join(x for x in (note, why, c.reason) if x)))
+    defined = np.isfinite(stable.low) and stable.low > 0
+    ratio = unstable.value / stable.value if defined and np.isfinite(unstable.low) and unstable.low > 0 else NAN
+    if defined:
+        note = (f"ratio of the mean restorations {ratio:.3g}" if np.isfinite(ratio) else
+                "ratio not shown: the unstable group's mean is not known to be > 0") + \
+               f"; stable mean {_fmt(stable.value, stable.low, stable.high)} > 0"
+        rows.append(_row(pop.name, "restoration_ratio", pop=pop, e=margin, target=0.0, unit="heads", groups=groups,
+                         note=note, p_pass=p_one_sided(margin, 0.0, "above"), p_fail=p_one_sided(margin, 0.0, "below")))
+    else:
+        rows.append(_row(pop.name, "restoration_ratio", pop=pop, e=margin, target=0.0, unit="heads", groups=groups,
+                         note=(f"undefined: the stable heads' mean restoration {_fmt(stable.value, stable.low, stable.high)} "
+                               "is not known to be > 0 (a ratio would invert or explode); read restoration_difference")))
     return rows
 
 
-# --- cross-model rules -----------------------------------------------------------------
+def steer_rows(pop: Population, res: PopulationResult, n_resamples: int, seed: int) -> list[dict]:
+    specs = {
+        "steering_difference": (("spectral1", "baseline"), {"spectral1": 1.0, "baseline": -1.0}, "baseline"),
+        "steering_improvement": (("spectral1", "baseline"), {"spectral1": 1.0, "baseline": -(1 + TARGET_IMPROVEMENT)},
+                                 "baseline"),
+        "spectral_vs_random": (("spectral_k", "random_k"), {"spectral_k": 1.0, "random_k": -1.0}, None),
+        "layer_choice": (("spectral_k", "oracle_k"), {"spectral_k": 1.0, "oracle_k": -(1 - LAYER_CHOICE_TOLERANCE)},
+                         "oracle_k"),
+    }
+    rows = []
+    prompts = "; ".join(sorted({m.prompts for m in pop.members if m.prompts}))
+    for key, (roles, weights, gate) in specs.items():
+        mds = [md for md in pop.members if arm_member(md, roles) is not None]
+        if not mds:
+            have = [md for md in pop.members if md.arms]
+            why = ("no finished steer experiment" if not any("steer" in md.units for md in pop.members) else
+                   f"no per-prompt effects of {' and '.join(roles)}" if not have else
+                   f"the steer runs lack {' or '.join(roles)} (or measured them on different prompts)")
+            rows.append(_row(pop.name, key, pop=pop, target=0.0, note=why, prompts=prompts))
+            continue
+        ms = [arm_member(md, roles) for md in mds]
+        kw = dict(n_resamples=n_resamples, seed=seed, resample_units=False, unit_name="prompts")
+        es = estimate_many(ms, {"c": arm_contrast(weights), **({"g": arm_contrast({gate: 1.0})} if gate else {})}, **kw)
+        e = es["c"]
+        res.estimates[key] = e
+        ks = sorted({md.arms[roles[0]]["k"] for md in mds})
+        draws = sorted({md.arms[r]["n_draws"] for md in mds for r in roles if r == "random_k"})
+        n_prompts = sorted({md.arms[roles[0]]["n_prompts"] for md in mds})
+        groups = (f"k = {'/'.join(map(str, ks))} layer(s); prompts per seed {_units_text(n_prompts)}"
+                  + (f"; random draws {'/'.join(map(str, draws))}" if draws else ""))
+        parts = [f"{md.arms[r]['name']}" for md in mds[:1] for r in roles]
+        note = " vs ".join(parts)
+        row = _row(pop.name, key, pop=pop, e=e, target=0.0, unit="prompts", groups=groups, prompts=prompts,
+                   p_pass=p_one_sided(e, 0.0, "above"), p_fail=p_one_sided(e, 0.0, "below"))
+        row["n_units"] = _units_text(n_prompts)
+        if gate is not None:
+            g = es["g"]
+            res.estimates[f"{key}:{gate}"] = g
+            if not (np.isfinite(g.low) and g.low > 0):
+                row.update(p_pass=NAN, p_fail=NAN)
+                note += (f"; undefined: the {md_role(gate)} effect {_fmt(g.value, g.low, g.high)} is not known to be "
+                         "> 0 (a relative claim is meaningless)")
+            else:
+                note += f"; {md_role(gate)} effect {_fmt(g.value, g.low, g.high)} > 0"
+        row["note"] = note
+        rows.append(row)
+    return rows
 
-def threshold_holds(lows: np.ndarray, highs: np.ndarray, separates: list[bool],
-                    reversed_: list[bool] | None = None) -> tuple[str, str]:
-    """'0.77 holds' rule over the models' threshold intervals (see VERDICT_RULES); ``separates``:
-    whether each model's AUROC interval lies above 0.5 (needed for PASS); ``reversed_``: whether
-    it lies below 0.5 (small gaps mark the less important units: the threshold fails there)."""
-    n_models = len(separates)
-    if n_models < 2:
-        return "INCONCLUSIVE", f"generalization needs at least 2 models; this run has {n_models} with a threshold"
-    per = [band_verdict(lo, hi) for lo, hi in zip(lows, highs)]
-    flipped = sum(reversed_ or [])
-    if "FAIL" in per or flipped:
-        return "FAIL", (f"{per.count('FAIL')} of {len(per)} models' intervals lie outside the band; in {flipped} "
-                        "the gap separates the wrong way (AUROC interval below 0.5)")
-    if all(v == "PASS" for v in per) and all(separates):
-        return "PASS", "every model's interval lies within the band"
-    return "INCONCLUSIVE", (f"{per.count('PASS')} of {len(per)} models' intervals lie within the band; "
-                            f"{sum(separates)} of {len(per)} models' gaps separate (AUROC interval above 0.5)")
+
+def md_role(role: str) -> str:
+    return {"baseline": "baseline's", "oracle_k": "oracle's", "spectral1": "spectral rule's",
+            "spectral_k": "spectral rule's", "random_k": "random control's"}.get(role, role)
 
 
-def threshold_stable(points: np.ndarray, lows: np.ndarray, highs: np.ndarray) -> tuple[str, str]:
-    """'threshold stable across models' rule (see VERDICT_RULES)."""
-    if points.size < 2:
-        return "INCONCLUSIVE", f"generalization needs at least 2 models; this run has {points.size} with a threshold"
-    spread = float(np.ptp(points))
-    ok = np.isfinite(lows) & np.isfinite(highs)
-    apart = float(lows[ok].max() - highs[ok].min()) if ok.sum() >= 2 else NAN
-    note = f"range of thresholds {spread:.3f}; " + (f"largest distance between intervals {max(apart, 0.0):.3f}"
-                                                      if np.isfinite(apart) else "fewer than 2 intervals")
+def _band_ps(t: PopulationEstimate, a: PopulationEstimate) -> tuple[float, float]:
+    """(p of PASS, p of FAIL) of the threshold rule: TOST within the band and AUROC > 0.5;
+    outside the band (either side, Bonferroni x 2) or AUROC < 0.5 (x 3 in all)."""
+    lo_edge, hi_edge = round(UNSTABLE_GAP - BAND, 10), round(UNSTABLE_GAP + BAND, 10)
+    p_pass = max(p_one_sided(t, lo_edge, "above"), p_one_sided(t, hi_edge, "below"), p_one_sided(a, 0.5, "above"))
+    fails = [p_one_sided(t, lo_edge, "below"), p_one_sided(t, hi_edge, "above"), p_one_sided(a, 0.5, "below")]
+    fails = [p for p in fails if np.isfinite(p)]
+    p_fail = min(1.0, len(fails) * min(fails)) if fails else NAN
+    return p_pass, p_fail
+
+
+def threshold_rows(pop: Population, res: PopulationResult, n_resamples: int, seed: int) -> list[dict]:
+    rows = []
+    # per-seed intervals are descriptive when there are several seeds (the verdict reads the seeds'
+    # spread): fewer resamples there keep the report fast
+    b = n_resamples if len(pop.members) <= 1 else max(200, n_resamples // 4)
+    for which, key in (("heads", "threshold_heads"), ("layers", "threshold_layers")):
+        cals = []
+        for md in pop.members:
+            c = None
+            if which == "heads" and (h := finite_heads(md)) is not None and h["gap"].size:
+                c = calibrate(h["gap"], important(h["importance"]), n_resamples=b, seed=seed)
+            elif which == "layers" and (l := finite_layers(md)) is not None and l["min_gap"].size:
+                c = calibrate_layers(l["min_gap"], l["effect"], l["effect_low"], n_resamples=b, seed=seed)
+            cals.append(c)
+        res.calibrations[which] = cals
+        have = [(md, c) for md, c in zip(pop.members, cals) if c is not None]
+        absent = "no patched heads" if which == "heads" else "no finished steer experiment"
+        if not have:
+            rows.append(_row(pop.name, key, pop=pop, target=UNSTABLE_GAP, note=absent))
+            continue
+        seeds = [md.seed for md, _ in have]
+        units = [c.n for _, c in have]
+        what = f"Youden-optimal threshold, stratified bootstrap over {which} ({b})"
+        t = seed_t_estimate([c.threshold for _, c in have], seeds, units, [c.threshold_low for _, c in have],
+                            [c.threshold_high for _, c in have], what=what)
+        a = seed_t_estimate([c.auroc for _, c in have], seeds, units, [c.auroc_low for _, c in have],
+                            [c.auroc_high for _, c in have], what=f"AUROC of -gap, stratified bootstrap ({b})")
+        res.estimates[key], res.estimates[f"auroc_{which}"] = t, a
+        p_pass, p_fail = _band_ps(t, a)
+        pos = ", ".join(f"{c.n_positive}/{c.n - c.n_positive}" for _, c in have)
+        undefined = [f"seed {md.seed}: {c.reason}" for md, c in have if c.reason and not np.isfinite(c.threshold)]
+        note = "; ".join(x for x in (f"AUROC {_fmt(a.value, a.low, a.high)}",
+                                     ("seeds without a threshold: " + "; ".join(undefined)) if undefined else "",
+                                     _scan_note(pop) if which == "heads" else "") if x)
+        rows.append(_row(pop.name, key, pop=pop, e=t, target=UNSTABLE_GAP, unit=which,
+                         groups=f"{'important' if which == 'heads' else 'steerable'}/other per seed: {pos}",
+                         note=note, p_pass=p_pass, p_fail=p_fail))
+    return rows
+
+
+# --- cross-population rules -------------------------------------------------------------------
+
+def threshold_holds(verdicts: list[str]) -> tuple[str, str]:
+    """'0.77 holds' (RULES['0.77 holds']) over the populations' Holm-corrected threshold verdicts."""
+    n = len(verdicts)
+    if n < 2:
+        return "INCONCLUSIVE", f"generalization needs at least 2 populations; this run has {n} with a threshold"
+    note = f"{verdicts.count('PASS')} PASS, {verdicts.count('FAIL')} FAIL, {verdicts.count('INCONCLUSIVE')} INCONCLUSIVE of {n}"
+    if "FAIL" in verdicts:
+        return "FAIL", note
+    if all(v == "PASS" for v in verdicts):
+        return "PASS", note
+    return "INCONCLUSIVE", note
+
+
+def threshold_stable(estimates: list[PopulationEstimate]) -> tuple[str, str]:
+    """'threshold stable' (RULES['threshold stable'])."""
+    es = [e for e in estimates if np.isfinite(e.value)]
+    m = len(es)
+    if m < 2:
+        return "INCONCLUSIVE", f"generalization needs at least 2 populations; this run has {m} with a threshold"
+    lows, highs = np.array([e.low for e in es]), np.array([e.high for e in es])
+    sim = [interval_at(e, 1 - ALPHA / m) for e in es]
+    slo, shi = np.array([s[0] for s in sim]), np.array([s[1] for s in sim])
+    ok = np.isfinite(slo) & np.isfinite(shi)
+    apart = float(slo[ok].max() - shi[ok].min()) if ok.sum() >= 2 else NAN
+    window = float(highs.max() - lows.min()) if np.isfinite(lows).all() and np.isfinite(highs).all() else NAN
+    note = (f"range of population thresholds {np.ptp([e.value for e in es]):.3f}; envelope of the 95 % intervals "
+            + (f"{window:.3f}" if np.isfinite(window) else "undefined (a population without an interval)")
+            + (f"; largest distance between simultaneous intervals {max(apart, 0.0):.3f}" if np.isfinite(apart) else ""))
     if np.isfinite(apart) and apart > STABLE_RANGE:
         return "FAIL", note
-    if ok.all() and spread <= STABLE_RANGE:
+    if np.isfinite(window) and window <= STABLE_RANGE:
         return "PASS", note
-    return "INCONCLUSIVE", note + ("" if ok.all() else f"; {int((~ok).sum())} model(s) without an interval")
+    return "INCONCLUSIVE", note
+
+
+@dataclass(frozen=True)
+class Study:
+    """One population's correlation on the Fisher-z scale (RULES['correlation consistent'])."""
+
+    population: str
+    z: float
+    var: float
+    df: float
+    """Degrees of freedom of ``var`` (inf: known, one seed)."""
+    r_seeds: tuple[float, ...]
+    n_seeds: tuple[int, ...]
+    """Units (heads or layers) per used seed."""
+    n_excluded: int
+    """Seeds left out (n <= 3 or r undefined)."""
+
+    @property
+    def r(self) -> float:
+        return float(np.tanh(self.z))
+
+
+def study(population: str, r: Sequence[float], n: Sequence[int]) -> Study | None:
+    """A population's Fisher z from its seeds' correlations ``r`` over ``n`` units each; seeds
+    with n <= 3 or an undefined r are excluded; None when no seed is left."""
+    r, n = np.asarray(r, float), np.asarray(n, float)
+    ok = np.isfinite(r) & (n > 3)
+    if not ok.any():
+        return None
+    z = np.arctanh(np.clip(r[ok], -1 + 1e-9, 1 - 1e-9))
+    within = 1.0 / (n[ok] - 3)
+    k = int(ok.sum())
+    if k == 1:
+        return Study(population, float(z[0]), float(within[0]), math.inf, tuple(r[ok]), tuple(int(x) for x in n[ok]),
+                     int((~ok).sum()))
+    var = max(float(z.var(ddof=1)), float(within.mean())) / k
+    return Study(population, float(z.mean()), var, float(k - 1), tuple(r[ok]), tuple(int(x) for x in n[ok]),
+                 int((~ok).sum()))
 
 
 @dataclass(frozen=True)
 class Heterogeneity:
-    """Fixed-effect pooling of per-model correlations on the Fisher-z scale, Cochran's Q."""
+    """Pooling of population correlations on the Fisher-z scale, Cochran's Q with Welch's test."""
 
     pooled: float
     pooled_low: float
     pooled_high: float
+    pooled_p: float
+    """Two-sided p of pooled z = 0."""
     q: float
     df: int
     p_value: float
+    """Heterogeneity p: chi-square(df) when every variance is known, else Welch's F."""
+    test: str
     i2: float
     """max(0, (Q - df) / Q): share of the spread beyond chance."""
     n_models: int
+    """Populations used."""
     n_positive: int
-    """Models with r > 0."""
+    """Populations with r > 0."""
     n_excluding_zero_positive: int
     n_excluding_zero_negative: int
     reason: str = ""
 
 
-def heterogeneity(r: np.ndarray, low: np.ndarray, high: np.ndarray) -> Heterogeneity:
-    """Cochran's Q of correlations r with 95 % intervals [low, high]; SE of z = atanh(r) is the
-    interval's width on the z scale / (2 x 1.96). Models without a usable interval are left out."""
-    r, low, high = (np.asarray(a, dtype=float) for a in (r, low, high))
-    clip = 1 - 1e-9
-    z, zl, zh = (np.arctanh(np.clip(a, -clip, clip)) for a in (r, low, high))
-    se = (zh - zl) / (2 * Z95)
-    ok = np.isfinite(z) & np.isfinite(se) & (se > 0)
-    r, low, high, z, se = r[ok], low[ok], high[ok], z[ok], se[ok]
-    counts = (int(r.size), int((r > 0).sum()), int((low > 0).sum()), int((high < 0).sum()))
-    if r.size < 2:
-        return Heterogeneity(NAN, NAN, NAN, NAN, 0, NAN, NAN, *counts,
-                             reason=f"needs >= 2 models with a correlation and its interval; have {r.size}")
-    w = 1 / se ** 2
-    zbar = float((w * z).sum() / w.sum())
-    half = Z95 / np.sqrt(w.sum())
+def heterogeneity(studies: Sequence[Study | None]) -> Heterogeneity:
+    s = [x for x in studies if x is not None and np.isfinite(x.z) and x.var > 0]
+    z = np.array([x.z for x in s])
+    var = np.array([x.var for x in s])
+    dfs = np.array([x.df for x in s])
+    half = np.array([stats.t.ppf(1 - ALPHA / 2, d) if np.isfinite(d) else stats.norm.ppf(1 - ALPHA / 2) for d in dfs])
+    lo, hi = z - half * np.sqrt(var), z + half * np.sqrt(var)
+    counts = (len(s), int((z > 0).sum()), int((lo > 0).sum()), int((hi < 0).sum()))
+    if len(s) < 2:
+        return Heterogeneity(NAN, NAN, NAN, NAN, NAN, 0, NAN, "", NAN, *counts,
+                             reason=f"needs >= 2 populations with a correlation over > 3 units; have {len(s)}")
+    w = 1 / var
+    W = w.sum()
+    zbar = float((w * z).sum() / W)
     q = float((w * (z - zbar) ** 2).sum())
-    df = r.size - 1
-    return Heterogeneity(float(np.tanh(zbar)), float(np.tanh(zbar - half)), float(np.tanh(zbar + half)), q, df,
-                         float(stats.chi2.sf(q, df)), max(0.0, (q - df) / q) if q > 0 else 0.0, *counts)
+    k = len(s)
+    df1 = k - 1
+    lam = float(sum((1 - wi / W) ** 2 / d for wi, d in zip(w, dfs) if np.isfinite(d)))
+    if lam == 0:
+        p, test = float(stats.chi2.sf(q, df1)), f"chi-square({df1})"
+    else:
+        f = (q / df1) / (1 + 2 * (k - 2) * lam / (k * k - 1))
+        df2 = (k * k - 1) / (3 * lam)
+        p, test = float(stats.f.sf(f, df1, df2)), f"Welch F({df1}, {df2:.1f}) = {f:.2f}"
+    frac = sum((wi / W) ** 2 / d for wi, d in zip(w, dfs) if np.isfinite(d))
+    df_pool = 1 / frac if frac > 0 else math.inf
+    se = 1 / math.sqrt(W)
+    tq = stats.t.ppf(1 - ALPHA / 2, df_pool) if np.isfinite(df_pool) else stats.norm.ppf(1 - ALPHA / 2)
+    pp = float(2 * (stats.t.sf(abs(zbar) / se, df_pool) if np.isfinite(df_pool) else stats.norm.sf(abs(zbar) / se)))
+    return Heterogeneity(float(np.tanh(zbar)), float(np.tanh(zbar - tq * se)), float(np.tanh(zbar + tq * se)), pp,
+                         q, df1, p, test, max(0.0, (q - df1) / q) if q > 0 else 0.0, *counts)
 
 
-def consistency_verdict(h: Heterogeneity) -> tuple[str, str]:
+def consistency_verdict(h: Heterogeneity, p_het_adjusted: float | None = None,
+                        p_pooled_adjusted: float | None = None) -> tuple[str, str]:
+    """RULES['correlation consistent'] (adjusted p-values default to the raw ones)."""
     if h.reason:
         return "INCONCLUSIVE", h.reason
-    note = (f"Q = {h.q:.2f} (df {h.df}), p = {h.p_value:.3g}, I² = {h.i2:.2f}; {h.n_positive} of {h.n_models} "
-            f"r > 0; intervals above 0: {h.n_excluding_zero_positive}, below 0: {h.n_excluding_zero_negative}")
-    if h.p_value < HETEROGENEITY_ALPHA or (h.n_excluding_zero_positive and h.n_excluding_zero_negative):
+    ph = h.p_value if p_het_adjusted is None else p_het_adjusted
+    pp = h.pooled_p if p_pooled_adjusted is None else p_pooled_adjusted
+    note = (f"Q = {h.q:.2f} (df {h.df}), {h.test}, p = {h.p_value:.3g} (Holm {ph:.3g}), I² = {h.i2:.2f}; pooled p = "
+            f"{h.pooled_p:.3g} (Holm {pp:.3g}); {h.n_positive} of {h.n_models} populations r > 0")
+    if ph < ALPHA:
         return "FAIL", note
-    if h.n_positive in (0, h.n_models):
+    same = h.n_positive in (0, h.n_models) and (h.n_positive == 0) == (h.pooled < 0)
+    if h.p_value >= ALPHA and pp < ALPHA and same:
         return "PASS", note
     return "INCONCLUSIVE", note
 
 
 # --- the whole run ---------------------------------------------------------------------
 
-CORRELATIONS = {
-    "importance": ("validate", "pearson r(importance, 1/gap)", "consistent_importance_r"),
-    "steering": ("steer", "pearson r(per-layer min gap, per-layer steering effect)", "consistent_steering_r"),
-}
 SCALING_QUANTITIES = ("calibrated threshold (important heads)", "calibrated threshold (steerable layers)",
                       "minimum gap", f"fraction unstable (gap <= {UNSTABLE_GAP:g})", "r(importance, 1/gap)")
+BOUNDED = {SCALING_QUANTITIES[0]: (0.0, 1.0), SCALING_QUANTITIES[1]: (0.0, 1.0), SCALING_QUANTITIES[2]: (0.0, 1.0),
+           SCALING_QUANTITIES[3]: (0.0, 1.0), SCALING_QUANTITIES[4]: (-1.0, 1.0)}
+"""The range a scaling quantity can take; a prediction outside it is not reported."""
 FACT_KEYS = ("parameters", "layers", "heads", "d_model", "d_head")
 
 
@@ -430,22 +1205,24 @@ class Analysis:
     """The report's tables (lists of rows) and the numbers behind its figures."""
 
     calibrations: dict[str, dict[str, Calibration | None]]
+    """Model -> 'heads' / 'layers' -> calibration (None where absent)."""
     calibration_rows: list[dict]
     verdicts: list[dict]
     correlations: list[dict]
-    """model, correlation ('importance' / 'steering'), r, low, high."""
+    """population, correlation ('importance' / 'steering'), r (mean over seeds), low, high, per-seed r and n."""
     heterogeneity: dict[str, Heterogeneity]
     spread: dict[str, dict]
-    """'heads' / 'layers' -> n, mean, sd, min, max, range of point thresholds."""
-    per_model: dict[str, dict[str, float]]
-    """Model -> {scaling quantity: value} (every model)."""
+    """'heads' / 'layers' -> n, mean, sd, min, max, range of population thresholds."""
+    per_population: dict[str, dict[str, float]]
+    """Population -> {scaling quantity: across-seed mean}."""
     quantities: dict[str, dict[str, float]]
-    """Scaling quantity -> {model: value} (models with size facts and a finite value only)."""
+    """Scaling quantity -> {population: value} (those fitted only)."""
     scaling_rows: list[dict]
     scaling_reason: str
-    """Why there are no scaling rows; empty when there are."""
     scaling_models: list[dict]
     information_rows: list[dict]
+    results: dict[str, PopulationResult] = field(default_factory=dict)
+    scaling_excluded: list[str] = field(default_factory=list)
 
 
 def _spread(values: list[float]) -> dict:
@@ -456,116 +1233,295 @@ def _spread(values: list[float]) -> dict:
             "min": float(v.min()), "max": float(v.max()), "range": float(np.ptp(v))}
 
 
-def cross_verdicts(cal: dict[str, dict[str, Calibration | None]], het: dict[str, Heterogeneity]) -> list[dict]:
+def _seed_r_layers(md: ModelData) -> tuple[float, int]:
+    l = finite_layers(md)
+    if l is None or l["min_gap"].size < 3:
+        return NAN, 0 if l is None else int(l["min_gap"].size)
+    from analysis.stats import pearson
+
+    return pearson(l["min_gap"], l["effect"]), int(l["min_gap"].size)
+
+
+def correlations(run: RunData, results: dict[str, PopulationResult]) -> tuple[list[dict], dict[str, list[Study | None]]]:
+    """Per population: r(importance, 1/gap) (hierarchical interval) and r(layer min gap, steering
+    effect) (seeds' t-interval; one seed: Fisher-z interval over its layers, no prompt-level
+    interval); and the Fisher-z studies the consistency verdicts read."""
+    rows, studies = [], {"importance": [], "steering": []}
+    for pop in run.populations:
+        e = results[pop.name].estimates.get("importance_correlation")
+        if e is not None:
+            rows.append({"population": pop.name, "correlation": "importance", "r": e.value, "low": e.low,
+                         "high": e.high, "n_seeds": e.n_seeds, "per_seed_r": list(e.per_seed),
+                         "per_seed_n": list(e.n_units), "scheme": e.scheme, "note": ""})
+            studies["importance"].append(study(pop.name, e.per_seed, e.n_units))
+        else:
+            studies["importance"].append(None)
+        rs = [(md.seed, *_seed_r_layers(md)) for md in pop.members if md.layers is not None]
+        if rs:
+            vals = [r for _, r, _ in rs]
+            ns = [n for _, _, n in rs]
+            if len(rs) == 1:
+                r, n = vals[0], ns[0]
+                lo = hi = NAN
+                if np.isfinite(r) and n > 3:
+                    z, se = np.arctanh(np.clip(r, -1 + 1e-9, 1 - 1e-9)), 1 / math.sqrt(n - 3)
+                    lo, hi = float(np.tanh(z - 1.96 * se)), float(np.tanh(z + 1.96 * se))
+                scheme_text = (f"one model: Fisher-z interval over its {n} layers (SE 1/sqrt(n-3))" if n > 3 else
+                               f"one model, {n} layers: too few for an interval")
+                rows.append({"population": pop.name, "correlation": "steering", "r": r, "low": lo, "high": hi,
+                             "n_seeds": 1, "per_seed_r": vals, "per_seed_n": ns, "scheme": scheme_text,
+                             "note": "descriptive: layers are the units; not comparable with other studies' r"})
+            else:
+                e = seed_t_estimate(vals, [s for s, _, _ in rs], ns, what="r over the seed's layers, no interval")
+                rows.append({"population": pop.name, "correlation": "steering", "r": e.value, "low": e.low,
+                             "high": e.high, "n_seeds": e.n_seeds, "per_seed_r": vals, "per_seed_n": ns,
+                             "scheme": e.scheme,
+                             "note": f"{_units_text(ns)} layers per seed: per-seed r has no interval; "
+                                     "the interval is across seeds"})
+            studies["steering"].append(study(pop.name, vals, ns))
+        else:
+            studies["steering"].append(None)
+    return rows, studies
+
+
+def cross_rows(run: RunData, results: dict[str, PopulationResult], pop_rows: list[dict],
+               het: dict[str, Heterogeneity]) -> list[dict]:
     rows = []
     for which in ("heads", "layers"):
-        cs = [c for m in cal.values() if (c := m[which]) is not None and np.isfinite(c.threshold)]
-        pts = np.array([c.threshold for c in cs])
-        lows, highs = np.array([c.threshold_low for c in cs]), np.array([c.threshold_high for c in cs])
-        env_lo = float(np.nanmin(lows)) if np.isfinite(lows).any() else NAN
-        env_hi = float(np.nanmax(highs)) if np.isfinite(highs).any() else NAN
-        v, note = threshold_holds(lows, highs, [bool(c.auroc_low > 0.5) for c in cs],
-                                  [bool(c.auroc_high < 0.5) for c in cs])
-        rows.append(_row("all", f"threshold_holds_{which}", float(np.median(pts)) if pts.size else NAN, env_lo, env_hi,
-                         UNSTABLE_GAP, v, "value: median threshold; interval: envelope of the models' intervals; " + note))
-        v, note = threshold_stable(pts, lows, highs)
-        rows.append(_row("all", f"threshold_stable_{which}", float(np.ptp(pts)) if pts.size else NAN,
-                         target=STABLE_RANGE, verdict_=v, note="value: range of point thresholds; " + note))
-    for which, (_, _, key) in CORRELATIONS.items():
-        h = het[which]
-        v, note = consistency_verdict(h)
-        rows.append(_row("all", key, h.pooled, h.pooled_low, h.pooled_high, verdict_=v,
-                         note="value: pooled r (fixed effect); " + note))
+        key = f"threshold_{which}"
+        vs = [r["verdict"] for r in pop_rows if r["key"] == key and np.isfinite(r["value"])]
+        es = [results[p.name].estimates[key] for p in run.populations if key in results[p.name].estimates
+              and np.isfinite(results[p.name].estimates[key].value)]
+        v, note = threshold_holds(vs)
+        pts = np.array([e.value for e in es])
+        row = _row(ALL, f"threshold_holds_{which}", target=UNSTABLE_GAP,
+                   value=float(np.median(pts)) if pts.size else NAN,
+                   note="value: median of the population thresholds; " + note, family="0.77 holds",
+                   scheme_text="rule over the populations' threshold verdicts")
+        row.update(verdict=v, n_seeds=sum(e.n_seeds for e in es), unit=which, n_units=str(len(es)) + " populations",
+                   correction="intersection-union for PASS (no correction needed); FAIL reads Holm-corrected verdicts")
+        rows.append(row)
+        v, note = threshold_stable(es)
+        row = _row(ALL, f"threshold_stable_{which}", target=STABLE_RANGE, value=float(np.ptp(pts)) if pts.size else NAN,
+                   note="value: range of the population thresholds; " + note, family="threshold stable",
+                   scheme_text="rule over the populations' threshold intervals")
+        row.update(verdict=v, n_seeds=sum(e.n_seeds for e in es), unit=which, n_units=str(len(es)) + " populations",
+                   correction=f"Bonferroni-simultaneous intervals (1 - 0.05/{max(len(es), 1)}) for FAIL")
+        rows.append(row)
+    hs = [het["importance"], het["steering"]]
+    ph = holm([h.p_value for h in hs])
+    pp = holm([h.pooled_p for h in hs])
+    m = sum(np.isfinite(h.p_value) for h in hs)
+    for (which, key), h, a, b in zip((("importance", "consistent_importance_r"), ("steering", "consistent_steering_r")),
+                                     hs, ph, pp):
+        v, note = consistency_verdict(h, None if not np.isfinite(a) else float(a), None if not np.isfinite(b) else float(b))
+        row = _row(ALL, key, value=h.pooled, low=h.pooled_low, high=h.pooled_high,
+                   note="value: pooled r (fixed effect over populations); " + note, family="correlation consistent",
+                   scheme_text=("Fisher z; population variance = max(between-seed, within 1/(n-3)) / k; "
+                                "Welch-F / chi-square heterogeneity test"))
+        row.update(verdict=v, n_seeds=h.n_models, unit="heads" if which == "importance" else "layers",
+                   n_units=f"{h.n_models} populations", p_fail=h.p_value, p_fail_holm=float(a),
+                   p_pass=h.pooled_p, p_pass_holm=float(b),
+                   correction=f"Holm over the {m} consistency tests" if m > 1 else "none needed (one test)")
+        rows.append(row)
     return rows
 
 
-def correlations(models: list[ModelData]) -> list[dict]:
-    rows = []
-    for md in models:
-        for which, (kind, name, _) in CORRELATIONS.items():
-            r = (md.validate if kind == "validate" else md.steer).get(name)
-            if r is not None:
-                rows.append({"model": md.name, "correlation": which, "r": r["value"], "low": r["low"], "high": r["high"]})
-    return rows
+def population_quantities(pop: Population, res: PopulationResult) -> dict[str, float]:
+    """Across-seed means of the scaling quantities."""
+    def mean(vals):
+        v = np.array([x for x in vals if np.isfinite(x)])
+        return float(v.mean()) if v.size else NAN
+
+    gaps = [finite_gaps(md) for md in pop.members]
+    t_heads = res.estimates.get("threshold_heads")
+    t_layers = res.estimates.get("threshold_layers")
+    r = res.estimates.get("importance_correlation")
+    return dict(zip(SCALING_QUANTITIES, [
+        t_heads.value if t_heads else NAN, t_layers.value if t_layers else NAN,
+        mean([float(g.min()) for g in gaps if g.size]), mean([float((g <= UNSTABLE_GAP).mean()) for g in gaps if g.size]),
+        r.value if r else NAN]))
 
 
-def model_quantities(md: ModelData, cal: dict[str, Calibration | None]) -> dict[str, float]:
-    gaps, heads = finite_gaps(md), finite_heads(md)
-    r = NAN
-    if heads is not None and heads["gap"].size >= 3 and np.ptp(heads["importance"]) > 0:
-        r = float(stats.pearsonr(1 / heads["gap"], heads["importance"])[0])
-    values = [cal["heads"].threshold if cal["heads"] else NAN, cal["layers"].threshold if cal["layers"] else NAN,
-              float(gaps.min()) if gaps.size else NAN, float((gaps <= UNSTABLE_GAP).mean()) if gaps.size else NAN, r]
-    return dict(zip(SCALING_QUANTITIES, values))
-
-
-def scaling(models: list[ModelData], per_model: dict[str, dict[str, float]]) -> tuple[list[dict], list[dict], str, dict]:
-    """(size facts, scaling rows, reason when no rows, quantities over models with facts)."""
-    facts = [{"model": md.name, **{k: md.facts[k] for k in FACT_KEYS}} for md in models
-             if md.facts is not None and all(k in md.facts for k in FACT_KEYS)]
+def scaling(run: RunData, results: dict[str, PopulationResult], per_pop: dict[str, dict[str, float]]
+            ) -> tuple[list[dict], list[dict], str, dict, list[str]]:
+    """(size facts, scaling rows, reason when no rows, quantities fitted, exclusions). A
+    population's quantity is its across-seed mean; a threshold is fitted only over populations
+    whose AUROC interval lies above 0.5 (where the gap separates at all)."""
+    facts = [{"model": p.name, **{k: p.facts[k] for k in FACT_KEYS}} for p in run.populations
+             if p.facts is not None and all(k in p.facts for k in FACT_KEYS)]
     names = {f["model"] for f in facts}
-    quantities = {q: {m: v[q] for m, v in per_model.items() if m in names and np.isfinite(v[q])}
-                  for q in SCALING_QUANTITIES}
-    if len(facts) < MIN_SCALING_MODELS:
-        return facts, [], (f"scaling fits need at least {MIN_SCALING_MODELS} models with size facts; "
-                           f"this run has {len(facts)}"), quantities
-    return facts, scaling_table(facts, quantities), "", quantities
+    excluded = []
+    quantities = {}
+    for q in SCALING_QUANTITIES:
+        values = {}
+        for p, v in per_pop.items():
+            if p not in names or not np.isfinite(v[q]):
+                continue
+            if q.startswith("calibrated threshold"):
+                a = results[p].estimates.get("auroc_heads" if "heads" in q else "auroc_layers")
+                if a is None or not (np.isfinite(a.low) and a.low > 0.5):
+                    excluded.append(f"{q}: {p} left out (AUROC interval "
+                                    f"{_fmt(a.value, a.low, a.high) if a else 'undefined'} does not lie above 0.5: "
+                                    "the gap does not separate, so its threshold means nothing)")
+                    continue
+            values[p] = v[q]
+        quantities[q] = values
+    if len(facts) < MIN_SCALING_POPULATIONS:
+        return facts, [], (f"scaling fits need at least {MIN_SCALING_POPULATIONS} populations with size facts; "
+                           f"this run has {len(facts)}"), quantities, excluded
+    rows = scaling_table(facts, {q: v for q, v in quantities.items() if v})
+    for r in rows:
+        r["exploratory"] = True
+        lo, hi = BOUNDED.get(r["quantity"], (-math.inf, math.inf))
+        n = r.get("n", 0)
+        notes = [r.get("reason", "")] if r.get("reason") else []
+        if n < MIN_LOO_POINTS and np.isfinite(r.get("loo_predicted", NAN)):
+            r["loo_predicted"] = r["loo_rel_error"] = NAN
+            notes.append(f"no leave-one-out with {n} points (needs >= {MIN_LOO_POINTS})")
+        if np.isfinite(r.get("loo_predicted", NAN)) and not lo <= r["loo_predicted"] <= hi:
+            notes.append(f"leave-one-out prediction {r['loo_predicted']:.3g} lies outside [{lo:g}, {hi:g}]: not reported")
+            r["loo_predicted"] = r["loo_rel_error"] = NAN
+        r["reason"] = "; ".join(x for x in notes if x)
+    return facts, rows, "", {q: v for q, v in quantities.items()}, excluded
 
 
-def _info_row(model: str, measure: str, **values) -> dict:
-    row = dict.fromkeys(("value", "low", "high", "null_mean", "null_p95", "corrected", "p_value",
-                         "unstable_median", "stable_median"), NAN)
-    row.update({"model": model, "measure": measure, "n": 0, "n_dropped": 0, "unstable_n": 0, "stable_n": 0, "reason": ""})
+def _info_row(level: str, population: str, model: str, measure: str, **values) -> dict:
+    row = dict.fromkeys(("value", "low", "high", "null_mean", "null_p95", "corrected", "p_value", "p_holm",
+                         "mc_error", "unstable_median", "stable_median"), NAN)
+    row.update({"level": level, "population": population, "model": model, "measure": measure, "family": "",
+                "n": 0, "n_dropped": 0, "n_strata": 0, "n_permutations": 0, "unstable_n": 0, "stable_n": 0,
+                "reason": ""})
     row.update(values)
     return row
 
 
-def information_rows(model: str, heads, layers, scan, n_permutations: int, n_resamples: int, seed: int) -> list[dict]:
-    """MI(gap, importance), MI(layer min gap, steering effect), entropy of unstable vs stable heads."""
+MI_HEADS = "MI(gap, importance) [nats]"
+MI_LAYERS = "MI(layer min gap, steering effect) [nats]"
+ENTROPY = f"spectral entropy, median unstable - stable (gap <= {UNSTABLE_GAP:g})"
+
+
+def _mi_row(level, population, model, measure, x, y, strata, n_permutations, seed) -> dict:
+    mi = mutual_information(x, y, n_permutations=n_permutations, seed=seed, strata=strata)
+    return _info_row(level, population, model, measure, value=mi.value, null_mean=mi.null_mean,
+                     null_p95=mi.null_p95, corrected=mi.corrected, p_value=mi.p_value, mc_error=mi.mc_error,
+                     n=mi.n, n_dropped=mi.n_dropped, n_strata=mi.n_strata, n_permutations=mi.n_permutations,
+                     reason=mi.reason)
+
+
+def _stack(parts: list[tuple[str, dict[str, np.ndarray] | None]], x: str, y: str):
+    parts = [(name, p) for name, p in parts if p is not None and p[x].size]
+    if not parts:
+        return None
+    return (np.concatenate([p[x] for _, p in parts]), np.concatenate([p[y] for _, p in parts]),
+            np.concatenate([np.full(p[x].size, i) for i, (_, p) in enumerate(parts)]))
+
+
+def information_rows(run: RunData, results: dict[str, PopulationResult], n_permutations: int, n_resamples: int,
+                     seed: int) -> list[dict]:
+    """MI per model, per population (pooled over its seeds, shuffles within each seed) and over
+    all models (shuffles within each model); spectral entropy of unstable vs stable heads per
+    model (Mann-Whitney) and per population (across-seed estimate). p-values Holm-corrected
+    within each family (measure x level)."""
     rows = []
-    for measure, data, x, y in (("MI(gap, importance) [nats]", heads, "gap", "importance"),
-                                ("MI(layer min gap, steering effect) [nats]", layers, "min_gap", "effect")):
-        if data is None:
-            rows.append(_info_row(model, measure, reason="no data"))
+    for measure, get, x, y in ((MI_HEADS, finite_heads, "gap", "importance"),
+                               (MI_LAYERS, finite_layers, "min_gap", "effect")):
+        for md in run.models:
+            d = get(md)
+            if d is None:
+                rows.append(_info_row("model", md.population, md.name, measure, reason="no data"))
+            else:
+                rows.append(_mi_row("model", md.population, md.name, measure, d[x], d[y], None, n_permutations, seed))
+        for pop in run.populations:
+            if len(pop.members) < 2:
+                continue
+            s = _stack([(md.name, get(md)) for md in pop.members], x, y)
+            if s is None:
+                rows.append(_info_row("population", pop.name, "", measure, reason="no data"))
+            else:
+                rows.append(_mi_row("population", pop.name, "", measure, *s, n_permutations, seed))
+        if len(run.models) > 1:
+            s = _stack([(md.name, get(md)) for md in run.models], x, y)
+            if s is None:
+                rows.append(_info_row(ALL, ALL, "", measure, reason="no data"))
+            else:
+                rows.append(_mi_row(ALL, ALL, "", measure, *s, n_permutations, seed))
+    for md in run.models:
+        if md.scan is None:
+            rows.append(_info_row("model", md.population, md.name, ENTROPY, reason="no scan"))
             continue
-        mi = mutual_information(data[x], data[y], n_permutations=n_permutations, seed=seed)
-        rows.append(_info_row(model, measure, value=mi.value, null_mean=mi.null_mean, null_p95=mi.null_p95,
-                              corrected=mi.corrected, p_value=mi.p_value, n=mi.n, n_dropped=mi.n_dropped, reason=mi.reason))
-    measure = f"spectral entropy, median unstable - stable (gap <= {UNSTABLE_GAP:g})"
-    if scan is None:
-        rows.append(_info_row(model, measure, reason="no scan"))
-        return rows
-    c = entropy_by_stability(scan["gap"], scan["entropy"], n_resamples=n_resamples, seed=seed)
-    rows.append(_info_row(model, measure, value=c.median_diff, low=c.median_diff_low, high=c.median_diff_high,
-                          p_value=c.p_value, n=c.unstable.n + c.stable.n, n_dropped=c.n_dropped,
-                          unstable_n=c.unstable.n, stable_n=c.stable.n, unstable_median=c.unstable.median,
-                          stable_median=c.stable.median, reason=c.reason))
+        c = entropy_by_stability(md.scan["gap"], md.scan["entropy"], n_resamples=n_resamples, seed=seed)
+        rows.append(_info_row("model", md.population, md.name, ENTROPY, value=c.median_diff, low=c.median_diff_low,
+                              high=c.median_diff_high, p_value=c.p_value, n=c.unstable.n + c.stable.n,
+                              n_dropped=c.n_dropped, unstable_n=c.unstable.n, stable_n=c.stable.n,
+                              unstable_median=c.unstable.median, stable_median=c.stable.median, reason=c.reason))
+    for pop in run.populations:
+        if len(pop.members) < 2:
+            continue
+        ms = []
+        for md in pop.members:
+            if md.scan is not None:
+                ok = np.isfinite(md.scan["gap"]) & np.isfinite(md.scan["entropy"])
+                if ok.sum() >= 2:
+                    ms.append(Member(md.seed, {"gap": md.scan["gap"][ok], "entropy": md.scan["entropy"][ok]}))
+        if not ms:
+            rows.append(_info_row("population", pop.name, "", ENTROPY, reason="no scan"))
+            continue
+        e = estimate(ms, entropy_difference(), n_resamples=n_resamples, seed=seed)
+        results[pop.name].estimates["entropy_difference"] = e
+        rows.append(_info_row("population", pop.name, "", ENTROPY, value=e.value, low=e.low, high=e.high,
+                              n=int(sum(e.n_units)), n_strata=e.n_seeds,
+                              reason=f"mean over {e.n_seeds} seeds; {e.scheme}"))
+    families: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        families.setdefault((r["measure"], r["level"]), []).append(r)
+    for (measure, level), rs in families.items():
+        adj = holm([r["p_value"] for r in rs])
+        m = sum(np.isfinite(r["p_value"]) for r in rs)
+        for r, a in zip(rs, adj):
+            r["p_holm"] = float(a)
+            r["family"] = f"{measure.split(' [')[0].split(',')[0]} per {level}: Holm over {m}"
     return rows
 
 
-def _pooled(parts: list[dict[str, np.ndarray] | None]) -> dict[str, np.ndarray] | None:
-    parts = [p for p in parts if p is not None]
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else None
-
-
-def analyse(run: RunData, *, n_resamples: int = 2000, n_permutations: int = 200, seed: int = 0) -> Analysis:
-    cal = {md.name: calibrations(md, n_resamples, seed) for md in run.models}
+def analyse(run: RunData, *, n_resamples: int = 2000, n_permutations: int = N_PERMUTATIONS, seed: int = 0) -> Analysis:
+    results = {p.name: PopulationResult() for p in run.populations}
+    pop_rows = []
+    for pop in run.populations:
+        res = results[pop.name]
+        pop_rows += head_rows(pop, res, n_resamples, seed)
+        pop_rows += steer_rows(pop, res, n_resamples, seed)
+        pop_rows += threshold_rows(pop, res, n_resamples, seed)
+    order = list(POPULATION_METRICS)
+    pop_rows.sort(key=lambda r: (order.index(r["key"]), [p.name for p in run.populations].index(r["population"])))
+    _apply_holm(pop_rows)
+    cal = {}
+    for pop in run.populations:
+        for i, md in enumerate(pop.members):
+            cal[md.name] = {w: (results[pop.name].calibrations.get(w) or [None] * len(pop.members))[i]
+                            for w in ("heads", "layers")}
+    for md in run.models:
+        cal.setdefault(md.name, {"heads": None, "layers": None})
     cal_rows = [calibration_row(m, target, c) for m, cs in cal.items()
                 for target, c in (("important heads", cs["heads"]), ("steerable layers", cs["layers"])) if c is not None]
-    corr = correlations(run.models)
-    het = {which: heterogeneity(*(np.array([c[k] for c in corr if c["correlation"] == which]) for k in ("r", "low", "high")))
-           for which in CORRELATIONS}
-    verdicts = [r for md in run.models for r in model_verdicts(md, cal[md.name])] + cross_verdicts(cal, het)
-    spread = {w: _spread([cs[w].threshold for cs in cal.values() if cs[w] is not None]) for w in ("heads", "layers")}
-    per_model = {md.name: model_quantities(md, cal[md.name]) for md in run.models}
-    facts, scaling_rows, reason, quantities = scaling(run.models, per_model)
-    info = [r for md in run.models for r in information_rows(md.name, finite_heads(md), finite_layers(md), md.scan,
-                                                               n_permutations, n_resamples, seed)]
-    if len(run.models) > 1:
-        info += information_rows("all (pooled)", _pooled([finite_heads(m) for m in run.models]),
-                                 _pooled([finite_layers(m) for m in run.models]),
-                                 _pooled([m.scan for m in run.models]), n_permutations, n_resamples, seed)
-    return Analysis(cal, cal_rows, verdicts, corr, het, spread, per_model, quantities, scaling_rows, reason, facts, info)
+    corr, studies = correlations(run, results)
+    het = {w: heterogeneity(studies[w]) for w in ("importance", "steering")}
+    verdicts = pop_rows + cross_rows(run, results, pop_rows, het)
+    spread = {w: _spread([results[p.name].estimates[f"threshold_{w}"].value for p in run.populations
+                          if f"threshold_{w}" in results[p.name].estimates]) for w in ("heads", "layers")}
+    per_pop = {p.name: population_quantities(p, results[p.name]) for p in run.populations}
+    facts, scaling_rows, reason, quantities, excluded = scaling(run, results, per_pop)
+    info = information_rows(run, results, n_permutations, n_resamples, seed)
+    return Analysis(cal, cal_rows, verdicts, corr, het, spread, per_pop, quantities, scaling_rows, reason, facts,
+                    info, results, excluded)
+
+
+def calibration_row(model: str, target: str, c: Calibration) -> dict:
+    pop, seed = population_of(model)
+    row = {"model": model, "population": pop, "seed": seed, "target": target,
+           "rule": IMPORTANCE_RULE if target == "important heads" else STEERABLE_RULE}
+    row.update(asdict(c))
+    return row
 
 
 def _key(text: str) -> str:
@@ -574,31 +1530,40 @@ def _key(text: str) -> str:
 
 
 def summary(run: RunData, a: Analysis) -> dict:
-    """summary.json: flat finite metrics, flat verdicts, models, missing, excluded counts."""
+    """summary.json: flat finite metrics, flat verdicts (population/key), verdict details (n seeds,
+    units, scheme, correction), populations, missing, excluded counts."""
     metrics: dict[str, float] = {}
     for r in a.calibration_rows:
         which = "heads" if r["target"] == "important heads" else "layers"
         for k in ("threshold", "threshold_low", "threshold_high", "auroc", "auroc_low", "auroc_high", "j_at_reference"):
             metrics[f"{r['model']}/calibration_{which}/{k}"] = r[k]
     for r in a.verdicts:
-        for k in ("value", "low", "high"):
-            metrics[f"{r['model']}/{r['key']}/{k}"] = r[k]
-    for model, values in a.per_model.items():
+        for k in ("value", "low", "high", "same_sign", "p_pass_holm", "p_fail_holm"):
+            metrics[f"{r['population']}/{r['key']}/{k}"] = r[k]
+    for p, values in a.per_population.items():
         for quantity, v in values.items():
-            metrics[f"{model}/{quantity}"] = v
+            metrics[f"{p}/{quantity}"] = v
     for which, s in a.spread.items():
         for k in ("sd", "range", "mean"):
-            metrics[f"all/threshold_{which}/{k}"] = s[k]
+            metrics[f"{ALL}/threshold_{which}/{k}"] = s[k]
     for which, h in a.heterogeneity.items():
-        for k in ("q", "p_value", "i2"):
-            metrics[f"all/heterogeneity_{which}_r/{k}"] = getattr(h, k)
+        for k in ("q", "p_value", "i2", "pooled", "pooled_p"):
+            metrics[f"{ALL}/heterogeneity_{which}_r/{k}"] = getattr(h, k)
     for r in a.information_rows:
-        for k in ("value", "corrected", "p_value", "low", "high"):
-            metrics[f"{r['model']}/{r['measure']}/{k}"] = r[k]
+        who = r["model"] or r["population"]
+        for k in ("value", "corrected", "p_value", "p_holm", "low", "high"):
+            metrics[f"{who}/{r['measure']}/{k}"] = r[k]
     finite = {_key(k): float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
-    return {"run_id": run.run_id, "metrics": finite,
+    details = {_key(f"{r['population']}/{r['key']}"): {
+        k: r[k] for k in ("metric", "verdict", "n_seeds", "seeds", "unit", "n_units", "groups", "scheme", "correction",
+                          "family", "prompts")} for r in a.verdicts}
+    return {"run_id": run.run_id, "rule": RULE, "metrics": finite,
             "undefined_metrics": sorted(_key(k) for k, v in metrics.items() if v is None or not np.isfinite(v)),
-            "verdicts": {_key(f"{r['model']}/{r['key']}"): r["verdict"] for r in a.verdicts},
+            "verdicts": {_key(f"{r['population']}/{r['key']}"): r["verdict"] for r in a.verdicts},
+            "verdict_details": details,
+            "populations": {p.name: {"seeds": [m.seed for m in p.members], "models": [m.name for m in p.members],
+                                     "listed": p.listed} for p in run.populations},
             "models": [md.name for md in run.models], "missing": run.missing,
             "excluded_non_finite": {md.name: md.excluded for md in run.models},
-            "scaling": a.scaling_reason or f"fitted over {len(a.scaling_models)} models"}
+            "scaling": a.scaling_reason or f"fitted over {len(a.scaling_models)} populations (exploratory)",
+            "scaling_excluded": a.scaling_excluded}

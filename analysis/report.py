@@ -1,5 +1,6 @@
-"""The cross-model report: figures (matplotlib, Agg, imported lazily) and one self-contained
-HTML page (inline CSS, PNGs as base64 data URIs, no scripts, no external resources)."""
+"""The cross-model report over populations of models: figures (matplotlib, Agg, imported lazily)
+and one self-contained HTML page (inline CSS, PNGs as base64 data URIs, no scripts, no external
+resources). The verdict rule is printed at the top of the verdict and population sections."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import numpy as np
 import pyarrow as pa
 
 from analysis.calibration import IMPORTANCE_RULE, STEERABLE_RULE, important
-from analysis.crossmodel import VERDICT_RULES, Analysis, RunData, finite_heads, finite_layers
+from analysis.crossmodel import (
+    ALL, MIN_LOO_POINTS, NAN, RULE, RULES, Analysis, RunData, finite_heads, finite_layers,
+)
 from spectral.metrics import UNSTABLE_GAP
 
 PANEL_COLUMNS = 4
@@ -64,99 +67,133 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+SEED_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+
+
+def _seed_label(md) -> str:
+    return f"seed {md.seed}" if md.seed is not None else md.name
+
+
 def landscape(run: RunData, out: Path) -> dict[str, Path]:
-    """One layer x head gap heatmap per model with a scan."""
+    """One layer x head gap heatmap per population: its first seed with a scan."""
     from analysis.plots import gap_heatmap
 
     paths = {}
-    for i, md in enumerate(run.models):
-        if md.scan is not None:
-            table = pa.table({"layer": md.scan["layer"].astype(int), "head": md.scan["head"].astype(int),
-                              "gap": md.scan["gap"]})
-            paths[md.name] = gap_heatmap(table, out / f"gap_landscape_{i}.png", title=md.name)
+    for i, pop in enumerate(run.populations):
+        md = next((m for m in pop.members if m.scan is not None), None)
+        if md is None:
+            continue
+        table = pa.table({"layer": md.scan["layer"].astype(int), "head": md.scan["head"].astype(int), "gap": md.scan["gap"]})
+        title = md.name + (f" ({_seed_label(md)} of {len(pop.members)} seeds)" if len(pop.members) > 1 else "")
+        paths[pop.name] = gap_heatmap(table, out / f"gap_landscape_{i}.png", title=title)
     return paths
 
 
 def importance_scatter(run: RunData, a: Analysis, path: Path) -> Path | None:
-    models = [md for md in run.models if finite_heads(md) is not None]
-    if not models:
+    """Per population: every seed's heads (gap vs restoration), important heads filled; the
+    population's mean head threshold with its across-seed interval."""
+    pops = [p for p in run.populations if any(finite_heads(md) is not None for md in p.members)]
+    if not pops:
         return None
-    fig, axes = _panels(len(models))
-    for ax, md in zip(axes, models):
-        h = finite_heads(md)
-        imp = important(h["importance"])
-        ax.scatter(h["gap"][~imp], h["importance"][~imp], s=14, c="tab:blue", alpha=0.7, label="other heads")
-        ax.scatter(h["gap"][imp], h["importance"][imp], s=18, c="tab:red", label="important")
+    fig, axes = _panels(len(pops))
+    for ax, pop in zip(axes, pops):
+        for j, md in enumerate(m for m in pop.members if finite_heads(m) is not None):
+            h = finite_heads(md)
+            imp = important(h["importance"])
+            color = SEED_COLORS[j % len(SEED_COLORS)]
+            ax.scatter(h["gap"][~imp], h["importance"][~imp], s=12, facecolors="none", edgecolors=color, alpha=0.7,
+                       label="other heads (open)" if j == 0 else None)
+            ax.scatter(h["gap"][imp], h["importance"][imp], s=16, c=color, label=_seed_label(md) + " (filled: important)")
         ax.axvline(UNSTABLE_GAP, color="k", ls="--", lw=1, label=f"{UNSTABLE_GAP:g}")
-        c = a.calibrations[md.name]["heads"]
-        if c is not None and np.isfinite(c.threshold):
-            ax.axvline(c.threshold, color="tab:green", lw=1.5, label="calibrated threshold (95 % CI)")
-            if np.isfinite(c.threshold_low):
-                ax.axvspan(c.threshold_low, c.threshold_high, color="tab:green", alpha=0.12)
-        ax.set_title(f"{md.name}" + (f" (AUROC {c.auroc:.2f})" if c is not None else ""), fontsize=9)
+        e = a.results[pop.name].estimates.get("threshold_heads") if pop.name in a.results else None
+        if e is not None and np.isfinite(e.value):
+            ax.axvline(e.value, color="tab:red", lw=1.5, label="mean threshold (95 % CI)")
+            if np.isfinite(e.low):
+                ax.axvspan(e.low, e.high, color="tab:red", alpha=0.12)
+        ax.set_title(f"{pop.name} ({len(pop.members)} seed{'s' if len(pop.members) != 1 else ''})", fontsize=9)
         ax.set_xlabel("gap", fontsize=8)
         ax.set_ylabel("importance (restoration)", fontsize=8)
         ax.tick_params(labelsize=7)
-    return _save(_shared_legend(fig, axes), path)
+        ax.legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def steering_by_layer(run: RunData, a: Analysis, path: Path) -> Path | None:
-    models = [md for md in run.models if finite_layers(md) is not None]
-    if not models:
+    """Per population: each seed's steering effect per layer (95 % CI over prompts) and its
+    layers' min gap on a second axis."""
+    pops = [p for p in run.populations if any(finite_layers(md) is not None for md in p.members)]
+    if not pops:
         return None
-    fig, axes = _panels(len(models))
+    fig, axes = _panels(len(pops))
     twins = []
-    for ax, md in zip(axes, models):
-        l = finite_layers(md)
-        err = [l["effect"] - l["effect_low"], l["effect_high"] - l["effect"]]
-        ax.errorbar(l["layer"], l["effect"], yerr=err, fmt="o", color="tab:blue", capsize=3, label="effect (95 % CI)")
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.set_xlabel("layer", fontsize=8)
-        ax.set_ylabel("steering effect", fontsize=8, color="tab:blue")
-        ax.set_xticks(l["layer"])
+    for ax, pop in zip(axes, pops):
         ax2 = ax.twinx()
         twins.append(ax2)
-        ax2.plot(l["layer"], l["min_gap"], "s--", color="tab:red", ms=4, label="min gap")
-        ax2.axhline(UNSTABLE_GAP, color="tab:red", lw=0.8, ls=":", label=f"gap {UNSTABLE_GAP:g}")
-        ax2.set_ylabel("min gap of the layer", fontsize=8, color="tab:red")
+        members = [md for md in pop.members if finite_layers(md) is not None]
+        for j, md in enumerate(members):
+            l = finite_layers(md)
+            color = SEED_COLORS[j % len(SEED_COLORS)]
+            dx = (j - (len(members) - 1) / 2) * 0.08
+            err = [l["effect"] - l["effect_low"], l["effect_high"] - l["effect"]]
+            ax.errorbar(l["layer"] + dx, l["effect"], yerr=err, fmt="o", color=color, capsize=2, ms=3,
+                        label=f"effect, {_seed_label(md)}")
+            ax2.plot(l["layer"] + dx, l["min_gap"], "s:", color=color, ms=3, alpha=0.6)
+        ax2.axhline(UNSTABLE_GAP, color="k", lw=0.8, ls=":")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("layer", fontsize=8)
+        ax.set_ylabel("steering effect (dots)", fontsize=8)
+        ax2.set_ylabel(f"min gap of the layer (squares; dotted {UNSTABLE_GAP:g})", fontsize=7)
         for axis in (ax, ax2):
             axis.tick_params(labelsize=7)
-        ax.set_title(md.name, fontsize=9)
-    return _save(_shared_legend(fig, axes, twins[0]), path)
+        ax.set_title(f"{pop.name} ({len(members)} seed{'s' if len(members) != 1 else ''})", fontsize=9)
+        ax.legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def generalization(run: RunData, a: Analysis, path: Path) -> Path | None:
-    """Forest plots: each model's thresholds vs the 0.77 ± 0.05 band; each model's correlations."""
-    names = [md.name for md in run.models]
+    """Forest plots per population: mean thresholds with across-seed intervals vs the 0.77 ±
+    0.05 band, and mean correlations; each seed's value as a small dot."""
+    names = [p.name for p in run.populations]
     if not names:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(names) + 1.8))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.55 * len(names) + 1.8))
     y = np.arange(len(names))
     ax = axes[0]
     ax.axvspan(UNSTABLE_GAP - 0.05, UNSTABLE_GAP + 0.05, color="grey", alpha=0.2, label=f"{UNSTABLE_GAP:g} ± 0.05")
-    for offset, which, color in ((-0.12, "heads", "tab:red"), (0.12, "layers", "tab:blue")):
-        for i, n in enumerate(names):
-            c = a.calibrations[n][which]
-            if c is None or not np.isfinite(c.threshold):
-                continue
-            lo, hi = (c.threshold_low, c.threshold_high) if np.isfinite(c.threshold_low) else (c.threshold, c.threshold)
-            ax.errorbar(c.threshold, i + offset, xerr=[[c.threshold - lo], [hi - c.threshold]], fmt="o", color=color,
-                        capsize=3, label=("important heads" if which == "heads" else "steerable layers") if i == 0 else None)
-    ax.set_title("calibrated thresholds (95 % CI)", fontsize=9)
+
+    def forest(ax, i, e, offset, color, label):
+        if e is None or not np.isfinite(e.value):
+            return
+        lo, hi = (e.low, e.high) if np.isfinite(e.low) else (e.value, e.value)
+        ax.errorbar(e.value, i + offset, xerr=[[e.value - lo], [hi - e.value]], fmt="o", color=color, capsize=3,
+                    label=label if label not in ax.get_legend_handles_labels()[1] else None)
+        seeds = np.array(e.per_seed, dtype=float)
+        ax.scatter(seeds, np.full(seeds.size, i + offset + 0.08), s=7, color=color, alpha=0.5)
+
+    for i, n in enumerate(names):
+        est = a.results[n].estimates
+        forest(ax, i, est.get("threshold_heads"), -0.15, "tab:red", "important heads")
+        forest(ax, i, est.get("threshold_layers"), 0.15, "tab:blue", "steerable layers")
+    ax.set_title("mean thresholds over seeds (95 % CI; dots: seeds)", fontsize=9)
     ax.set_xlabel("gap", fontsize=8)
     ax = axes[1]
     ax.axvline(0, color="grey", lw=0.8)
-    for offset, which, color in ((-0.12, "importance", "tab:red"), (0.12, "steering", "tab:blue")):
-        rows = {r["model"]: r for r in a.correlations if r["correlation"] == which}
-        label = "r(importance, 1/gap)" if which == "importance" else "r(layer min gap, effect)"
+    for offset, which, color, label in ((-0.15, "importance", "tab:red", "r(importance, 1/gap)"),
+                                        (0.15, "steering", "tab:blue", "r(layer min gap, effect)")):
+        rows = {r["population"]: r for r in a.correlations if r["correlation"] == which}
         for i, n in enumerate(names):
-            if n in rows:
+            if n in rows and np.isfinite(rows[n]["r"]):
                 r = rows[n]
-                ax.errorbar(r["r"], i + offset, xerr=[[r["r"] - r["low"]], [r["high"] - r["r"]]], fmt="o",
-                            color=color, capsize=3, label=label if not ax.get_legend_handles_labels()[1].count(label) else None)
+                lo, hi = (r["low"], r["high"]) if np.isfinite(r["low"]) else (r["r"], r["r"])
+                ax.errorbar(r["r"], i + offset, xerr=[[r["r"] - lo], [hi - r["r"]]], fmt="o", color=color, capsize=3,
+                            label=label if label not in ax.get_legend_handles_labels()[1] else None)
+                seeds = np.array(r["per_seed_r"], dtype=float)
+                ax.scatter(seeds, np.full(seeds.size, i + offset + 0.08), s=7, color=color, alpha=0.5)
     ax.set_xlim(-1.05, 1.05)
-    ax.set_title("correlations per model (95 % CI)", fontsize=9)
+    ax.set_title("mean correlations over seeds (95 % CI; dots: seeds)", fontsize=9)
     for ax in axes:
         ax.set_yticks(y, names, fontsize=8)
         ax.set_ylim(-0.7, len(names) - 0.3)
@@ -167,15 +204,22 @@ def generalization(run: RunData, a: Analysis, path: Path) -> Path | None:
 
 
 def entropy_boxes(run: RunData, path: Path) -> Path | None:
+    """Spectral entropy of unstable vs stable heads, per population (all its seeds' heads)."""
     groups, labels = [], []
-    for md in run.models:
-        if md.scan is None:
+    for pop in run.populations:
+        g_all, e_all = [], []
+        for md in pop.members:
+            if md.scan is None:
+                continue
+            ok = np.isfinite(md.scan["gap"]) & np.isfinite(md.scan["entropy"])
+            g_all.append(md.scan["gap"][ok])
+            e_all.append(md.scan["entropy"][ok])
+        if not g_all:
             continue
-        ok = np.isfinite(md.scan["gap"]) & np.isfinite(md.scan["entropy"])
-        g, e = md.scan["gap"][ok], md.scan["entropy"][ok]
+        g, e = np.concatenate(g_all), np.concatenate(e_all)
         for name, mask in (("unstable", g <= UNSTABLE_GAP), ("stable", g > UNSTABLE_GAP)):
             groups.append(e[mask])
-            labels.append(f"{md.name}\n{name} (n={int(mask.sum())})")
+            labels.append(f"{pop.name}\n{name} (n={int(mask.sum())})")
     if not groups:
         return None
     plt = _plt()
@@ -185,17 +229,20 @@ def entropy_boxes(run: RunData, path: Path) -> Path | None:
     for patch, label in zip(box["boxes"], labels):
         patch.set_facecolor("#f4a3a3" if "unstable" in label else "#a3c4f4")
     ax.set_ylabel("spectral entropy (nats)", fontsize=8)
-    ax.set_title(f"spectral entropy of unstable (gap <= {UNSTABLE_GAP:g}) vs stable heads", fontsize=9)
+    ax.set_title(f"spectral entropy of unstable (gap <= {UNSTABLE_GAP:g}) vs stable heads (all seeds)", fontsize=9)
     return _save(fig, path)
 
 
 def scaling_plot(a: Analysis, path: Path) -> Path | None:
-    """Rows: quantities with a fit; columns: predictors; points, power law and log-linear fit."""
+    """Rows: quantities with a fit; columns: predictors; population means, power law and
+    log-linear fit (exploratory)."""
     from analysis.scaling import PREDICTORS, Fit, predictor_value
 
     if not a.scaling_rows:
         return None
     quantities = [q for q, v in a.quantities.items() if len(v) >= 2]
+    if not quantities:
+        return None
     plt = _plt()
     from matplotlib.ticker import NullFormatter, NullLocator
 
@@ -226,7 +273,10 @@ def scaling_plot(a: Analysis, path: Path) -> Path | None:
                 ax.set_title(p, fontsize=8)
             if j == 0:
                 ax.set_ylabel("\n".join(_wrap(q, 22)), fontsize=7)
-            ax.legend(fontsize=5.5, loc="best")
+            if ax.get_legend_handles_labels()[1]:
+                ax.legend(fontsize=5.5, loc="best")
+    fig.suptitle("exploratory: population means (over seeds) against size", fontsize=9)
+    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -249,7 +299,7 @@ def figures(run: RunData, a: Analysis, out: Path) -> dict[str, Path | dict[str, 
 # --- HTML ------------------------------------------------------------------------------
 
 CSS = """
-body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',sans-serif;margin:0 auto;max-width:1200px;padding:1em 1.5em;color:#222}
+body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',sans-serif;margin:0 auto;max-width:1560px;padding:1em 1.5em;color:#222}
 h1{font-size:1.5em;margin:.2em 0}h2{font-size:1.2em;border-bottom:1px solid #ccc;margin-top:1.6em}
 h3{font-size:1em;margin:1em 0 .3em}
 table{border-collapse:collapse;margin:.4em 0 1em;font-size:12px}
@@ -261,6 +311,9 @@ td.INCONCLUSIVE{background:#f7e9b5;font-weight:600}
 .grid{display:flex;flex-wrap:wrap;gap:8px;align-items:flex-start}.grid figure{margin:0;max-width:100%}
 figure{margin:.3em 0}img{max-width:100%;height:auto;border:1px solid #eee}figcaption{font-size:12px;color:#555}
 nav a{margin-right:.8em}ul{margin:.3em 0}
+.wide{overflow-x:auto;max-width:100%}.wide table{min-width:100%}td.small,td .small{font-size:11px;color:#444}
+details.cell summary{color:#245;font-size:11px}details.cell div{white-space:pre;font-size:11px;font-variant-numeric:tabular-nums}
+.rule{background:#eef4fb;border-left:4px solid #4a7fb5;padding:.4em .8em;font-size:12px;margin:.4em 0}
 """
 
 
@@ -281,17 +334,25 @@ def _ci(lo, hi) -> str:
     return "–" if not (np.isfinite(lo) and np.isfinite(hi)) else f"[{_num(lo)}, {_num(hi)}]"
 
 
-def _table(headers: list[str], rows: list[list], numeric: set[int] = frozenset(), classes: dict[int, int] | None = None) -> str:
-    """HTML table; cells are escaped; column ``k`` in ``classes`` takes its class from column ``classes[k]``."""
+class Raw(str):
+    """A table cell that is already HTML (built from escaped parts)."""
+
+
+def _table(headers: list[str], rows: list[list], numeric: set[int] = frozenset(), classes: dict[int, int] | None = None,
+           wide: bool = False) -> str:
+    """HTML table; cells are escaped (except ``Raw`` ones); column ``k`` in ``classes`` takes its
+    class from column ``classes[k]``; ``wide``: scrolls sideways inside the page."""
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
     body = []
     for row in rows:
         cells = []
         for k, cell in enumerate(row):
             cls = [c for c in (("num" if k in numeric else ""), (str(row[classes[k]]) if classes and k in classes else "")) if c]
-            cells.append(f"<td class=\"{' '.join(cls)}\">{_e(cell)}</td>" if cls else f"<td>{_e(cell)}</td>")
+            text = cell if isinstance(cell, Raw) else _e(cell)
+            cells.append(f"<td class=\"{' '.join(cls)}\">{text}</td>" if cls else f"<td>{text}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    table = f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f"<div class=\"wide\">{table}</div>" if wide else table
 
 
 def _img(path: Path | None, alt: str, caption: str = "", scale: float | None = None) -> str:
@@ -306,45 +367,152 @@ def _img(path: Path | None, alt: str, caption: str = "", scale: float | None = N
     return f"<figure><img alt=\"{_e(alt)}\"{style} src=\"data:image/png;base64,{data}\">{cap}</figure>"
 
 
+def _rule_box() -> str:
+    return f"<div class=\"rule\"><b>Rule (every verdict):</b> {_e(RULE)}</div>"
+
+
+VERDICT_HEADERS = ["population", "metric", "seeds", "units / seed", "groups", "value (mean)", "95 % interval",
+                   "same sign", "per seed", "target", "p (Holm) pass / fail", "verdict", "interval", "correction",
+                   "note"]
+
+
+def _short_scheme(r: dict) -> str:
+    s = r["scheme"]
+    if s.startswith("one seed"):
+        return "one model: percentile bootstrap" + (f" over {s.split('over ', 1)[1].split(' (')[0]}" if "over " in s else "")
+    if "hierarchical" in s:
+        levels = s.split("seeds -> ", 1)[1].split(" (")[0] if "seeds -> " in s else ""
+        return f"hierarchical bootstrap seeds → {levels.replace(' -> ', ' → ')}, t({max(r['n_seeds'] - 1, 0)})" + \
+            ("; clipped to [-1, 1]" if "clipped" in s else "")
+    if "SD/sqrt" in s:
+        return f"t({max(r['n_seeds'] - 1, 0)}) over the seeds' values"
+    return s
+
+
+def _short_correction(r: dict) -> str:
+    c = r["correction"]
+    if c.startswith("Holm over "):
+        n = c.split("Holm over ", 1)[1].split(" ", 1)[0]
+        return f"Holm ×{n} ({r['family']})"
+    return c
+
+
+def _per_seed_cell(r: dict) -> Raw:
+    if not r["per_seed"]:
+        return Raw("")
+    parts = r["per_seed"].split("; ")
+    body = _e("\n".join(parts))
+    return Raw(f"<details class=\"cell\"><summary>{len(parts)} value{'s' if len(parts) != 1 else ''}</summary>"
+               f"<div>{body}</div></details>")
+
+
+def _seed_ranges(text: str) -> str:
+    """'0, 1, 2, 4' -> '0–2, 4' (other text unchanged)."""
+    try:
+        seeds = [int(x) for x in text.split(", ")]
+    except ValueError:
+        return text
+    out, start = [], 0
+    for i in range(1, len(seeds) + 1):
+        if i == len(seeds) or seeds[i] != seeds[i - 1] + 1:
+            a, b = seeds[start], seeds[i - 1]
+            out.append(str(a) if a == b else f"{a}–{b}" if b > a + 1 else f"{a}, {b}")
+            start = i
+    return ", ".join(out)
+
+
+def _verdict_cells(r: dict) -> list:
+    seeds = f"{r['n_seeds']} ({_seed_ranges(r['seeds'])})" if r["seeds"] else str(r["n_seeds"])
+    units = f"{r['n_units']} {r['unit']}".strip()
+    p = f"{_num(r['p_pass_holm'])} / {_num(r['p_fail_holm'])}"
+    note = "; ".join(x for x in (r["note"], ("prompts: " + r["prompts"]) if r.get("prompts") else "") if x)
+    return [r["population"], r["metric"], seeds, units, r["groups"], _num(r["value"]), _ci(r["low"], r["high"]),
+            _num(r["same_sign"]), _per_seed_cell(r), _num(r["target"]), p, r["verdict"], _short_scheme(r),
+            _short_correction(r), note]
+
+
 def _verdicts(a: Analysis) -> str:
-    rows = [[r["model"], r["metric"], _num(r["value"]), _ci(r["low"], r["high"]), _num(r["target"]), r["verdict"], r["note"]]
-            for r in a.verdicts]
-    rules = "".join(f"<li><b>{_e(k)}</b>: {_e(v)}</li>" for k, v in VERDICT_RULES.items())
-    return (_table(["model", "metric", "value", "95 % interval", "target", "verdict", "note"], rows, {2, 3, 4}, {5: 5})
+    pop_rows = [r for r in a.verdicts if r["population"] != ALL]
+    cross = [r for r in a.verdicts if r["population"] == ALL]
+    rules = "".join(f"<li><b>{_e(k)}</b>: {_e(v)}</li>" for k, v in RULES.items())
+    col = VERDICT_HEADERS.index("verdict")
+    table = _table(VERDICT_HEADERS, [_verdict_cells(r) for r in pop_rows], {5, 6, 7, 9, 10}, {col: col}, wide=True)
+    cross_table = _table(VERDICT_HEADERS, [_verdict_cells(r) for r in cross], {5, 6, 9, 10}, {col: col}, wide=True)
+    return (_rule_box()
+            + "<p class=\"note\">Multiple comparisons: every verdict is Holm-corrected within its family (one metric "
+              "over all populations of this run; the two consistency tests together), as the 'correction' column "
+              "says; 'p (Holm)': the adjusted one-sided p-values of the claim (pass) and of its opposite (fail). "
+              "'same sign': the fraction of seeds whose value has the sign of the mean. 'interval': the resampling "
+              "scheme (full text in verdicts.parquet and summary.json).</p>"
+            + "<h3>Per population</h3>" + table
+            + "<h3>Across populations</h3>" + cross_table
             + f"<h3>Verdict rules</h3><ul class=\"note\">{rules}</ul>")
 
 
+def _populations(run: RunData) -> str:
+    rows = []
+    for p in run.populations:
+        heads = [int(finite_heads(m)["gap"].size) for m in p.members if finite_heads(m) is not None]
+        layers = [int(finite_layers(m)["min_gap"].size) for m in p.members if finite_layers(m) is not None]
+        scan = sorted({m.scan_set for m in p.members if m.scan_set})
+        prompts = sorted({m.prompts for m in p.members if m.prompts})
+        rows.append([p.name, "one model" if p.one_model else f"{len(p.members)} of {len(p.listed)}",
+                     ", ".join(str(m.seed) for m in p.members), _range(heads), _range(layers),
+                     "/".join(scan) or "not recorded", "; ".join(prompts) or "–"])
+    return (_rule_box() + _table(["population", "seeds finished", "seeds", "patched heads per seed",
+                                  "steered layers per seed", "scan prompts (gap)", "steering prompts"], rows))
+
+
+def _range(v: list[int]) -> str:
+    return "–" if not v else (str(v[0]) if min(v) == max(v) else f"{min(v)}–{max(v)}")
+
+
 def _calibration(a: Analysis) -> str:
-    rows = [[r["model"], r["target"], _num(r["threshold"]), _ci(r["threshold_low"], r["threshold_high"]),
-             _num(r["auroc"]), _ci(r["auroc_low"], r["auroc_high"]), _num(r["youden_j"]), _num(r["j_at_reference"]),
-             f"{r['n']} ({r['n_positive']} +)", r["n_dropped"], r["reason"]] for r in a.calibration_rows]
-    return (f"<p class=\"note\">Rule: a unit is predicted positive iff gap &lt;= t; t maximises Youden J "
-            f"(TPR − FPR); intervals: stratified bootstrap 95 %. Important head: {_e(IMPORTANCE_RULE)}. "
+    rows = [[r["population"], "–" if r["seed"] is None else r["seed"], r["target"], _num(r["threshold"]),
+             _ci(r["threshold_low"], r["threshold_high"]), _num(r["auroc"]), _ci(r["auroc_low"], r["auroc_high"]),
+             _num(r["youden_j"]), _num(r["j_at_reference"]), f"{r['n']} ({r['n_positive']} +)", r["n_dropped"],
+             r["reason"]] for r in a.calibration_rows]
+    return (f"<p class=\"note\">Per model (seed). Rule: a unit is predicted positive iff gap &lt;= t; t maximises "
+            f"Youden J (TPR − FPR); intervals: stratified bootstrap 95 % (descriptive where a population has several "
+            f"seeds: its verdict reads the spread of the seeds' thresholds). Important head: {_e(IMPORTANCE_RULE)}. "
             f"Steerable layer (by its min gap): {_e(STEERABLE_RULE)}.</p>"
-            + _table(["model", "positives", "threshold", "95 % CI", "AUROC", "95 % CI", "J", f"J at {UNSTABLE_GAP:g}",
-                      "n", "dropped", "note"], rows, {2, 3, 4, 5, 6, 7, 9}))
+            + _table(["population", "seed", "positives", "threshold", "95 % CI", "AUROC", "95 % CI", "J",
+                      f"J at {UNSTABLE_GAP:g}", "n", "dropped", "note"], rows, {3, 4, 5, 6, 7, 8, 10}))
 
 
 def _generalization(a: Analysis) -> str:
     rows = [[w, s["n"], _num(s["mean"]), _num(s["sd"]), _num(s["min"]), _num(s["max"]), _num(s["range"])]
             for w, s in (("important heads", a.spread["heads"]), ("steerable layers", a.spread["layers"]))]
-    het = [[w, _num(h.pooled), _ci(h.pooled_low, h.pooled_high), _num(h.q), h.df, _num(h.p_value), _num(h.i2),
-            f"{h.n_positive} of {h.n_models}", h.reason]
+    het = [[w, _num(h.pooled), _ci(h.pooled_low, h.pooled_high), _num(h.pooled_p), _num(h.q), h.df, h.test,
+            _num(h.p_value), _num(h.i2), f"{h.n_positive} of {h.n_models}", h.reason]
            for w, h in (("r(importance, 1/gap)", a.heterogeneity["importance"]),
                         ("r(layer min gap, steering effect)", a.heterogeneity["steering"]))]
-    return ("<h3>Spread of the calibrated thresholds</h3>"
-            + _table(["threshold of", "models", "mean", "σ", "min", "max", "range"], rows, {1, 2, 3, 4, 5, 6})
-            + "<h3>Consistency of the correlations (Cochran's Q, Fisher z)</h3>"
-            + _table(["correlation", "pooled r", "95 % CI", "Q", "df", "p", "I²", "r > 0", "note"], het, {1, 2, 3, 4, 5, 6}))
+    corr = [[r["population"], r["correlation"], _num(r["r"]), _ci(r["low"], r["high"]), r["n_seeds"],
+             ", ".join(_num(x) for x in r["per_seed_r"]), _range([int(n) for n in r["per_seed_n"]]), r["scheme"],
+             r["note"]] for r in a.correlations]
+    return ("<h3>Spread of the population thresholds (means over seeds)</h3>"
+            + _table(["threshold of", "populations", "mean", "σ", "min", "max", "range"], rows, {1, 2, 3, 4, 5, 6})
+            + "<h3>Correlations per population</h3><p class=\"note\">Layer-level correlations rest on 2–6 layers "
+              "per model: a seed's r over its layers has no interval of its own, and the interval shown is across "
+              "seeds. They are not comparable with correlations from other studies.</p>"
+            + _table(["population", "correlation", "r (mean over seeds)", "95 % CI", "seeds", "per seed r",
+                      "units per seed", "interval", "note"], corr, {2, 3, 4})
+            + "<h3>Consistency of the correlations across populations (Fisher z)</h3>"
+            + f"<p class=\"note\">{_e(RULES['correlation consistent'])}</p>"
+            + _table(["correlation", "pooled r", "95 % CI", "pooled p", "Q", "df", "test", "p", "I²", "r > 0", "note"],
+                     het, {1, 2, 3, 4, 5, 7, 8}))
 
 
 def _scaling(a: Analysis) -> str:
+    excluded = ("<h3>Left out of the threshold fits</h3><ul class=\"note\">"
+                + "".join(f"<li>{_e(x)}</li>" for x in a.scaling_excluded) + "</ul>") if a.scaling_excluded else ""
     if not a.scaling_rows:
-        return f"<p class=\"warn\">No scaling fit: {_e(a.scaling_reason)}.</p>"
+        return f"<p class=\"warn\">No scaling fit: {_e(a.scaling_reason)}.</p>" + excluded
+
     def table(rows: list[dict]) -> str:
         cells = [[r["quantity"], r["predictor"], r["kind"], _num(r["a"]), _ci(r["a_low"], r["a_high"]), _num(r["b"]),
-                  _ci(r["b_low"], r["b_high"]), _num(r["r2"]), r["n"], _num(r["loo_predicted"]),
-                  _num(r["loo_observed"]), _num(r["loo_rel_error"]), r["reason"]] for r in rows]
+                  _ci(r["b_low"], r["b_high"]), _num(r["r2"]), r["n"], _num(r.get("loo_predicted", NAN)),
+                  _num(r.get("loo_observed", NAN)), _num(r.get("loo_rel_error", NAN)), r["reason"]] for r in rows]
         for prev, row in zip(cells[::-1][1:], cells[::-1]):  # show each quantity once
             if row[0] == prev[0]:
                 row[0] = ""
@@ -352,43 +520,56 @@ def _scaling(a: Analysis) -> str:
                        "LOO predicted", "LOO observed", "LOO rel. error", "note"], cells, {3, 4, 5, 6, 7, 8, 9, 10, 11})
 
     main = [r for r in a.scaling_rows if r["predictor"] == "parameters"]
-    return ("<p class=\"note\">power: y = a·x^b; log_linear: y = a + b·log10 x; 95 % t-intervals; R² on y; "
-            "LOO: fitted without the largest model, predicted there. With a handful of models these fits are "
-            "descriptive.</p><h3>Against parameters</h3>" + table(main)
+    return ("<p class=\"warn\"><b>Exploratory.</b> A population's quantity is its mean over seeds; each point is "
+            "one population. Threshold fits only over populations whose AUROC interval lies above 0.5 (where the gap "
+            "separates at all). power: y = a·x^b; log_linear: y = a + b·log10 x; 95 % t-intervals; R² on y. "
+            f"Leave-one-out only with >= {MIN_LOO_POINTS} points; a prediction outside the quantity's range "
+            "([0, 1] for thresholds, gaps and fractions) is not reported. With a handful of sizes these fits "
+            "describe, they do not establish a law.</p><h3>Against parameters</h3>" + table(main)
             + f"<details><summary>All {len(a.scaling_rows)} fits (parameters, total heads, d_model, d_head)</summary>"
-            + table(a.scaling_rows) + "</details>")
+            + table(a.scaling_rows) + "</details>" + excluded)
 
 
 def _information(a: Analysis) -> str:
-    rows = [[r["model"], r["measure"], _num(r["value"]), _ci(r["low"], r["high"]), _num(r["null_mean"]),
-             _num(r["corrected"]), _num(r["p_value"]), r["n"], r["n_dropped"],
+    rows = [[r["level"], r["population"], r["model"] or "–", r["measure"], _num(r["value"]), _ci(r["low"], r["high"]),
+             _num(r["null_mean"]), _num(r["corrected"]), _num(r["p_value"]), _num(r["mc_error"]), _num(r["p_holm"]),
+             r["family"], r["n"], r["n_strata"] or "–", r["n_dropped"],
              f"{_num(r['unstable_median'])} / {_num(r['stable_median'])}" if r["unstable_n"] + r["stable_n"] else "",
              r["reason"]] for r in a.information_rows]
-    return ("<p class=\"note\">MI: Kraskov kNN estimate (k = 3, nats) with a permutation null (y shuffled); "
-            "corrected = estimate − null mean; p: one-sided permutation p-value. Entropy: difference of medians "
-            "(bootstrap 95 % CI), two-sided Mann-Whitney p.</p>"
-            + _table(["model", "measure", "value", "95 % CI", "null mean", "corrected", "p", "n", "dropped",
-                      "median unstable / stable", "note"], rows, {2, 3, 4, 5, 6, 7, 8}))
+    perms = sorted({r["n_permutations"] for r in a.information_rows if r["n_permutations"]})
+    return ("<p class=\"note\">MI: Kraskov kNN estimate (k = 3, nats), <i>not</i> clipped at 0, with a permutation "
+            f"null ({', '.join(map(str, perms)) or '–'} shuffles of y; pooled rows shuffle within each model, so the "
+            "null keeps every model's own x and y together); excess = estimate − null mean (negative when there is "
+            "no dependence); p: one-sided permutation p-value with its Monte-Carlo standard error; Holm within each "
+            "family (measure × level). Entropy: difference of medians (bootstrap 95 % CI), two-sided Mann-Whitney "
+            "p per model; per population the mean over seeds with its across-seed interval.</p>"
+            + _table(["level", "population", "model", "measure", "value", "95 % CI", "null mean", "excess", "p",
+                      "MC error", "p (Holm)", "family", "n", "strata", "dropped", "median unstable / stable", "note"],
+                     rows, {4, 5, 6, 7, 8, 9, 10, 12, 13, 14}))
 
 
 def _data(run: RunData) -> str:
-    models = [[md.name, *(md.facts.get(k, "–") if md.facts else "–" for k in ("family", "parameters", "layers", "heads",
-              "d_model", "d_head")), ", ".join(sorted(md.units)) or "none"] for md in run.models]
+    models = [[md.name, md.population, "–" if md.seed is None else md.seed,
+               *(md.facts.get(k, "–") if md.facts else "–" for k in ("family", "parameters", "layers", "heads",
+                                                                      "d_model", "d_head")),
+               ", ".join(sorted(md.units)) or "none", md.importance_source or "–"] for md in run.models]
     excluded = [[md.name, k, v] for md in run.models for k, v in md.excluded.items()]
+    notes = [[md.name, n] for md in run.models for n in md.notes]
     missing = "".join(f"<li>{_e(m)}</li>" for m in run.missing) or "<li>nothing</li>"
     found = "".join(f"<li>{_e(f)}</li>" for f in run.found) or "<li>no finished unit</li>"
-    return (_table(["model", "family", "parameters", "layers", "heads/layer", "d_model", "d_head", "finished experiments"],
-                   models, {2, 3, 4, 5, 6})
+    return (_table(["model", "population", "seed", "family", "parameters", "layers", "heads/layer", "d_model", "d_head",
+                    "finished experiments", "importance from"], models, {4, 5, 6, 7, 8})
             + f"<h3>Experiments found</h3><ul class=\"note\">{found}</ul>"
             + f"<h3>Missing</h3><ul>{missing}</ul>"
+            + ("<h3>Notes</h3>" + _table(["model", "note"], notes) if notes else "")
             + "<h3>Non-finite values excluded (counted, never silently dropped)</h3>"
             + _table(["model", "quantity", "excluded"], excluded, {2}))
 
 
-SECTIONS = (("verdicts", "Verdicts"), ("landscape", "Gap landscape"), ("importance", "Gap vs importance"),
-            ("steering", "Steering by layer"), ("calibration", "Threshold calibration"),
-            ("generalization", "Generalization across models"), ("scaling", "Scaling laws"),
-            ("information", "Information measures"), ("data", "Data"))
+SECTIONS = (("verdicts", "Verdicts"), ("populations", "Populations"), ("landscape", "Gap landscape"),
+            ("importance", "Gap vs importance"), ("steering", "Steering by layer"),
+            ("calibration", "Threshold calibration"), ("generalization", "Generalization across populations"),
+            ("scaling", "Scaling (exploratory)"), ("information", "Information measures"), ("data", "Data"))
 
 
 def render(run: RunData, a: Analysis, figs: dict) -> str:
@@ -396,16 +577,21 @@ def render(run: RunData, a: Analysis, figs: dict) -> str:
     land = figs["landscape"] or {}
     body = {
         "verdicts": _verdicts(a),
-        "landscape": "<div class=\"grid\">" + "".join(_img(p, f"gap landscape {m}", scale=LANDSCAPE_SCALE) for m, p in land.items())
-                     + "</div>" if land else "<p class=\"note\">No scan in this run.</p>",
+        "populations": _populations(run),
+        "landscape": ("<p class=\"note\">One heatmap per population (its first seed); every seed's heatmap is in its "
+                      "validate unit (gap_heatmap.png).</p><div class=\"grid\">"
+                      + "".join(_img(p, f"gap landscape {m}", scale=LANDSCAPE_SCALE) for m, p in land.items())
+                      + "</div>") if land else "<p class=\"note\">No scan in this run.</p>",
         "importance": _img(figs["importance"], "gap vs importance",
-                           f"red: important heads; dashed: {UNSTABLE_GAP:g}; green: calibrated threshold with 95 % CI"),
+                           f"colours: seeds; filled: important heads; dashed: {UNSTABLE_GAP:g}; red: the population's mean "
+                           "head threshold with its across-seed 95 % CI"),
         "steering": _img(figs["steering"], "steering by layer",
-                         f"effect at the matched KL budget with 95 % CI; red: the layer's min gap (dotted: {UNSTABLE_GAP:g})"),
+                         f"effect at the matched KL budget with 95 % CI over prompts (dots) and the layer's min gap "
+                         f"(squares), per seed; dotted: {UNSTABLE_GAP:g}"),
         "calibration": _calibration(a),
         "generalization": _generalization(a) + _img(figs["generalization"], "generalization"),
         "scaling": _scaling(a) + _img(figs["scaling"], "scaling fits",
-                                       "solid: power law, dashed: log-linear; log x-axis"),
+                                       "exploratory; solid: power law, dashed: log-linear; log x-axis"),
         "information": _information(a) + _img(figs["entropy"], "entropy by stability"),
         "data": _data(run),
     }
@@ -413,7 +599,8 @@ def render(run: RunData, a: Analysis, figs: dict) -> str:
     warn = (f"<p class=\"warn\">Missing: {_e('; '.join(run.missing))}</p>" if run.missing else "")
     sections = "".join(f"<section id=\"{k}\"><h2>{_e(t)}</h2>{body[k]}</section>" for k, t in SECTIONS)
     title = f"eigengap report: {run.run_id}"
+    pops = ", ".join(f"{p.name} ({'one model' if p.one_model else f'{len(p.members)} seeds'})" for p in run.populations)
     return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_e(title)}</title>"
             f"<style>{CSS}</style></head><body><h1>{_e(title)}</h1>"
-            f"<p class=\"note\">{_e(len(run.models))} model(s): {_e(', '.join(md.name for md in run.models))}. "
+            f"<p class=\"note\">{_e(len(run.populations))} population(s) of {_e(len(run.models))} model(s): {_e(pops)}. "
             f"Unstable: gap &lt;= {UNSTABLE_GAP:g}. Intervals are 95 %.</p>{warn}<nav>{nav}</nav>{sections}</body></html>")

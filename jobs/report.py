@@ -1,6 +1,7 @@
 """``eigengap report RUN_DIR``: one self-contained HTML page (plus PNGs and tables) over a
-sweep run: threshold calibration, verdicts, generalization across models, scaling laws and
-information measures. Reads result tables only; needs no model.
+sweep run: verdicts over populations of models (the seeds of one recipe), threshold
+calibration, generalization across populations, exploratory scaling fits and information
+measures. Reads result tables only; needs no model.
 
 Also ``python -m jobs.report RUN_DIR``.
 """
@@ -19,7 +20,7 @@ from spectral.errors import UsageError
 
 RESULT_FILE = "report.html"
 N_RESAMPLES = 2000
-N_PERMUTATIONS = 200
+N_PERMUTATIONS = 1000
 
 
 def _check(run_dir: Path, out: Path) -> None:
@@ -52,14 +53,16 @@ def run(run_dir: Path, out: Path | None = None, echo=print, *, n_resamples: int 
     result = analyse(data, n_resamples=n_resamples, n_permutations=n_permutations, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     figs = figures(data, result, out)
-    write_parquet(_table(result.verdicts, ["model", "metric", "verdict"]), out / "verdicts.parquet")
+    write_parquet(_table(result.verdicts, ["population", "key", "metric", "verdict"]), out / "verdicts.parquet")
     write_parquet(_table(result.calibration_rows, ["model", "target"]), out / "calibration.parquet")
+    write_parquet(_table(result.correlations, ["population", "correlation"]), out / "correlations.parquet")
     write_parquet(_table(result.scaling_rows, ["quantity", "predictor", "kind", "reason"]), out / "scaling.parquet")
-    write_parquet(_table(result.information_rows, ["model", "measure"]), out / "information.parquet")
+    write_parquet(_table(result.information_rows, ["level", "population", "model", "measure"]),
+                  out / "information.parquet")
     write_json(summary(data, result), out / "summary.json")
     page = write_text(render(data, result, figs), out / RESULT_FILE)  # last: its presence means the report is complete
     counts = {v: sum(r["verdict"] == v for r in result.verdicts) for v in ("PASS", "FAIL", "INCONCLUSIVE")}
-    echo(f"wrote {page} ({len(data.models)} models; verdicts: "
+    echo(f"wrote {page} ({len(data.populations)} populations of {len(data.models)} models; verdicts: "
          + ", ".join(f"{n} {v}" for v, n in counts.items()) + ")")
     if track:
         from cluster.tracking import log_report
@@ -75,7 +78,8 @@ def add_parser(sub) -> None:
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: RUN_DIR/report)")
     parser.add_argument("--resamples", type=int, default=N_RESAMPLES, help=f"bootstrap resamples (default: {N_RESAMPLES})")
     parser.add_argument("--permutations", type=int, default=N_PERMUTATIONS,
-                        help=f"permutations of the MI null (default: {N_PERMUTATIONS})")
+                        help=f"permutations of the MI null (default: {N_PERMUTATIONS}; fewer: the page states the "
+                             "Monte-Carlo error of each p-value)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the resampling (default: 0)")
     parser.add_argument("--track", action=argparse.BooleanOptionalAction, default=True,
                         help="log the summary to the sweep's MLflow parent run (default: on)")
