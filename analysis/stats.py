@@ -316,12 +316,26 @@ def layer_r(per_unit: Arrays, per_example: Arrays) -> float:
 
 # --- members -----------------------------------------------------------------------------
 
-def head_member(gap, patched: np.ndarray, clean: np.ndarray, corrupt: np.ndarray, seed: int | None = None) -> Member:
+def head_member(gap, patched: np.ndarray, clean: np.ndarray, corrupt: np.ndarray, seed: int | None = None,
+                clusters: np.ndarray | None = None) -> Member:
     """The ``Member`` of one model for head-level statistics: ``per_unit = {"gap"}``,
-    ``per_example = {"patched", "clean", "corrupt"}`` ((heads, examples) arrays)."""
+    ``per_example = {"patched", "clean", "corrupt"}`` ((heads, examples) arrays). ``clusters``:
+    a label per head for heads that are not independent replicates (the query heads of a
+    grouped-query model sharing one key head, e.g. ``layer * 1000 + kv_head``); None, or one
+    cluster per head, resamples heads."""
+    c = None
+    if clusters is not None:
+        c = np.asarray(clusters)
+        if np.unique(c).size == c.size:
+            c = None
     return Member(seed, {"gap": np.asarray(gap, dtype=float)},
                   {"patched": np.asarray(patched, dtype=float), "clean": np.asarray(clean, dtype=float),
-                   "corrupt": np.asarray(corrupt, dtype=float)})
+                   "corrupt": np.asarray(corrupt, dtype=float)}, c)
+
+
+def n_independent(member: Member) -> int:
+    """Independent units of a member: its clusters when it has them, else its units."""
+    return int(np.unique(member.clusters).size) if member.clusters is not None else member.n_units
 
 
 # --- p-values and verdicts ---------------------------------------------------------------

@@ -26,9 +26,10 @@ import pyarrow as pa
 
 from analysis.population import Member, estimate, holm
 from analysis.stats import (
-    CONFIDENCE, MIN_LAYERS, N_RESAMPLES, RESTORATION_RTOL, Estimate, best_threshold, bootstrap_p, decide,
+    CONFIDENCE, MIN_LAYERS, N_RESAMPLES, RESTORATION_RTOL, Estimate, best_threshold, decide,
     group_difference, group_mean, group_ratio, group_sizes, head_member, importance, layer_member, layer_r,
-    r_gap, r_inverse_gap, ratio_rule, restoration_matrix, restoration_reasons, scaled_interval, spearman_gap, welch_df,
+    n_independent, r_gap, r_inverse_gap, ratio_rule, restoration_matrix, restoration_reasons, scaled_interval,
+    spearman_gap, welch_df,
 )
 from spectral.metrics import UNSTABLE_GAP
 
@@ -71,7 +72,11 @@ def _arrays(scan: pa.Table, per_example: pa.Table):
     n_examples = int(cols["example"].max()) + 1
     patched, clean, corrupt = restoration_matrix(cols, len(keys), n_examples)
     gap = np.array([scan_rows[k] for k in keys], dtype=float)
-    return keys, gap, patched, clean, corrupt
+    clusters = None
+    if "kv_head" in scan.column_names:  # grouped-query heads sharing a key head are one cluster
+        kv = {(r["layer"], r["head"]): r["kv_head"] for r in scan.select(["layer", "head", "kv_head"]).to_pylist()}
+        clusters = np.array([k[0] * 100_000 + kv[k] for k in keys])
+    return keys, gap, patched, clean, corrupt, clusters
 
 
 class _Recorder:
@@ -97,7 +102,7 @@ def bootstrap(member: Member, stat, *, df: float, n_resamples: int = N_RESAMPLES
     which resamples units and examples jointly), and the scheme in words."""
     rec = _Recorder(stat)
     est = estimate([member], rec, n_resamples=n_resamples, seed=seed, unit_name=unit_name)
-    out = scaled_interval(est.value, rec.values[1:], member.n_units, df, target, fisher=fisher)
+    out = scaled_interval(est.value, rec.values[1:], n_independent(member), df, target, fisher=fisher)
     scale = "atanh(value)" if fisher else "value"
     scheme = (f"one seed: bootstrap over {unit_name} x examples ({n_resamples}), {scale} ± t({df:.1f}) x SE x "
               f"sqrt(n/(n-1)); describes this model only")
@@ -146,20 +151,25 @@ def _row(key, name, est: Estimate, *, target=float("nan"), direction="", n_units
 
 def validate(scan: pa.Table, per_example: pa.Table, threshold: float = UNSTABLE_GAP, seed: int = 0,
              n_resamples: int = N_RESAMPLES) -> Validation:
-    keys, gap, patched, clean, corrupt = _arrays(scan, per_example)
+    keys, gap, patched, clean, corrupt, clusters = _arrays(scan, per_example)
     imp = importance(patched, clean, corrupt)
     why = restoration_reasons(patched, clean, corrupt)
-    member = head_member(gap, patched, clean, corrupt, seed)
+    member = head_member(gap, patched, clean, corrupt, seed, clusters)
     n_heads, n_examples = len(keys), patched.shape[1]
     usable = np.isfinite(gap) & np.isfinite(imp)
     n_used = int(usable.sum())
     groups = group_sizes(gap[usable], threshold)
     dropped = (f"{n_heads - n_used} of {n_heads} heads without a defined restoration or gap (excluded)"
                if n_used < n_heads else "")
+    gqa = ""
+    if member.clusters is not None:
+        gqa = (f"grouped-query model: {n_independent(member)} key heads among {n_heads} query heads, resampled "
+               "as clusters; df from the key heads")
     rows = []
 
     u_imp, s_imp = imp[usable & (gap <= threshold)], imp[usable & (gap > threshold)]
-    df_corr, df_diff = n_used - 3, welch_df(u_imp, s_imp)
+    n_ind = n_independent(member) - (n_heads - n_used)
+    df_corr, df_diff = n_ind - 3, min(welch_df(u_imp, s_imp), n_ind - 2)
 
     def boot(stat, df, target=float("nan"), s=0, fisher=False):
         return bootstrap(member, stat, df=df, n_resamples=n_resamples, seed=seed + s, target=target, fisher=fisher)
@@ -167,7 +177,7 @@ def validate(scan: pa.Table, per_example: pa.Table, threshold: float = UNSTABLE_
     def add(key, name, stat, df, target=float("nan"), direction="", grp=(-1, -1), note="", s=0, fisher=False):
         est, scheme = boot(stat, df, target, s, fisher)
         rows.append(_row(key, name, est, target=target, direction=direction, n_units=n_used, groups=grp,
-                         n_examples=n_examples, scheme=scheme, note="; ".join(x for x in (note, dropped) if x)))
+                         n_examples=n_examples, scheme=scheme, note="; ".join(x for x in (note, dropped, gqa) if x)))
         return est
 
     add("importance_correlation", "pearson r(importance, 1/gap)", r_inverse_gap, df_corr, TARGET_R, "above", s=0, fisher=True)
