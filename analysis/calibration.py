@@ -83,6 +83,9 @@ class Calibration:
     """AUROC of the score -gap (1: every positive has a smaller gap than every negative)."""
     auroc_low: float
     auroc_high: float
+    """Stratified percentile bootstrap: descriptive. It is anti-conservative with few units (in
+    null simulations ``auroc_low > 0.5`` in 34 of 500 models of 8 heads, 30 of 500 of 12 heads,
+    17 of 500 of 32 heads; nominal: 2.5 %, 12.5 of 500): decide separation by ``separation`` (exact)."""
     j_at_reference: float
     """Youden J of the rule at the reference threshold (0.77 by default)."""
     reference: float

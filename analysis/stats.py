@@ -258,11 +258,13 @@ def group_ratio(threshold: float = UNSTABLE_GAP) -> Statistic:
     return stat
 
 
-def ratio_rule(numerator: Estimate, denominator: Estimate, ratio: Estimate) -> tuple[Estimate, str]:
+def ratio_rule(numerator: Estimate, denominator: Estimate, ratio: Estimate,
+               names: tuple[str, str] = ("numerator", "denominator")) -> tuple[Estimate, str]:
     """The ratio as reported: itself when both group means' intervals lie above 0, else NaN
-    (undefined) with a note saying why. A verdict on a ratio is taken only when it is defined;
-    the difference carries the group comparison's verdict in every case."""
-    for name, e in (("numerator", numerator), ("denominator", denominator)):
+    (undefined) with a note saying why (``names``: how the note calls the two groups). A verdict
+    on a ratio is taken only when it is defined; the difference carries the group comparison's
+    verdict in every case."""
+    for name, e in zip(names, (numerator, denominator)):
         if not (np.isfinite(e.low) and e.low > 0):
             return (Estimate(NAN, NAN, NAN),
                     f"ratio undefined: the {name} group mean {e.value:.3g} [{e.low:.3g}, {e.high:.3g}] is not "

@@ -193,7 +193,7 @@ def validate(scan: pa.Table, per_example: pa.Table, threshold: float = UNSTABLE_
     ms = add("restoration_stable_mean", f"mean restoration of stable heads (gap > {t})",
              group_mean(threshold, False), s_imp.size - 1, grp=groups, s=5)
     raw, scheme = boot(group_ratio(threshold), df_diff, TARGET_RATIO, 6)
-    ratio, note = ratio_rule(mu, ms, raw)
+    ratio, note = ratio_rule(mu, ms, raw, ("unstable (numerator)", "stable (denominator)"))
     rows.append(_row("restoration_ratio", f"restoration ratio unstable/stable at gap <= {t}",
                      ratio if not note else Estimate(float("nan"), float("nan"), float("nan")),
                      target=TARGET_RATIO, direction="above", n_units=n_used, groups=groups, n_examples=n_examples,
