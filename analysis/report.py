@@ -379,7 +379,9 @@ VERDICT_HEADERS = ["population", "metric", "seeds", "units / seed", "groups", "v
 def _short_scheme(r: dict) -> str:
     s = r["scheme"]
     if s.startswith("one seed"):
-        return "one model: percentile bootstrap" + (f" over {s.split('over ', 1)[1].split(' (')[0]}" if "over " in s else "")
+        body = s.split("one seed: ", 1)[1].split("; describes")[0]
+        df = s.split("per seed: t-scaled, ", 1)[1] if "per seed: t-scaled, " in s else ""
+        return "one model: " + body + (f"; {df}" if df else "")
     if "hierarchical" in s:
         levels = s.split("seeds -> ", 1)[1].split(" (")[0] if "seeds -> " in s else ""
         return f"hierarchical bootstrap seeds → {levels.replace(' -> ', ' → ')}, t({max(r['n_seeds'] - 1, 0)})" + \
@@ -511,21 +513,24 @@ def _scaling(a: Analysis) -> str:
 
     def table(rows: list[dict]) -> str:
         cells = [[r["quantity"], r["predictor"], r["kind"], _num(r["a"]), _ci(r["a_low"], r["a_high"]), _num(r["b"]),
-                  _ci(r["b_low"], r["b_high"]), _num(r["r2"]), r["n"], _num(r.get("loo_predicted", NAN)),
-                  _num(r.get("loo_observed", NAN)), _num(r.get("loo_rel_error", NAN)), r["reason"]] for r in rows]
+                  _ci(r["b_low"], r["b_high"]), _num(r["r2"]), r["n"], _num(r.get("cv_mae", NAN)),
+                  _num(r.get("cv_press_r2", NAN)), _num(r.get("loo_predicted", NAN)), _num(r.get("loo_observed", NAN)),
+                  r["reason"]] for r in rows]
         for prev, row in zip(cells[::-1][1:], cells[::-1]):  # show each quantity once
             if row[0] == prev[0]:
                 row[0] = ""
         return _table(["quantity", "predictor", "form", "a", "a 95 % CI", "b", "b 95 % CI", "R²", "n",
-                       "LOO predicted", "LOO observed", "LOO rel. error", "note"], cells, {3, 4, 5, 6, 7, 8, 9, 10, 11})
+                       "LOO mean abs. error", "LOO PRESS R²", "largest predicted", "largest observed", "note"], cells,
+                      {3, 4, 5, 6, 7, 8, 9, 10, 11, 12})
 
     main = [r for r in a.scaling_rows if r["predictor"] == "parameters"]
     return ("<p class=\"warn\"><b>Exploratory.</b> A population's quantity is its mean over seeds; each point is "
             "one population. Threshold fits only over populations whose AUROC interval lies above 0.5 (where the gap "
             "separates at all). power: y = a·x^b; log_linear: y = a + b·log10 x; 95 % t-intervals; R² on y. "
-            f"Leave-one-out only with >= {MIN_LOO_POINTS} points; a prediction outside the quantity's range "
-            "([0, 1] for thresholds, gaps and fractions) is not reported. With a handful of sizes these fits "
-            "describe, they do not establish a law.</p><h3>Against parameters</h3>" + table(main)
+            f"Leave-one-out (every point left out in turn) only with >= {MIN_LOO_POINTS} points: its mean absolute "
+            "error and PRESS R² (out-of-sample); 'largest': the fold that holds out the largest population. A "
+            "prediction outside the quantity's range ([0, 1] for thresholds, gaps and fractions, [-1, 1] for r) is "
+            "refused, not clipped. With a handful of sizes these fits describe, they do not establish a law.</p><h3>Against parameters</h3>" + table(main)
             + f"<details><summary>All {len(a.scaling_rows)} fits (parameters, total heads, d_model, d_head)</summary>"
             + table(a.scaling_rows) + "</details>" + excluded)
 

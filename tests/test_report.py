@@ -147,7 +147,9 @@ def test_single_model_is_one_model_and_has_no_scaling_fit(tmp_path):
     own = [r for r in rows if r["population"] == "tiny<model>"]
     assert {r["seeds"] for r in own} == {"one model"}
     r = next(r for r in own if r["key"] == "restoration_difference")
-    assert r["scheme"].startswith("one seed: percentile bootstrap over heads -> examples")
+    assert r["scheme"].startswith("one seed: value ± t(df) x SE x sqrt(n/(n-1)), SE from a bootstrap over heads -> "
+                                  "examples")
+    assert r["scheme"].endswith("df 14")  # df = min(unstable, stable heads) - 1
     assert r["correction"].startswith("none needed")
 
 
