@@ -1,10 +1,16 @@
 """``eigengap steer``: ActAdd/CAA steering, strategies compared at a matched side-effect budget.
 
+Strategies are compared at equal numbers of layers, the oracle chooses on a selection split
+of the evaluation prompts and every effect is reported on the held-out rest, the random
+control is the mean over >= 20 draws, and the scan the spectral rule reads is held out from
+the evaluation prompts unless ``--scan-set in-sample`` (see ``analysis.steering``).
+
 Also ``python -m jobs.steer ...``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -13,19 +19,20 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
 import torch
 from pydantic import Field, field_validator
 
-from analysis.steering import report, strategy_rows
+from analysis.steering import report, selection_split, strategy_rows
 from cluster.store import write_json, write_parquet, write_text
 from jobs.config import ExecutorOptions, add_arguments, out_dir_ready, parse_config
 from spectral.adapter import HeadAdapter
-from spectral.concepts import concept_for
+from spectral.concepts import concept_for, scan_texts
 from spectral.errors import UsageError
 from spectral.loading import load_model, model_shape, parse_spec
 from spectral.scan import ScanSettings, finalize, reduce_partials, result_table, scan_unit, shard
 from spectral.steering import Concept, Evaluator, Injection, actadd, caa
-from spectral.strategies import STRATEGIES, layer_gaps, match_budget, profiles
+from spectral.strategies import MIN_RANDOM_DRAWS, STRATEGIES, arms, layer_gaps, match_budget, oracle_arms, order, spectral_k
 
 RESULT_FILE = "strategies.parquet"
 
@@ -60,6 +67,19 @@ class SteerConfig(ExecutorOptions):
     """Tokens generated per prompt for the target-word fraction."""
     seed: int = 0
     """Seed of the random strategy, sampled generation and bootstrap."""
+    random_draws: int = Field(MIN_RANDOM_DRAWS, ge=MIN_RANDOM_DRAWS)
+    """Draws of the random control (each of k random layers, matched to the budget on its own)."""
+    selection_fraction: float = Field(0.5, gt=0, lt=1)
+    """Fraction of the evaluation prompts the oracle chooses its layers on; every effect is
+    reported on the held-out rest."""
+    split_seed: int | None = None
+    """Seed of the selection / held-out split of the evaluation prompts (default: --seed)."""
+    scan_set: Literal["held-out", "in-sample"] = "held-out"
+    """Texts of the scan the spectral rule reads: 'held-out' (contrast pairs, the concept's scan
+    prompts and neutral prompts, none of them an evaluation prompt) or 'in-sample' (pairs,
+    evaluation prompts and neutral prompts; labelled as such in the outputs)."""
+    scan_seed: int = 0
+    """Seed of the held-out scan prompts drawn for the organisms' sentiment concept."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the model runs."""
     force: bool = False
@@ -148,17 +168,25 @@ def run(config: SteerConfig, *, echo=print):
         raise UsageError(f"--layer: layer {baseline_layer} out of range (the model has layers 0..{n_layers - 1})")
     device = "cuda" if config.device == "auto" and torch.cuda.is_available() else ("cpu" if config.device == "auto" else config.device)
     probe = load_model(spec, device=device)
-    concept = concept_for(config.concept, probe)
+    concept = concept_for(config.concept, probe, scan_seed=config.scan_seed)
     ev = _evaluator(probe, concept, config.concept)  # checks every word and prompt before any work is sent out
+    split_seed = config.seed if config.split_seed is None else config.split_seed
+    try:  # stratified by the sign of the unsteered score: both halves hold positive and negative contexts
+        split = selection_split(len(concept.prompts), config.selection_fraction, split_seed,
+                                strata=(ev.base_score > 0).cpu().numpy())
+    except ValueError as err:
+        raise UsageError(f"--selection-fraction: {err}") from None
     adapter = ev.adapter
     make = actadd if config.vector == "actadd" else caa
     vectors = {l: v.cpu() for l, v in make(adapter, probe.tokenizer, concept, range(n_layers), device, config.read_at).items()}
 
-    # the scan the spectral strategy reads: key kernel over every text of the concept
+    # the scan the spectral strategy reads: key kernel, held out from the evaluation prompts by default
     settings = ScanSettings()
-    texts = [t for pair in concept.pairs for t in pair] + list(concept.prompts) + list(concept.neutral)
+    texts, scan_info = scan_texts(concept, config.scan_set)
+    scan_info["scan_seed"] = config.scan_seed
     scan = result_table(finalize(reduce_partials([scan_unit(probe, u) for u in shard(texts, settings, 64)]), settings),
                         settings, spec.text, n_layers, adapter.n_heads)
+    scan = scan.append_column("scan_set", pa.array([config.scan_set] * scan.num_rows))
     gaps = layer_gaps(scan.to_pylist())
 
     budget = config.kl_budget
@@ -168,34 +196,74 @@ def run(config: SteerConfig, *, echo=print):
         if not budget > 0:
             raise UsageError(f"the baseline (layer {baseline_layer}, coefficient {config.coefficient}) changes nothing "
                              "on the neutral prompts: give --kl-budget")
-    profs = profiles(n_layers, baseline_layer=baseline_layer, gaps=gaps, seed=config.seed)
-    units = []
-    for name in config.strategies:
-        if name == "oracle":
-            units += [SteerUnit(f"layer {l}", concept, vectors, {l: 1.0}, config.positions, None, budget)
-                      for l in range(n_layers)]
-        else:
-            units.append(SteerUnit(name, concept, vectors, profs[name], config.positions, None, budget,
-                                   config.generate_tokens, config.seed))
-    units += [SteerUnit(f"grid {l} {c:g}", concept, vectors, {l: 1.0}, config.positions, c, budget)
-              for l in range(n_layers) for c in config.grid]
+    fixed = arms(n_layers, baseline_layer=baseline_layer, gaps=gaps, families=config.strategies, seed=config.seed,
+                 draws=config.random_draws)
+    units = Units(concept, vectors, config, budget)
+    if "oracle" in config.strategies:  # the oracle's search: every single layer at the budget
+        for l in range(n_layers):
+            units.add({l: 1.0}, generate=False)
+    for arm in fixed:  # generations for every fixed strategy, not for the random control's draws
+        for profile in arm.profiles:
+            units.add(profile, generate=arm.family != "random")
+    grid = [SteerUnit(f"grid {l} {c:g}", concept, vectors, {l: 1.0}, config.positions, c, budget)
+            for l in range(n_layers) for c in config.grid]
     executor = config.make_executor({"device": config.device}, loaded=probe)
     with executor:
-        results = executor.map(spec.text, steer_unit, units, desc="steer")
-
-    matched = [r for r in results if not r["name"].startswith("grid")]
-    if "oracle" in config.strategies:  # the oracle's generations, at its best layer
-        best = max((r for r in matched if r["name"].startswith("layer ")), key=lambda r: np.mean(r["effect"]))
-        extra = SteerUnit("oracle", concept, vectors, best["profile"], config.positions, best["scale"], budget,
-                          config.generate_tokens, config.seed)
-        matched.append(steer_unit(probe, extra))
-    tables = strategy_rows(matched, [r for r in results if r["name"].startswith("grid")], gaps, config.seed)
-    text = report(tables, gaps, budget, baseline_layer, config, spec.text)
-    _write(config, tables, scan, text, {"budget_kl": budget, "baseline_layer": baseline_layer,
-                                        "seconds": round(time.perf_counter() - start, 3)})
+        results = executor.map(spec.text, steer_unit, units.units + grid, desc="steer")
+        done = dict(zip(units.keys, results))
+        chosen = []
+        if "oracle" in config.strategies:  # chosen on the selection split only, then run with generations
+            selection = list(split.selection)
+            chosen = oracle_arms(n_layers, gaps, {l: float(np.mean(np.asarray(done[_key({l: 1.0})]["effect"])[selection]))
+                                                  for l in range(n_layers)})
+            second = Units(concept, vectors, config, budget)
+            for arm in chosen:
+                known = done.get(_key(arm.profiles[0]))
+                if known is None or "greedy_fraction" not in known:  # a known profile is rerun at its scale
+                    second.add(arm.profiles[0], generate=True, scale=known["scale"] if known else None)
+            done.update(dict(zip(second.keys, executor.map(spec.text, steer_unit, second.units, desc="oracle")))
+                        if second.units else {})
+    rows = [{"name": arm.name, "family": arm.family, "k": arm.k, "runs": [done[_key(p)] for p in arm.profiles]}
+            for arm in order(fixed + chosen)]
+    layer_runs = {l: done[_key({l: 1.0})] for l in range(n_layers)} if "oracle" in config.strategies else {}
+    tables = strategy_rows(rows, layer_runs, results[len(units.units):], gaps, split, config.seed, config.scan_set)
+    text = report(tables, gaps, budget, baseline_layer, config, spec.text, split, scan_info)
+    _write(config, tables, scan, text, {
+        "budget_kl": budget, "baseline_layer": baseline_layer, "spectral_k": spectral_k(n_layers),
+        "scan": scan_info, "split": {"seed": split.seed, "fraction": split.fraction, "selection": list(split.selection),
+                                     "heldout": list(split.heldout), "stratified_by": "sign of the unsteered score"},
+        "oracle": {arm.name: sorted(arm.profiles[0]) for arm in chosen},
+        "seconds": round(time.perf_counter() - start, 3)})
     echo(text)
     echo(f"wrote {config.out}")
     return tables
+
+
+def _key(profile: dict[int, float]) -> str:
+    return json.dumps(sorted((int(l), float(c)) for l, c in profile.items()))
+
+
+class Units:
+    """Distinct profiles to run once each (strategies often share one: the baseline's layer is
+    one of the oracle's, a random draw repeats another); generations where any user wants them."""
+
+    def __init__(self, concept, vectors, config, budget):
+        self.concept, self.vectors, self.config, self.budget = concept, vectors, config, budget
+        self.keys: list[str] = []
+        self.units: list[SteerUnit] = []
+
+    def add(self, profile: dict[int, float], *, generate: bool, scale: float | None = None) -> None:
+        key = _key(profile)
+        tokens = self.config.generate_tokens if generate else 0
+        if key in self.keys:
+            unit = self.units[self.keys.index(key)]
+            if tokens and not unit.generate_tokens:
+                unit.generate_tokens = tokens
+            return
+        name = f"layer {next(iter(profile))}" if len(profile) == 1 and next(iter(profile.values())) == 1.0 else f"profile {key}"
+        self.keys.append(key)
+        self.units.append(SteerUnit(name, self.concept, self.vectors, dict(profile), self.config.positions, scale,
+                                    self.budget, tokens, self.config.seed))
 
 
 def _write(config, tables, scan, text, extra) -> None:

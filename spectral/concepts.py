@@ -1,5 +1,6 @@
 """Built-in steering concepts: the organisms' sentiment (from ``tasks.json``) and a Love/Hate
-sentiment concept for English tokenizers (GPT-2, Pythia, Llama)."""
+sentiment concept for English tokenizers (GPT-2, Pythia, Llama); and the texts the steering
+scan reads (``scan_texts``): held out from the evaluation prompts by default."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import random
 
 from spectral.errors import UsageError
 from spectral.steering import Concept, read_concept
+
+SCAN_SETS = ("held-out", "in-sample")
+"""Which texts the steering scan reads (``scan_texts``)."""
 
 ENGLISH_POSITIVE = [" good", " great", " happy", " wonderful", " love", " beautiful", " nice", " excellent"]
 ENGLISH_NEGATIVE = [" bad", " terrible", " sad", " awful", " hate", " ugly", " horrible", " poor"]
@@ -30,15 +34,22 @@ ENGLISH_LOVE_HATE = {
                 "Photosynthesis converts light energy into chemical energy stored in glucose.",
                 "The museum opens at nine and closes at five on weekdays.",
                 "He parked the car, locked the door and walked to the station."],
+    "scan": ["I think that the play was", "The music at the wedding was", "My new phone is a", "The coffee here is",
+             "Frankly, this film is", "The new manager seems", "Our holiday by the sea was", "The game last week was",
+             "My first week at school was", "The garden behind the house is", "Her latest book is",
+             "The staff in this hotel are"],
 }
+"""``scan``: prompts like ``prompts`` but disjoint from them, for the held-out steering scan."""
 
 
-def organism_sentiment(tasks: dict, n: int = 32, seed: int = 0) -> Concept:
+def organism_sentiment(tasks: dict, n: int = 32, seed: int = 0, scan_seed: int = 0) -> Concept:
     """The organisms' sentiment concept: contrast pairs from the language's sentiment contexts
     ("I love the apple. It is" / "I hate the apple. It is"); evaluation prompts that are
     positive and negative contexts in equal numbers (so that a perturbation that merely
     flattens the prediction moves the mean score by about nothing, and only a push toward
-    positive words moves it up); neutral prompts from IOI and filler; held-out text."""
+    positive words moves it up); neutral prompts from IOI and filler; held-out text; and ``n``
+    scan prompts: a second sample of the evaluation prompts' distribution, drawn with
+    ``scan_seed`` (a generator of its own), every text equal to an evaluation prompt redrawn."""
     from spectral.organisms.language import FILLER_NOUNS, corpus, sentiment_context
 
     rng = random.Random(seed)
@@ -55,8 +66,15 @@ def organism_sentiment(tasks: dict, n: int = 32, seed: int = 0) -> Concept:
                  rng.choice(tasks["objects"])) for _ in range(n // 2))]
     neutral += [f"A {rng.choice(FILLER_NOUNS)} is" for _ in range(n - len(neutral))]
     heldout = [" ".join(corpus(30000 + i, 4)) for i in range(16)]
+    scan_rng, taken, scan = random.Random(f"eigengap-scan:{scan_seed}"), set(prompts), []
+    for i in range(100 * n):
+        if len(scan) == n:
+            break
+        text = sentiment_context(scan_rng, ("positive", "negative")[len(scan) % 2], tasks)
+        if text not in taken:
+            scan.append(text)
     return Concept("sentiment", tuple(map(tuple, pairs)), tuple(prompts), tuple(" " + w for w in tasks["positive_words"]),
-                   tuple(" " + w for w in tasks["negative_words"]), tuple(neutral), tuple(heldout))
+                   tuple(" " + w for w in tasks["negative_words"]), tuple(neutral), tuple(heldout), tuple(scan))
 
 
 def english_love_hate(tokenizer) -> Concept:
@@ -74,11 +92,41 @@ def english_love_hate(tokenizer) -> Concept:
                          "the built-in love-hate concept does not apply (pass a concept file)")
     d = ENGLISH_LOVE_HATE
     return Concept(d["name"], tuple(tuple(p) for p in d["pairs"]), tuple(d["prompts"]), tuple(target),
-                   tuple(opposite), tuple(d["neutral"]), tuple(d["heldout"]))
+                   tuple(opposite), tuple(d["neutral"]), tuple(d["heldout"]), tuple(d["scan"]))
 
 
-def concept_for(name_or_path: str, loaded) -> Concept:
-    """``sentiment`` (organisms, from tasks.json), ``love-hate`` (English), or a YAML/JSON file."""
+def scan_texts(concept: Concept, scan_set: str = "held-out") -> tuple[list[str], dict]:
+    """The texts the steering scan (the key-kernel spectrum the spectral strategy reads) is
+    computed on, and a record of them for params.json.
+
+    ``held-out`` (default): the contrast pairs, the concept's scan prompts (a sample from the
+    evaluation prompts' distribution, disjoint from them) and the neutral prompts, with every
+    text equal to an evaluation prompt removed: nothing the effect is measured on. A concept
+    without scan prompts (a concept file without ``scan``) is scanned on its pairs and neutral
+    prompts. ``in-sample``: the pairs, the evaluation prompts themselves and the neutral
+    prompts (the earlier behaviour; the gap is then read from the prompts it is meant to
+    predict)."""
+    if scan_set not in SCAN_SETS:
+        raise UsageError(f"--scan-set: expected one of {', '.join(SCAN_SETS)}, got {scan_set!r}")
+    pairs = [t for pair in concept.pairs for t in pair]
+    if scan_set == "in-sample":
+        texts = pairs + list(concept.prompts) + list(concept.neutral)
+        return texts, {"scan_set": scan_set, "n_texts": len(texts), "sources": ["pairs", "prompts", "neutral"],
+                       "n_evaluation_prompts_in_scan": sum(t in set(concept.prompts) for t in texts)}
+    evaluation = set(concept.prompts)
+    candidates = pairs + list(concept.scan) + list(concept.neutral)
+    texts = [t for t in candidates if t not in evaluation]
+    if not texts:
+        raise UsageError("--scan-set held-out: every text of the concept's pairs, scan and neutral prompts is an "
+                         "evaluation prompt; add scan prompts to the concept or pass --scan-set in-sample")
+    return texts, {"scan_set": scan_set, "n_texts": len(texts),
+                   "sources": ["pairs"] + (["scan"] if concept.scan else []) + ["neutral"],
+                   "n_removed_as_evaluation_prompts": len(candidates) - len(texts), "n_evaluation_prompts_in_scan": 0}
+
+
+def concept_for(name_or_path: str, loaded, scan_seed: int = 0) -> Concept:
+    """``sentiment`` (organisms, from tasks.json; its scan prompts drawn with ``scan_seed``),
+    ``love-hate`` (English), or a YAML/JSON file."""
     from spectral.loading import checkpoint_path
 
     if name_or_path == "sentiment":
@@ -86,7 +134,7 @@ def concept_for(name_or_path: str, loaded) -> Concept:
         if path is None or not (path / "tasks.json").is_file():
             raise UsageError("--concept sentiment needs a model organism (a checkpoint with tasks.json); "
                              "use love-hate for English models or pass a concept file")
-        return organism_sentiment(json.loads((path / "tasks.json").read_text()))
+        return organism_sentiment(json.loads((path / "tasks.json").read_text()), scan_seed=scan_seed)
     if name_or_path == "love-hate":
         return english_love_hate(loaded.tokenizer)
     return read_concept(name_or_path)

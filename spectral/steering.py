@@ -37,7 +37,9 @@ class Concept:
     The effect is measured on ``prompts`` as the change of ``log P(target) - log P(opposite)``
     for the next token, where a set's probability is the sum over its words (single tokens).
     The side effect is measured on ``neutral`` prompts (KL of the next-token distribution) and
-    on ``heldout`` text (loss increase).
+    on ``heldout`` text (loss increase). ``scan`` (optional) are prompts from the distribution of
+    ``prompts`` but disjoint from them: the held-out scan the spectral strategy reads
+    (``spectral.concepts.scan_texts``).
     """
 
     name: str
@@ -47,8 +49,10 @@ class Concept:
     opposite: tuple[str, ...]
     neutral: tuple[str, ...]
     heldout: tuple[str, ...] = ()
+    scan: tuple[str, ...] = ()
 
     FIELDS = ("name", "pairs", "prompts", "target", "opposite", "neutral")
+    OPTIONAL = ("heldout", "scan")
 
 
 def concept_from_dict(data: Mapping, source: str = "concept") -> Concept:
@@ -58,9 +62,9 @@ def concept_from_dict(data: Mapping, source: str = "concept") -> Concept:
     missing = [k for k in Concept.FIELDS if k not in data]
     if missing:
         raise UsageError(f"{source}: missing field {missing[0]!r}")
-    unknown = sorted(set(data) - set(Concept.FIELDS) - {"heldout"})
+    unknown = sorted(set(data) - set(Concept.FIELDS) - set(Concept.OPTIONAL))
     if unknown:
-        raise UsageError(f"{source}: unknown field {unknown[0]!r} (known: {', '.join(Concept.FIELDS)}, heldout)")
+        raise UsageError(f"{source}: unknown field {unknown[0]!r} (known: {', '.join(Concept.FIELDS + Concept.OPTIONAL)})")
     if not isinstance(data["name"], str) or not data["name"]:
         raise UsageError(f"{source}: field 'name' must be a non-empty string")
 
@@ -77,7 +81,8 @@ def concept_from_dict(data: Mapping, source: str = "concept") -> Concept:
             or not all(isinstance(p, list | tuple) and len(p) == 2 and all(isinstance(s, str) for s in p) for p in pairs)):
         raise UsageError(f"{source}: field 'pairs' must be a non-empty list of [positive, negative] string pairs")
     return Concept(data["name"], tuple((p[0], p[1]) for p in pairs), strings("prompts"), strings("target"),
-                   strings("opposite"), strings("neutral"), strings("heldout", required=False))
+                   strings("opposite"), strings("neutral"), strings("heldout", required=False),
+                   strings("scan", required=False))
 
 
 def read_concept(path: str | Path) -> Concept:

@@ -1,5 +1,6 @@
 """Steering: vectors against the model's own hidden states, injection correctness, the
-strategies' rules, the matched budget, concept files, the steer job (local, Ray, bad input)."""
+strategies' rules, the matched budget, concept files, the held-out scan, the comparison's
+statistics and verdicts (issue 12), the steer job (local, Ray, bad input)."""
 
 import json
 import math
@@ -13,7 +14,8 @@ from jobs.cli import main
 from spectral.adapter import HeadAdapter
 from spectral.errors import UsageError
 from spectral.steering import Batch, Injection, concept_from_dict, next_token_logprobs, read_concept, steering_vectors
-from spectral.strategies import layer_gaps, match_budget, profiles, spectral_profile
+from spectral.strategies import (MIN_RANDOM_DRAWS, STRATEGIES, arms, layer_gaps, match_budget, oracle_arms,
+                                 oracle_profile, spectral_profile)
 
 PAIRS = [("I like it a lot", "I do not like it"), ("good day", "bad day")]
 
@@ -102,13 +104,47 @@ def test_spectral_rule():
     assert list(prof) == [1, 3, 5]
     inv = {1: 5.0, 3: 5.0, 5: 2.5}
     assert prof == pytest.approx({l: inv[l] / 12.5 for l in inv})
-    p = profiles(6, baseline_layer=2, gaps=gaps, seed=0)
-    assert p["baseline"] == {2: 1.0} and p["all"] == {l: 1 / 6 for l in range(6)} and len(p["random"]) == 1
-    assert p["random"] == profiles(6, baseline_layer=2, gaps=gaps, seed=0)["random"]
     with pytest.raises(UsageError, match="--layer: layer 6 out of range"):
-        profiles(6, baseline_layer=6, gaps=gaps)
+        arms(6, baseline_layer=6, gaps=gaps, families=STRATEGIES)
     assert layer_gaps([{"layer": 0, "gap": 0.5}, {"layer": 0, "gap": 0.3}, {"layer": 1, "gap": float("nan")},
                        {"layer": 1, "gap": 0.9}]) == {0: (0.3, 0.4), 1: (0.9, 0.9)}
+
+
+GAPS6 = {0: (0.9, 0.95), 1: (0.2, 0.6), 2: (0.5, 0.7), 3: (0.2, 0.5), 4: (0.8, 0.9), 5: (0.4, 0.8)}
+
+
+def test_strategies_are_compared_at_equal_numbers_of_layers():
+    """Issue 12, defect 4 (b, c): the spectral rule's k = ceil(L/3) layers are compared with a
+    random control at the same k (>= 20 seeded draws, the spectral weights in random order)
+    and an oracle at k; the 1-layer spectral choice is its own row, beside the 1-layer baseline."""
+    rows = {a.name: a for a in arms(6, baseline_layer=2, gaps=GAPS6, families=STRATEGIES, seed=0)}
+    assert set(rows) == {"baseline", "spectral-1", "random-1", "spectral", "random", "all"}
+    assert rows["baseline"].k == rows["spectral-1"].k == rows["random-1"].k == 1
+    assert rows["spectral-1"].profiles == ({3: 1.0},)  # the single weakest layer (tie at 0.2 broken by mean gap)
+    assert rows["spectral"].k == rows["random"].k == 2 and rows["all"].k == 6
+    for name, k in (("random", 2), ("random-1", 1)):
+        draws = rows[name].profiles
+        assert len(draws) == MIN_RANDOM_DRAWS
+        assert all(len(p) == k for p in draws)
+        assert all(sorted(p.values()) == sorted(rows["spectral" if k == 2 else "spectral-1"].profiles[0].values())
+                   for p in draws)
+        assert len({tuple(sorted(p)) for p in draws}) > 1  # not one draw repeated
+    again = {a.name: a for a in arms(6, baseline_layer=2, gaps=GAPS6, families=STRATEGIES, seed=0)}
+    assert again["random"].profiles == rows["random"].profiles  # seeded
+    assert arms(6, baseline_layer=2, gaps=GAPS6, families=STRATEGIES, seed=1)[2].profiles != rows["random-1"].profiles
+    with pytest.raises(UsageError, match="--random-draws: at least 20 draws"):
+        arms(6, baseline_layer=2, gaps=GAPS6, families=STRATEGIES, draws=1)
+    # k = 1 (2 or 3 layers): no duplicate 1-layer rows
+    two = arms(2, baseline_layer=1, gaps={0: (0.5, 0.6), 1: (0.4, 0.7)}, families=STRATEGIES)
+    assert [(a.name, a.k) for a in two] == [("baseline", 1), ("spectral", 1), ("random", 1), ("all", 2)]
+
+
+def test_oracle_chooses_on_selection_effects_at_each_k():
+    effects = {0: 1.0, 1: 3.0, 2: 2.0, 3: 0.0, 4: 2.0, 5: -1.0}
+    assert oracle_profile(effects, [1.0]) == {1: 1.0}
+    assert oracle_profile(effects, [0.3, 0.7]) == {1: 0.7, 2: 0.3}  # ties: the lower layer; best layer, largest weight
+    o = {a.name: a for a in oracle_arms(6, GAPS6, effects)}
+    assert o["oracle-1"].profiles == ({1: 1.0},) and o["oracle"].profiles == ({1: 0.5, 2: 0.5},)
 
 
 def test_match_budget_finds_the_scale():
@@ -122,6 +158,185 @@ def test_match_budget_finds_the_scale():
     assert value == pytest.approx(0.5, rel=0.02) and scale == pytest.approx(math.sqrt(50), rel=0.01)
     with pytest.raises(ValueError, match="stays below the budget"):
         match_budget(lambda s: 0.0, 0.1)
+
+
+# --- the comparison's statistics and verdicts, on per-prompt effects made up here -------------------
+def _run(profile, effects):
+    return {"profile": profile, "scale": 1.0, "effect": list(map(float, effects)), "kl": [0.25] * 4, "loss_increase": []}
+
+
+def _verdicts(spectral, baseline, *, spectral_layer=0, baseline_layer=1, n=32):
+    """Verdict rows of a 1-layer spectral choice against the baseline; effects on every prompt."""
+    from analysis.steering import selection_split, strategy_rows
+
+    split = selection_split(n, 0.5, 0)
+    arms_ = [{"name": "baseline", "family": "baseline", "k": 1, "runs": [_run({baseline_layer: 1.0}, baseline)]},
+             {"name": "spectral", "family": "spectral", "k": 1, "runs": [_run({spectral_layer: 1.0}, spectral)]}]
+    tables = strategy_rows(arms_, {}, [], {0: (0.3, 0.5), 1: (0.6, 0.7)}, split)
+    return {r["key"]: r for r in tables["verdicts"].to_pylist()}, tables
+
+
+def test_ratio_is_undefined_when_the_baseline_does_not_steer_and_the_verdict_rests_on_the_difference():
+    """Issue 12, defect 2: 'the spectral rule beats the baseline by +5.40 [4.36, 6.44] yet reads
+    improvement -8.9 [-78.9, 80.8]'. A baseline whose effect interval reaches 0 makes the ratio
+    undefined (NaN, said so), never a number; the difference carries the verdict."""
+    rng = np.random.default_rng(0)
+    prompt = rng.normal(0, 1.0, 32)
+    baseline = prompt - prompt.mean() - 0.6 + rng.normal(0, 0.5, 32)  # mean -0.6, interval reaching 0
+    spectral = baseline + 5.4 + rng.normal(0, 1.0, 32)
+    v, _ = _verdicts(spectral, baseline)
+    imp, diff = v["steering_improvement"], v["steering_difference"]
+    assert math.isnan(imp["value"]) and math.isnan(imp["low"]) and math.isnan(imp["high"])
+    assert imp["verdict"] == "INCONCLUSIVE" and "undefined" in imp["note"]
+    assert diff["verdict"] == "PASS" and 4 < diff["low"] < diff["value"] < diff["high"] < 7
+    assert imp["name"].startswith("improvement of spectral over baseline")  # the prefix earlier readers match
+
+
+def test_same_layer_is_no_forced_fail_when_the_baseline_does_not_steer():
+    """Issue 12, defect 4 (a): the baseline-above-zero guard comes before the same-layer check:
+    a spectral choice equal to the baseline's layer with a baseline that does not steer is
+    INCONCLUSIVE (it was a forced FAIL); with a baseline that steers it FAILs by construction."""
+    rng = np.random.default_rng(1)
+    flat = rng.normal(0, 1, 32)
+    v, _ = _verdicts(flat, flat, spectral_layer=1, baseline_layer=1)
+    assert v["steering_improvement"]["verdict"] == "INCONCLUSIVE"
+    assert v["steering_difference"]["verdict"] == "INCONCLUSIVE"
+    assert v["steering_improvement"]["by_construction"]
+    steers = 3 + rng.normal(0, 1, 32)
+    v, _ = _verdicts(steers, steers, spectral_layer=1, baseline_layer=1)
+    assert v["steering_improvement"]["verdict"] == "FAIL" and v["steering_difference"]["verdict"] == "FAIL"
+    assert "by construction" in v["steering_improvement"]["note"]
+
+
+@pytest.mark.parametrize("factor, noise, expected", [(2.0, 0.3, "PASS"), (1.0, 0.3, "FAIL"), (0.5, 0.3, "FAIL"),
+                                                     (1.1, 0.3, "FAIL"), (1.25, 1.0, "INCONCLUSIVE")])
+def test_improvement_rule(factor, noise, expected):
+    """PASS needs a defined ratio whose interval lies above 0.25 and a positive difference; FAIL
+    when an improvement of 25 % is excluded (also a real but smaller one); near the target
+    with noisy prompts the data cannot decide."""
+    rng = np.random.default_rng(2)
+    prompt = rng.normal(0, 1, 32)
+    baseline = 4 + prompt + rng.normal(0, noise, 32)
+    extra = rng.normal(0, noise, 32)
+    extra[_heldout()] -= extra[_heldout()].mean()  # the held-out ratio is exactly the factor
+    spectral = factor * baseline + extra
+    v, _ = _verdicts(spectral, baseline)
+    imp = v["steering_improvement"]
+    assert imp["verdict"] == expected, imp
+    assert imp["value"] == pytest.approx(np.mean(spectral[_heldout()]) / np.mean(baseline[_heldout()]) - 1)
+    assert imp["low"] < imp["value"] < imp["high"]
+
+
+def _heldout(n=32):
+    from analysis.steering import selection_split
+
+    return list(selection_split(n, 0.5, 0).heldout)
+
+
+def test_fieller_interval_agrees_with_the_margin_contrast():
+    """The improvement's interval lies above 0.25 exactly when spectral - 1.25 x baseline lies above 0."""
+    from analysis.steering import Comparison
+
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        prompt = rng.normal(0, 1, 16)
+        b = 3 + prompt + rng.normal(0, 1, 16)
+        s = rng.uniform(2.5, 6) + prompt + rng.normal(0, 1, 16)
+        cmp = Comparison.of({"s": s[None], "b": b[None]}, n_resamples=500)
+        ratio, margin = cmp.ratio("s", "b"), cmp.contrast({"s": 1.0, "b": -1.25})
+        if np.isfinite(ratio.low):
+            assert (ratio.low > 1.25) == (margin.low > 0) and (ratio.high < 1.25) == (margin.high < 0)
+            assert ratio.low <= ratio.value <= ratio.high
+
+
+def test_every_effect_is_on_the_held_out_split_and_the_oracle_chooses_on_the_selection_split():
+    """Issue 12, defect 4 (d): the oracle's layer is chosen on the selection prompts and scored
+    on the held-out ones; every reported effect is the held-out mean."""
+    from analysis.steering import selection_split, strategy_rows
+
+    split = selection_split(32, 0.5, 0)
+    sel, held = list(split.selection), list(split.heldout)
+    assert sorted(sel + held) == list(range(32)) and not set(sel) & set(held)
+    lucky, steady = np.full(32, 1.0), np.full(32, 2.0)
+    lucky[sel] = 5.0  # best on the selection prompts only
+    steady += np.random.default_rng(4).normal(0, 0.1, 32)
+    lucky += np.random.default_rng(5).normal(0, 0.1, 32)
+    layer_runs = {0: _run({0: 1.0}, lucky), 1: _run({1: 1.0}, steady)}
+    chosen = oracle_arms(2, {0: (0.5, 0.6), 1: (0.4, 0.7)}, {l: float(np.mean(np.asarray(r["effect"])[sel]))
+                                                            for l, r in layer_runs.items()})
+    assert chosen[0].profiles == ({0: 1.0},)
+    arms_ = [{"name": "spectral", "family": "spectral", "k": 1, "runs": [layer_runs[1]]},
+             {"name": "oracle", "family": "oracle", "k": 1, "runs": [layer_runs[0]]}]
+    tables = strategy_rows(arms_, layer_runs, [], {0: (0.5, 0.6), 1: (0.4, 0.7)}, split)
+    rows = {r["strategy"]: r for r in tables["strategies"].to_pylist()}
+    assert rows["oracle"]["effect"] == pytest.approx(lucky[held].mean())  # about 1, not the selection's 5
+    assert rows["spectral"]["effect"] == pytest.approx(steady[held].mean())
+    layers = {r["layer"]: r for r in tables["layers"].to_pylist()}
+    assert layers[0]["effect_selection"] == pytest.approx(lucky[sel].mean())
+    lost = {r["key"]: r for r in tables["verdicts"].to_pylist()}["layer_choice"]
+    assert lost["value"] < 0  # on held-out prompts the spectral layer beats the oracle's lucky pick
+    pp = tables["per_prompt"].to_pylist()
+    assert {r["split"] for r in pp if r["prompt"] in held} == {"heldout"}
+    with pytest.raises(ValueError, match="each part needs at least 2"):
+        selection_split(3, 0.5, 0)
+
+
+def test_split_is_stratified_and_seeded():
+    from analysis.steering import selection_split
+
+    strata = np.arange(32) % 2  # positive and negative contexts alternate
+    split = selection_split(32, 0.5, 7, strata)
+    assert sum(strata[list(split.heldout)]) == 8 and len(split.heldout) == 16
+    assert selection_split(32, 0.5, 7, strata) == split and selection_split(32, 0.5, 8, strata) != split
+
+
+def test_random_control_interval_resamples_draws_and_prompts():
+    """Issue 12, defect 4 (b): the random row is the mean over draws x prompts, and its interval
+    widens with the spread between draws (one seeded draw ignored it)."""
+    from analysis.steering import Comparison
+
+    rng = np.random.default_rng(6)
+    prompt = rng.normal(0, 1, 16)
+    tight = 2 + prompt[None] + rng.normal(0, 0.1, (20, 16))
+    spread = tight + rng.normal(0, 4.0, (20, 1))
+    a, b = Comparison.of({"r": tight}).effect("r"), Comparison.of({"r": spread}).effect("r")
+    assert a.value == pytest.approx(tight.mean()) and b.value == pytest.approx(spread.mean())
+    assert (b.high - b.low) > 2 * (a.high - a.low)
+
+
+def test_in_sample_scan_is_labelled_in_the_report():
+    from analysis.steering import report
+
+    _, tables = _verdicts(np.ones(32), np.ones(32) * 2)
+
+    class Config:
+        concept, vector, coefficient = "c", "actadd", None
+
+    text = report(tables, {}, 0.25, 1, Config(), "m", None, {"scan_set": "in-sample", "n_texts": 3, "sources": ["prompts"]})
+    assert "IN-SAMPLE" in text
+    text = report(tables, {}, 0.25, 1, Config(), "m", None, {"scan_set": "held-out", "n_texts": 3, "sources": ["pairs"],
+                                                             "scan_seed": 4})
+    assert "IN-SAMPLE" not in text and "scan seed 4" in text
+
+
+def test_held_out_scan_texts_are_disjoint_from_the_evaluation_prompts():
+    """Issue 12, defect 9 (steering): the scan the spectral rule reads held out from the
+    evaluation prompts by default (the organisms' concept draws a disjoint sample of the same
+    distribution, seeded); in-sample stays available."""
+    from spectral.concepts import organism_sentiment, scan_texts
+    from spectral.organisms.language import TASKS
+
+    concept = organism_sentiment(TASKS)
+    texts, info = scan_texts(concept)
+    assert not set(texts) & set(concept.prompts) and info["n_evaluation_prompts_in_scan"] == 0
+    assert set(concept.scan) <= set(texts) and len(concept.scan) == len(concept.prompts)
+    assert organism_sentiment(TASKS, scan_seed=0).scan == concept.scan != organism_sentiment(TASKS, scan_seed=1).scan
+    texts, info = scan_texts(concept, "in-sample")
+    assert set(concept.prompts) <= set(texts) and info["scan_set"] == "in-sample"
+    file_concept = concept_from_dict({**GOOD_CONCEPT, "prompts": ["x", "a"]})  # no scan field: pairs and neutral
+    assert scan_texts(file_concept)[0] == ["b", "q"]
+    with pytest.raises(UsageError, match="--scan-set: expected one of"):
+        scan_texts(concept, "everything")
 
 
 GOOD_CONCEPT = {"name": "c", "pairs": [["a", "b"]], "prompts": ["x"], "target": ["y"], "opposite": ["z"], "neutral": ["q"]}
@@ -170,18 +385,48 @@ def test_sentiment_vector_moves_the_organism(steer_local):
     assert len(layers) == 2
     assert any(r["effect_low"] > 0 for r in layers), layers
     strategies = {r["strategy"]: r for r in pq.read_table(steer_local / "strategies.parquet").to_pylist()}
-    assert set(strategies) == {"baseline", "oracle", "random", "spectral", "all"}
+    assert set(strategies) == {"baseline", "oracle", "random", "spectral", "all"}  # 2 layers: k = 1
     params = json.loads((steer_local / "params.json").read_text())
     for name, r in strategies.items():  # matched budget: every strategy spends the same KL
         assert r["kl"] == pytest.approx(params["budget_kl"], rel=0.03), name
         assert 0 <= r["greedy_fraction"] <= 1
+    assert {r["strategy"]: r["k"] for r in strategies.values()} == {"baseline": 1, "oracle": 1, "random": 1,
+                                                                     "spectral": 1, "all": 2}
     grid = pq.read_table(steer_local / "grid.parquet")
     assert grid.num_rows == 2 * 3
-    verdicts = {r["name"]: r for r in pq.read_table(steer_local / "verdicts.parquet").to_pylist()}
-    v = verdicts["improvement of spectral over baseline (mean effect)"]
+    verdicts = {r["key"]: r for r in pq.read_table(steer_local / "verdicts.parquet").to_pylist()}
+    assert {"steering_improvement", "steering_difference", "spectral_vs_random", "layer_choice"} <= set(verdicts)
+    v = verdicts["steering_improvement"]
+    assert v["name"] == "improvement of spectral over baseline (mean effect, 1 layer each, held-out prompts)"
     assert v["target"] == 0.25 and v["verdict"] in ("PASS", "FAIL", "INCONCLUSIVE")
+    assert all(r["scan_set"] == "held-out" for r in verdicts.values())
     for name in ("report.md", "effect_by_layer.png", "effect_vs_side_effect.png"):
         assert (steer_local / name).stat().st_size > 0
+
+
+def test_steer_holds_out_the_scan_and_scores_every_effect_on_held_out_prompts(steer_local):
+    """Issue 12, defects 4 (b, d) and 9 on the organism: the scan read no evaluation prompt (its
+    seed recorded); the oracle chose on the selection split; every effect is the held-out
+    mean; the random row is the mean over >= 20 draws, each matched to the budget."""
+    params = json.loads((steer_local / "params.json").read_text())
+    assert params["scan"]["scan_set"] == "held-out" and params["scan"]["n_evaluation_prompts_in_scan"] == 0
+    assert params["scan"]["scan_seed"] == 0 and params["config"]["scan_set"] == "held-out"
+    assert set(pq.read_table(steer_local / "scan.parquet")["scan_set"].to_pylist()) == {"held-out"}
+    split = params["split"]
+    assert len(split["selection"]) == len(split["heldout"]) == 16 and not set(split["selection"]) & set(split["heldout"])
+    per_prompt = pq.read_table(steer_local / "per_prompt.parquet").to_pylist()
+    strategies = {r["strategy"]: r for r in pq.read_table(steer_local / "strategies.parquet").to_pylist()}
+    for name in ("baseline", "spectral", "oracle", "all"):
+        held = [r["effect"] for r in per_prompt if r["strategy"] == name and r["split"] == "heldout"]
+        assert len(held) == 16 and strategies[name]["effect"] == pytest.approx(np.mean(held))
+    random_rows = [r for r in per_prompt if r["strategy"] == "random" and r["split"] == "heldout"]
+    assert len({r["draw"] for r in random_rows}) == strategies["random"]["n_draws"] == 20
+    assert strategies["random"]["effect"] == pytest.approx(np.mean([r["effect"] for r in random_rows]))
+    layers = {r["layer"]: r for r in pq.read_table(steer_local / "layers.parquet").to_pylist()}
+    best = max(layers, key=lambda l: (layers[l]["effect_selection"], -l))
+    assert params["oracle"]["oracle"] == [best] == json.loads(strategies["oracle"]["layers"])
+    report = (steer_local / "report.md").read_text()
+    assert "held-out prompts" in report and "Verdict rules" in report and "Scan: held-out" in report
 
 
 def test_steer_on_ray_equals_local(organism_cache, steer_local, tmp_path, ray_cluster):
@@ -206,6 +451,11 @@ def test_steer_on_ray_equals_local(organism_cache, steer_local, tmp_path, ray_cl
     (None, ["--layer", "9"], "--layer: layer 9 out of range (the model has layers 0..1)"),
     (None, ["--coefficient", "inf"], "--coefficient: Value error, coefficient inf is not finite"),
     (None, ["--positions", "middle"], "--positions: expected all or last or a token index >= 0, got 'middle'"),
+    (None, ["--random-draws", "5"], "--random-draws: Input should be greater than or equal to 20"),
+    (None, ["--selection-fraction", "1"], "--selection-fraction: Input should be less than 1"),
+    ({**GOOD_CONCEPT, "target": [" good"], "opposite": [" bad"], "pairs": [["I love", "I hate"]], "neutral": ["A ball is"],
+      "prompts": ["I love the", "I hate the", "The"]}, [],
+     "--selection-fraction: 3 evaluation prompts split at 0.5 leave 1 for selection and 2 held out"),
     ({k: v for k, v in GOOD_CONCEPT.items() if k != "neutral"}, [], "missing field 'neutral'"),
 ])
 def test_steer_bad_input(organism_cache, tmp_path, capsys, concept, extra, message):
