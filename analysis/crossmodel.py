@@ -39,7 +39,7 @@ from analysis.calibration import IMPORTANCE_RULE, STEERABLE_RULE, Calibration, c
 from analysis.information import N_PERMUTATIONS, entropy_by_stability, mutual_information
 from analysis.population import Member, PopulationEstimate, holm, scheme
 from analysis.scaling import MIN_LOO_POINTS, restrict_to_separating, scaling_table
-from analysis.stats import RESTORATION_RTOL, restoration
+from analysis.stats import RESTORATION_RTOL, restoration, scaled_interval, welch_df
 from spectral.metrics import UNSTABLE_GAP
 
 NAN = float("nan")
@@ -91,7 +91,9 @@ RULE = ("Each verdict is about a population of models: the training seeds of one
         "checkpoint is a population of one, labelled 'one model', whose verdicts describe that model only). "
         "Value: the mean over seeds of the per-seed statistic. 95 % interval: with >= 2 seeds, mean ± t(k-1) x SE x "
         "sqrt(k/(k-1)) with SE from a hierarchical bootstrap (seeds -> heads or layers -> examples; the 'scheme' "
-        "column); with one seed, that model's percentile bootstrap over heads (or layers) and examples. "
+        "column); with one seed, that model's bootstrap over heads and examples (prompts for steering), t-scaled as "
+        "validate's page does (Fisher z with n - 3 df for correlations, Welch df for group differences, prompts - 1 "
+        "for steering contrasts; thresholds: the calibration's interval and exact AUROC test). "
         "PASS when the one-sided p-value of the metric's claim is < 0.025 after Holm's correction within the "
         "verdict family (the same metric over every population of the run); FAIL when that of the opposite claim "
         "is; else INCONCLUSIVE. Without the correction this is 'the 95 % interval lies on the claim's side of the "
@@ -606,14 +608,14 @@ def estimate_many(members: Sequence[Member], stats_: dict[str, Stat], *, n_resam
     across-seed intervals, scheme text and NaN rules. Members with clusters (grouped-query
     heads) go to ``analysis.population.estimate`` itself, one statistic at a time.
 
-    ``df``: per statistic, "fisher" (a correlation: per-seed interval ``tanh(z ± t(n-3) SE)`` with
-    SE = max(bootstrap SE of z, 1/sqrt(n - 3))), or the degrees of freedom of a member's *t-scaled* per-seed interval,
-    ``value ± t(df) x bootstrap SE x sqrt(n/(n-1))`` (n: heads, or prompts when only examples
-    are resampled), used instead of the percentile interval; with one seed it is the verdict's
-    interval. A percentile bootstrap over 8-48 heads covers far less than 95 %: in a null
-    simulation (gap independent of importance, one model) it passed "unstable - stable > 0" in
-    10 % of runs at 8 heads and 3-5 % at 16-48 (nominal 2.5 %); with df = min(group sizes) - 1
-    it stays below 2.5 % (``tests/test_population_report.py``)."""
+    ``df``: per statistic, "fisher" (a correlation) or a function giving a member's degrees of
+    freedom: the member's per-seed interval is then ``analysis.stats.scaled_interval`` (value ±
+    t(df) x bootstrap SE x sqrt(n/(n-1)), n heads, or prompts when only examples are resampled;
+    for "fisher" on Fisher's z scale with df = n - 3), as validate's per-model page computes it,
+    instead of the percentile interval; with one seed it is the verdict's interval. A percentile
+    bootstrap over 8-48 heads covers far less than 95 %: in a null simulation (gap independent of
+    importance, one model) it passed "unstable - stable > 0" in 10 % of runs at 8 heads and 3-5 %
+    at 16-48 (nominal 2.5 %; ``tests/test_population_report.py``)."""
     from analysis import population as pop
 
     if not members:
@@ -641,21 +643,12 @@ def estimate_many(members: Sequence[Member], stats_: dict[str, Stat], *, n_resam
             ok = row[np.isfinite(row)]
             if ok.size < n_resamples / 2:
                 lows.append(NAN), highs.append(NAN), dfs.append(NAN)
-            elif fisher:
-                zs = np.arctanh(np.clip(ok, -1 + 1e-12, 1 - 1e-12))
-                se = max(float(zs.std(ddof=1)), 1 / math.sqrt(m.n_units - 3) if m.n_units > 3 else math.inf)
-                z = math.atanh(min(max(v, -1 + 1e-12), 1 - 1e-12)) if np.isfinite(v) else NAN
-                d = float(m.n_units - 3)
-                ok_ = np.isfinite(z) and np.isfinite(se) and d >= 1
-                q = float(stats.t.ppf(1 - alpha / 2, d)) if ok_ else NAN
-                lows.append(math.tanh(z - q * se) if ok_ else NAN), highs.append(math.tanh(z + q * se) if ok_ else NAN)
-                dfs.append(d if ok_ else NAN)
             elif dfn is not None:
-                d = float(dfn(m))
+                d = float(m.n_units - 3) if fisher else float(dfn(m))
                 n_res = m.n_units if resample_units else max(m.n_examples, 1)
-                se = float(ok.std(ddof=1)) * math.sqrt(n_res / max(n_res - 1, 1))
-                half = float(stats.t.ppf(1 - alpha / 2, d)) * se if d >= 1 and np.isfinite(v) else NAN
-                lows.append(v - half), highs.append(v + half), dfs.append(d if np.isfinite(half) else NAN)
+                e = scaled_interval(v, row, n_res, d, confidence=confidence, fisher=fisher)
+                good = np.isfinite(e.low) and np.isfinite(e.high)
+                lows.append(e.low), highs.append(e.high), dfs.append(d if good else NAN)
             else:
                 lows.append(float(np.quantile(ok, alpha / 2))), highs.append(float(np.quantile(ok, 1 - alpha / 2)))
         finite = np.isfinite(values)
@@ -680,10 +673,8 @@ def estimate_many(members: Sequence[Member], stats_: dict[str, Stat], *, n_resam
         same = float(np.mean(np.sign(values[finite]) == sign)) if sign and n else NAN
         text = scheme(len(members), levels, n_resamples)
         if fisher:
-            text = text.replace("percentile bootstrap over", "Fisher-z interval z ± t(n-3) x SE, SE = max(bootstrap "
-                                "SE of z, 1/sqrt(n-3)), bootstrap over")
-            if len(members) > 1:
-                text += "; per seed: Fisher-z intervals"
+            text = text.replace("percentile bootstrap over", "Fisher z ± t(n-3) x SE x sqrt(n/(n-1)), SE from a "
+                                "bootstrap over") + ("; per seed: Fisher-z intervals" if len(members) > 1 else "")
         elif dfn is not None:
             text = text.replace("percentile bootstrap over", "value ± t(df) x SE x sqrt(n/(n-1)), SE from a bootstrap over") \
                 + (f"; per seed: t-scaled, df {_units_text([int(d) for d in dfs if np.isfinite(d)])}"
@@ -725,15 +716,19 @@ def seed_t_estimate(values: Sequence[float], seeds: Sequence[int | None], n_unit
 
 # --- batched statistics ----------------------------------------------------------------------
 
-def clip_correlation(e: PopulationEstimate) -> PopulationEstimate:
-    """A correlation's across-seed interval clipped to [-1, 1] (a t-interval over few seeds can
-    reach beyond; the scheme says so when it was clipped)."""
-    lo, hi = max(-1.0, e.low), min(1.0, e.high)
+def clip_estimate(e: PopulationEstimate, lo_bound: float, hi_bound: float) -> PopulationEstimate:
+    """The across-seed interval clipped to the statistic's range (a t-interval over few seeds can
+    reach beyond it; the scheme says so when it was clipped). p-values are taken before."""
+    lo, hi = max(lo_bound, e.low), min(hi_bound, e.high)
     if (lo, hi) == (e.low, e.high) or not (np.isfinite(e.low) and np.isfinite(e.high)):
         return e
     from dataclasses import replace
 
-    return replace(e, low=lo, high=hi, scheme=e.scheme + "; clipped to [-1, 1]")
+    return replace(e, low=lo, high=hi, scheme=e.scheme + f"; clipped to [{lo_bound:g}, {hi_bound:g}]")
+
+
+def clip_correlation(e: PopulationEstimate) -> PopulationEstimate:
+    return clip_estimate(e, -1.0, 1.0)
 
 
 def _restoration_b(pu: dict, mu: dict) -> np.ndarray:
@@ -763,16 +758,39 @@ def pearson_b(x: np.ndarray, y: np.ndarray, min_units: int = 3) -> np.ndarray:
     return np.where((distinct >= min_units) & (den > 1e-300), r, np.nan)
 
 
-def _group_sizes(m: Member, threshold: float = UNSTABLE_GAP) -> tuple[int, int]:
+def _full_groups(m: Member, threshold: float = UNSTABLE_GAP) -> tuple[np.ndarray, np.ndarray]:
+    imp = _restoration_b({k: v[None] for k, v in m.per_unit.items()}, {
+        k: v for key, arr in m.per_example.items() for k, v in
+        ([(key, arr.mean(-1)[None])] + ([(f"|{key}|", np.abs(arr).mean(-1)[None])] if key in ("clean", "corrupt") else []))
+    })[0]
     g = np.asarray(m.per_unit["gap"], float)
-    g = g[np.isfinite(g)]
-    return int((g <= threshold).sum()), int((g > threshold).sum())
+    ok = np.isfinite(g) & np.isfinite(imp)
+    return imp[ok & (g <= threshold)], imp[ok & (g > threshold)]
 
 
-DF_GROUPS = lambda m: min(_group_sizes(m)) - 1  # noqa: E731
-DF_UNSTABLE = lambda m: _group_sizes(m)[0] - 1  # noqa: E731
-DF_STABLE = lambda m: _group_sizes(m)[1] - 1  # noqa: E731
-DF_PROMPTS = lambda m: m.n_examples - 1  # noqa: E731
+def DF_GROUPS(m: Member) -> float:
+    """Welch's df of the unstable - stable difference, at most n - 2 (``analysis.validation``)."""
+    u, s = _full_groups(m)
+    return min(welch_df(u, s), u.size + s.size - 2)
+
+
+def DF_UNSTABLE(m: Member) -> float:
+    return _full_groups(m)[0].size - 1
+
+
+def DF_STABLE(m: Member) -> float:
+    return _full_groups(m)[1].size - 1
+
+
+def DF_PROMPTS(m: Member) -> float:
+    return m.n_examples - 1
+
+
+def DF_ENTROPY(m: Member) -> float:
+    g, e = np.asarray(m.per_unit["gap"], float), np.asarray(m.per_unit["entropy"], float)
+    return min(welch_df(e[g <= UNSTABLE_GAP], e[g > UNSTABLE_GAP]), g.size - 2)
+
+
 """Degrees of freedom of a seed's t-scaled interval, by statistic (see ``estimate_many``)."""
 
 
@@ -1015,7 +1033,7 @@ def head_rows(pop: Population, res: PopulationResult, n_resamples: int, seed: in
 
 def steer_rows(pop: Population, res: PopulationResult, n_resamples: int, seed: int) -> list[dict]:
     specs = {
-        "steering_difference": (("spectral1", "baseline"), {"spectral1": 1.0, "baseline": -1.0}, "baseline"),
+        "steering_difference": (("spectral1", "baseline"), {"spectral1": 1.0, "baseline": -1.0}, None),
         "steering_improvement": (("spectral1", "baseline"), {"spectral1": 1.0, "baseline": -(1 + TARGET_IMPROVEMENT)},
                                  "baseline"),
         "spectral_vs_random": (("spectral_k", "random_k"), {"spectral_k": 1.0, "random_k": -1.0}, None),
@@ -1104,8 +1122,9 @@ def threshold_rows(pop: Population, res: PopulationResult, n_resamples: int, see
                             [c.threshold_high for _, c in have], what=what)
         a = seed_t_estimate([c.auroc for _, c in have], seeds, units, [c.auroc_low for _, c in have],
                             [c.auroc_high for _, c in have], what=f"AUROC of -gap, stratified bootstrap ({b})")
-        res.estimates[key], res.estimates[f"auroc_{which}"] = t, a
         p_pass, p_fail = _band_ps(t, a)
+        t, a = clip_estimate(t, 0.0, 1.0), clip_estimate(a, 0.0, 1.0)  # for display (p-values read the t scale)
+        res.estimates[key], res.estimates[f"auroc_{which}"] = t, a
         sep = ""
         if len(have) == 1:  # one model: the calibration's exact AUROC test decides separation
             c = have[0][1]
@@ -1539,7 +1558,7 @@ def information_rows(run: RunData, results: dict[str, PopulationResult], n_permu
         if not ms:
             rows.append(_info_row("population", pop.name, "", ENTROPY, reason="no scan"))
             continue
-        e = estimate(ms, entropy_difference(), n_resamples=n_resamples, seed=seed, df={"_": DF_GROUPS})
+        e = estimate(ms, entropy_difference(), n_resamples=n_resamples, seed=seed, df={"_": DF_ENTROPY})
         results[pop.name].estimates["entropy_difference"] = e
         rows.append(_info_row("population", pop.name, "", ENTROPY, value=e.value, low=e.low, high=e.high,
                               n=int(sum(e.n_units)), n_strata=e.n_seeds,

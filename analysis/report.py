@@ -385,9 +385,10 @@ def _short_scheme(r: dict) -> str:
     if "hierarchical" in s:
         levels = s.split("seeds -> ", 1)[1].split(" (")[0] if "seeds -> " in s else ""
         return f"hierarchical bootstrap seeds → {levels.replace(' -> ', ' → ')}, t({max(r['n_seeds'] - 1, 0)})" + \
-            ("; clipped to [-1, 1]" if "clipped" in s else "")
+            (f"; clipped to {s.split('clipped to ', 1)[1]}" if "clipped to " in s else "")
     if "SD/sqrt" in s:
-        return f"t({max(r['n_seeds'] - 1, 0)}) over the seeds' values"
+        return f"t({max(r['n_seeds'] - 1, 0)}) over the seeds' values" + \
+            (f"; clipped to {s.split('clipped to ', 1)[1]}" if "clipped to " in s else "")
     return s
 
 

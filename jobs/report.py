@@ -62,7 +62,7 @@ def run(run_dir: Path, out: Path | None = None, echo=print, *, n_resamples: int 
     write_json(summary(data, result), out / "summary.json")
     page = write_text(render(data, result, figs), out / RESULT_FILE)  # last: its presence means the report is complete
     counts = {v: sum(r["verdict"] == v for r in result.verdicts) for v in ("PASS", "FAIL", "INCONCLUSIVE")}
-    echo(f"wrote {page} ({len(data.populations)} populations of {len(data.models)} models; verdicts: "
+    echo(f"wrote {page} ({_n(len(data.populations), 'population')} of {_n(len(data.models), 'model')}; verdicts: "
          + ", ".join(f"{n} {v}" for v, n in counts.items()) + ")")
     if track:
         from cluster.tracking import log_report
@@ -70,6 +70,10 @@ def run(run_dir: Path, out: Path | None = None, echo=print, *, n_resamples: int 
         if log_report(run_dir, out, echo):
             echo("logged the report's summary, verdicts and files to the sweep's MLflow parent run")
     return page
+
+
+def _n(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def add_parser(sub) -> None:
