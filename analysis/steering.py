@@ -90,7 +90,7 @@ RULES = {
 
 
 def _interval_text(confidence: float = CONFIDENCE) -> str:
-    return (f"{confidence:.0%} intervals: paired bootstrap over held-out prompts ({N_RESAMPLES} resamples; the random "
+    return (f"{confidence:.0%}, paired bootstrap over held-out prompts ({N_RESAMPLES} resamples; the random "
             "control's draws resampled too), estimate ± t(df) x bootstrap SE x sqrt(n/(n-1)); ratios by Fieller, "
             "only where both effects' intervals lie above 0")
 

@@ -432,7 +432,7 @@ def test_steer_holds_out_the_scan_and_scores_every_effect_on_held_out_prompts(st
 def test_steer_on_ray_equals_local(organism_cache, steer_local, tmp_path, ray_cluster):
     out = tmp_path / "ray"
     assert main(steer_args(organism_cache, out, "--executor", "ray", "--workers", "2")) == 0
-    for name in ("strategies.parquet", "grid.parquet", "layers.parquet", "per_prompt.parquet"):
+    for name in ("strategies.parquet", "grid.parquet", "layers.parquet", "per_prompt.parquet", "verdicts.parquet"):
         local, remote = pq.read_table(steer_local / name), pq.read_table(out / name)
         assert local.column_names == remote.column_names
         for col in local.column_names:
@@ -441,6 +441,20 @@ def test_steer_on_ray_equals_local(organism_cache, steer_local, tmp_path, ray_cl
                 np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-9, err_msg=f"{name}:{col}")
             else:
                 assert a == b, f"{name}:{col}"
+
+
+def test_in_sample_scan_stays_available_and_is_labelled(organism_cache, steer_local, tmp_path):
+    out = tmp_path / "in-sample"
+    assert main(steer_args(organism_cache, out, "--scan-set", "in-sample", "--strategies", "baseline", "spectral",
+                           "--grid=1")) == 0
+    params = json.loads((out / "params.json").read_text())
+    assert params["scan"]["scan_set"] == "in-sample" and params["scan"]["n_evaluation_prompts_in_scan"] > 0
+    assert set(pq.read_table(out / "scan.parquet")["scan_set"].to_pylist()) == {"in-sample"}
+    assert {r["scan_set"] for r in pq.read_table(out / "verdicts.parquet").to_pylist()} == {"in-sample"}
+    assert {r["scan_set"] for r in pq.read_table(out / "strategies.parquet").to_pylist()} == {"in-sample"}
+    assert "IN-SAMPLE" in (out / "report.md").read_text()
+    held = pq.read_table(steer_local / "scan.parquet")["gap"].to_pylist()
+    assert pq.read_table(out / "scan.parquet")["gap"].to_pylist() != held  # another set of texts, another spectrum
 
 
 @pytest.mark.parametrize("concept, extra, message", [
