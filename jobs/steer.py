@@ -66,7 +66,8 @@ class SteerConfig(ExecutorOptions):
     generate_tokens: int = Field(8, ge=1)
     """Tokens generated per prompt for the target-word fraction."""
     seed: int = 0
-    """Seed of the random strategy, sampled generation and bootstrap."""
+    """Seed of the random control's draws, sampled generation, the bootstrap and (unless
+    --split-seed) the selection / held-out split."""
     random_draws: int = Field(MIN_RANDOM_DRAWS, ge=MIN_RANDOM_DRAWS)
     """Draws of the random control (each of k random layers, matched to the budget on its own)."""
     selection_fraction: float = Field(0.5, gt=0, lt=1)
@@ -146,7 +147,10 @@ def steer_unit(loaded, unit: SteerUnit) -> dict:
 
     scale = unit.scale
     if scale is None:
-        scale, _ = match_budget(lambda s: ev.kl(injection(s)), unit.budget)
+        try:
+            scale, _ = match_budget(lambda s: ev.kl(injection(s)), unit.budget)
+        except ValueError as err:  # the budget is out of this profile's reach: a one-line error
+            raise UsageError(f"--kl-budget: {unit.name}: {err}; give a smaller --kl-budget") from None
     m = ev.measure(injection(scale))
     out = {"name": unit.name, "profile": unit.profile, "scale": scale, "effect": m.effect.tolist(),
            "kl": m.kl.tolist(), "loss_increase": m.loss_increase.tolist()}
