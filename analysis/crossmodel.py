@@ -178,6 +178,8 @@ class ModelData:
     """steer verdicts.parquet rows by key (``key`` column) or name."""
     scan_set: str = ""
     """held-out / in-sample scan prompts of the validate unit ('' when not recorded)."""
+    steer_scan_set: str = ""
+    """held-out / in-sample scan texts the steer unit's spectral rule read ('' when not recorded)."""
     importance_source: str = ""
     notes: list[str] = field(default_factory=list)
     excluded: dict[str, int] = field(default_factory=dict)
@@ -407,6 +409,8 @@ def load_model(name: str, facts: dict | None, units: dict[str, Path]) -> ModelDa
         md.layers = _columns(units["steer"] / "layers.parquet", ("layer", "min_gap", "effect", "effect_low", "effect_high"))
         md.steer = _rows_by_key(units["steer"] / "verdicts.parquet")
         md.arms, md.prompts = _arms(units["steer"])
+        config = (_read_json(units["steer"] / "params.json") or {}).get("config", {})
+        md.steer_scan_set = str(config.get("scan_set") or "")
     if "validate" in units:
         md.validate = _rows_by_key(units["validate"] / "validate.parquet")
     if md.scan is not None:
@@ -1042,6 +1046,10 @@ def steer_rows(pop: Population, res: PopulationResult, n_resamples: int, seed: i
     }
     rows = []
     prompts = "; ".join(sorted({m.prompts for m in pop.members if m.prompts}))
+    sets = sorted({m.steer_scan_set for m in pop.members if m.steer_scan_set})
+    if sets:
+        prompts += ("; " if prompts else "") + "spectral rule read a " + "/".join(sets) + " scan" + (
+            " (IN-SAMPLE: it includes the evaluation prompts)" if "in-sample" in sets else "")
     for key, (roles, weights, gate) in specs.items():
         mds = [md for md in pop.members if arm_member(md, roles) is not None]
         if not mds:
@@ -1560,8 +1568,9 @@ def information_rows(run: RunData, results: dict[str, PopulationResult], n_permu
             continue
         e = estimate(ms, entropy_difference(), n_resamples=n_resamples, seed=seed, df={"_": DF_ENTROPY})
         results[pop.name].estimates["entropy_difference"] = e
+        p2 = min(1.0, 2 * min(p_one_sided(e, 0.0, "above"), p_one_sided(e, 0.0, "below")))
         rows.append(_info_row("population", pop.name, "", ENTROPY, value=e.value, low=e.low, high=e.high,
-                              n=int(sum(e.n_units)), n_strata=e.n_seeds,
+                              p_value=p2, n=int(sum(e.n_units)), n_strata=e.n_seeds,
                               reason=f"mean over {e.n_seeds} seeds; {e.scheme}"))
     families: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
@@ -1571,7 +1580,7 @@ def information_rows(run: RunData, results: dict[str, PopulationResult], n_permu
         m = sum(np.isfinite(r["p_value"]) for r in rs)
         for r, a in zip(rs, adj):
             r["p_holm"] = float(a)
-            r["family"] = f"{measure.split(' [')[0].split(',')[0]} per {level}: Holm over {m}"
+            r["family"] = f"{measure.split(' [')[0].split(',')[0]} per {level}: Holm over {m}" if m else ""
     return rows
 
 

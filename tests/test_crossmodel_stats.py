@@ -260,3 +260,73 @@ def test_entropy_by_stability():
     assert s.p_value == pytest.approx(2 / 252)  # exact: 2 extreme orderings of C(10, 5)
     empty = entropy_by_stability(gap[5:], ent[5:], n_resamples=FAST)
     assert math.isnan(empty.p_value) and "no unstable" in empty.reason
+
+
+# --- information: unclipped KSG, stratified permutations (issue 12, defect 10) ---------------------
+
+def test_ksg_equals_sklearn_where_sklearn_is_not_clipped_and_goes_below_zero_otherwise():
+    from sklearn.feature_selection import mutual_info_regression
+
+    from analysis.information import ksg
+
+    rng = np.random.default_rng(6)
+    below = 0
+    for i in range(30):
+        x, y = rng.normal(size=40), rng.normal(size=40)
+        if i % 2:
+            y = y + x
+        ours = ksg(x, y, 3, seed=i)
+        theirs = float(mutual_info_regression(x[:, None], y, n_neighbors=3, random_state=i)[0])
+        assert theirs == pytest.approx(max(ours, 0.0), abs=1e-12)
+        below += ours < 0
+    assert below > 0  # independent samples: the raw estimate is often negative, sklearn's reads 0
+
+
+def test_mi_excess_over_the_null_is_unbiased_without_dependence():
+    """Independent data: the mean raw estimate minus the null mean is ~0 (clipping both at 0,
+    as before, biases it upward); the null has the default >= 1000 shuffles and the p-value its
+    Monte-Carlo error."""
+    from analysis.information import N_PERMUTATIONS
+
+    assert N_PERMUTATIONS >= 1000
+    rng = np.random.default_rng(7)
+    excess = [mutual_information(rng.normal(size=30), rng.normal(size=30), n_permutations=200, seed=i).corrected
+              for i in range(40)]
+    assert abs(np.mean(excess)) < 3 * np.std(excess) / np.sqrt(len(excess)) + 0.01
+    m = mutual_information(rng.normal(size=30), rng.normal(size=30), seed=1)
+    assert m.n_permutations == N_PERMUTATIONS
+    assert m.mc_error == pytest.approx(np.sqrt(m.p_value * (1 - m.p_value) / N_PERMUTATIONS))
+
+
+def test_pooled_mi_permutes_within_each_model():
+    """Two models whose x and y differ in level but are independent inside each model: pooled
+    over both, x and y look dependent (the levels go together). Shuffling y across models finds
+    'information' (tiny p); shuffling within each model does not."""
+    from analysis.information import _shuffles
+
+    rng = np.random.default_rng(8)
+    n = 60
+    model = np.repeat([0, 1], n)
+    x = rng.normal(size=2 * n) + 3 * model
+    y = rng.normal(size=2 * n) + 3 * model
+    naive = mutual_information(x, y, n_permutations=300, seed=0)
+    strat = mutual_information(x, y, n_permutations=300, seed=0, strata=model)
+    assert naive.p_value < 0.01 and strat.p_value > 0.05 and strat.n_strata == 2
+    assert strat.value == pytest.approx(naive.value)  # the same estimate, another null
+    perms = _shuffles(model, 50, np.random.default_rng(0))
+    assert (model[perms] == model).all()  # every shuffle keeps each unit's model
+    assert all(sorted(p[:n]) == list(range(n)) for p in perms)
+
+
+def test_large_n_null_uses_the_same_estimator():
+    """Above the dense limit the null runs a KD-tree per shuffle: the same KSG values."""
+    from sklearn.neighbors import KDTree
+
+    from analysis.information import _ksg_batch, _ksg_tree, _prepare
+
+    rng = np.random.default_rng(9)
+    x, y = rng.normal(size=120), rng.normal(size=120)
+    rs = np.random.RandomState(0)
+    xs, ys = _prepare(x, rs), _prepare(y, rs)
+    dense = _ksg_batch(np.abs(xs[:, None] - xs[None]), np.abs(ys[:, None] - ys[None])[None], 3)[0]
+    assert _ksg_tree(xs, ys, KDTree(xs[:, None], metric="chebyshev"), 3) == pytest.approx(dense, rel=1e-12)
