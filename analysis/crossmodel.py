@@ -302,6 +302,19 @@ def _patch_params(unit: Path) -> tuple[str, str]:
     return method or "exact", direction or "denoise"
 
 
+def _kv_heads(md: ModelData) -> None:
+    """Copy the scan's ``kv_head`` (grouped-query models) onto the patched heads."""
+    unit = md.units.get("validate") or md.units.get("patch")
+    if md.heads is None or unit is None or not (unit / "scan.parquet").exists():
+        return
+    t = pq.read_table(unit / "scan.parquet")
+    if "kv_head" not in t.column_names:
+        return
+    kv = {(int(l), int(h)): float(k) for l, h, k in zip(t["layer"].to_pylist(), t["head"].to_pylist(),
+                                                        t["kv_head"].to_pylist()) if k is not None}
+    md.heads["kv_head"] = np.array([kv.get((int(l), int(h)), np.nan) for l, h in zip(md.heads["layer"], md.heads["head"])])
+
+
 def _heads(md: ModelData) -> None:
     """Fill ``heads`` (and ``examples``) from the validate unit, else from a patch unit whose
     restoration measures importance (exact / attribution patching, direction denoise)."""
@@ -405,6 +418,7 @@ def load_model(name: str, facts: dict | None, units: dict[str, Path]) -> ModelDa
     md = ModelData(name, pop, seed, facts, units)
     md.scan = _scan(units)
     _heads(md)
+    _kv_heads(md)
     if "steer" in units and (units["steer"] / "layers.parquet").exists():
         md.layers = _columns(units["steer"] / "layers.parquet", ("layer", "min_gap", "effect", "effect_low", "effect_high"))
         md.steer = _rows_by_key(units["steer"] / "verdicts.parquet")
@@ -497,16 +511,15 @@ def head_member(md: ModelData) -> Member | None:
     """The model as a population member for head-level statistics: ``per_unit`` gap (and
     importance when there are no per-example metrics), ``per_example`` patched / clean /
     corrupt. Heads with a non-finite gap or importance are left out (counted in ``excluded``).
-    Heads sharing one key head (grouped-query attention) form a cluster."""
+    Heads sharing one key head (grouped-query attention: the scan's ``kv_head`` column) form a
+    cluster, resampled whole."""
     h = finite_heads(md)
     if h is None or h["gap"].size == 0:
         return None
     ok = np.isfinite(md.heads["gap"]) & np.isfinite(md.heads["importance"])
     clusters = None
-    f = md.facts or {}
-    if f.get("kv_heads") and f.get("heads") and int(f["kv_heads"]) < int(f["heads"]):
-        group = int(f["heads"]) // int(f["kv_heads"])
-        clusters = (h["layer"].astype(int) * int(f["heads"]) + h["head"].astype(int) // group * group)
+    if "kv_head" in h and np.isfinite(h["kv_head"]).all() and np.unique(h["kv_head"]).size < np.unique(h["head"]).size:
+        clusters = h["layer"].astype(int) * 100_000 + h["kv_head"].astype(int)  # as analysis.validation
     if md.examples is not None:
         ex = {k: v[ok] for k, v in md.examples.items()}
         return Member(md.seed, {"gap": h["gap"]}, ex, clusters) if clusters is not None else \
@@ -1604,6 +1617,10 @@ def analyse(run: RunData, *, n_resamples: int = 2000, n_permutations: int = N_PE
         cal.setdefault(md.name, {"heads": None, "layers": None})
     cal_rows = [calibration_row(m, target, c) for m, cs in cal.items()
                 for target, c in (("important heads", cs["heads"]), ("steerable layers", cs["layers"])) if c is not None]
+    for target in ("important heads", "steerable layers"):  # the exact AUROC tests: Holm over the models
+        rs = [r for r in cal_rows if r["target"] == target]
+        for r, q in zip(rs, holm([r.get("auroc_p_value", NAN) for r in rs])):
+            r["auroc_p_holm"] = float(q)
     corr, studies = correlations(run, results)
     het = {w: heterogeneity(studies[w]) for w in ("importance", "steering")}
     verdicts = pop_rows + cross_rows(run, results, pop_rows, het)

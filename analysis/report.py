@@ -473,14 +473,16 @@ def _range(v: list[int]) -> str:
 def _calibration(a: Analysis) -> str:
     rows = [[r["population"], "–" if r["seed"] is None else r["seed"], r["target"], _num(r["threshold"]),
              _ci(r["threshold_low"], r["threshold_high"]), _num(r["auroc"]), _ci(r["auroc_low"], r["auroc_high"]),
+             f"{_num(r.get('auroc_p_value', NAN))} / {_num(r.get('auroc_p_holm', NAN))}", r.get("separation", ""),
              _num(r["youden_j"]), _num(r["j_at_reference"]), f"{r['n']} ({r['n_positive']} +)", r["n_dropped"],
-             r["reason"]] for r in a.calibration_rows]
+             "; ".join(x for x in (r["reason"], r.get("separation_note", "")) if x)] for r in a.calibration_rows]
     return (f"<p class=\"note\">Per model (seed). Rule: a unit is predicted positive iff gap &lt;= t; t maximises "
             f"Youden J (TPR − FPR); intervals: stratified bootstrap 95 % (descriptive where a population has several "
             f"seeds: its verdict reads the spread of the seeds' thresholds). Important head: {_e(IMPORTANCE_RULE)}. "
             f"Steerable layer (by its min gap): {_e(STEERABLE_RULE)}.</p>"
-            + _table(["population", "seed", "positives", "threshold", "95 % CI", "AUROC", "95 % CI", "J",
-                      f"J at {UNSTABLE_GAP:g}", "n", "dropped", "note"], rows, {3, 4, 5, 6, 7, 8, 10}))
+            + _table(["population", "seed", "positives", "threshold", "95 % CI", "AUROC", "95 % CI",
+                      "AUROC exact p / Holm over models", "separation", "J", f"J at {UNSTABLE_GAP:g}", "n", "dropped",
+                      "note"], rows, {3, 4, 5, 6, 7, 9, 10, 12}, wide=True))
 
 
 def _generalization(a: Analysis) -> str:
