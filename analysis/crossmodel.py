@@ -1397,7 +1397,8 @@ def correlations(run: RunData, results: dict[str, PopulationResult]) -> tuple[li
                              "n_seeds": 1, "per_seed_r": vals, "per_seed_n": ns, "scheme": scheme_text,
                              "note": "descriptive: layers are the units; not comparable with other studies' r"})
             else:
-                e = seed_t_estimate(vals, [s for s, _, _ in rs], ns, what="r over the seed's layers, no interval")
+                e = clip_correlation(seed_t_estimate(vals, [s for s, _, _ in rs], ns,
+                                                     what="r over the seed's layers, no interval"))
                 rows.append({"population": pop.name, "correlation": "steering", "r": e.value, "low": e.low,
                              "high": e.high, "n_seeds": e.n_seeds, "per_seed_r": vals, "per_seed_n": ns,
                              "scheme": e.scheme,
