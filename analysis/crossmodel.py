@@ -38,7 +38,7 @@ from scipy import stats
 from analysis.calibration import IMPORTANCE_RULE, STEERABLE_RULE, Calibration, calibrate, calibrate_layers, important
 from analysis.information import N_PERMUTATIONS, entropy_by_stability, mutual_information
 from analysis.population import Member, PopulationEstimate, holm, scheme
-from analysis.scaling import MIN_LOO_POINTS, restrict_to_separating, scaling_table
+from analysis.scaling import restrict_to_separating, scaling_table
 from analysis.stats import RESTORATION_RTOL, restoration, scaled_interval, welch_df
 from spectral.metrics import UNSTABLE_GAP
 
@@ -360,9 +360,6 @@ def _heads(md: ModelData) -> None:
         gap = np.array([gap_of.get((int(l), int(h)), np.nan) for l, h in zip(patch["layer"], patch["head"])])
         md.heads = {"layer": patch["layer"], "head": patch["head"], "gap": gap, "importance": patch["restoration"]}
         md.notes.append("no per-example patching table: intervals resample heads only, not examples")
-
-
-ROLES = ("baseline", "spectral1", "spectral_k", "random_k", "oracle_k")
 
 
 def _arms(unit: Path) -> tuple[dict[str, dict], str]:
@@ -1026,11 +1023,13 @@ def head_rows(pop: Population, res: PopulationResult, n_resamples: int, seed: in
     groups, scan = _groups_text(mds), _scan_note(pop)
     notes = "; ".join(x for x in [scan, *sorted({n for md in mds for n in md.notes if 'per-example' in n})] if x)
     rows = [
-        _row(pop.name, "importance_correlation", pop=pop, e=r, target=TARGET_R, unit="heads", note=notes,
+        _row(pop.name, "importance_correlation", pop=pop, e=r, target=TARGET_R, unit="heads",
+             note="; ".join(x for x in (notes, job_verdicts(mds, "importance_correlation", "validate")) if x),
              p_pass=p_one_sided(r_raw, TARGET_R, "above"), p_fail=p_one_sided(r_raw, TARGET_R, "below")),
         _row(pop.name, "restoration_difference", pop=pop, e=diff, target=0.0, unit="heads", groups=groups,
              note="; ".join(x for x in (f"unstable {_fmt(unstable.value, unstable.low, unstable.high)}, stable "
-                                        f"{_fmt(stable.value, stable.low, stable.high)}", notes) if x),
+                                        f"{_fmt(stable.value, stable.low, stable.high)}", notes,
+                                        job_verdicts(mds, "restoration_difference", "validate")) if x),
              p_pass=p_one_sided(diff, 0.0, "above"), p_fail=p_one_sided(diff, 0.0, "below")),
     ]
     defined = np.isfinite(stable.low) and stable.low > 0
@@ -1039,6 +1038,7 @@ def head_rows(pop: Population, res: PopulationResult, n_resamples: int, seed: in
         note = (f"ratio of the mean restorations {ratio:.3g}" if np.isfinite(ratio) else
                 "ratio not shown: the unstable group's mean is not known to be > 0") + \
                f"; stable mean {_fmt(stable.value, stable.low, stable.high)} > 0"
+        note = "; ".join(x for x in (note, job_verdicts(mds, "restoration_ratio", "validate")) if x)
         rows.append(_row(pop.name, "restoration_ratio", pop=pop, e=margin, target=0.0, unit="heads", groups=groups,
                          note=note, p_pass=p_one_sided(margin, 0.0, "above"), p_fail=p_one_sided(margin, 0.0, "below")))
     else:
@@ -1097,9 +1097,32 @@ def steer_rows(pop: Population, res: PopulationResult, n_resamples: int, seed: i
                          "> 0 (a relative claim is meaningless)")
             else:
                 note += f"; {md_role(gate)} effect {_fmt(g.value, g.low, g.high)} > 0"
-        row["note"] = note
+        row["note"] = "; ".join(x for x in (note, job_verdicts(mds, key, "steer")) if x)
         rows.append(row)
     return rows
+
+
+OLD_NAMES = {
+    "importance_correlation": ("pearson r(importance, 1/gap)",),
+    "restoration_difference": ("restoration difference unstable - stable at gap <= 0.77",),
+    "restoration_ratio": ("restoration ratio unstable/stable at gap <= 0.77",),
+    "steering_improvement": ("improvement of spectral over baseline",),
+    "steering_difference": ("difference of mean effect, spectral - baseline",),
+    "spectral_vs_random": ("difference of mean effect, spectral - random",),
+    "layer_choice": ("effect lost by spectral vs the oracle",),
+}
+"""Display names the jobs' rows had before they carried a ``key`` column."""
+
+
+def job_verdicts(mds: Sequence[ModelData], key: str, kind: str) -> str:
+    """The per-model verdicts the validate / steer jobs wrote for ``key`` (matched by key, else
+    by the old name), for the note: a cross-check, not the population's verdict."""
+    got = []
+    for md in mds:
+        r = job_row(md.validate if kind == "validate" else md.steer, key, *OLD_NAMES.get(key, ()))
+        if r is not None and r.get("verdict"):
+            got.append(f"{'seed ' + str(md.seed) if md.seed is not None else md.name} {r['verdict']}")
+    return f"{kind} job per model (its own rule): " + ", ".join(got) if got else ""
 
 
 def md_role(role: str) -> str:

@@ -13,9 +13,8 @@ import numpy as np
 import pyarrow as pa
 
 from analysis.calibration import IMPORTANCE_RULE, STEERABLE_RULE, important
-from analysis.crossmodel import (
-    ALL, MIN_LOO_POINTS, NAN, RULE, RULES, Analysis, RunData, finite_heads, finite_layers,
-)
+from analysis.crossmodel import ALL, NAN, RULE, RULES, Analysis, RunData, finite_heads, finite_layers
+from analysis.scaling import MIN_LOO_POINTS
 from spectral.metrics import UNSTABLE_GAP
 
 PANEL_COLUMNS = 4
