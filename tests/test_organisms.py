@@ -163,3 +163,23 @@ def test_scan_accepts_an_organism(organism_cache, tmp_path, prompts_file):
     assert main(["scan", "--model", "organism-xs", "--prompts", str(prompts_file), "--out", str(tmp_path / "s")]) == 0
     params = json.loads((tmp_path / "s" / "params.json").read_text())
     assert params["config"]["model"] == "organism-xs"
+
+
+def test_concurrent_processes_train_an_organism_once(tiny_suite):
+    """Two processes asking for the same missing organism: one trains, the other waits and reuses it."""
+    import subprocess
+    import sys
+
+    code = ("from spectral.organisms import suite; from spectral.organisms.train import Recipe; "
+            "suite.SUITE['organism-xs'] = Recipe('organism-xs', layers=1, heads=2, hidden=32, intermediate=64, "
+            "steps=40, batch_size=4); print(suite.organism_dir('organism-xs?seed=2', progress=False))")
+    env = {**__import__("os").environ}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    errs = "".join(err for _, err in outs)
+    assert errs.count("is not trained yet; training it now") == 1, errs
+    # (whether the second waited or came after the first had finished depends on start-up
+    # times: either way it must not train again)
+    assert {out.strip() for out, _ in outs} == {str(tiny_suite.parent / "organism-xs-seed2")}

@@ -9,6 +9,8 @@ its manifest is reported as corrupted.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -73,34 +75,63 @@ def spec_text(recipe: Recipe) -> str:
 
 def organism_dir(name: str, seed: int | None = None, *, progress: bool = True) -> Path:
     """The checkpoint directory of organism ``name`` (``organism-s`` or ``organism-s?seed=3``;
-    ``seed`` overrides), trained first if it is not cached."""
+    ``seed`` overrides), trained first if it is not cached.
+
+    Processes that need the same missing organism at once (the workers of one node, a sweep
+    beside ``eigengap organisms train``) train it once: the first takes a lock on the entry,
+    the others wait for it and then use what it trained."""
     recipe = recipe_of(name, seed)
     path = cache_root() / entry_name(recipe)
-    if path.exists():
-        if _recipe_matches(path, recipe):
-            verify(path)
-            return path
-        print(f"eigengap: cached {spec_text(recipe)} was trained by an older recipe; retraining it", file=sys.stderr)
-    else:
-        print(f"eigengap: {spec_text(recipe)} is not trained yet; training it now into {path}", file=sys.stderr)
-    return train_organism(name, seed, force=True, progress=progress)
+    if path.exists() and _recipe_matches(path, recipe):
+        verify(path)
+        return path
+    with _entry_lock(recipe):
+        if path.exists():
+            if _recipe_matches(path, recipe):  # trained by another process while we waited
+                verify(path)
+                return path
+            print(f"eigengap: cached {spec_text(recipe)} was trained by an older recipe; retraining it", file=sys.stderr)
+        else:
+            print(f"eigengap: {spec_text(recipe)} is not trained yet; training it now into {path}", file=sys.stderr)
+        return _train_into(recipe, path, progress)
 
 
 def train_organism(name: str, seed: int | None = None, *, force: bool = False, progress: bool = True) -> Path:
     """Train ``name`` (``?seed=N`` allowed; ``seed`` overrides) into the cache, reusing a valid
     entry unless ``force``."""
     recipe = recipe_of(name, seed)
+    path = cache_root() / entry_name(recipe)
+    with _entry_lock(recipe):
+        if path.exists() and not force:
+            if not _recipe_matches(path, recipe):
+                raise UsageError(f"cached {spec_text(recipe)} at {path} is stale (older recipe): retrain with "
+                                 f"`eigengap organisms train '{spec_text(recipe)}' --force`")
+            verify(path)
+            return path
+        return _train_into(recipe, path, progress)
+
+
+@contextlib.contextmanager
+def _entry_lock(recipe: Recipe):
+    """An exclusive lock on one cache entry (``.ENTRY.lock`` beside it), held while it is
+    checked and trained; waiting is said once on stderr."""
     root = cache_root()
-    entry = entry_name(recipe)
-    path = root / entry
-    if path.exists() and not force:
-        if not _recipe_matches(path, recipe):
-            raise UsageError(f"cached {spec_text(recipe)} at {path} is stale (older recipe): retrain with "
-                             f"`eigengap organisms train '{spec_text(recipe)}' --force`")
-        verify(path)
-        return path
     _check_writable(root)
-    tmp = root / f".{entry}.tmp-{os.getpid()}"
+    with open(root / f".{entry_name(recipe)}.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"eigengap: another process is training {spec_text(recipe)}; waiting for it", file=sys.stderr)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _train_into(recipe: Recipe, path: Path, progress: bool) -> Path:
+    """Train ``recipe`` into a temporary directory and rename it into place (caller holds the lock)."""
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         start = time.perf_counter()
