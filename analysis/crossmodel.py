@@ -8,10 +8,12 @@ recipe, not about one training draw. A hub model or a local checkpoint is a popu
 model (its verdicts describe that model only and say so).
 
 Per population, every success metric of the research plan is an across-seed estimate
-(``analysis.population``): the mean over seeds of the per-seed statistic, per-seed values and
-intervals (heads or layers, and examples, resampled jointly), the across-seed interval (a
-t-scaled hierarchical bootstrap seeds -> heads -> examples) and the fraction of seeds with the
-sign of the mean. Verdicts rest on differences; a ratio claim "a > c x b" is tested as
+(``analysis.population``, the one estimator): the mean over seeds of the per-seed statistic,
+per-seed values and t-scaled intervals (heads or layers, and examples, resampled jointly), the
+verdict interval across seeds (the t-interval over the seeds' values, mean ± t(k-1) x SD /
+sqrt(k)), the hierarchical bootstrap interval seeds -> heads -> examples beside it (shown, not
+used for verdicts: it counts within-seed noise twice and is conservative) and the fraction of
+seeds with the sign of the mean. Verdicts rest on differences; a ratio claim "a > c x b" is tested as
 ``a - c b > 0`` and only where b's interval lies above 0 (else undefined). PASS / FAIL come from
 one-sided tests at 2.5 % (the two sides of a 95 % interval) after Holm's correction within the
 verdict's family (one metric over all populations of the run). Every rule is in ``RULES`` and
@@ -37,9 +39,11 @@ from scipy import stats
 
 from analysis.calibration import IMPORTANCE_RULE, STEERABLE_RULE, Calibration, calibrate, calibrate_layers, important
 from analysis.information import N_PERMUTATIONS, entropy_by_stability, mutual_information
-from analysis.population import Member, PopulationEstimate, holm, scheme
+from analysis.population import (
+    Member, PopulationEstimate, Stat, clip, estimate, estimate_many, from_values, holm, interval_at, p_value,
+)
 from analysis.scaling import restrict_to_separating, scaling_table
-from analysis.stats import RESTORATION_RTOL, restoration, scaled_interval, welch_df
+from analysis.stats import df_group, df_groups, group_contrast, r_inverse_gap, restoration, welch_df
 from spectral.metrics import UNSTABLE_GAP
 
 NAN = float("nan")
@@ -59,8 +63,6 @@ FINISHED = "unit.json"
 IMPORTANCE_METHODS = ("exact", "attribution")
 """Patch methods whose restoration (direction denoise) measures importance. Noise-direction
 runs and ablations restore ~1 for *unimportant* heads: they are excluded with a note."""
-UNIT_CHUNK_CELLS = 2_000_000
-"""Cells (resamples x units x examples) one vectorised bootstrap chunk may hold."""
 
 # verdict keys (flat names for summary.json / MLflow) -> metric as the page states it
 POPULATION_METRICS = {
@@ -89,11 +91,15 @@ ALL = "all"
 
 RULE = ("Each verdict is about a population of models: the training seeds of one recipe (a hub model or a "
         "checkpoint is a population of one, labelled 'one model', whose verdicts describe that model only). "
-        "Value: the mean over seeds of the per-seed statistic. 95 % interval: with >= 2 seeds, mean ± t(k-1) x SE x "
-        "sqrt(k/(k-1)) with SE from a hierarchical bootstrap (seeds -> heads or layers -> examples; the 'scheme' "
-        "column); with one seed, that model's bootstrap over heads and examples (prompts for steering), t-scaled as "
-        "validate's page does (Fisher z with n - 3 df for correlations, Welch df for group differences, prompts - 1 "
-        "for steering contrasts; thresholds: the calibration's interval and exact AUROC test). "
+        "Value: the mean over seeds of the per-seed statistic. Per seed: the statistic with an interval from a "
+        "bootstrap resampling heads (key-head clusters of grouped-query models; layers) and examples jointly (prompts "
+        "for steering), value ± t(df) x SE x sqrt(n/(n-1)) as validate's page computes it (Fisher z with n - 3 df for "
+        "correlations, Welch df for group differences, prompts - 1 for steering contrasts). 95 % interval of the "
+        "verdict: with k >= 2 seeds, mean ± t(k-1) x SD/sqrt(k) of the seeds' values (each seed's value already "
+        "carries its heads' and examples' noise); with one seed, that model's interval (describes that model only; "
+        "thresholds: the calibration's interval and exact AUROC test). Shown beside it, not used for verdicts: the "
+        "hierarchical bootstrap seeds -> heads or layers -> examples, mean ± t(k-1) x SE x sqrt(k/(k-1)), which "
+        "counts within-seed noise twice and is conservative (the 'interval' column; 'scheme' in verdicts.parquet). "
         "PASS when the one-sided p-value of the metric's claim is < 0.025 after Holm's correction within the "
         "verdict family (the same metric over every population of the run); FAIL when that of the opposite claim "
         "is; else INCONCLUSIVE. Without the correction this is 'the 95 % interval lies on the claim's side of the "
@@ -536,303 +542,13 @@ def arm_member(md: ModelData, roles: Sequence[str]) -> Member | None:
     return Member(md.seed, {"one": np.zeros(1)}, {r: md.arms[r]["effects"][None, :] for r in roles})
 
 
-# --- vectorised population estimates -------------------------------------------------------
-
-@dataclass(frozen=True)
-class Estimate(PopulationEstimate):
-    """A ``PopulationEstimate`` whose per-seed intervals may be t-scaled (``one_seed_df``)."""
-
-    one_seed_df: tuple[float, ...] = ()
-    """Per seed, the degrees of freedom of its t-scaled interval (empty: percentile intervals)."""
-    fisher: bool = False
-    """Per-seed intervals are Fisher-z intervals (correlations), normal on the z scale."""
-
-
-@dataclass(frozen=True)
-class Stat:
-    """A statistic in two forms: ``batched(per_unit, means) -> (b,)`` over a batch of resamples,
-    where ``per_unit`` holds (b, n) arrays and ``means`` the (b, n) means over each resample's
-    examples of every per-example array (and ``|clean|``, ``|corrupt|``: means of absolute
-    values, for the restoration's near-zero guard); and, through ``__call__``, the
-    ``analysis.population.Statistic`` form f(per_unit, per_example) -> float."""
-
-    name: str
-    batched: Callable[[dict, dict], np.ndarray]
-
-    def __call__(self, per_unit, per_example) -> float:
-        pu = {k: np.asarray(v, float)[None] for k, v in per_unit.items()}
-        mu = {}
-        for k, v in per_example.items():
-            v = np.asarray(v, float)
-            mu[k] = v.mean(-1)[None]
-            if k in ("clean", "corrupt"):
-                mu[f"|{k}|"] = np.abs(v).mean(-1)[None]
-        return float(self.batched(pu, mu)[0])
-
-
-def _example_means(per_example: dict[str, np.ndarray], weights: np.ndarray | None, b: int) -> dict[str, np.ndarray]:
-    """(b, n) means of every per-example array over resampled examples (``weights``: (b, m)
-    multiplicities / m; None: all examples once)."""
-    out = {}
-    for k, v in per_example.items():
-        arrays = [(k, v)] + ([(f"|{k}|", np.abs(v))] if k in ("clean", "corrupt") else [])
-        for name, a in arrays:
-            out[name] = np.broadcast_to(a.mean(-1), (b, a.shape[0])) if weights is None else weights @ a.T
-    return out
-
-
-def _boots(m: Member, stats_: dict[str, Stat], n_resamples: int, rng: np.random.Generator, units: bool,
-           examples: bool) -> dict[str, np.ndarray]:
-    """Per statistic, ``n_resamples`` values on the same resamples of the member's units and examples."""
-    n, ex = m.n_units, m.per_example
-    mex = m.n_examples
-    step = max(1, min(n_resamples, UNIT_CHUNK_CELLS // max(1, n * max(mex, 1))))
-    out = {k: np.empty(n_resamples) for k in stats_}
-    for start in range(0, n_resamples, step):
-        b = min(step, n_resamples - start)
-        u = rng.integers(0, n, (b, n)) if units else np.broadcast_to(np.arange(n), (b, n))
-        pu = {k: v[u] for k, v in m.per_unit.items()}
-        mu = {}
-        if ex:
-            if examples and mex:
-                e = rng.integers(0, mex, (b, mex))
-                w = np.bincount((e + mex * np.arange(b)[:, None]).ravel(), minlength=b * mex).reshape(b, mex) / mex
-            else:
-                w = None
-            mu = {k: np.take_along_axis(v, u, axis=1) for k, v in _example_means(ex, w, b).items()}
-        for k, stat in stats_.items():
-            with np.errstate(all="ignore"):
-                v = np.asarray(stat.batched(pu, mu), dtype=float)
-            out[k][start:start + b] = np.where(np.isfinite(v), v, np.nan)
-    return out
-
-
-def estimate(members: Sequence[Member], stat: Stat, **kwargs) -> PopulationEstimate:
-    """``analysis.population.estimate`` with the per-seed bootstrap vectorised (see ``estimate_many``)."""
-    return estimate_many(members, {"_": stat}, **kwargs)["_"]
-
-
-def estimate_many(members: Sequence[Member], stats_: dict[str, Stat], *, n_resamples: int = 2000, seed: int = 0,
-                  confidence: float = 1 - ALPHA, resample_units: bool = True, resample_examples: bool = True,
-                  unit_name: str = "heads", df: dict[str, Callable[[Member], float]] | None = None
-                  ) -> dict[str, PopulationEstimate]:
-    """``analysis.population.estimate`` for several statistics on the same resamples, with the
-    per-seed bootstrap vectorised (each statistic runs on batches of resamples; examples are
-    resampled through their multiplicities, exact for statistics of example means). Same
-    across-seed intervals, scheme text and NaN rules. Members with clusters (grouped-query
-    heads) go to ``analysis.population.estimate`` itself, one statistic at a time.
-
-    ``df``: per statistic, "fisher" (a correlation) or a function giving a member's degrees of
-    freedom: the member's per-seed interval is then ``analysis.stats.scaled_interval`` (value ±
-    t(df) x bootstrap SE x sqrt(n/(n-1)), n heads, or prompts when only examples are resampled;
-    for "fisher" on Fisher's z scale with df = n - 3), as validate's per-model page computes it,
-    instead of the percentile interval; with one seed it is the verdict's interval. A percentile
-    bootstrap over 8-48 heads covers far less than 95 %: in a null simulation (gap independent of
-    importance, one model) it passed "unstable - stable > 0" in 10 % of runs at 8 heads and 3-5 %
-    at 16-48 (nominal 2.5 %; ``tests/test_population_report.py``)."""
-    from analysis import population as pop
-
-    if not members:
-        raise ValueError("a population needs at least one member")
-    if any(getattr(m, "clusters", None) is not None for m in members):
-        return {k: pop.estimate(members, st, n_resamples=n_resamples, seed=seed, confidence=confidence,
-                                resample_units=resample_units, resample_examples=resample_examples,
-                                unit_name=unit_name) for k, st in stats_.items()}
-    rng = np.random.default_rng(seed)
-    alpha = 1 - confidence
-    levels = " -> ".join([x for x, on in ((unit_name, resample_units),
-                                           ("examples", resample_examples and any(m.per_example for m in members)))
-                          if on]) or "nothing"
-    per_member = [_boots(m, stats_, n_resamples, rng, resample_units, resample_examples) for m in members]
-    picks = rng.integers(0, len(members), (n_resamples, len(members)))
-    cols = rng.integers(0, n_resamples, (n_resamples, len(members)))
-    out = {}
-    for key, stat in stats_.items():
-        values = np.array([pop._safe(stat, m.per_unit, m.per_example) for m in members])
-        boots = np.stack([b[key] for b in per_member])
-        lows, highs, dfs = [], [], []
-        dfn = (df or {}).get(key)
-        fisher = dfn == "fisher"
-        for m, v, row in zip(members, values, boots):
-            ok = row[np.isfinite(row)]
-            if ok.size < n_resamples / 2:
-                lows.append(NAN), highs.append(NAN), dfs.append(NAN)
-            elif dfn is not None:
-                d = float(m.n_units - 3) if fisher else float(dfn(m))
-                n_res = m.n_units if resample_units else max(m.n_examples, 1)
-                e = scaled_interval(v, row, n_res, d, confidence=confidence, fisher=fisher)
-                good = np.isfinite(e.low) and np.isfinite(e.high)
-                lows.append(e.low), highs.append(e.high), dfs.append(d if good else NAN)
-            else:
-                lows.append(float(np.quantile(ok, alpha / 2))), highs.append(float(np.quantile(ok, 1 - alpha / 2)))
-        finite = np.isfinite(values)
-        n = int(finite.sum())
-        mean = float(values[finite].mean()) if n else NAN
-        if n == 0:
-            low = high = NAN
-        elif len(members) == 1:
-            low, high = lows[0], highs[0]
-        else:
-            with np.errstate(all="ignore"), warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                means = np.nanmean(boots[picks, cols], axis=1)
-            means = means[np.isfinite(means)]
-            if n < 2 or means.size < n_resamples / 2:
-                low = high = NAN
-            else:
-                se = float(np.std(means, ddof=1)) * np.sqrt(n / (n - 1))
-                t = float(stats.t.ppf(1 - alpha / 2, n - 1))
-                low, high = mean - t * se, mean + t * se
-        sign = np.sign(mean) if np.isfinite(mean) and mean != 0 else 0
-        same = float(np.mean(np.sign(values[finite]) == sign)) if sign and n else NAN
-        text = scheme(len(members), levels, n_resamples)
-        if fisher:
-            text = text.replace("percentile bootstrap over", "Fisher z ± t(n-3) x SE x sqrt(n/(n-1)), SE from a "
-                                "bootstrap over") + ("; per seed: Fisher-z intervals" if len(members) > 1 else "")
-        elif dfn is not None:
-            text = text.replace("percentile bootstrap over", "value ± t(df) x SE x sqrt(n/(n-1)), SE from a bootstrap over") \
-                + (f"; per seed: t-scaled, df {_units_text([int(d) for d in dfs if np.isfinite(d)])}"
-                   if any(np.isfinite(dfs)) else "")
-        out[key] = Estimate(
-            mean, float(low), float(high), tuple(float(v) for v in values), tuple(lows), tuple(highs),
-            tuple(m.seed for m in members), same, tuple(m.n_units for m in members),
-            tuple(m.n_examples for m in members), text, tuple(dfs) if dfn is not None else (), fisher)
-    return out
-
-
-def seed_t_estimate(values: Sequence[float], seeds: Sequence[int | None], n_units: Sequence[int],
-                    per_seed_low: Sequence[float] | None = None, per_seed_high: Sequence[float] | None = None,
-                    *, what: str, confidence: float = 1 - ALPHA) -> PopulationEstimate:
-    """Across seeds: mean of the seeds' values ± t(k-1) x SD / sqrt(k) (each seed's value already
-    varies with its heads or layers, so the seeds' spread carries that variation); one seed: its
-    own interval (``per_seed_low/high``), if any. Seeds with an undefined value are left out."""
-    v = np.array(values, dtype=float)
-    ok = np.isfinite(v)
-    k = int(ok.sum())
-    lows = tuple(per_seed_low) if per_seed_low is not None else (NAN,) * len(v)
-    highs = tuple(per_seed_high) if per_seed_high is not None else (NAN,) * len(v)
-    mean = float(v[ok].mean()) if k else NAN
-    if len(v) == 1:
-        low, high = lows[0], highs[0]
-        text = f"one seed: {what}; describes this model only"
-    elif k >= 2:
-        half = float(stats.t.ppf(1 - (1 - confidence) / 2, k - 1)) * float(v[ok].std(ddof=1)) / math.sqrt(k)
-        low, high = mean - half, mean + half
-        text = f"{k} seeds: mean ± t({k - 1}) x SD/sqrt({k}) of the seeds' values (per seed: {what})"
-    else:
-        low = high = NAN
-        text = f"{k} of {len(v)} seeds with a value: no across-seed interval"
-    sign = np.sign(mean) if np.isfinite(mean) and mean != 0 else 0
-    same = float(np.mean(np.sign(v[ok]) == sign)) if sign and k else NAN
-    return PopulationEstimate(mean, float(low), float(high), tuple(float(x) for x in v), lows, highs,
-                              tuple(seeds), same, tuple(int(n) for n in n_units), (0,) * len(v), text)
-
-
-# --- batched statistics ----------------------------------------------------------------------
-
-def clip_estimate(e: PopulationEstimate, lo_bound: float, hi_bound: float) -> PopulationEstimate:
-    """The across-seed interval clipped to the statistic's range (a t-interval over few seeds can
-    reach beyond it; the scheme says so when it was clipped). p-values are taken before."""
-    lo, hi = max(lo_bound, e.low), min(hi_bound, e.high)
-    if (lo, hi) == (e.low, e.high) or not (np.isfinite(e.low) and np.isfinite(e.high)):
-        return e
-    from dataclasses import replace
-
-    return replace(e, low=lo, high=hi, scheme=e.scheme + f"; clipped to [{lo_bound:g}, {hi_bound:g}]")
-
-
-def clip_correlation(e: PopulationEstimate) -> PopulationEstimate:
-    return clip_estimate(e, -1.0, 1.0)
-
-
-def _restoration_b(pu: dict, mu: dict) -> np.ndarray:
-    """(b, n) restoration (``analysis.stats.restoration`` on resampled example means)."""
-    if "patched" not in mu:
-        return pu["importance"]
-    den = mu["clean"] - mu["corrupt"]
-    bad = ~(np.abs(den) > RESTORATION_RTOL * (mu["|clean|"] + mu["|corrupt|"]))
-    out = (mu["patched"] - mu["corrupt"]) / np.where(bad, 1.0, den)
-    return np.where(bad | ~np.isfinite(out), np.nan, out)
-
-
-def pearson_b(x: np.ndarray, y: np.ndarray, min_units: int = 3) -> np.ndarray:
-    """Row-wise Pearson r over the finite pairs of (b, n) arrays; NaN with fewer than
-    ``min_units`` distinct x values among them or a constant side (``analysis.stats.pearson``)."""
-    ok = np.isfinite(x) & np.isfinite(y)
-    cnt = ok.sum(1)
-    xs = np.sort(np.where(ok, x, np.inf), axis=1)
-    distinct = ((np.diff(xs, axis=1) != 0) & np.isfinite(xs[:, 1:])).sum(1) + (cnt > 0)
-    with np.errstate(all="ignore"):
-        mx = np.where(ok, x, 0).sum(1) / cnt
-        my = np.where(ok, y, 0).sum(1) / cnt
-        dx = np.where(ok, x - mx[:, None], 0)
-        dy = np.where(ok, y - my[:, None], 0)
-        den = np.sqrt((dx * dx).sum(1) * (dy * dy).sum(1))
-        r = np.clip((dx * dy).sum(1) / den, -1, 1)
-    return np.where((distinct >= min_units) & (den > 1e-300), r, np.nan)
-
-
-def _full_groups(m: Member, threshold: float = UNSTABLE_GAP) -> tuple[np.ndarray, np.ndarray]:
-    imp = _restoration_b({k: v[None] for k, v in m.per_unit.items()}, {
-        k: v for key, arr in m.per_example.items() for k, v in
-        ([(key, arr.mean(-1)[None])] + ([(f"|{key}|", np.abs(arr).mean(-1)[None])] if key in ("clean", "corrupt") else []))
-    })[0]
-    g = np.asarray(m.per_unit["gap"], float)
-    ok = np.isfinite(g) & np.isfinite(imp)
-    return imp[ok & (g <= threshold)], imp[ok & (g > threshold)]
-
-
-def DF_GROUPS(m: Member) -> float:
-    """Welch's df of the unstable - stable difference, at most n - 2 (``analysis.validation``)."""
-    u, s = _full_groups(m)
-    return min(welch_df(u, s), u.size + s.size - 2)
-
-
-def DF_UNSTABLE(m: Member) -> float:
-    return _full_groups(m)[0].size - 1
-
-
-def DF_STABLE(m: Member) -> float:
-    return _full_groups(m)[1].size - 1
-
-
-def DF_PROMPTS(m: Member) -> float:
-    return m.n_examples - 1
-
-
-def DF_ENTROPY(m: Member) -> float:
-    g, e = np.asarray(m.per_unit["gap"], float), np.asarray(m.per_unit["entropy"], float)
-    return min(welch_df(e[g <= UNSTABLE_GAP], e[g > UNSTABLE_GAP]), g.size - 2)
-
-
-"""Degrees of freedom of a seed's t-scaled interval, by statistic (see ``estimate_many``)."""
-
-
-def _group_means(gap: np.ndarray, imp: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    ok = np.isfinite(gap) & np.isfinite(imp)
-    u, s = ok & (gap <= threshold), ok & (gap > threshold)
-    with np.errstate(all="ignore"):
-        mu = np.where(u, imp, 0).sum(1) / u.sum(1)
-        ms = np.where(s, imp, 0).sum(1) / s.sum(1)
-    return np.where(u.any(1), mu, np.nan), np.where(s.any(1), ms, np.nan)
-
-
-def r_inverse_gap() -> Stat:
-    return Stat("r(1/gap, restoration)", lambda pu, mu: pearson_b(1.0 / pu["gap"], _restoration_b(pu, mu)))
-
-
-def group_contrast(threshold: float = UNSTABLE_GAP, unstable: float = 1.0, stable: float = -1.0) -> Stat:
-    """unstable x mean(unstable restoration) + stable x mean(stable restoration)."""
-    def f(pu, mu):
-        a, b = _group_means(pu["gap"], _restoration_b(pu, mu), threshold)
-        return (unstable * a if unstable else 0.0) + (stable * b if stable else 0.0)
-    return Stat(f"{unstable:g} x unstable + {stable:g} x stable restoration (gap <= {threshold:g})", f)
-
+# --- statistics of the report not in analysis.stats ------------------------------------------
 
 def arm_contrast(weights: dict[str, float]) -> Stat:
+    """Steering: sum of weight x mean effect over the prompts of each role (``arm_member``)."""
     def f(pu, mu):
         return sum(w * mu[r][:, 0] for r, w in weights.items())
-    return Stat(" + ".join(f"{w:g} x {r}" for r, w in weights.items()), f)
+    return Stat(" + ".join(f"{w:g} x {r}" for r, w in weights.items()), batched=f)
 
 
 def entropy_difference(threshold: float = UNSTABLE_GAP) -> Stat:
@@ -845,69 +561,16 @@ def entropy_difference(threshold: float = UNSTABLE_GAP) -> Stat:
             a = np.nanmedian(np.where(ok & (g <= threshold), e, np.nan), axis=1)
             b = np.nanmedian(np.where(ok & (g > threshold), e, np.nan), axis=1)
         return a - b
-    return Stat("median entropy unstable - stable", f)
+    return Stat("median entropy unstable - stable", batched=f)
 
 
-# --- p-values, Holm, decisions --------------------------------------------------------------
-
-def _k(e: PopulationEstimate) -> int:
-    return int(np.isfinite(np.array(e.per_seed, dtype=float)).sum())
-
-
-def p_one_sided(e: PopulationEstimate, target: float, side: str) -> float:
-    """One-sided p-value of "value > target" (side 'above') or "< target" ('below') implied by
-    the estimate's 95 % interval: from its t-interval across >= 2 seeds, or one seed's t-scaled
-    interval, else from the percentile interval's half-width on that side (normal scale).
-    p < 0.025 exactly when the interval lies on that side of the target."""
-    v, lo, hi = e.value, e.low, e.high
-    if not (np.isfinite(v) and np.isfinite(lo) and np.isfinite(hi)) or not np.isfinite(target):
-        return NAN
-    d = v - target if side == "above" else target - v
-    k = _k(e)
-    if e.n_seeds >= 2 and k >= 2:
-        tq = float(stats.t.ppf(1 - ALPHA / 2, k - 1))
-        se = (hi - lo) / (2 * tq)
-        if se <= 0:
-            return 0.0 if d > 0 else 1.0
-        return float(stats.t.sf(d / se, k - 1))
-    one_df = getattr(e, "one_seed_df", ())
-    if getattr(e, "fisher", False) and one_df and np.isfinite(one_df[0]):
-        c = 1 - 1e-12
-        zl, zh, zv = (math.atanh(min(max(x, -c), c)) for x in (lo, hi, v))
-        se = (zh - zl) / (2 * stats.t.ppf(1 - ALPHA / 2, one_df[0]))
-        zt = math.atanh(min(max(target, -c), c))
-        dz = zv - zt if side == "above" else zt - zv
-        return (0.0 if dz > 0 else 1.0) if se <= 0 else float(stats.t.sf(dz / se, one_df[0]))
-    if one_df and np.isfinite(one_df[0]) and one_df[0] >= 1:
-        half = (hi - lo) / 2
-        se = half / float(stats.t.ppf(1 - ALPHA / 2, one_df[0]))
-        if se <= 0:
-            return 0.0 if d > 0 else 1.0
-        return float(stats.t.sf(d / se, one_df[0]))
-    half = (v - lo) if side == "above" else (hi - v)
-    if half <= 0:
-        edge = lo if side == "above" else hi
-        inside = (edge > target) if side == "above" else (edge < target)
-        return 0.0 if inside else 1.0
-    se = half / stats.norm.ppf(1 - ALPHA / 2)
-    return float(stats.norm.sf(d / se))
+def df_entropy(m: Member) -> float:
+    """Welch's df of the entropy difference, at most n - 2."""
+    g, e = np.asarray(m.per_unit["gap"], float), np.asarray(m.per_unit["entropy"], float)
+    return min(welch_df(e[g <= UNSTABLE_GAP], e[g > UNSTABLE_GAP]), g.size - 2)
 
 
-def interval_at(e: PopulationEstimate, confidence: float) -> tuple[float, float]:
-    """The estimate's interval rescaled to another confidence level (t or normal scale)."""
-    v, lo, hi = e.value, e.low, e.high
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        return NAN, NAN
-    k = _k(e)
-    one_df = getattr(e, "one_seed_df", ())
-    if e.n_seeds >= 2 and k >= 2:
-        f = stats.t.ppf(1 - (1 - confidence) / 2, k - 1) / stats.t.ppf(1 - ALPHA / 2, k - 1)
-    elif one_df and np.isfinite(one_df[0]) and one_df[0] >= 1:
-        f = stats.t.ppf(1 - (1 - confidence) / 2, one_df[0]) / stats.t.ppf(1 - ALPHA / 2, one_df[0])
-    else:
-        f = stats.norm.ppf(1 - (1 - confidence) / 2) / stats.norm.ppf(1 - ALPHA / 2)
-    return float(v - f * (v - lo)), float(v + f * (hi - v))
-
+# --- decisions -----------------------------------------------------------------------------
 
 def decide(p_pass_adjusted: float, p_fail_adjusted: float) -> str:
     if np.isfinite(p_pass_adjusted) and p_pass_adjusted < ALPHA / 2:
@@ -951,6 +614,8 @@ def _row(population: str, key: str, *, pop: Population | None = None, e: Populat
         "groups": groups, "value": float(e.value if value is None and e is not None else (NAN if value is None else value)),
         "low": float(e.low if low is None and e is not None else (NAN if low is None else low)),
         "high": float(e.high if high is None and e is not None else (NAN if high is None else high)),
+        "hier_low": float(e.hier_low) if e is not None else NAN,
+        "hier_high": float(e.hier_high) if e is not None else NAN,
         "same_sign": float(e.same_sign) if e is not None else NAN, "per_seed": per_seed,
         "target": float(target), "p_pass": float(p_pass), "p_fail": float(p_fail),
         "p_pass_holm": NAN, "p_fail_holm": NAN, "verdict": "INCONCLUSIVE",
@@ -1011,13 +676,13 @@ def head_rows(pop: Population, res: PopulationResult, n_resamples: int, seed: in
         return [_row(pop.name, k, pop=pop, note=absent, target={"importance_correlation": TARGET_R}.get(k, 0.0))
                 for k in keys]
     mds, ms = [x[0] for x in members], [x[1] for x in members]
-    es = estimate_many(ms, {"r": r_inverse_gap(), "diff": group_contrast(),
+    es = estimate_many(ms, {"r": r_inverse_gap, "diff": group_contrast(),
                             "margin": group_contrast(stable=-TARGET_RATIO), "unstable": group_contrast(stable=0.0),
                             "stable": group_contrast(unstable=0.0, stable=1.0)}, n_resamples=n_resamples, seed=seed,
-                       df={"r": "fisher", "diff": DF_GROUPS, "margin": DF_GROUPS, "unstable": DF_UNSTABLE,
-                           "stable": DF_STABLE})
+                       df={"diff": df_groups(), "margin": df_groups(), "unstable": df_group(unstable=True),
+                           "stable": df_group(unstable=False)})  # r: Fisher z, n - 3
     r_raw, diff, margin, unstable, stable = (es[k] for k in ("r", "diff", "margin", "unstable", "stable"))
-    r = clip_correlation(r_raw)
+    r = clip(r_raw, -1.0, 1.0)
     res.estimates.update(importance_correlation=r, restoration_difference=diff, restoration_ratio=margin,
                          unstable_mean=unstable, stable_mean=stable)
     groups, scan = _groups_text(mds), _scan_note(pop)
@@ -1025,12 +690,12 @@ def head_rows(pop: Population, res: PopulationResult, n_resamples: int, seed: in
     rows = [
         _row(pop.name, "importance_correlation", pop=pop, e=r, target=TARGET_R, unit="heads",
              note="; ".join(x for x in (notes, job_verdicts(mds, "importance_correlation", "validate")) if x),
-             p_pass=p_one_sided(r_raw, TARGET_R, "above"), p_fail=p_one_sided(r_raw, TARGET_R, "below")),
+             p_pass=p_value(r_raw, TARGET_R, "above"), p_fail=p_value(r_raw, TARGET_R, "below")),
         _row(pop.name, "restoration_difference", pop=pop, e=diff, target=0.0, unit="heads", groups=groups,
              note="; ".join(x for x in (f"unstable {_fmt(unstable.value, unstable.low, unstable.high)}, stable "
                                         f"{_fmt(stable.value, stable.low, stable.high)}", notes,
                                         job_verdicts(mds, "restoration_difference", "validate")) if x),
-             p_pass=p_one_sided(diff, 0.0, "above"), p_fail=p_one_sided(diff, 0.0, "below")),
+             p_pass=p_value(diff, 0.0, "above"), p_fail=p_value(diff, 0.0, "below")),
     ]
     defined = np.isfinite(stable.low) and stable.low > 0
     ratio = unstable.value / stable.value if defined and np.isfinite(unstable.low) and unstable.low > 0 else NAN
@@ -1040,7 +705,7 @@ def head_rows(pop: Population, res: PopulationResult, n_resamples: int, seed: in
                f"; stable mean {_fmt(stable.value, stable.low, stable.high)} > 0"
         note = "; ".join(x for x in (note, job_verdicts(mds, "restoration_ratio", "validate")) if x)
         rows.append(_row(pop.name, "restoration_ratio", pop=pop, e=margin, target=0.0, unit="heads", groups=groups,
-                         note=note, p_pass=p_one_sided(margin, 0.0, "above"), p_fail=p_one_sided(margin, 0.0, "below")))
+                         note=note, p_pass=p_value(margin, 0.0, "above"), p_fail=p_value(margin, 0.0, "below")))
     else:
         rows.append(_row(pop.name, "restoration_ratio", pop=pop, e=margin, target=0.0, unit="heads", groups=groups,
                          note=(f"undefined: the stable heads' mean restoration {_fmt(stable.value, stable.low, stable.high)} "
@@ -1073,8 +738,7 @@ def steer_rows(pop: Population, res: PopulationResult, n_resamples: int, seed: i
             rows.append(_row(pop.name, key, pop=pop, target=0.0, note=why, prompts=prompts))
             continue
         ms = [arm_member(md, roles) for md in mds]
-        kw = dict(n_resamples=n_resamples, seed=seed, resample_units=False, unit_name="prompts",
-                  df={"c": DF_PROMPTS, "g": DF_PROMPTS})
+        kw = dict(n_resamples=n_resamples, seed=seed, resample_units=False, unit_name="prompts")  # df prompts - 1
         es = estimate_many(ms, {"c": arm_contrast(weights), **({"g": arm_contrast({gate: 1.0})} if gate else {})}, **kw)
         e = es["c"]
         res.estimates[key] = e
@@ -1086,7 +750,7 @@ def steer_rows(pop: Population, res: PopulationResult, n_resamples: int, seed: i
         parts = [f"{md.arms[r]['name']}" for md in mds[:1] for r in roles]
         note = " vs ".join(parts)
         row = _row(pop.name, key, pop=pop, e=e, target=0.0, unit="prompts", groups=groups, prompts=prompts,
-                   p_pass=p_one_sided(e, 0.0, "above"), p_fail=p_one_sided(e, 0.0, "below"))
+                   p_pass=p_value(e, 0.0, "above"), p_fail=p_value(e, 0.0, "below"))
         row["n_units"] = _units_text(n_prompts)
         if gate is not None:
             g = es["g"]
@@ -1134,8 +798,8 @@ def _band_ps(t: PopulationEstimate, a: PopulationEstimate) -> tuple[float, float
     """(p of PASS, p of FAIL) of the threshold rule: TOST within the band and AUROC > 0.5;
     outside the band (either side, Bonferroni x 2) or AUROC < 0.5 (x 3 in all)."""
     lo_edge, hi_edge = round(UNSTABLE_GAP - BAND, 10), round(UNSTABLE_GAP + BAND, 10)
-    p_pass = max(p_one_sided(t, lo_edge, "above"), p_one_sided(t, hi_edge, "below"), p_one_sided(a, 0.5, "above"))
-    fails = [p_one_sided(t, lo_edge, "below"), p_one_sided(t, hi_edge, "above"), p_one_sided(a, 0.5, "below")]
+    p_pass = max(p_value(t, lo_edge, "above"), p_value(t, hi_edge, "below"), p_value(a, 0.5, "above"))
+    fails = [p_value(t, lo_edge, "below"), p_value(t, hi_edge, "above"), p_value(a, 0.5, "below")]
     fails = [p for p in fails if np.isfinite(p)]
     p_fail = min(1.0, len(fails) * min(fails)) if fails else NAN
     return p_pass, p_fail
@@ -1162,12 +826,12 @@ def threshold_rows(pop: Population, res: PopulationResult, n_resamples: int, see
         seeds = [md.seed for md, _ in have]
         units = [c.n for _, c in have]
         what = f"Youden-optimal threshold, stratified bootstrap over {which} ({b})"
-        t = seed_t_estimate([c.threshold for _, c in have], seeds, units, [c.threshold_low for _, c in have],
+        t = from_values([c.threshold for _, c in have], seeds, units, [c.threshold_low for _, c in have],
                             [c.threshold_high for _, c in have], what=what)
-        a = seed_t_estimate([c.auroc for _, c in have], seeds, units, [c.auroc_low for _, c in have],
+        a = from_values([c.auroc for _, c in have], seeds, units, [c.auroc_low for _, c in have],
                             [c.auroc_high for _, c in have], what=f"AUROC of -gap, stratified bootstrap ({b})")
         p_pass, p_fail = _band_ps(t, a)
-        t, a = clip_estimate(t, 0.0, 1.0), clip_estimate(a, 0.0, 1.0)  # for display (p-values read the t scale)
+        t, a = clip(t, 0.0, 1.0), clip(a, 0.0, 1.0)  # for display (p-values read the t scale)
         res.estimates[key], res.estimates[f"auroc_{which}"] = t, a
         sep = ""
         if len(have) == 1:  # one model: the calibration's exact AUROC test decides separation
@@ -1391,9 +1055,10 @@ def _seed_r_layers(md: ModelData) -> tuple[float, int]:
 
 
 def correlations(run: RunData, results: dict[str, PopulationResult]) -> tuple[list[dict], dict[str, list[Study | None]]]:
-    """Per population: r(importance, 1/gap) (hierarchical interval) and r(layer min gap, steering
-    effect) (seeds' t-interval; one seed: Fisher-z interval over its layers, no prompt-level
-    interval); and the Fisher-z studies the consistency verdicts read."""
+    """Per population: r(importance, 1/gap) (t-interval over the seeds; one seed: its Fisher-z
+    interval over heads x examples) and r(layer min gap, steering effect) (seeds' t-interval; one
+    seed: Fisher-z interval over its layers, no prompt-level interval); and the Fisher-z studies
+    the consistency verdicts read."""
     rows, studies = [], {"importance": [], "steering": []}
     for pop in run.populations:
         e = results[pop.name].estimates.get("importance_correlation")
@@ -1420,8 +1085,8 @@ def correlations(run: RunData, results: dict[str, PopulationResult]) -> tuple[li
                              "n_seeds": 1, "per_seed_r": vals, "per_seed_n": ns, "scheme": scheme_text,
                              "note": "descriptive: layers are the units; not comparable with other studies' r"})
             else:
-                e = clip_correlation(seed_t_estimate(vals, [s for s, _, _ in rs], ns,
-                                                     what="r over the seed's layers, no interval"))
+                e = clip(from_values(vals, [s for s, _, _ in rs], ns, what="r over the seed's layers, no interval"),
+                         -1.0, 1.0)
                 rows.append({"population": pop.name, "correlation": "steering", "r": e.value, "low": e.low,
                              "high": e.high, "n_seeds": e.n_seeds, "per_seed_r": vals, "per_seed_n": ns,
                              "scheme": e.scheme,
@@ -1603,9 +1268,9 @@ def information_rows(run: RunData, results: dict[str, PopulationResult], n_permu
         if not ms:
             rows.append(_info_row("population", pop.name, "", ENTROPY, reason="no scan"))
             continue
-        e = estimate(ms, entropy_difference(), n_resamples=n_resamples, seed=seed, df={"_": DF_ENTROPY})
+        e = estimate(ms, entropy_difference(), n_resamples=n_resamples, seed=seed, df=df_entropy)
         results[pop.name].estimates["entropy_difference"] = e
-        p2 = min(1.0, 2 * min(p_one_sided(e, 0.0, "above"), p_one_sided(e, 0.0, "below")))
+        p2 = min(1.0, 2 * min(p_value(e, 0.0, "above"), p_value(e, 0.0, "below")))
         rows.append(_info_row("population", pop.name, "", ENTROPY, value=e.value, low=e.low, high=e.high,
                               p_value=p2, n=int(sum(e.n_units)), n_strata=e.n_seeds,
                               reason=f"mean over {e.n_seeds} seeds; {e.scheme}"))
@@ -1681,6 +1346,9 @@ def summary(run: RunData, a: Analysis) -> dict:
     for r in a.verdicts:
         for k in ("value", "low", "high", "same_sign", "p_pass_holm", "p_fail_holm"):
             metrics[f"{r['population']}/{r['key']}/{k}"] = r[k]
+        for k in ("hier_low", "hier_high"):  # beside the verdict interval, where computed (>= 2 seeds)
+            if np.isfinite(r.get(k, NAN)):
+                metrics[f"{r['population']}/{r['key']}/{k}"] = r[k]
     for p, values in a.per_population.items():
         for quantity, v in values.items():
             metrics[f"{p}/{quantity}"] = v

@@ -381,13 +381,15 @@ def _short_scheme(r: dict) -> str:
         body = s.split("one seed: ", 1)[1].split("; describes")[0]
         df = s.split("per seed: t-scaled, ", 1)[1] if "per seed: t-scaled, " in s else ""
         return "one model: " + body + (f"; {df}" if df else "")
-    if "hierarchical" in s:
-        levels = s.split("seeds -> ", 1)[1].split(" (")[0] if "seeds -> " in s else ""
-        return f"hierarchical bootstrap seeds → {levels.replace(' -> ', ' → ')}, t({max(r['n_seeds'] - 1, 0)})" + \
-            (f"; clipped to {s.split('clipped to ', 1)[1]}" if "clipped to " in s else "")
     if "SD/sqrt" in s:
-        return f"t({max(r['n_seeds'] - 1, 0)}) over the seeds' values" + \
-            (f"; clipped to {s.split('clipped to ', 1)[1]}" if "clipped to " in s else "")
+        k = s.split("x SD/sqrt(", 1)[1].split(")")[0] if "x SD/sqrt(" in s else str(r["n_seeds"])
+        out = f"t({int(k) - 1 if k.isdigit() else '?'}) over the seeds' values"
+        if "hierarchical bootstrap seeds -> " in s:
+            levels = s.split("hierarchical bootstrap seeds -> ", 1)[1].split(" (")[0]
+            hier = (f" {_ci(r['hier_low'], r['hier_high'])}" if np.isfinite(r.get("hier_low", NAN))
+                    and np.isfinite(r.get("hier_high", NAN)) else "")
+            out += f"; hierarchical bootstrap seeds → {levels.replace(' -> ', ' → ')}{hier} (not the verdict's)"
+        return out + (f"; clipped to {s.split('clipped to ', 1)[1]}" if "clipped to " in s else "")
     return s
 
 
@@ -445,7 +447,9 @@ def _verdicts(a: Analysis) -> str:
               "over all populations of this run; the two consistency tests together), as the 'correction' column "
               "says; 'p (Holm)': the adjusted one-sided p-values of the claim (pass) and of its opposite (fail). "
               "'same sign': the fraction of seeds whose value has the sign of the mean. 'interval': the resampling "
-              "scheme (full text in verdicts.parquet and summary.json).</p>"
+              "scheme (full text in verdicts.parquet and summary.json); across seeds the verdict's 95 % interval is "
+              "the t-interval over the seeds' values, and the hierarchical bootstrap interval (seeds → units → "
+              "examples) is shown beside it for comparison only (it counts within-seed noise twice).</p>"
             + "<h3>Per population</h3>" + table
             + "<h3>Across populations</h3>" + cross_table
             + f"<h3>Verdict rules</h3><ul class=\"note\">{rules}</ul>")

@@ -5,21 +5,24 @@ What varies, and what an interval must resample
 A correlation "across heads" or a difference of group means describes the *heads* of a model:
 which heads there are is as random as how precisely each head's importance is known from the
 task's examples. Intervals therefore resample heads (or layers) *and* examples jointly
-(``analysis.population.estimate``); holding heads fixed and resampling examples only measures
-the precision of each head's importance, and in a null simulation (8 heads, gap independent
-of importance) it declared "r > 0.7: PASS" in 8 of 300 runs (issue 12, defect 3;
+(``analysis.population.estimate_many``); holding heads fixed and resampling examples only
+measures the precision of each head's importance, and in a null simulation (8 heads, gap
+independent of importance) it declared "r > 0.7: PASS" in 8 of 300 runs (issue 12, defect 3;
 ``tests/test_nulls.py``).
 
-This module gives *pure statistics* with the signature of ``analysis.population.Statistic``::
-
-    f(per_unit: dict, per_example: dict) -> float
-
-with ``per_unit = {"gap": (n,)}`` and ``per_example = {"patched", "clean", "corrupt":
-(n, n_examples)}`` for head-level statistics (``r_inverse_gap``, ``r_gap``, ``spearman_gap``,
-``group_difference(t)``, ``group_mean(t, unstable)``, ``group_ratio(t)``), and a layer-level
-one (``layer_r``, members built by ``layer_member``). ``head_member`` builds the
-``analysis.population.Member`` of one model; ``analysis.population.estimate`` gives the
-per-seed (heads x examples) and the across-seed (seeds -> heads -> examples) intervals.
+This module gives *pure statistics* as ``analysis.population.Stat`` objects: called as
+``f(per_unit: dict, per_example: dict) -> float`` they evaluate once; inside the estimator
+they run on whole batches of resamples (``Stat.batched``) where they have a batched form.
+``per_unit = {"gap": (n,)}`` and ``per_example = {"patched", "clean", "corrupt": (n,
+n_examples)}`` for head-level statistics (``r_inverse_gap``, ``r_gap``, ``group_contrast``,
+``group_difference(t)``, ``group_mean(t, unstable)``, ``group_ratio(t)``: batched;
+``spearman_gap``: plain), or ``per_unit = {"gap", "importance"}`` without per-example arrays
+(importance read as given); and a layer-level one (``layer_r``, plain; members built by
+``layer_member``). Correlations are marked ``fisher`` (Fisher-z intervals, df n - 3); the
+degrees of freedom of the group statistics' intervals come from ``df_groups`` (Welch) and
+``df_group``. ``head_member`` builds the ``analysis.population.Member`` of one model;
+``analysis.population.estimate_many`` gives the per-seed (heads x examples) intervals and the
+across-seed interval (the t-interval over the seeds' values).
 
 Verdict rules
 -------------
@@ -41,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from analysis.population import Member
+from analysis.population import Member, Stat
 from spectral.metrics import UNSTABLE_GAP
 
 N_RESAMPLES = 2000
@@ -83,6 +86,10 @@ class Estimate:
     low: float
     high: float
     p_value: float = NAN
+    se: float = NAN
+    """SE behind the interval on its scale (Fisher's z for a correlation), where it is t-scaled."""
+    df: float = NAN
+    """Degrees of freedom of the t-scaled interval."""
 
 
 # --- restoration -------------------------------------------------------------------------
@@ -147,8 +154,22 @@ def importance(patched: np.ndarray, clean: np.ndarray, corrupt: np.ndarray, idx:
     return restoration(patched, clean, corrupt)
 
 
-def _restoration(per_example: Arrays) -> np.ndarray:
+def _restoration(per_unit: Arrays, per_example: Arrays) -> np.ndarray:
+    """Per-unit restoration from the examples, or ``per_unit["importance"]`` where there are none."""
+    if "patched" not in per_example:
+        return np.asarray(per_unit["importance"], dtype=float)
     return restoration(per_example["patched"], per_example["clean"], per_example["corrupt"])
+
+
+def restoration_b(per_unit: dict, means: dict) -> np.ndarray:
+    """(b, n) restoration from a batch's example means (``restoration`` on resampled examples;
+    the same near-zero guard); ``per_unit["importance"]`` where there are no per-example arrays."""
+    if "patched" not in means:
+        return per_unit["importance"]
+    den = means["clean"] - means["corrupt"]
+    bad = ~(np.abs(den) > RESTORATION_RTOL * (means["|clean|"] + means["|corrupt|"]))
+    out = (means["patched"] - means["corrupt"]) / np.where(bad, 1.0, den)
+    return np.where(bad | ~np.isfinite(out), np.nan, out)
 
 
 # --- correlations (numpy: these run inside bootstraps) -----------------------------------
@@ -193,21 +214,43 @@ def spearman(x, y) -> float:
     return pearson(average_ranks(x), average_ranks(y))
 
 
-def r_inverse_gap(per_unit: Arrays, per_example: Arrays) -> float:
-    """Pearson r(1/gap, restoration) across heads: the research plan's test 1.1 (target r > 0.7)."""
+def pearson_b(x: np.ndarray, y: np.ndarray, min_units: int = MIN_UNITS) -> np.ndarray:
+    """Row-wise ``pearson`` of (b, n) arrays: r over each row's finite pairs; NaN with fewer than
+    ``min_units`` distinct x values among them or a constant side."""
+    ok = np.isfinite(x) & np.isfinite(y)
+    cnt = ok.sum(1)
+    xs = np.sort(np.where(ok, x, np.inf), axis=1)
+    distinct = ((np.diff(xs, axis=1) != 0) & np.isfinite(xs[:, 1:])).sum(1) + (cnt > 0)
+    with np.errstate(all="ignore"):
+        mx = np.where(ok, x, 0).sum(1) / cnt
+        my = np.where(ok, y, 0).sum(1) / cnt
+        dx = np.where(ok, x - mx[:, None], 0)
+        dy = np.where(ok, y - my[:, None], 0)
+        den = np.sqrt((dx * dx).sum(1) * (dy * dy).sum(1))
+        r = np.clip((dx * dy).sum(1) / den, -1, 1)
+    return np.where((distinct >= min_units) & (den > 1e-300), r, np.nan)
+
+
+def _r_inverse_gap(pu: dict, mu: dict) -> np.ndarray:
     with np.errstate(divide="ignore"):
-        return pearson(1.0 / np.asarray(per_unit["gap"], dtype=float), _restoration(per_example))
+        return pearson_b(1.0 / pu["gap"], restoration_b(pu, mu))
 
 
-def r_gap(per_unit: Arrays, per_example: Arrays) -> float:
-    """Pearson r(gap, restoration) across heads (descriptive; negative = small gap important)."""
-    return pearson(per_unit["gap"], _restoration(per_example))
+r_inverse_gap = Stat("pearson r(1/gap, restoration)", batched=_r_inverse_gap, fisher=True)
+"""Pearson r(1/gap, restoration) across heads: the research plan's test 1.1 (target r > 0.7)."""
+
+r_gap = Stat("pearson r(gap, restoration)", batched=lambda pu, mu: pearson_b(pu["gap"], restoration_b(pu, mu)),
+             fisher=True)
+"""Pearson r(gap, restoration) across heads (descriptive; negative = small gap important)."""
 
 
-def spearman_gap(per_unit: Arrays, per_example: Arrays) -> float:
-    """Spearman rho(gap, restoration) across heads (negative = small gap important). The rank
-    correlation with 1/gap is exactly its negative and is not reported separately."""
-    return spearman(per_unit["gap"], _restoration(per_example))
+def _spearman_gap(per_unit: Arrays, per_example: Arrays) -> float:
+    return spearman(per_unit["gap"], _restoration(per_unit, per_example))
+
+
+spearman_gap = Stat("spearman rho(gap, restoration)", plain=_spearman_gap, fisher=True)
+"""Spearman rho(gap, restoration) across heads (negative = small gap important; plain form).
+The rank correlation with 1/gap is exactly its negative and is not reported separately."""
 
 
 # --- groups (unstable: gap <= threshold) ------------------------------------------------
@@ -220,42 +263,87 @@ def group_sizes(gap, threshold: float) -> tuple[int, int]:
 
 
 def _groups(per_unit: Arrays, per_example: Arrays, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Restorations of the unstable and the stable units with a finite gap and restoration."""
     gap = np.asarray(per_unit["gap"], dtype=float)
-    imp = _restoration(per_example)
+    imp = _restoration(per_unit, per_example)
     ok = np.isfinite(gap) & np.isfinite(imp)
     return imp[ok & (gap <= threshold)], imp[ok & (gap > threshold)]
 
 
-def group_difference(threshold: float = UNSTABLE_GAP) -> Statistic:
+def group_means_b(gap: np.ndarray, imp: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(b,) mean restorations of the unstable (gap <= threshold) and the stable units of each
+    row, over units with a finite gap and restoration; NaN for an empty group."""
+    ok = np.isfinite(gap) & np.isfinite(imp)
+    u, s = ok & (gap <= threshold), ok & (gap > threshold)
+    with np.errstate(all="ignore"):
+        mu = np.where(u, imp, 0).sum(1) / u.sum(1)
+        ms = np.where(s, imp, 0).sum(1) / s.sum(1)
+    return np.where(u.any(1), mu, np.nan), np.where(s.any(1), ms, np.nan)
+
+
+def group_contrast(threshold: float = UNSTABLE_GAP, unstable: float = 1.0, stable: float = -1.0) -> Stat:
+    """Statistic: ``unstable x mean(unstable restoration) + stable x mean(stable restoration)``
+    (a zero weight leaves its group out; NaN when a group with a weight is empty). (1, -1): the
+    difference; (1, -c): the margin of "unstable > c x stable"; (1, 0) / (0, 1): one group's mean."""
+    def f(pu, mu):
+        a, b = group_means_b(pu["gap"], restoration_b(pu, mu), threshold)
+        return (unstable * a if unstable else 0.0) + (stable * b if stable else 0.0)
+    return Stat(f"{unstable:g} x unstable + {stable:g} x stable restoration (gap <= {threshold:g})", batched=f)
+
+
+def group_difference(threshold: float = UNSTABLE_GAP) -> Stat:
     """Statistic: mean restoration of unstable heads (gap <= threshold) minus that of stable
     heads; NaN when a group is empty. The verdict statistic of the group comparison."""
-    def stat(per_unit: Arrays, per_example: Arrays) -> float:
-        u, s = _groups(per_unit, per_example, threshold)
-        return float(u.mean() - s.mean()) if u.size and s.size else NAN
-    stat.__name__ = f"group_difference_{threshold:g}"
-    return stat
+    return group_contrast(threshold, 1.0, -1.0)
 
 
-def group_mean(threshold: float = UNSTABLE_GAP, unstable: bool = True) -> Statistic:
+def group_mean(threshold: float = UNSTABLE_GAP, unstable: bool = True) -> Stat:
     """Statistic: mean restoration of the unstable (or stable) heads; NaN when the group is empty."""
-    def stat(per_unit: Arrays, per_example: Arrays) -> float:
-        u, s = _groups(per_unit, per_example, threshold)
-        g = u if unstable else s
-        return float(g.mean()) if g.size else NAN
-    stat.__name__ = f"group_mean_{'unstable' if unstable else 'stable'}_{threshold:g}"
-    return stat
+    return group_contrast(threshold, 1.0, 0.0) if unstable else group_contrast(threshold, 0.0, 1.0)
 
 
-def group_ratio(threshold: float = UNSTABLE_GAP) -> Statistic:
+def group_ratio(threshold: float = UNSTABLE_GAP) -> Stat:
     """Statistic: mean restoration of unstable heads over that of stable heads. Only meaningful
     when both means are known to be > 0: read it through ``ratio_rule``, never alone."""
-    def stat(per_unit: Arrays, per_example: Arrays) -> float:
-        u, s = _groups(per_unit, per_example, threshold)
-        if not (u.size and s.size) or s.mean() == 0:
-            return NAN
-        return float(u.mean() / s.mean())
-    stat.__name__ = f"group_ratio_{threshold:g}"
-    return stat
+    def f(pu, mu):
+        a, b = group_means_b(pu["gap"], restoration_b(pu, mu), threshold)
+        with np.errstate(all="ignore"):
+            return np.where(b != 0, a / np.where(b != 0, b, 1.0), np.nan)
+    return Stat(f"unstable / stable restoration (gap <= {threshold:g})", batched=f)
+
+
+def _usable(m: Member) -> np.ndarray:
+    """Units of a head-level member with a finite gap and restoration (on all examples)."""
+    gap = np.asarray(m.per_unit["gap"], dtype=float)
+    return np.isfinite(gap) & np.isfinite(_restoration(m.per_unit, m.per_example))
+
+
+def n_usable(m: Member) -> int:
+    """Independent units (clusters, else heads) with at least one usable head."""
+    ok = _usable(m)
+    return int(np.unique(np.asarray(m.clusters)[ok]).size) if m.clusters is not None else int(ok.sum())
+
+
+def df_correlation(m: Member) -> float:
+    """df of a head-level correlation's Fisher-z interval: usable independent units - 3."""
+    return float(n_usable(m) - 3)
+
+
+def df_groups(threshold: float = UNSTABLE_GAP) -> Callable[[Member], float]:
+    """df of the unstable - stable difference (and of contrasts of the two groups): Welch's,
+    at most the usable independent units - 2."""
+    def df(m: Member) -> float:
+        u, s = _groups(m.per_unit, m.per_example, threshold)
+        return float(min(welch_df(u, s), n_usable(m) - 2))
+    return df
+
+
+def df_group(threshold: float = UNSTABLE_GAP, unstable: bool = True) -> Callable[[Member], float]:
+    """df of one group's mean restoration: its usable heads - 1."""
+    def df(m: Member) -> float:
+        u, s = _groups(m.per_unit, m.per_example, threshold)
+        return float((u if unstable else s).size - 1)
+    return df
 
 
 def ratio_rule(numerator: Estimate, denominator: Estimate, ratio: Estimate,
@@ -310,10 +398,13 @@ def layer_max_restoration(per_example: Arrays) -> np.ndarray:
         return np.where(np.isfinite(m).any(0), np.nanmax(np.where(np.isfinite(m), m, -np.inf), 0), np.nan)
 
 
-def layer_r(per_unit: Arrays, per_example: Arrays) -> float:
-    """Pearson r(per-layer min gap, per-layer max restoration) across layers (negative = layers
-    with smaller min gaps hold more important heads). Units are layers (``layer_member``)."""
+def _layer_r(per_unit: Arrays, per_example: Arrays) -> float:
     return pearson(per_unit["min_gap"], layer_max_restoration(per_example))
+
+
+layer_r = Stat("pearson r(per-layer min gap, per-layer max restoration)", plain=_layer_r, fisher=True)
+"""Pearson r(per-layer min gap, per-layer max restoration) across layers (negative = layers
+with smaller min gaps hold more important heads; plain form). Units are layers (``layer_member``)."""
 
 
 # --- members -----------------------------------------------------------------------------
@@ -337,7 +428,7 @@ def head_member(gap, patched: np.ndarray, clean: np.ndarray, corrupt: np.ndarray
 
 def n_independent(member: Member) -> int:
     """Independent units of a member: its clusters when it has them, else its units."""
-    return int(np.unique(member.clusters).size) if member.clusters is not None else member.n_units
+    return member.n_independent
 
 
 # --- p-values and verdicts ---------------------------------------------------------------
@@ -425,10 +516,10 @@ def scaled_interval(value: float, resamples, n_units: int, df: float, target: fl
     Why not the percentile interval: with 6-12 units it under-covers (one-sided miss rates of
     3.4-7 % for a nominal 2.5 % in null simulations, ``tests/test_nulls.py``): a bootstrap
     variance is (n-1)/n of the variance, and z-quantiles stand in for t-quantiles. This is the
-    across-seed rule of ``analysis.population`` applied to units. ``df``: n - 3 for a
-    correlation, Welch's for a difference of group means, n_group - 1 for one group's mean.
-    NaN (undefined) when fewer than half the resamples are finite, when df < 1 or when the value
-    is NaN."""
+    per-seed interval of ``analysis.population.estimate_many``. ``df``: n - 3 for a correlation,
+    Welch's for a difference of group means, n_group - 1 for one group's mean. NaN (undefined)
+    when fewer than half the resamples are finite, when df < 1 or when the value is NaN. The
+    returned ``Estimate`` carries the SE (on the z scale for ``fisher``) and df."""
     b = np.asarray(resamples, dtype=float)
     ok = b[np.isfinite(b)]
     if (not np.isfinite(value) or ok.size < max(2, b.size / 2) or not np.isfinite(df) or df < 1
@@ -443,4 +534,4 @@ def scaled_interval(value: float, resamples, n_units: int, df: float, target: fl
     if np.isfinite(target):
         d = abs(centre - float(fwd(target)))
         p = float(2 * stats.t.sf(d / se, df)) if se > 0 else (0.0 if d > 0 else 1.0)
-    return Estimate(float(value), float(back(centre - q * se)), float(back(centre + q * se)), p)
+    return Estimate(float(value), float(back(centre - q * se)), float(back(centre + q * se)), p, se, float(df))

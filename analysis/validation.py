@@ -4,17 +4,22 @@ Input: a scan table (one row per head, ``gap``) and a per-example patching table
 (``layer, head, example, metric_*``). Output: per-head rows, statistics rows, a Markdown report.
 
 One model (one training seed) is described here; verdicts about a recipe are taken over a
-population of seeds (``analysis.population``), with the same statistics (``analysis.stats``).
+population of seeds (``analysis.crossmodel``), with the same estimator (``analysis.population``)
+and statistics (``analysis.stats``).
 
-Intervals: a bootstrap that resamples heads (layers, for the layer-level row) and examples
-jointly (``analysis.population.estimate`` on one member), so that they describe the association
-across this model's heads and not only how precisely each head's importance is known; the
-interval is ``value ± t(df) x SE x sqrt(n/(n-1))`` (``analysis.stats.scaled_interval``: the
-percentile interval under-covers with 6-12 heads), on Fisher's z scale with df = n - 3 for
-correlations, with Welch's df for the difference of group means. p-values: two-sided t p-value of "statistic = target" from the same
-SE and df, Holm-adjusted within the verdict family of this page (``VERDICT_KEYS``; undefined rows are not
-counted). Verdict: PASS when the Holm-adjusted p < 0.05 and the value lies on the hypothesis'
-side of the target, FAIL when it is significant on the other side, else INCONCLUSIVE.
+Intervals: ``analysis.population.estimate_many`` on this one model (``head_estimates``): a
+bootstrap that resamples heads (key-head clusters of a grouped-query model; layers, for the
+layer-level row) and examples jointly, so that intervals describe the association across this
+model's heads and not only how precisely each head's importance is known; every statistic of
+the page on the same resamples. The interval is ``value ± t(df) x SE x sqrt(n/(n-1))``
+(``analysis.stats.scaled_interval``: the percentile interval under-covers with 6-12 heads), on
+Fisher's z scale with df = n - 3 for correlations (n: usable heads, or clusters), with Welch's
+df for the difference of group means (and the ratio), n_group - 1 for one group's mean.
+p-values: two-sided t p-value of "statistic = target" from the same SE and df
+(``analysis.population.p_value``), Holm-adjusted within the verdict family of this page
+(``VERDICT_KEYS``; undefined rows are not counted). Verdict: PASS when the Holm-adjusted p <
+0.05 and the value lies on the hypothesis' side of the target, FAIL when it is significant on
+the other side, else INCONCLUSIVE.
 """
 
 from __future__ import annotations
@@ -24,12 +29,12 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from analysis.population import Member, estimate, holm
+from analysis.population import Member, PopulationEstimate, estimate, estimate_many, holm, p_value
 from analysis.stats import (
-    CONFIDENCE, MIN_LAYERS, N_RESAMPLES, RESTORATION_RTOL, Estimate, best_threshold, decide,
-    group_difference, group_mean, group_ratio, group_sizes, head_member, importance, layer_member, layer_r,
-    n_independent, r_gap, r_inverse_gap, ratio_rule, restoration_matrix, restoration_reasons, scaled_interval,
-    spearman_gap, welch_df,
+    CONFIDENCE, MIN_LAYERS, N_RESAMPLES, RESTORATION_RTOL, Estimate, best_threshold, decide, df_correlation,
+    df_group, df_groups, group_difference, group_mean, group_ratio, group_sizes, head_member, importance,
+    layer_member, layer_r, n_independent, r_gap, r_inverse_gap, ratio_rule, restoration_matrix, restoration_reasons,
+    spearman_gap,
 )
 from spectral.metrics import UNSTABLE_GAP
 
@@ -41,7 +46,11 @@ TARGET_LAYER_R = 0.0
 VERDICT_KEYS = ("importance_correlation", "restoration_difference", "restoration_ratio", "layer_correlation")
 """The verdict family of one validate page: Holm's correction runs over these rows."""
 
-RULE = ("Verdict rule: PASS when the Holm-adjusted two-sided p-value of \"statistic = target\" is "
+RULE = ("Verdict rule (one model: every interval describes this model only): each interval resamples heads "
+        "(key-head clusters of a grouped-query model; layers for the layer-level row) and examples jointly and is "
+        "value ± t(df) x SE x sqrt(n/(n-1)) (correlations on Fisher's z scale with df = n - 3; Welch's df for the "
+        "difference and the ratio; n_group - 1 for a group's mean). PASS when the Holm-adjusted two-sided p-value "
+        "of \"statistic = target\" (a t-test with the same SE and df) is "
         "< 0.05 and the value lies on the hypothesis' side of the target (r(importance, 1/gap) > 0.7; restoration "
         "difference unstable - stable > 0; ratio unstable/stable > 2, only where both group means' intervals lie "
         "above 0; layer-level r(min gap, max importance) < 0, only with >= 5 layers); FAIL when significant on the "
@@ -79,34 +88,28 @@ def _arrays(scan: pa.Table, per_example: pa.Table):
     return keys, gap, patched, clean, corrupt, clusters
 
 
-class _Recorder:
-    """Wraps a statistic and records every value it returns, in call order: with one member,
-    ``analysis.population.estimate`` calls it once on the data, then once per resample."""
-
-    def __init__(self, stat):
-        self.stat, self.values = stat, []
-
-    def __call__(self, per_unit, per_example):
-        try:
-            v = float(self.stat(per_unit, per_example))
-        except (ValueError, ZeroDivisionError, FloatingPointError):
-            v = float("nan")
-        self.values.append(v if np.isfinite(v) else float("nan"))
-        return v
+TARGETS = {"importance_correlation": TARGET_R, "restoration_difference": TARGET_DIFFERENCE,
+           "restoration_ratio": TARGET_RATIO, "layer_correlation": TARGET_LAYER_R}
 
 
-def bootstrap(member: Member, stat, *, df: float, n_resamples: int = N_RESAMPLES, seed: int = 0,
-              unit_name: str = "heads", target: float = float("nan"), fisher: bool = False) -> tuple[Estimate, str]:
-    """One model's statistic with its interval and the two-sided p of "= target"
-    (``analysis.stats.scaled_interval`` over the resamples of ``analysis.population.estimate``,
-    which resamples units and examples jointly), and the scheme in words."""
-    rec = _Recorder(stat)
-    est = estimate([member], rec, n_resamples=n_resamples, seed=seed, unit_name=unit_name)
-    out = scaled_interval(est.value, rec.values[1:], n_independent(member), df, target, fisher=fisher)
-    scale = "atanh(value)" if fisher else "value"
-    scheme = (f"one seed: bootstrap over {unit_name} x examples ({n_resamples}), {scale} ± t({df:.1f}) x SE x "
-              f"sqrt(n/(n-1)); describes this model only")
-    return out, scheme
+def head_estimates(member: Member, threshold: float = UNSTABLE_GAP, *, n_resamples: int = N_RESAMPLES,
+                   seed: int = 0) -> dict[str, PopulationEstimate]:
+    """The head-level statistics of one model (keys of the statistics table), every one on the
+    same resamples of heads (clusters) x examples, with validate's degrees of freedom."""
+    stats_ = {"importance_correlation": r_inverse_gap, "importance_correlation_gap": r_gap,
+              "importance_spearman_gap": spearman_gap, "restoration_difference": group_difference(threshold),
+              "restoration_unstable_mean": group_mean(threshold, True),
+              "restoration_stable_mean": group_mean(threshold, False), "restoration_ratio": group_ratio(threshold)}
+    dfs = {"importance_correlation": df_correlation, "importance_correlation_gap": df_correlation,
+           "importance_spearman_gap": df_correlation, "restoration_difference": df_groups(threshold),
+           "restoration_ratio": df_groups(threshold), "restoration_unstable_mean": df_group(threshold, True),
+           "restoration_stable_mean": df_group(threshold, False)}
+    return estimate_many([member], stats_, n_resamples=n_resamples, seed=seed, df=dfs)
+
+
+def as_estimate(e: PopulationEstimate, target: float = float("nan")) -> Estimate:
+    """One model's estimate with the two-sided p-value of "statistic = target" (NaN without a target)."""
+    return Estimate(e.value, e.low, e.high, p_value(e, target) if np.isfinite(target) else float("nan"), e.se, e.df)
 
 
 def weakest_link(keys, gap, patched, clean, corrupt, seed: int = 0, n_resamples: int = N_RESAMPLES) -> dict:
@@ -133,10 +136,9 @@ def weakest_link(keys, gap, patched, clean, corrupt, seed: int = 0, n_resamples:
         out["layer_scheme"] = "none"
         out["layer_note"] = (f"too few layers ({len(layers)} < {MIN_LAYERS}): no interval, no verdict; "
                              "describes this model's layers only")
-    else:
-        est, scheme = bootstrap(member, layer_r, df=len(layers) - 3, n_resamples=n_resamples, seed=seed,
-                                unit_name="layers", target=TARGET_LAYER_R, fisher=True)
-        out["layer_r"], out["layer_scheme"] = est, scheme
+    else:  # df = layers - 3 (layer_r is a correlation)
+        e = estimate([member], layer_r, n_resamples=n_resamples, seed=seed, unit_name="layers")
+        out["layer_r"], out["layer_scheme"] = as_estimate(e, TARGET_LAYER_R), e.scheme
         out["layer_note"] = f"{len(layers)} layers; describes this model's layers only (not a replication of any earlier figure)"
     return out
 
@@ -167,32 +169,24 @@ def validate(scan: pa.Table, per_example: pa.Table, threshold: float = UNSTABLE_
                "as clusters; df from the key heads")
     rows = []
 
-    u_imp, s_imp = imp[usable & (gap <= threshold)], imp[usable & (gap > threshold)]
-    n_ind = n_independent(member) - (n_heads - n_used)
-    df_corr, df_diff = n_ind - 3, min(welch_df(u_imp, s_imp), n_ind - 2)
+    es = head_estimates(member, threshold, n_resamples=n_resamples, seed=seed)
 
-    def boot(stat, df, target=float("nan"), s=0, fisher=False):
-        return bootstrap(member, stat, df=df, n_resamples=n_resamples, seed=seed + s, target=target, fisher=fisher)
-
-    def add(key, name, stat, df, target=float("nan"), direction="", grp=(-1, -1), note="", s=0, fisher=False):
-        est, scheme = boot(stat, df, target, s, fisher)
-        rows.append(_row(key, name, est, target=target, direction=direction, n_units=n_used, groups=grp,
-                         n_examples=n_examples, scheme=scheme, note="; ".join(x for x in (note, dropped, gqa) if x)))
+    def add(key, name, direction="", grp=(-1, -1), note=""):
+        est = as_estimate(es[key], TARGETS.get(key, float("nan")))
+        rows.append(_row(key, name, est, target=TARGETS.get(key, float("nan")), direction=direction,
+                         n_units=n_used, groups=grp, n_examples=n_examples, scheme=es[key].scheme,
+                         note="; ".join(x for x in (note, dropped, gqa) if x)))
         return est
 
-    add("importance_correlation", "pearson r(importance, 1/gap)", r_inverse_gap, df_corr, TARGET_R, "above", s=0, fisher=True)
-    add("importance_correlation_gap", "pearson r(importance, gap)", r_gap, df_corr, s=1, fisher=True)
-    add("importance_spearman_gap", "spearman rho(importance, gap)", spearman_gap, df_corr, s=2, fisher=True,
-        note="rho(importance, 1/gap) is exactly its negative")
+    add("importance_correlation", "pearson r(importance, 1/gap)", "above")
+    add("importance_correlation_gap", "pearson r(importance, gap)")
+    add("importance_spearman_gap", "spearman rho(importance, gap)", note="rho(importance, 1/gap) is exactly its negative")
     t = f"{threshold:g}"
-    add("restoration_difference", f"restoration difference unstable - stable at gap <= {t}",
-        group_difference(threshold), df_diff, TARGET_DIFFERENCE, "above", groups, s=3,
-        note="" if np.isfinite(df_diff) else "a group has fewer than 2 heads: no interval")
-    mu = add("restoration_unstable_mean", f"mean restoration of unstable heads (gap <= {t})",
-             group_mean(threshold, True), u_imp.size - 1, grp=groups, s=4)
-    ms = add("restoration_stable_mean", f"mean restoration of stable heads (gap > {t})",
-             group_mean(threshold, False), s_imp.size - 1, grp=groups, s=5)
-    raw, scheme = boot(group_ratio(threshold), df_diff, TARGET_RATIO, 6)
+    add("restoration_difference", f"restoration difference unstable - stable at gap <= {t}", "above", groups,
+        note="" if np.isfinite(df_groups(threshold)(member)) else "a group has fewer than 2 heads: no interval")
+    mu = add("restoration_unstable_mean", f"mean restoration of unstable heads (gap <= {t})", grp=groups)
+    ms = add("restoration_stable_mean", f"mean restoration of stable heads (gap > {t})", grp=groups)
+    raw, scheme = as_estimate(es["restoration_ratio"], TARGET_RATIO), es["restoration_ratio"].scheme
     ratio, note = ratio_rule(mu, ms, raw, ("unstable (numerator)", "stable (denominator)"))
     rows.append(_row("restoration_ratio", f"restoration ratio unstable/stable at gap <= {t}",
                      ratio if not note else Estimate(float("nan"), float("nan"), float("nan")),
@@ -238,9 +232,10 @@ def _report(statistics: pa.Table, link: dict, threshold: float, n_heads: int, n_
     lines = [f"Heads: {n_heads} ({n_used} with a defined restoration and gap); examples: {n_examples}; "
              f"unstable: gap <= {threshold:g}. One model (one training seed): every interval describes this model only.",
              f"Intervals ({CONFIDENCE:.0%}): bootstrap resampling heads (layers for the layer-level row) and examples "
-             "jointly; value ± t(df) x SE x sqrt(n/(n-1)) (correlations on Fisher's z scale, df = n - 3), Welch's df "
-             "for the group difference. p: two-sided t p-value of \"statistic = target\" from the same SE; p (Holm): Holm-adjusted "
-             "within this page's verdict family.",
+             "jointly, every statistic on the same resamples; value ± t(df) x SE x sqrt(n/(n-1)) (correlations on "
+             "Fisher's z scale, df = n - 3), Welch's df for the group difference and the ratio, n_group - 1 for a "
+             "group's mean. p: two-sided t p-value of \"statistic = target\" from the same SE and df; p (Holm): "
+             "Holm-adjusted within this page's verdict family.",
              f"Restoration is undefined for a head whose |clean - corrupt| metric difference is <= {RESTORATION_RTOL:g} "
              "x its scale (mean |clean| + mean |corrupt|).", "", RULE, "",
              "| statistic | value | 95 % interval | scheme | n | unstable / stable | p | p (Holm) | target | verdict | note |",

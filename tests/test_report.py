@@ -86,7 +86,9 @@ def test_verdict_table_states_seeds_units_scheme_and_correction(four):
     r = by[("organism-m", "restoration_difference")]
     assert r["n_units"] == "64" and r["unit"] == "heads"  # 8 layers x 8 heads, both seeds
     assert r["groups"].startswith("unstable/stable heads per seed: ")
-    assert "3 seeds: hierarchical bootstrap seeds -> heads -> examples (200)" in r["scheme"]
+    assert r["scheme"].startswith("3 seeds: mean ± t(2) x SD/sqrt(3) of the seeds' values; per seed: value ± t(df)")
+    assert "hierarchical bootstrap seeds -> heads -> examples (200)" in r["scheme"]  # beside it, not the verdict's
+    assert np.isfinite(r["hier_low"]) and np.isfinite(r["hier_high"]) and r["hier_low"] < r["value"] < r["hier_high"]
     assert by[("organism-xs", "steering_difference")]["unit"] == "prompts"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rule"] == RULE
@@ -149,7 +151,8 @@ def test_single_model_is_one_model_and_has_no_scaling_fit(tmp_path):
     r = next(r for r in own if r["key"] == "restoration_difference")
     assert r["scheme"].startswith("one seed: value ± t(df) x SE x sqrt(n/(n-1)), SE from a bootstrap over heads -> "
                                   "examples")
-    assert re.search(r"; per seed: t-scaled, df \d+$", r["scheme"])  # Welch df of the two groups
+    assert re.search(r"; per seed: t-scaled, df [\d.]+$", r["scheme"])  # Welch df of the two groups
+    assert np.isnan(r["hier_low"]) and np.isnan(r["hier_high"])  # one model: no seeds to resample
     assert r["correction"].startswith("none needed")
 
 
@@ -160,7 +163,8 @@ def test_legacy_tables_without_examples_or_keys_still_report(tmp_path):
     page = report.run(run_dir, echo=lambda *a: None, **FAST)
     by = {(r["population"], r["key"]): r for r in _verdicts(page.parent)}
     r = by[("organism-s", "restoration_difference")]
-    assert "hierarchical bootstrap seeds -> heads (200)" in r["scheme"] and np.isfinite(r["low"])
+    assert "2 seeds: mean ± t(1) x SD/sqrt(2)" in r["scheme"] and np.isfinite(r["low"])
+    assert "hierarchical bootstrap seeds -> heads (200)" in r["scheme"] and np.isfinite(r["hier_low"])
     assert "intervals resample heads only" in r["note"]
     s = by[("organism-s", "steering_difference")]
     assert np.isfinite(s["value"]) and "no selection split recorded" in s["prompts"]

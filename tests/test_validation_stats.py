@@ -113,7 +113,7 @@ def test_correlation_interval_resamples_heads_not_only_examples():
     assert r["name"] == "pearson r(importance, 1/gap)" and r["value"] == pytest.approx(0.8992, abs=1e-4)
     assert r["low"] < 0.7 < r["high"] <= 1.0 and r["high"] - r["low"] > 0.3
     assert r["verdict"] == "INCONCLUSIVE"
-    assert r["n_units"] == 8 and "heads x examples" in r["scheme"]
+    assert r["n_units"] == 8 and "heads -> examples" in r["scheme"] and "describes this model only" in r["scheme"]
 
 
 # --- defect 2: ratio verdicts invert when a denominator is <= 0 ---------------------------
@@ -202,7 +202,7 @@ def test_holm_within_the_verdict_family_and_the_rule_is_printed():
     for r in s.values():
         if r["key"] not in VERDICT_KEYS:
             assert r["verdict"] == "" and math.isnan(r["p_holm"])
-    assert "Holm" in v.report and "Verdict rule" in v.report and "heads x examples" in v.report
+    assert "Holm" in v.report and "Verdict rule" in v.report and "heads -> examples" in v.report
 
 
 def test_decide_and_scaled_interval():
@@ -234,7 +234,7 @@ def test_layer_correlation_needs_five_layers_and_resamples_layers():
     gap6, imp6 = rng.uniform(0.2, 1.2, 12), rng.uniform(0, 1, 12)
     r6 = rows(validate(*tables(gap6, imp6, noise=0.05, heads_per_layer=2), 0.77, 0, n_resamples=200))["layer_correlation"]
     assert r6["n_units"] == 6 and -1 <= r6["low"] < r6["value"] < r6["high"] <= 1
-    assert "layers x examples" in r6["scheme"] and "not a replication" in r6["note"]
+    assert "layers -> examples" in r6["scheme"] and "not a replication" in r6["note"]
 
 
 # --- defect 6: threshold intervals and one-positive AUROCs --------------------------------
