@@ -222,31 +222,6 @@ def separation(auroc: float, p_value: float, min_p: float, n: int, n_positive: i
     return "not shown", f"exact p = {p_value:.3g} >= {ALPHA:g}"
 
 
-def near_optimal_thresholds(gap_pos: np.ndarray, gap_neg: np.ndarray, *, n_resamples: int = 2000, seed: int = 0,
-                            alpha: float = ALPHA) -> tuple[float, float, np.ndarray]:
-    """(low, high, kept candidate gaps): the observed gaps t whose Youden J is not significantly
-    below that of the best gap, by a paired bootstrap stratified by class (positives and negatives
-    resampled independently; J of every candidate on every resample): t is kept unless the
-    ``alpha`` quantile of J(best) - J(t) is > 0. ``low`` is the smallest kept gap; ``high`` the
-    next observed gap above the largest kept one (the rule "gap <= t" predicts the same for every
-    t below it), or the largest kept gap when none is above."""
-    gp, gn = np.asarray(gap_pos, dtype=float), np.asarray(gap_neg, dtype=float)
-    cand = np.unique(np.concatenate([gp, gn]))
-    n1, n0 = gp.size, gn.size
-    j = (gp[:, None] <= cand).mean(0) - (gn[:, None] <= cand).mean(0)
-    best = int(np.argmax(j))
-    rng = np.random.default_rng(seed)
-    jb = (_counts_at(gp[rng.integers(0, n1, (n_resamples, n1))], cand) / n1
-          - _counts_at(gn[rng.integers(0, n0, (n_resamples, n0))], cand) / n0)
-    d = jb[:, [best]] - jb
-    keep = np.quantile(d, alpha, axis=0) <= 0
-    keep[best] = True
-    idx = np.flatnonzero(keep)
-    lo, top = float(cand[idx[0]]), int(idx[-1])
-    hi = float(cand[top + 1]) if top + 1 < cand.size else float(cand[top])
-    return lo, hi, cand[keep]
-
-
 def _counts_at(samples: np.ndarray, queries: np.ndarray, side: str = "right") -> np.ndarray:
     """(B, q) counts of the values of each row of ``samples`` (B, m) that are <= (side "right")
     or < (side "left") each query; ``queries`` is (q,) shared by all rows or (B, q). One

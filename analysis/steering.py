@@ -359,7 +359,6 @@ def verdicts(arms: Sequence[Mapping], layer_runs: Mapping[int, Mapping], gaps, s
              cmp: Comparison | None, seed: int = 0, scan_set: str = "held-out") -> list[dict]:
     """Verdict rows (``KEYS``, ``RULES``) from the held-out comparison."""
     out: list[dict] = []
-    by = {a["name"]: a for a in arms}
     one = {a["family"]: a for a in arms if a["k"] == 1}
     at_k = {a["family"]: a for a in arms if a["family"] in ("spectral", "random", "oracle") and
             a["k"] == max(x["k"] for x in arms if x["family"] == a["family"])}

@@ -1,8 +1,6 @@
 """Sweeps: config validation, resume without duplicates, refusal to mix configs, MLflow
 tracking in a real (SQLite) store, an unreachable store and a later upload."""
 
-import json
-
 import pyarrow.parquet as pq
 import pytest
 import yaml
