@@ -151,7 +151,7 @@ def test_validate_scans_held_out_prompts_by_default(organism, tmp_path):
     from jobs.validate import ValidateConfig, scan_note, scan_split
 
     config = ValidateConfig(model="organism-xs", out=tmp_path, n_examples=32, n_scan=40)
-    patch_config = PatchConfig(model="organism-xs", out=tmp_path, n_examples=32, seed=0)
+    patch_config = PatchConfig(model="organism-xs", task="ioi", out=tmp_path, n_examples=32, seed=0)
     examples, texts = scan_split(config, patch_config, organism)
     assert len(examples) == 32 and len(texts) == 40 and len(set(texts)) == 40
     assert not {e.clean for e in examples} & set(texts)  # disjoint from the patched prompts

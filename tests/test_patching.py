@@ -132,7 +132,7 @@ def test_patch_cli_on_an_organism(organism_cache, tmp_path, capsys):
     assert main(["patch", "--model", "organism-xs", "--task", "ioi", "--n-examples", "16", "--out", str(out)]) == 0
     heads = pq.read_table(out / "patch.parquet")
     per_example = pq.read_table(out / "patch_examples.parquet")
-    assert heads.num_rows == 2 * 4 and per_example.num_rows == 2 * 4 * 16
+    assert heads.num_rows == 2 * 8 and per_example.num_rows == 2 * 8 * 16
     for col in ("model", "method", "direction", "layer", "head", "metric_clean", "metric_corrupt",
                 "metric_patched", "restoration"):
         assert col in heads.column_names

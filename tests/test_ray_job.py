@@ -52,11 +52,11 @@ def test_sweep_submitted_to_a_ray_head(organism_cache, tmp_path):
     model = units[0].split("/")[0]
     assert units == [f"{model}/experiment=0-validate", f"{model}/experiment=1-patch"]
     scan = pq.read_table(run_dir / units[0] / "scan.parquet")
-    assert scan.num_rows == 2 * 4  # organism-xs: 2 layers x 4 heads
+    assert scan.num_rows == 2 * 8  # organism-xs: 2 layers x 8 heads
     assert {r["verdict"] for r in pq.read_table(run_dir / units[0] / "validate.parquet").to_pylist()} - {""} <= {
         "PASS", "FAIL", "INCONCLUSIVE"}
     patch = pq.read_table(run_dir / units[1] / "patch_examples.parquet")
-    assert patch.num_rows == 8 * 16 and sorted(set(patch["example"].to_pylist())) == list(range(16))
+    assert patch.num_rows == 16 * 16 and sorted(set(patch["example"].to_pylist())) == list(range(16))
 
     from mlflow.tracking import MlflowClient
 

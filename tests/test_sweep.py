@@ -36,10 +36,10 @@ def test_sweep_tracks_and_resumes_without_duplicates(organism_cache, tmp_path, c
     assert "pearson r(importance, 1/gap)" in stats["name"].to_pylist()
     from jobs.sweep import results
 
-    patched = results(run_dir, "patch.parquet")  # both units patch every head of the 2 x 4
-    assert patched.num_rows == 2 * 8 and patched["experiment"].value_counts().to_pylist() == [
-        {"values": "0-validate", "counts": 8}, {"values": "1-patch", "counts": 8}]
-    assert len({(r["unit"], r["layer"], r["head"]) for r in patched.to_pylist()}) == 16  # no duplicates
+    patched = results(run_dir, "patch.parquet")  # both units patch every head of the 2 x 8
+    assert patched.num_rows == 2 * 16 and patched["experiment"].value_counts().to_pylist() == [
+        {"values": "0-validate", "counts": 16}, {"values": "1-patch", "counts": 16}]
+    assert len({(r["unit"], r["layer"], r["head"]) for r in patched.to_pylist()}) == 32  # no duplicates
     uri = f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
     runs = mlflow_runs(uri)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -58,7 +58,7 @@ def test_sweep_tracks_and_resumes_without_duplicates(organism_cache, tmp_path, c
     assert "resuming" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing recomputed
     assert len(mlflow_runs(uri)) == 3  # and nothing logged twice
-    assert results(run_dir, "patch.parquet").num_rows == 2 * 8  # and no rows twice
+    assert results(run_dir, "patch.parquet").num_rows == 2 * 16  # and no rows twice
 
     # the cross-model report of the run goes to the parent run too (one model: no scaling fit)
     assert main(["report", str(run_dir), "--resamples", "50", "--permutations", "20"]) == 0
@@ -183,7 +183,7 @@ def test_sweep_survives_a_killed_worker(organism_cache, tmp_path, ray_cluster):
     assert killed, "no worker process was found to kill"
     remote = pq.read_table(next((tmp_path / "runs" / "k").glob("model=*/experiment=0-patch/patch_examples.parquet")))
     keys = list(zip(remote["layer"].to_pylist(), remote["head"].to_pylist(), remote["example"].to_pylist()))
-    assert len(keys) == len(set(keys)) == 2 * 4 * 32  # every unit exactly once
+    assert len(keys) == len(set(keys)) == 2 * 8 * 32  # every unit exactly once
     assert main(["patch", "--model", str(organism_cache), "--out", str(tmp_path / "local"),
                  *[f"--{k.replace('_', '-')}={v}" for k, v in params.items()]]) == 0
     local = pq.read_table(tmp_path / "local" / "patch_examples.parquet")
