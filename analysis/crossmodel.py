@@ -572,7 +572,7 @@ def df_entropy(m: Member) -> float:
 
 # --- decisions -----------------------------------------------------------------------------
 
-def decide(p_pass_adjusted: float, p_fail_adjusted: float) -> str:
+def decide_claims(p_pass_adjusted: float, p_fail_adjusted: float) -> str:
     if np.isfinite(p_pass_adjusted) and p_pass_adjusted < ALPHA / 2:
         return "PASS"
     if np.isfinite(p_fail_adjusted) and p_fail_adjusted < ALPHA / 2:
@@ -636,7 +636,7 @@ def _apply_holm(rows: list[dict]) -> None:
         m = sum(np.isfinite(r["p_pass"]) or np.isfinite(r["p_fail"]) for r in rs)
         for r, a, b in zip(rs, pp, pf):
             r["p_pass_holm"], r["p_fail_holm"] = float(a), float(b)
-            r["verdict"] = decide(a, b)
+            r["verdict"] = decide_claims(a, b)
             r["correction"] = (f"Holm over {m} population(s) (family: {fam}); one-sided tests at 0.025" if m > 1 else
                                "none needed (one test in its family); one-sided tests at 0.025" if m == 1 else
                                "no test (undefined)")

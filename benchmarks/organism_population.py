@@ -23,13 +23,6 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 
-def _seeds(text: str) -> list[int]:
-    if "-" in text:
-        lo, hi = text.split("-")
-        return list(range(int(lo), int(hi) + 1))
-    return [int(s) for s in text.split(",")]
-
-
 def _one(job: dict) -> dict:
     import torch
 
@@ -65,6 +58,8 @@ def _one(job: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from spectral.organisms.suite import parse_seeds
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="xs,s,m,l")
     parser.add_argument("--seeds", default="0-4", help="a range A-B or a list A,B,C")
@@ -84,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         overrides[key] = float(value) if types.get(key) == "float" else int(value)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     jobs = [{"size": size, "seed": seed, "overrides": overrides, "device": args.device, "threads": threads,
-             "variant": args.variant, "cache": args.cache} for size in args.sizes.split(",") for seed in _seeds(args.seeds)]
+             "variant": args.variant, "cache": args.cache} for size in args.sizes.split(",") for seed in parse_seeds(args.seeds)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.workers) as pool, args.out.open("a") as out:

@@ -14,24 +14,7 @@ from spectral.loading import load_model
 from spectral.organisms import SUITE, cache_root, organism_dir, train_organism
 from spectral.organisms.language import corpus
 from spectral.organisms.evaluate import evaluate, format_quality, load_tasks
-from spectral.organisms.suite import recipe_of, spec_text, training_report
-
-
-def parse_seeds(text: str | None) -> list[int] | None:
-    """'0-4' -> [0, 1, 2, 3, 4]; '0,3,7' -> [0, 3, 7]; None -> None."""
-    if text is None:
-        return None
-    try:
-        if "-" in text:
-            lo, hi = (int(x) for x in text.split("-"))
-            seeds = list(range(lo, hi + 1))
-        else:
-            seeds = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise ValueError(f"seeds must look like 0-4 or 0,3,7, got {text!r}") from None
-    if not seeds or min(seeds) < 0:
-        raise ValueError(f"seeds must be non-negative and non-empty, got {text!r}")
-    return seeds
+from spectral.organisms.suite import parse_seeds, recipe_of, spec_text, training_report
 
 
 class TrainConfig(JobConfig):

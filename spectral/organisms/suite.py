@@ -54,6 +54,23 @@ def split_name(text: str) -> tuple[str, int]:
     return spec.name, spec.seed
 
 
+def parse_seeds(text: str | None) -> list[int] | None:
+    """'0-4' -> [0, 1, 2, 3, 4]; '0,3,7' -> [0, 3, 7]; None -> None."""
+    if text is None:
+        return None
+    try:
+        if "-" in text:
+            lo, hi = (int(x) for x in text.split("-"))
+            seeds = list(range(lo, hi + 1))
+        else:
+            seeds = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"seeds must look like 0-4 or 0,3,7, got {text!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise ValueError(f"seeds must be non-negative and non-empty, got {text!r}")
+    return seeds
+
+
 def recipe_of(name: str, seed: int | None = None) -> Recipe:
     """The recipe of ``name`` (which may carry ``?seed=N``), at ``seed`` when given."""
     base, parsed_seed = split_name(name)
