@@ -34,7 +34,7 @@ import numpy as np
 from scipy import stats
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from spectral.metrics import UNSTABLE_GAP
+from spectral.kernels.metrics import UNSTABLE_GAP
 
 CONFIDENCE = 0.95
 ALPHA = 1 - CONFIDENCE

@@ -2,7 +2,7 @@
 never loads a model).
 
 Populations. Models whose specs differ only by their training seed (``organism-s``,
-``organism-s?seed=1``, ...; ``spectral.specs.population``) form a population, and the unit of
+``organism-s?seed=1``, ...; ``spectral.models.specs.population``) form a population, and the unit of
 replication of every verdict is the seed: a verdict about ``organism-s`` is a claim about the
 recipe, not about one training draw. A hub model or a local checkpoint is a population of one
 model (its verdicts describe that model only and say so).
@@ -44,7 +44,7 @@ from analysis.population import (
 )
 from analysis.scaling import restrict_to_separating, scaling_table
 from analysis.stats import df_group, df_groups, group_contrast, r_inverse_gap, restoration, welch_df
-from spectral.metrics import UNSTABLE_GAP
+from spectral.kernels.metrics import UNSTABLE_GAP
 
 NAN = float("nan")
 ALPHA = 0.05
@@ -229,10 +229,10 @@ class RunData:
 
 
 def population_of(spec: str) -> tuple[str, int | None]:
-    """(population, seed) of a model spec (``spectral.specs.population``); a spec it cannot
+    """(population, seed) of a model spec (``spectral.models.specs.population``); a spec it cannot
     parse is a population of one with an unknown seed."""
     from spectral.errors import UsageError
-    from spectral.specs import population
+    from spectral.models.specs import population
 
     try:
         return population(spec)
@@ -445,7 +445,7 @@ def load_run(run_dir: Path, safe: Callable[[str], str]) -> RunData:
     """Read ``run_dir/sweep.json`` and every finished unit; ``safe`` maps a model spec to its
     directory name (``jobs.sweep.safe``). A unit without ``unit.json`` is unfinished: named
     in ``missing`` and not read. Models are grouped into populations by
-    ``spectral.specs.population`` (order of first appearance in the sweep)."""
+    ``spectral.models.specs.population`` (order of first appearance in the sweep)."""
     sweep = json.loads((run_dir / "sweep.json").read_text(encoding="utf-8"))
     config = sweep.get("config", {})
     experiments = [e.get("kind", "?") for e in config.get("experiments", [])]

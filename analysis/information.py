@@ -24,7 +24,7 @@ from scipy import stats
 from scipy.special import digamma
 
 from analysis.stats import finite_pairs
-from spectral.metrics import UNSTABLE_GAP
+from spectral.kernels.metrics import UNSTABLE_GAP
 
 CONFIDENCE = 0.95
 NAN = float("nan")

@@ -45,7 +45,7 @@ import numpy as np
 from scipy import stats
 
 from analysis.population import Member, Stat
-from spectral.metrics import UNSTABLE_GAP
+from spectral.kernels.metrics import UNSTABLE_GAP
 
 N_RESAMPLES = 2000
 CONFIDENCE = 0.95

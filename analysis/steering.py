@@ -6,7 +6,7 @@ negative contexts alike) into a *selection* split, on which the oracle chooses i
 a *held-out* split. Every effect reported (strategies, layers, grid, verdicts) is the mean
 over the held-out split: the oracle is not scored on the prompts it was chosen on.
 
-Comparisons are at equal numbers of layers (``spectral.strategies``): the spectral rule's
+Comparisons are at equal numbers of layers (``spectral.steering.strategies``): the spectral rule's
 single layer (``spectral-1``) against the 1-layer baseline; the rule at its ``k`` layers
 against the random control at ``k`` (mean over >= 20 draws) and the oracle at ``k``.
 

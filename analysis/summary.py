@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from spectral.metrics import UNSTABLE_GAP
+from spectral.kernels.metrics import UNSTABLE_GAP
 
 
 @dataclass(frozen=True)

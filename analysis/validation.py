@@ -36,7 +36,7 @@ from analysis.stats import (
     layer_member, layer_r, n_independent, r_gap, r_inverse_gap, ratio_rule, restoration_matrix, restoration_reasons,
     spearman_gap,
 )
-from spectral.metrics import UNSTABLE_GAP
+from spectral.kernels.metrics import UNSTABLE_GAP
 
 TARGET_R = 0.7
 TARGET_RATIO = 2.0

@@ -20,10 +20,10 @@ import statistics
 import torch
 
 from benchmarks.common import interleaved_times, record
-from spectral.adapter import HeadAdapter
-from spectral.loading import load_model
-from spectral.patching import cache_run, first_difference, logit_diff, patch_layer
-from spectral.tasks import Example, builtin_ioi, encode
+from spectral.models.adapter import HeadAdapter
+from spectral.models.loading import load_model
+from spectral.causal.patching import cache_run, first_difference, logit_diff, patch_layer
+from spectral.causal.tasks import Example, builtin_ioi, encode
 
 MODELS = ["organism-l", "random:pythia-410m?layers=6&hidden=512&heads=8"]
 TARGET = 3.0

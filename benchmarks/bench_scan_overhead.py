@@ -16,8 +16,8 @@ import statistics
 import torch
 
 from benchmarks.common import count_tokens, interleaved_times, prompts, record
-from spectral.loading import load_model
-from spectral.scan import ScanSettings, ScanUnit, scan_unit, token_batches
+from spectral.models.loading import load_model
+from spectral.kernels.scan import ScanSettings, ScanUnit, scan_unit, token_batches
 
 MODELS = (
     "random:pythia-410m?layers=6&hidden=512&heads=8",

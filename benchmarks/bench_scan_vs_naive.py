@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from benchmarks.common import count_tokens, prompts, record, timed, times
-from spectral.adapter import HeadAdapter
-from spectral.loading import LoadedModel, load_model
-from spectral.scan import ScanSettings, ScanUnit, finalize, scan_unit, token_batches
+from spectral.models.adapter import HeadAdapter
+from spectral.models.loading import LoadedModel, load_model
+from spectral.kernels.scan import ScanSettings, ScanUnit, finalize, scan_unit, token_batches
 
 MODEL = "random:pythia-410m?layers=2&hidden=128&heads=4&vocab=512"
 N_PROMPTS = 44  # ~4,200 pooled tokens of demo prompts

@@ -29,7 +29,7 @@ def _one(job: dict) -> dict:
     torch.set_num_threads(job["threads"])
     if job["device"] == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    from spectral.loading import load_model
+    from spectral.models.loading import load_model
     from spectral.organisms.evaluate import evaluate
     from spectral.organisms.language import TASKS
     from spectral.organisms.suite import SUITE

@@ -14,7 +14,7 @@ from typing import Any, Protocol, TypeVar
 
 from tqdm.auto import tqdm
 
-from spectral.loading import LoadedModel, load_model
+from spectral.models.loading import LoadedModel, load_model
 
 U = TypeVar("U")
 R = TypeVar("R")

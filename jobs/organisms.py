@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 
 from cluster.store import write_json, write_text
 from jobs.config import JobConfig, add_arguments, parse_config
-from spectral.loading import load_model
+from spectral.models.loading import load_model
 from spectral.organisms import SUITE, cache_root, organism_dir, train_organism
 from spectral.organisms.language import corpus
 from spectral.organisms.evaluate import evaluate, format_quality, load_tasks

@@ -18,9 +18,9 @@ from pydantic import Field
 from cluster.store import write_json, write_parquet
 from jobs.config import ExecutorOptions, add_arguments, out_dir_ready, parse_config
 from spectral.errors import UsageError
-from spectral.loading import load_model, model_shape, parse_spec
-from spectral.patching import PatchUnit, patch_unit, restoration
-from spectral.tasks import builtin_ioi, encode, read_task_file
+from spectral.models.loading import load_model, model_shape, parse_spec
+from spectral.causal.patching import PatchUnit, patch_unit, restoration
+from spectral.causal.tasks import builtin_ioi, encode, read_task_file
 
 RESULT_FILE = "patch.parquet"
 EXAMPLES_FILE = "patch_examples.parquet"

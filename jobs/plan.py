@@ -18,10 +18,10 @@ from accelerate import infer_auto_device_map
 from accelerate.utils import compute_module_sizes
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from spectral.architectures import ARCHITECTURES
+from spectral.models.architectures import ARCHITECTURES
 from spectral.errors import UsageError
-from spectral.loading import hf_config
-from spectral.specs import parse_spec
+from spectral.models.loading import hf_config
+from spectral.models.specs import parse_spec
 
 KNOWN = {"EleutherAI/pythia-410m": "pythia-410m", "EleutherAI/pythia-1b": "pythia-1b",
          "EleutherAI/pythia-2.8b": "pythia-2.8b", "meta-llama/Llama-2-7b-hf": "llama-2-7b",

@@ -13,15 +13,15 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from analysis.plots import gap_heatmap
+from analysis.render.plots import gap_heatmap
 from analysis.summary import format_summary, layer_summaries
 from cluster.store import write_json, write_parquet, write_text
 from jobs.config import ExecutorOptions, add_arguments, out_dir_ready, parse_config
 from spectral.errors import UsageError
-from spectral.loading import model_heads, parse_spec
-from spectral.metrics import UNSTABLE_GAP
-from spectral.prompts import read_prompts
-from spectral.scan import (
+from spectral.models.loading import model_heads, parse_spec
+from spectral.kernels.metrics import UNSTABLE_GAP
+from spectral.kernels.prompts import read_prompts
+from spectral.kernels.scan import (
     ScanSettings, finalize, reduce_partials, result_table, scan_unit, settings_dict, shard, weights_result,
 )
 

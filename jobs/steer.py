@@ -26,13 +26,13 @@ from pydantic import Field, field_validator
 from analysis.steering import report, selection_split, strategy_rows
 from cluster.store import write_json, write_parquet, write_text
 from jobs.config import ExecutorOptions, add_arguments, out_dir_ready, parse_config
-from spectral.adapter import HeadAdapter
-from spectral.concepts import concept_for, scan_texts
+from spectral.models.adapter import HeadAdapter
+from spectral.steering.concepts import concept_for, scan_texts
 from spectral.errors import UsageError
-from spectral.loading import load_model, model_shape, parse_spec
-from spectral.scan import ScanSettings, finalize, reduce_partials, result_table, scan_unit, shard
-from spectral.steering import Concept, Evaluator, Injection, actadd, caa
-from spectral.strategies import MIN_RANDOM_DRAWS, STRATEGIES, arms, layer_gaps, match_budget, oracle_arms, order, spectral_k
+from spectral.models.loading import load_model, model_shape, parse_spec
+from spectral.kernels.scan import ScanSettings, finalize, reduce_partials, result_table, scan_unit, shard
+from spectral.steering.vectors import Concept, Evaluator, Injection, actadd, caa
+from spectral.steering.strategies import MIN_RANDOM_DRAWS, STRATEGIES, arms, layer_gaps, match_budget, oracle_arms, order, spectral_k
 
 RESULT_FILE = "strategies.parquet"
 
@@ -271,7 +271,7 @@ class Units:
 
 
 def _write(config, tables, scan, text, extra) -> None:
-    from analysis.plots import effect_by_layer, effect_vs_side_effect
+    from analysis.render.plots import effect_by_layer, effect_vs_side_effect
 
     out = config.out
     out.mkdir(parents=True, exist_ok=True)

@@ -77,7 +77,7 @@ class SweepConfig(BaseModel):
 
 def population_specs(models: list[str], seeds: list[int]) -> list[str]:
     """Each spec once per seed (seed 0 of an organism keeps its plain name)."""
-    from spectral.specs import parse_spec
+    from spectral.models.specs import parse_spec
 
     out = []
     for text in models:

@@ -22,17 +22,17 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from analysis.plots import gap_heatmap, gap_importance_heatmaps, gap_importance_scatter
+from analysis.render.plots import gap_heatmap, gap_importance_heatmaps, gap_importance_scatter
 from analysis.validation import validate
 from cluster.store import write_json, write_parquet, write_text
 from jobs.config import ExecutorOptions, add_arguments, out_dir_ready, parse_config
 from jobs.patch import PatchConfig, examples_for, tables, units_for
-from spectral.loading import load_model, model_heads, parse_spec
-from spectral.metrics import UNSTABLE_GAP
-from spectral.patching import patch_unit
-from spectral.scan import ScanSettings, finalize, reduce_partials, result_table, scan_unit, shard
+from spectral.models.loading import load_model, model_heads, parse_spec
+from spectral.kernels.metrics import UNSTABLE_GAP
+from spectral.causal.patching import patch_unit
+from spectral.kernels.scan import ScanSettings, finalize, reduce_partials, result_table, scan_unit, shard
 from spectral.errors import UsageError
-from spectral.tasks import builtin_ioi, encode
+from spectral.causal.tasks import builtin_ioi, encode
 
 RESULT_FILE = "validate.parquet"
 
@@ -147,7 +147,7 @@ def scan_note(config: ValidateConfig, n_scan: int, n_patched: int) -> str:
 def circuit_report(loaded, examples, heads, target: float = 0.8) -> str:
     """The smallest set of top-importance heads whose joint patch restores ``target`` of the
     clean logit difference, and what mean-ablating that set on the clean run removes."""
-    from spectral.patching import task_caches, minimal_circuit
+    from spectral.causal.patching import task_caches, minimal_circuit
 
     adapter, task, clean, corrupt = task_caches(loaded, tuple(examples))
     rows = sorted(heads.to_pylist(), key=lambda r: (math.isnan(r["importance"]), -r["importance"]))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from spectral.loading import load_model
+from spectral.models.loading import load_model
 
 TINY = {
     "gpt_neox": "random:pythia-410m?layers=3&hidden=64&heads=4&vocab=512",

@@ -7,7 +7,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from spectral.adapter import SITES, HeadAdapter, hook_name
+from spectral.models.adapter import SITES, HeadAdapter, hook_name
 from tests.conftest import PROMPTS
 
 CAPTURE = "eigengap_test_capture"

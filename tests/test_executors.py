@@ -7,10 +7,10 @@ import torch
 
 from cluster import executors
 from cluster.executors import resolve_load_kwargs
-from spectral.loading import load_model
-from spectral.patching import PatchUnit, patch_unit
-from spectral.scan import ScanSettings, finalize, reduce_partials, scan_unit, shard
-from spectral.tasks import builtin_ioi
+from spectral.models.loading import load_model
+from spectral.causal.patching import PatchUnit, patch_unit
+from spectral.kernels.scan import ScanSettings, finalize, reduce_partials, scan_unit, shard
+from spectral.causal.tasks import builtin_ioi
 from tests.conftest import PROMPTS
 
 

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from spectral.kernels import (
+from spectral.kernels.spectra import (
     STATUS_FEW_TOKENS, STATUS_NONFINITE, STATUS_OK, STATUS_RANK,
     KeyStats, PromptSpectra, key_kernel_spectra, weight_kernel_result, weight_spectra,
 )
-from spectral.metrics import SpectrumMetrics, spectrum_metrics
+from spectral.kernels.metrics import SpectrumMetrics, spectrum_metrics
 from tests.reference import brute_key_kernel_metrics, brute_metrics
 
 METRICS = SpectrumMetrics.names()

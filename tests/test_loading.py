@@ -5,10 +5,10 @@ import time
 import pytest
 import torch
 
-from spectral.architectures import ARCHITECTURES
+from spectral.models.architectures import ARCHITECTURES
 from spectral.errors import UsageError
-from spectral.loading import hf_config, load_model, model_shape
-from spectral.specs import parse_spec
+from spectral.models.loading import hf_config, load_model, model_shape
+from spectral.models.specs import parse_spec
 from tests.conftest import TINY
 
 

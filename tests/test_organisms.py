@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from jobs.cli import main
-from spectral.loading import load_model
+from spectral.models.loading import load_model
 from spectral.organisms import language, suite
 from spectral.organisms.evaluate import IOI_BAR, INDUCTION_BAR, evaluate, load_tasks
 from spectral.organisms.train import Recipe, train
@@ -115,7 +115,7 @@ def test_cache_reuse_corruption_and_force(tiny_suite, capsys):
 
 def test_seeded_organisms_are_cached_apart(tiny_suite, capsys):
     """organism-xs?seed=1 is its own model: own cache entry, own weights, same recipe otherwise."""
-    from spectral.specs import parse_spec, population
+    from spectral.models.specs import parse_spec, population
 
     assert parse_spec("organism-xs?seed=1").seed == 1 and parse_spec("organism-xs").seed == 0
     assert population("organism-xs?seed=1") == population("organism-xs?seed=1") == ("organism-xs", 1)

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from jobs.cli import main
-from spectral.adapter import HeadAdapter
+from spectral.models.adapter import HeadAdapter
 from spectral.errors import UsageError
-from spectral.patching import cache_run, logit_diff, patch_layer
-from spectral.tasks import builtin_ioi, encode
+from spectral.causal.patching import cache_run, logit_diff, patch_layer
+from spectral.causal.tasks import builtin_ioi, encode
 from tests.conftest import TINY
 
 NEOX = TINY["gpt_neox"]
@@ -167,7 +167,7 @@ def test_validate_scans_held_out_prompts_by_default(organism, tmp_path):
 def test_validate_splits_a_task_file_into_scan_and_patch_sets(organism, tmp_path):
     from jobs.patch import PatchConfig
     from jobs.validate import ValidateConfig, scan_split
-    from spectral.tasks import builtin_ioi
+    from spectral.causal.tasks import builtin_ioi
 
     task = tmp_path / "task.jsonl"
     rows = builtin_ioi(organism, 20, seed=3)

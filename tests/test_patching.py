@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from jobs.cli import main
-from spectral.adapter import HeadAdapter
+from spectral.models.adapter import HeadAdapter
 from spectral.errors import UsageError
-from spectral.patching import ablation_source, attribution, cache_run, logit_diff, patch_layer
-from spectral.tasks import Example, encode, read_task_file
+from spectral.causal.patching import ablation_source, attribution, cache_run, logit_diff, patch_layer
+from spectral.causal.tasks import Example, encode, read_task_file
 
 PAIRS = [("Mary", "John", "Kate"), ("Anna", "Paul", "Mark"), ("Lucy", "Tom", "Bob"), ("Emma", "Jim", "Sam")]
 
@@ -52,7 +52,7 @@ def test_batched_patching_equals_one_head_loop(tiny, direction):
 def test_prefix_reuse_equals_the_full_replay(tiny):
     """Recomputing only positions from the first clean/corrupt difference on, attending to the
     cached keys and values of the prefix, gives the full replay's answer (every family)."""
-    from spectral.patching import first_difference
+    from spectral.causal.patching import first_difference
 
     adapter = HeadAdapter(tiny.model)
     task = byte_task(tiny.tokenizer)
@@ -145,8 +145,8 @@ def test_patch_cli_on_an_organism(organism_cache, tmp_path, capsys):
 def test_ground_truth_ioi_circuit_is_small_and_necessary(organism):
     """On the organism the IOI heads are known to matter: a few top-restoration heads restore
     >= 80 % of the clean logit difference together, and mean-ablating them removes >= 80 %."""
-    from spectral.patching import minimal_circuit
-    from spectral.tasks import builtin_ioi
+    from spectral.causal.patching import minimal_circuit
+    from spectral.causal.tasks import builtin_ioi
 
     adapter = HeadAdapter(organism.model)
     task = encode(organism.tokenizer, builtin_ioi(organism, 48, seed=3))

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import main
-from spectral.metrics import SpectrumMetrics
+from spectral.kernels.metrics import SpectrumMetrics
 from tests.conftest import TINY
 
 MODEL = TINY["gpt_neox"]

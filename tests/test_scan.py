@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import main
-from spectral.adapter import HeadAdapter
-from spectral.loading import load_model
+from spectral.models.adapter import HeadAdapter
+from spectral.models.loading import load_model
 from tests.conftest import PROMPTS, TINY
 from tests.reference import brute_key_kernel_metrics
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from jobs.cli import main
-from spectral.adapter import HeadAdapter
+from spectral.models.adapter import HeadAdapter
 from spectral.errors import UsageError
-from spectral.steering import Batch, Injection, concept_from_dict, next_token_logprobs, read_concept, steering_vectors
-from spectral.strategies import (MIN_RANDOM_DRAWS, STRATEGIES, arms, layer_gaps, match_budget, oracle_arms,
+from spectral.steering.vectors import Batch, Injection, concept_from_dict, next_token_logprobs, read_concept, steering_vectors
+from spectral.steering.strategies import (MIN_RANDOM_DRAWS, STRATEGIES, arms, layer_gaps, match_budget, oracle_arms,
                                  oracle_profile, spectral_profile)
 
 PAIRS = [("I like it a lot", "I do not like it"), ("good day", "bad day")]
@@ -323,7 +323,7 @@ def test_held_out_scan_texts_are_disjoint_from_the_evaluation_prompts():
     """Issue 12, defect 9 (steering): the scan the spectral rule reads held out from the
     evaluation prompts by default (the organisms' concept draws a disjoint sample of the same
     distribution, seeded); in-sample stays available."""
-    from spectral.concepts import organism_sentiment, scan_texts
+    from spectral.steering.concepts import organism_sentiment, scan_texts
     from spectral.organisms.language import TASKS
 
     concept = organism_sentiment(TASKS)
@@ -486,7 +486,7 @@ def test_steer_bad_input(organism_cache, tmp_path, capsys, concept, extra, messa
 
 
 def test_english_love_hate_keeps_single_known_tokens(organism, neox):
-    from spectral.concepts import english_love_hate
+    from spectral.steering.concepts import english_love_hate
 
     concept = english_love_hate(organism.tokenizer)  # a word-level vocabulary with some of the words
     assert concept.target == (" good", " great", " happy", " wonderful", " love", " nice")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from spectral.loading import LoadedModel
+from spectral.models.loading import LoadedModel
 from spectral.organisms.language import ioi_example, sentiment_context
 
 EVAL_SEED = 10_000

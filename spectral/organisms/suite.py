@@ -46,7 +46,7 @@ def cache_root() -> Path:
 
 def split_name(text: str) -> tuple[str, int]:
     """``organism-s?seed=3`` -> ("organism-s", 3); a plain name is seed 0."""
-    from spectral.specs import parse_spec
+    from spectral.models.specs import parse_spec
 
     spec = parse_spec(text)
     if spec.kind != "organism":

@@ -25,10 +25,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from spectral.architectures import Architecture
+from spectral.models.architectures import Architecture
 from spectral.errors import UsageError
-from spectral.specs import ModelSpec, parse_spec
-from spectral.tokenizer import byte_tokenizer
+from spectral.models.specs import ModelSpec, parse_spec
+from spectral.models.tokenizer import byte_tokenizer
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
@@ -51,7 +51,7 @@ def load_model(
     offload_folder: str | Path | None = None,
     trust_remote_code: bool = False,
 ) -> LoadedModel:
-    """Load model + tokenizer for ``spec`` (see ``spectral.specs`` for the forms).
+    """Load model + tokenizer for ``spec`` (see ``spectral.models.specs`` for the forms).
 
     ``device_map`` is handed to ``from_pretrained`` (accelerate sharding over GPUs, CPU and
     disk; ``offload_folder`` holds the weights a map sends to "disk"); ``device`` moves a

@@ -140,7 +140,7 @@ def english_ioi(tokenizer) -> dict:
 
 def builtin_ioi(loaded, n: int = 64, seed: int = 0) -> list[Example]:
     """IOI for ``loaded``: from its ``tasks.json`` when it has one (organisms), else English."""
-    from spectral.loading import checkpoint_path
+    from spectral.models.loading import checkpoint_path
 
     path = checkpoint_path(loaded)
     if path is not None and (path / "tasks.json").is_file():

@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from spectral.metrics import SpectrumMetrics, dhead_entropy, spectrum_metrics
+from spectral.kernels.metrics import SpectrumMetrics, dhead_entropy, spectrum_metrics
 
 
 
@@ -53,7 +53,7 @@ class KernelResult:
     """(layers, heads) the ridge added (key kernel; per head under the relative ridge)."""
     entropy_dhead: np.ndarray | None = None
     """(layers, heads) entropy over the d_head eigenvalues alone (key kernel; see
-    ``spectral.metrics.dhead_entropy``)."""
+    ``spectral.kernels.metrics.dhead_entropy``)."""
 
 
 @dataclass

@@ -14,12 +14,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from spectral.adapter import HeadAdapter
-from spectral.kernels import (
+from spectral.models.adapter import HeadAdapter
+from spectral.kernels.spectra import (
     KernelResult, KeyStats, PromptSpectra, key_kernel_spectra, weight_kernel_result, weight_spectra,
 )
-from spectral.loading import LoadedModel
-from spectral.metrics import SpectrumMetrics
+from spectral.models.loading import LoadedModel
+from spectral.kernels.metrics import SpectrumMetrics
 
 Kernel = Literal["key", "scores", "probs", "weights"]
 KeyKind = Literal["raw", "rotated"]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from spectral.adapter import HeadAdapter
+from spectral.models.adapter import HeadAdapter
 from spectral.errors import UsageError
 
 Positions = Literal["all", "last"] | int
@@ -39,7 +39,7 @@ class Concept:
     The side effect is measured on ``neutral`` prompts (KL of the next-token distribution) and
     on ``heldout`` text (loss increase). ``scan`` (optional) are prompts from the distribution of
     ``prompts`` but disjoint from them: the held-out scan the spectral strategy reads
-    (``spectral.concepts.scan_texts``).
+    (``spectral.steering.concepts.scan_texts``).
     """
 
     name: str

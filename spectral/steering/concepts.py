@@ -8,7 +8,7 @@ import json
 import random
 
 from spectral.errors import UsageError
-from spectral.steering import Concept, read_concept
+from spectral.steering.vectors import Concept, read_concept
 
 SCAN_SETS = ("held-out", "in-sample")
 """Which texts the steering scan reads (``scan_texts``)."""
@@ -127,7 +127,7 @@ def scan_texts(concept: Concept, scan_set: str = "held-out") -> tuple[list[str],
 def concept_for(name_or_path: str, loaded, scan_seed: int = 0) -> Concept:
     """``sentiment`` (organisms, from tasks.json; its scan prompts drawn with ``scan_seed``),
     ``love-hate`` (English), or a YAML/JSON file."""
-    from spectral.loading import checkpoint_path
+    from spectral.models.loading import checkpoint_path
 
     if name_or_path == "sentiment":
         path = checkpoint_path(loaded)

@@ -1,6 +1,6 @@
 """The per-head view of an unmodified Hugging Face model, through scoped hooks.
 
-Every family (``spectral.families``) gets the same names and shapes for layer ``l``:
+Every family (``spectral.models.families``) gets the same names and shapes for layer ``l``:
 
 ===================  =============================================  ============================
 site                 what                                           shape
@@ -32,7 +32,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from spectral.families import Family, expand_kv, family_of
+from spectral.models.families import Family, expand_kv, family_of
 
 Site = Literal[
     "queries", "queries_rotated", "keys_raw", "keys_rotated", "values",

@@ -17,8 +17,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from spectral.adapter import HeadAdapter
-from spectral.tasks import EncodedTask
+from spectral.models.adapter import HeadAdapter
+from spectral.causal.tasks import EncodedTask
 
 Direction = Literal["denoise", "noise"]
 Method = Literal["exact", "attribution", "ablate-zero", "ablate-mean", "resample"]
@@ -307,7 +307,7 @@ class PatchUnit:
 
 def task_caches(loaded, examples) -> tuple[HeadAdapter, EncodedTask, RunCache, RunCache]:
     """Clean and corrupt runs of a task, memoised on the loaded model (a worker serves many units)."""
-    from spectral.tasks import encode
+    from spectral.causal.tasks import encode
 
     memo = loaded.__dict__.setdefault("_patch_memo", {})
     key = hash(examples)

@@ -15,7 +15,7 @@ import pyarrow as pa
 from analysis.calibration import IMPORTANCE_RULE, STEERABLE_RULE, important
 from analysis.crossmodel import ALL, NAN, RULE, RULES, Analysis, RunData, finite_heads, finite_layers
 from analysis.scaling import MIN_LOO_POINTS
-from spectral.metrics import UNSTABLE_GAP
+from spectral.kernels.metrics import UNSTABLE_GAP
 
 PANEL_COLUMNS = 4
 """Models per row of a multi-panel figure."""
@@ -75,7 +75,7 @@ def _seed_label(md) -> str:
 
 def landscape(run: RunData, out: Path) -> dict[str, Path]:
     """One layer x head gap heatmap per population: its first seed with a scan."""
-    from analysis.plots import gap_heatmap
+    from analysis.render.plots import gap_heatmap
 
     paths = {}
     for i, pop in enumerate(run.populations):

@@ -1,0 +1,1 @@
+"""Rendering of results: figures (PNG), the HTML report page, Markdown summaries."""

@@ -1,0 +1,1 @@
+"""Causal measurements: tasks (clean / corrupt pairs) and activation patching."""

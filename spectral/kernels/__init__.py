@@ -1,0 +1,1 @@
+"""Kernels of every head, their spectra and metrics, and the streamed scan pipeline."""

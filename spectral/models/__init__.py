@@ -1,0 +1,1 @@
+"""Model access: specs, loading, tokenizers, the per-family layout and the head adapter."""

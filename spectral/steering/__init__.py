@@ -1,0 +1,1 @@
+"""Steering: contrast concepts, steering vectors, injection, and layer-choice strategies."""
