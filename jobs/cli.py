@@ -1,4 +1,5 @@
-"""The ``eigengap`` command line: one subcommand per job.
+"""The ``eigengap`` command line: one subcommand per experiment kind (from the registry,
+``jobs.registry``) and per tool (sweep, track, report, plan, organisms).
 
 Only the chosen command's module is imported (torch, transformers and MLflow are heavy: a
 command should not pay for the others); ``eigengap --help`` builds them all.
@@ -12,23 +13,39 @@ import importlib
 import os
 import sys
 
+from jobs.registry import KINDS, experiment
 from spectral.errors import UsageError
 
 EXIT_USAGE = 2
 
-COMMANDS = {"scan": "jobs.scan", "patch": "jobs.patch", "validate": "jobs.validate", "steer": "jobs.steer",
-            "sweep": "jobs.sweep", "track": "jobs.sweep", "report": "jobs.report", "plan": "jobs.plan",
-            "organisms": "jobs.organisms"}
-"""Subcommand -> the module whose ``add_parser`` defines it."""
+TOOLS = {"sweep": "jobs.sweep", "track": "jobs.sweep", "report": "jobs.report", "plan": "jobs.plan",
+         "organisms": "jobs.organisms"}
+"""Subcommands that are not experiment kinds -> the module whose ``add_parser`` defines them."""
+
+
+def add_experiment_parser(sub, kind: str) -> None:
+    """``eigengap KIND``: one option per field of the kind's config."""
+    from jobs.config import add_arguments, parse_config
+
+    record = experiment(kind)
+    parser = sub.add_parser(kind, help=record.help, description=record.help)
+    add_arguments(parser, record.config)
+    parser.set_defaults(handler=lambda ns: record.run(parse_config(record.config, ns)))
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="eigengap", description="Eigenvalue gaps of attention heads: scan, validate, steer, sweep, report.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    modules = [COMMANDS[only]] if only in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
-    for name in modules:
-        importlib.import_module(name).add_parser(sub)
+    if only in KINDS:
+        add_experiment_parser(sub, only)
+    elif only in TOOLS:
+        importlib.import_module(TOOLS[only]).add_parser(sub)
+    else:
+        for kind in KINDS:
+            add_experiment_parser(sub, kind)
+        for name in dict.fromkeys(TOOLS.values()):
+            importlib.import_module(name).add_parser(sub)
     return parser
 
 

@@ -8,19 +8,17 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import numpy as np
-import pyarrow as pa
-import torch
 from pydantic import Field
 
-from cluster.store import write_json, write_parquet
-from jobs.config import ExecutorOptions, add_arguments, out_dir_ready, parse_config
+from jobs.config import ExecutorOptions, out_dir_ready
+from jobs.registry import PROMPT_TOKENS, Experiment
+from spectral import tables as schemas
 from spectral.errors import UsageError
-from spectral.models.loading import load_model, model_shape, parse_spec
-from spectral.causal.patching import PatchUnit, patch_unit, restoration
-from spectral.causal.tasks import builtin_ioi, encode, read_task_file
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 RESULT_FILE = "patch.parquet"
 EXAMPLES_FILE = "patch_examples.parquet"
@@ -65,12 +63,16 @@ def check_examples_per_unit(config: PatchConfig) -> None:
 
 
 def examples_for(config: PatchConfig, loaded) -> list:
+    from spectral.causal.tasks import builtin_ioi, read_task_file
+
     if config.task == "ioi":
         return builtin_ioi(loaded, config.n_examples, config.seed)
     return read_task_file(config.task)
 
 
-def units_for(config: PatchConfig, examples, n_layers: int, n_heads: int) -> list[PatchUnit]:
+def units_for(config: PatchConfig, examples, n_layers: int, n_heads: int) -> list:
+    from spectral.causal.patching import PatchUnit
+
     layers = sorted(set(config.layers)) if config.layers else list(range(n_layers))
     heads = tuple(sorted(set(config.heads))) if config.heads else tuple(range(n_heads))
     for name, chosen, size in (("layer", layers, n_layers), ("head", heads, n_heads)):
@@ -96,6 +98,10 @@ def attribution_agreement(config: PatchConfig, executor, spec: str, examples, n_
                           attributed: pa.Table) -> tuple[pa.Table, float]:
     """Exact patching of the same heads, and the Spearman correlation of the attribution
     estimate's per-head restoration with the exact one (reported with every attribution run)."""
+    import pyarrow as pa
+
+    from spectral.causal.patching import patch_unit
+
     exact_config = config.model_copy(update={"method": "exact"})
     units = units_for(exact_config, examples, n_layers, n_heads)
     rows = [r for part in executor.map(spec, patch_unit, units, desc="exact (for agreement)") for r in part]
@@ -110,6 +116,11 @@ def attribution_agreement(config: PatchConfig, executor, spec: str, examples, n_
 
 def tables(rows: list[dict], config: PatchConfig, model: str) -> tuple[pa.Table, pa.Table]:
     """Per-example rows and the per-head aggregate (restoration of the mean metrics)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from spectral.causal.patching import restoration
+
     meta = {"model": model, "method": config.method, "direction": config.direction}
     examples = pa.table({**{k: [v] * len(rows) for k, v in meta.items()},
                          **{k: [r[k] for r in rows] for k in rows[0]}})
@@ -126,6 +137,12 @@ def tables(rows: list[dict], config: PatchConfig, model: str) -> tuple[pa.Table,
 
 
 def run(config: PatchConfig, *, executor=None, echo=print):
+    from cluster.store import write_json, write_parquet
+    from spectral.causal.patching import patch_unit
+    from spectral.causal.tasks import encode
+    from spectral.models.loading import load_model, model_shape, parse_spec
+    import torch
+
     start = time.perf_counter()
     spec = parse_spec(config.model)
     check_examples_per_unit(config)
@@ -156,10 +173,45 @@ def run(config: PatchConfig, *, executor=None, echo=print):
     return heads
 
 
-def add_parser(sub) -> None:
-    parser = sub.add_parser("patch", help="activation patching of every head", description=__doc__.splitlines()[0])
-    add_arguments(parser, PatchConfig)
-    parser.set_defaults(handler=lambda ns: run(parse_config(PatchConfig, ns)))
+def unit_metrics(cell_dir: Path) -> tuple[dict[str, float], dict[str, str]]:
+    """``max_restoration`` over heads; ``spearman_attribution_vs_exact`` for attribution runs."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    metrics: dict[str, float] = {}
+    if (cell_dir / RESULT_FILE).is_file():
+        values = [v for v in pq.read_table(cell_dir / RESULT_FILE, columns=["restoration"])["restoration"].to_pylist()
+                  if v is not None]
+        if values:
+            metrics["max_restoration"] = float(max(values))
+    params = json.loads((cell_dir / "params.json").read_text()) if (cell_dir / "params.json").is_file() else {}
+    if "spearman_attribution_vs_exact" in params:
+        metrics["spearman_attribution_vs_exact"] = float(params["spearman_attribution_vs_exact"])
+    return metrics, {}
+
+
+def replay_tokens(n: int, layers: int, heads: int) -> float:
+    """Token-forwards of exact patching of every head: clean and corrupt caches, one replay per
+    head and layer prefix (a scan pass included)."""
+    return (3 + heads * (layers + 1) / 2) * n * PROMPT_TOKENS
+
+
+def cost(params, facts) -> float:
+    n = params.get("n_examples", 64)
+    if params.get("method") == "attribution":  # forward + backward passes, then exact patching for agreement
+        return 2 * n * PROMPT_TOKENS + 3 * n * PROMPT_TOKENS + (2 + facts.heads * (facts.layers + 1) / 2) * n * PROMPT_TOKENS
+    return replay_tokens(n, facts.layers, facts.heads)
+
+
+def load(cell_dir: Path) -> dict:
+    return {"patch": cell_dir / RESULT_FILE, "examples": cell_dir / EXAMPLES_FILE, "params": cell_dir / "params.json"}
+
+
+EXPERIMENT = Experiment(
+    kind="patch", help="activation patching of every head", config=PatchConfig, run=run,
+    tables={RESULT_FILE: schemas.PATCH, EXAMPLES_FILE: schemas.PATCH_EXAMPLES}, cost=cost, metrics=unit_metrics,
+    load=load)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -120,3 +120,24 @@ def experiment(kind: str) -> Experiment:
         raise TypeError(f"{KINDS[kind]}: EXPERIMENT.kind is {record.kind!r}, registered as {kind!r}")
     _LOADED[kind] = record
     return record
+
+
+def statistics_metrics(path: Path) -> UnitMetrics:
+    """Metrics and verdicts of a job's statistics table (rows with a stable ``key``, ``value``,
+    ``low``, ``high`` and ``verdict``): ``<key>/value``, ``<key>/low``, ``<key>/high`` and the
+    param ``verdict/<key>``; non-finite numbers are left out (MLflow stores floats)."""
+    import math
+
+    import pyarrow.parquet as pq
+
+    metrics: dict[str, float] = {}
+    params: dict[str, str] = {}
+    if not path.is_file():
+        return metrics, params
+    for r in pq.read_table(path).to_pylist():
+        for stat in ("value", "low", "high"):
+            if r.get(stat) is not None and math.isfinite(r[stat]):
+                metrics[f"{r['key']}/{stat}"] = float(r[stat])
+        if r.get("verdict"):
+            params[f"verdict/{r['key']}"] = r["verdict"]
+    return metrics, params

@@ -10,20 +10,13 @@ import time
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field, model_validator
 
-from analysis.render.plots import gap_heatmap
-from analysis.summary import format_summary, layer_summaries
-from cluster.store import write_json, write_parquet, write_text
-from jobs.config import ExecutorOptions, add_arguments, out_dir_ready, parse_config
+from jobs.config import ExecutorOptions, out_dir_ready
+from jobs.registry import Experiment
+from spectral import tables
 from spectral.errors import UsageError
-from spectral.models.loading import model_heads, parse_spec
 from spectral.kernels.metrics import UNSTABLE_GAP
-from spectral.kernels.prompts import read_prompts
-from spectral.kernels.scan import (
-    ScanSettings, finalize, reduce_partials, result_table, scan_unit, settings_dict, shard, weights_result,
-)
 
 RESULT_FILE = "scan.parquet"
 
@@ -71,7 +64,9 @@ class ScanConfig(ExecutorOptions):
             raise ValueError("--prompts is required for --kernel " + self.kernel)
         return self
 
-    def settings(self) -> ScanSettings:
+    def settings(self):
+        from spectral.kernels.scan import ScanSettings
+
         return ScanSettings(
             kernel=self.kernel, keys=self.keys, ridge=self.ridge, center=self.center, ridge_mode=self.ridge_mode,
             batch_size=self.batch_size, max_tokens=self.max_tokens,
@@ -80,10 +75,12 @@ class ScanConfig(ExecutorOptions):
         )
 
     def load_kwargs(self) -> dict:
+        import torch
+
         return {"device": self.device, "dtype": getattr(torch, self.dtype)}
 
 
-def check_selection(settings: ScanSettings, n_layers: int, n_heads: int) -> None:
+def check_selection(settings, n_layers: int, n_heads: int) -> None:
     for name, chosen, size in (("layer", settings.layers, n_layers), ("head", settings.heads, n_heads)):
         bad = [i for i in chosen or () if not 0 <= i < size]
         if bad:
@@ -92,6 +89,11 @@ def check_selection(settings: ScanSettings, n_layers: int, n_heads: int) -> None
 
 def run(config: ScanConfig, *, executor=None, echo=print):
     """Validate everything, compute, then write the results directory."""
+    from analysis.summary import format_summary, layer_summaries
+    from spectral.kernels.prompts import read_prompts
+    from spectral.kernels.scan import finalize, reduce_partials, result_table, scan_unit, settings_dict, shard, weights_result
+    from spectral.models.loading import model_heads, parse_spec
+
     start = time.perf_counter()
     spec = parse_spec(config.model)
     prompts = read_prompts(config.prompts) if config.kernel != "weights" else []
@@ -118,6 +120,9 @@ def run(config: ScanConfig, *, executor=None, echo=print):
 
 
 def _write(out: Path, table, params, summary, title, threshold) -> None:
+    from analysis.render.plots import gap_heatmap
+    from cluster.store import write_json, write_parquet, write_text
+
     out.mkdir(parents=True, exist_ok=True)
     write_json(params, out / "params.json")
     write_text(summary + "\n", out / "summary.md")
@@ -127,15 +132,49 @@ def _write(out: Path, table, params, summary, title, threshold) -> None:
 
 def _versions() -> dict[str, str]:
     import pyarrow
+    import torch
     import transformers
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "pyarrow": pyarrow.__version__}
 
 
-def add_parser(sub) -> None:
-    parser = sub.add_parser("scan", help="spectral metrics of every head", description=__doc__.splitlines()[0])
-    add_arguments(parser, ScanConfig)
-    parser.set_defaults(handler=lambda ns: run(parse_config(ScanConfig, ns)))
+def unit_metrics(cell_dir: Path) -> tuple[dict[str, float], dict[str, str]]:
+    """The smallest gap of each layer (MLflow keys ``min_gap/layer_<l>``)."""
+    return scan_metrics(cell_dir / RESULT_FILE), {}
+
+
+def scan_metrics(path: Path) -> dict[str, float]:
+    """``min_gap/layer_<l>`` of a scan table (read by every kind that writes one)."""
+    import math
+
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        return {}
+    rows = pq.read_table(path, columns=["layer", "gap"]).to_pylist()
+    metrics = {}
+    for layer in sorted({r["layer"] for r in rows}):
+        gaps = [r["gap"] for r in rows if r["layer"] == layer and r["gap"] is not None and math.isfinite(r["gap"])]
+        if gaps:
+            metrics[f"min_gap/layer_{layer}"] = min(gaps)
+    return metrics
+
+
+def cost(params, facts) -> float:
+    """Token-forwards: every prompt once (256 prompts of 256 tokens when the file is not here)."""
+    prompts = params.get("prompts")
+    count = sum(1 for line in Path(prompts).read_text().splitlines() if line.strip()) \
+        if prompts and Path(prompts).is_file() else 256
+    return float(count * (params.get("max_tokens") or 256))
+
+
+def load(cell_dir: Path) -> dict:
+    return {"scan": cell_dir / RESULT_FILE}
+
+
+EXPERIMENT = Experiment(
+    kind="scan", help="spectral metrics of every head", config=ScanConfig, run=run,
+    tables={RESULT_FILE: tables.SCAN}, cost=cost, metrics=unit_metrics, load=load)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,23 +16,20 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import numpy as np
-import pyarrow as pa
-import torch
 from pydantic import Field, field_validator
 
-from analysis.steering import report, selection_split, strategy_rows
-from cluster.store import write_json, write_parquet, write_text
-from jobs.config import ExecutorOptions, add_arguments, out_dir_ready, parse_config
-from spectral.models.adapter import HeadAdapter
-from spectral.steering.concepts import concept_for, scan_texts
+from jobs.config import ExecutorOptions, out_dir_ready
+from jobs.registry import PROMPT_TOKENS, Experiment, statistics_metrics
+from spectral import tables as schemas
 from spectral.errors import UsageError
-from spectral.models.loading import load_model, model_shape, parse_spec
-from spectral.kernels.scan import ScanSettings, finalize, reduce_partials, result_table, scan_unit, shard
-from spectral.steering.vectors import Concept, Evaluator, Injection, actadd, caa
-from spectral.steering.strategies import MIN_RANDOM_DRAWS, STRATEGIES, arms, layer_gaps, match_budget, oracle_arms, order, spectral_k
+from spectral.steering.strategies import MIN_RANDOM_DRAWS, STRATEGIES
+
+if TYPE_CHECKING:
+    import torch
+
+    from spectral.steering.vectors import Concept, Evaluator
 
 RESULT_FILE = "strategies.parquet"
 
@@ -131,6 +128,9 @@ class SteerUnit:
 
 
 def _evaluator(loaded, concept: Concept, source: str = "concept") -> Evaluator:
+    from spectral.models.adapter import HeadAdapter
+    from spectral.steering.vectors import Evaluator
+
     memo = loaded.__dict__.setdefault("_steer_memo", {})
     if concept not in memo:
         memo.clear()
@@ -139,6 +139,9 @@ def _evaluator(loaded, concept: Concept, source: str = "concept") -> Evaluator:
 
 
 def steer_unit(loaded, unit: SteerUnit) -> dict:
+    from spectral.steering.strategies import match_budget
+    from spectral.steering.vectors import Injection
+
     ev = _evaluator(loaded, unit.concept)
     vectors = {l: v.to(loaded.model.get_input_embeddings().weight.device) for l, v in unit.vectors.items()}
 
@@ -163,6 +166,17 @@ def steer_unit(loaded, unit: SteerUnit) -> dict:
 
 
 def run(config: SteerConfig, *, echo=print):
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    from analysis.steering import report, selection_split, strategy_rows
+    from spectral.kernels.scan import ScanSettings, finalize, reduce_partials, result_table, scan_unit, shard
+    from spectral.models.loading import load_model, model_shape, parse_spec
+    from spectral.steering.concepts import concept_for, scan_texts
+    from spectral.steering.strategies import arms, layer_gaps, oracle_arms, order, spectral_k
+    from spectral.steering.vectors import Injection, actadd, caa
+
     start = time.perf_counter()
     spec = parse_spec(config.model)
     out_dir_ready(config.out, RESULT_FILE, config.force)
@@ -272,6 +286,7 @@ class Units:
 
 def _write(config, tables, scan, text, extra) -> None:
     from analysis.render.plots import effect_by_layer, effect_vs_side_effect
+    from cluster.store import write_json, write_parquet, write_text
 
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
@@ -287,11 +302,34 @@ def _write(config, tables, scan, text, extra) -> None:
     write_parquet(tables["strategies"], out / RESULT_FILE)  # last: its presence means the run completed
 
 
-def add_parser(sub) -> None:
-    parser = sub.add_parser("steer", help="steering strategies at a matched side-effect budget",
-                            description=__doc__.splitlines()[0])
-    add_arguments(parser, SteerConfig)
-    parser.set_defaults(handler=lambda ns: run(parse_config(SteerConfig, ns)))
+def unit_metrics(cell_dir: Path) -> tuple[dict[str, float], dict[str, str]]:
+    """Every statistic of verdicts.parquet (``<key>/value|low|high``, ``verdict/<key>``) and each
+    strategy's effect at the budget (``effect/<strategy>``)."""
+    import pyarrow.parquet as pq
+
+    metrics, params = statistics_metrics(cell_dir / "verdicts.parquet")
+    if (cell_dir / RESULT_FILE).is_file():
+        for r in pq.read_table(cell_dir / RESULT_FILE).to_pylist():
+            metrics[f"effect/{r['strategy']}"] = float(r["effect"])
+    return metrics, params
+
+
+def cost(params, facts) -> float:
+    """~15 budget evaluations per strategy and layer, and the grid, on 64 prompts each."""
+    evaluations = 15 * (4 + facts.layers) + 6 * facts.layers
+    return float(evaluations * 64 * PROMPT_TOKENS)
+
+
+def load(cell_dir: Path) -> dict:
+    return {name: cell_dir / name for name in EXPERIMENT.tables} | {"params": cell_dir / "params.json"}
+
+
+EXPERIMENT = Experiment(
+    kind="steer", help="steering strategies at a matched side-effect budget", config=SteerConfig, run=run,
+    tables={RESULT_FILE: schemas.STEER_STRATEGIES, "layers.parquet": schemas.STEER_LAYERS, "grid.parquet": schemas.STEER_GRID,
+            "per_prompt.parquet": schemas.STEER_PER_PROMPT, "verdicts.parquet": schemas.STEER_VERDICTS,
+            "scan.parquet": schemas.SCAN},
+    cost=cost, metrics=unit_metrics, load=load)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,20 +19,15 @@ import time
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field
 
-from analysis.render.plots import gap_heatmap, gap_importance_heatmaps, gap_importance_scatter
-from analysis.validation import validate
-from cluster.store import write_json, write_parquet, write_text
-from jobs.config import ExecutorOptions, add_arguments, out_dir_ready, parse_config
-from jobs.patch import PatchConfig, examples_for, tables, units_for
-from spectral.models.loading import load_model, model_heads, parse_spec
-from spectral.kernels.metrics import UNSTABLE_GAP
-from spectral.causal.patching import patch_unit
-from spectral.kernels.scan import ScanSettings, finalize, reduce_partials, result_table, scan_unit, shard
+from jobs.config import ExecutorOptions, out_dir_ready
+from jobs.patch import PatchConfig, examples_for, replay_tokens, tables, units_for
+from jobs.registry import Experiment, statistics_metrics
+from jobs.scan import scan_metrics
+from spectral import tables as schemas
 from spectral.errors import UsageError
-from spectral.causal.tasks import builtin_ioi, encode
+from spectral.kernels.metrics import UNSTABLE_GAP
 
 RESULT_FILE = "validate.parquet"
 
@@ -73,6 +68,14 @@ class ValidateConfig(ExecutorOptions):
 
 
 def run(config: ValidateConfig, *, echo=print):
+    import torch
+
+    from analysis.validation import validate
+    from spectral.causal.patching import patch_unit
+    from spectral.causal.tasks import encode
+    from spectral.kernels.scan import ScanSettings, finalize, reduce_partials, result_table, scan_unit, shard
+    from spectral.models.loading import load_model, model_heads, parse_spec
+
     start = time.perf_counter()
     spec = parse_spec(config.model)
     out_dir_ready(config.out, RESULT_FILE, config.force)
@@ -107,6 +110,8 @@ def scan_seed(config: ValidateConfig) -> int:
 
 def scan_split(config: ValidateConfig, patch_config: PatchConfig, loaded) -> tuple[list, list[str]]:
     """(examples to patch, texts to scan): disjoint by default (module docstring)."""
+    from spectral.causal.tasks import builtin_ioi
+
     examples = examples_for(patch_config, loaded)
     if config.scan_set == "in-sample":
         return examples, [e.clean for e in examples]
@@ -163,6 +168,9 @@ def circuit_report(loaded, examples, heads, target: float = 0.8) -> str:
 
 
 def _write(config, model, scan, heads_patch, per_example, result, seconds) -> None:
+    from analysis.render.plots import gap_heatmap, gap_importance_heatmaps, gap_importance_scatter
+    from cluster.store import write_json, write_parquet, write_text
+
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
     write_json({"config": config.model_dump(mode="json"), "seconds": seconds,
@@ -180,10 +188,27 @@ def _write(config, model, scan, heads_patch, per_example, result, seconds) -> No
     write_parquet(result.statistics, out / RESULT_FILE)  # last: its presence means the run completed
 
 
-def add_parser(sub) -> None:
-    parser = sub.add_parser("validate", help="gap vs causal importance, with verdicts", description=__doc__.splitlines()[0])
-    add_arguments(parser, ValidateConfig)
-    parser.set_defaults(handler=lambda ns: run(parse_config(ValidateConfig, ns)))
+def unit_metrics(cell_dir: Path) -> tuple[dict[str, float], dict[str, str]]:
+    """Every statistic of validate.parquet (``<key>/value|low|high``, ``verdict/<key>``) and the
+    smallest gap of each layer of its scan (``min_gap/layer_<l>``)."""
+    metrics, params = statistics_metrics(cell_dir / RESULT_FILE)
+    return {**metrics, **scan_metrics(cell_dir / "scan.parquet")}, params
+
+
+def cost(params, facts) -> float:
+    """The held-out scan, clean and corrupt caches, one replay per head (exact patching)."""
+    return replay_tokens(params.get("n_examples", 64), facts.layers, facts.heads)
+
+
+def load(cell_dir: Path) -> dict:
+    return {name: cell_dir / name for name in EXPERIMENT.tables} | {"params": cell_dir / "params.json"}
+
+
+EXPERIMENT = Experiment(
+    kind="validate", help="gap vs causal importance, with verdicts", config=ValidateConfig, run=run,
+    tables={RESULT_FILE: schemas.VALIDATE, "heads.parquet": schemas.VALIDATE_HEADS, "scan.parquet": schemas.SCAN,
+            "patch.parquet": schemas.PATCH, "patch_examples.parquet": schemas.PATCH_EXAMPLES},
+    cost=cost, metrics=unit_metrics, load=load)
 
 
 def main(argv: list[str] | None = None) -> int:
