@@ -1,19 +1,208 @@
 """The schema of every Parquet table eigengap writes, checked when written and when read.
 
-(Being filled in: the lead declares the job tables' names here; their exact columns follow.)
+One ``pyarrow.Schema`` per table: its columns, in order, with their types. A column that may
+hold nulls says so (``nullable=True``); every other column holds a value in every row (a float
+may be NaN: undefined, not missing). ``conform`` checks a table against its schema and
+``from_rows`` builds one from rows (an empty table keeps its columns and types);
+``cluster.store.write_parquet`` and ``read_parquet`` apply the check to every file, so a table
+that does not match its schema is a one-line error naming the file, the column, the type
+expected and the type found.
+
+pyarrow only: the report, MLflow and ``plan`` read these without torch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 import pyarrow as pa
 
-SCAN = pa.schema([])
-PATCH = pa.schema([])
-PATCH_EXAMPLES = pa.schema([])
-VALIDATE = pa.schema([])
-VALIDATE_HEADS = pa.schema([])
-STEER_STRATEGIES = pa.schema([])
-STEER_LAYERS = pa.schema([])
-STEER_GRID = pa.schema([])
-STEER_PER_PROMPT = pa.schema([])
-STEER_VERDICTS = pa.schema([])
+from spectral.errors import UsageError
+
+F64, I64, I32, STR, BOOL = pa.float64(), pa.int64(), pa.int32(), pa.string(), pa.bool_()
+
+
+def _schema(*columns: tuple[str, pa.DataType] | pa.Field) -> pa.Schema:
+    return pa.schema([c if isinstance(c, pa.Field) else pa.field(c[0], c[1], nullable=False) for c in columns])
+
+
+def _doubles(*names: str) -> list[tuple[str, pa.DataType]]:
+    return [(n, F64) for n in names]
+
+
+# --- jobs -------------------------------------------------------------------------------------
+
+SPECTRUM_METRICS = ("lambda1", "lambda2", "gap", "instability", "entropy", "effective_rank", "condition_number")
+"""The spectral metrics of a scan row (``spectral.kernels.metrics.SpectrumMetrics.names()``)."""
+
+SCAN = _schema(
+    ("model", STR), ("kernel", STR), ("keys", STR), ("ridge", F64), ("ridge_mode", STR), ("center", BOOL),
+    ("layer", I32), ("head", I32), ("kv_head", I32), ("n_tokens", I64), ("n_prompts", I64),
+    *_doubles(*SPECTRUM_METRICS), ("entropy_dhead", F64), ("rank", I64), ("status", STR))
+"""scan.parquet (``spectral.kernels.scan.result_table``; the scan job, and validate's scan): one row
+per (layer, head). ``kv_head``: the key head a query head reads (grouped-query models)."""
+
+STEER_SCAN = SCAN.append(pa.field("scan_set", STR, nullable=False))
+"""steer's scan.parquet: a scan row plus ``scan_set`` (held-out / in-sample texts)."""
+
+PATCH = _schema(
+    ("model", STR), ("method", STR), ("direction", STR), ("layer", I64), ("head", I64), ("n_examples", I64),
+    *_doubles("metric_clean", "metric_corrupt", "metric_patched", "restoration"),
+    pa.field("restoration_exact", F64, nullable=True))
+"""patch.parquet (patch and validate jobs): one row per patched head, the metrics averaged over
+the examples and their ``restoration`` (patched - corrupt) / (clean - corrupt), NaN where clean =
+corrupt. ``restoration_exact``: exact patching's restoration of the head, beside an attribution
+estimate (null unless the method is attribution)."""
+
+PATCH_EXAMPLES = _schema(
+    ("model", STR), ("method", STR), ("direction", STR), ("layer", I64), ("head", I64), ("example", I64),
+    *_doubles("metric_clean", "metric_corrupt", "metric_patched"))
+"""patch_examples.parquet: one row per (patched head, example)."""
+
+VALIDATE_HEADS = _schema(("layer", I64), ("head", I64), ("gap", F64), ("restoration", F64), ("unstable", BOOL),
+                         ("restoration_note", STR))
+"""validate's heads.parquet: per patched head its scan gap and measured restoration (from the
+per-example metrics; NaN where undefined, ``restoration_note`` says why)."""
+
+VALIDATE = _schema(
+    ("key", STR), ("name", STR), *_doubles("value", "low", "high", "p_value", "p_holm", "target"),
+    ("direction", STR), ("verdict", STR), ("n_units", I64), ("n_unstable", I64), ("n_stable", I64),
+    ("n_examples", I64), ("scheme", STR), ("note", STR))
+"""validate.parquet: one statistic per row, under its stable ``key`` (``analysis.validation.KEYS``);
+``name`` is the display label."""
+
+STEER_STRATEGIES = _schema(
+    ("strategy", STR), ("family", STR), ("k", I64), ("n_draws", I64), ("layers", STR), ("coefficients", STR),
+    *_doubles("scale", "effect", "effect_low", "effect_high", "effect_std", "kl", "kl_low", "kl_high",
+              "loss_increase", "loss_increase_low", "loss_increase_high"),
+    ("n_prompts", I64), ("scan_set", STR),
+    *_doubles("greedy_fraction", "greedy_fraction_low", "greedy_fraction_high", "sampled_fraction",
+              "sampled_fraction_low", "sampled_fraction_high"))
+"""strategies.parquet: each steering strategy at the side-effect budget (held-out prompts);
+``layers`` and ``coefficients`` are JSON."""
+
+STEER_LAYERS = _schema(
+    ("layer", I64), *_doubles("min_gap", "mean_gap", "scale", "effect", "effect_low", "effect_high", "kl",
+                              "effect_selection"), ("n_prompts", I64), ("n_selection", I64))
+"""layers.parquet: each single layer at the budget (the oracle's search)."""
+
+STEER_GRID = _schema(("layer", I64), *_doubles("coefficient", "effect", "effect_low", "effect_high", "kl",
+                                               "loss_increase"))
+"""grid.parquet: layer x coefficient grid."""
+
+STEER_PER_PROMPT = _schema(("strategy", STR), ("family", STR), ("k", I64), ("draw", I64), ("prompt", I64),
+                           ("split", STR), ("effect", F64))
+"""per_prompt.parquet: the effect of each strategy (and draw) on each evaluation prompt; ``split``:
+selection / heldout."""
+
+STEER_VERDICTS = _schema(
+    ("key", STR), ("name", STR), *_doubles("value", "low", "high", "target"), ("verdict", STR), ("note", STR),
+    ("p_value", F64), ("n_prompts", I64), ("n_draws", I64), ("k", I64), ("scheme", STR), ("scan_set", STR),
+    ("by_construction", BOOL), ("p_holm", F64))
+"""steer's verdicts.parquet: one statistic per row under its stable ``key``
+(``analysis.steering.KEYS``); ``name`` is the display label."""
+
+# --- the cross-model report (jobs.report) -------------------------------------------------------
+
+REPORT_VERDICTS = _schema(
+    ("population", STR), ("key", STR), ("metric", STR), ("family", STR), ("n_seeds", I64), ("seeds", STR),
+    ("unit", STR), ("n_units", STR), ("groups", STR),
+    *_doubles("value", "low", "high", "hier_low", "hier_high", "same_sign"), ("per_seed", STR),
+    *_doubles("target", "p_pass", "p_fail", "p_pass_holm", "p_fail_holm"), ("verdict", STR), ("scheme", STR),
+    ("correction", STR), ("prompts", STR), ("note", STR))
+"""The report's verdicts.parquet: one verdict per (population, key); ``metric`` is the display label."""
+
+REPORT_CALIBRATION = _schema(
+    ("model", STR), ("population", STR), pa.field("seed", I64, nullable=True), ("target", STR), ("rule", STR),
+    *_doubles("threshold", "threshold_low", "threshold_high", "youden_j", "youden_j_low", "youden_j_high", "auroc",
+              "auroc_low", "auroc_high", "j_at_reference", "reference"),
+    ("n", I64), ("n_positive", I64), ("n_dropped", I64), ("reason", STR), ("auroc_p_value", F64),
+    ("auroc_min_p", F64), ("separation", STR), ("separation_note", STR), ("threshold_method", STR),
+    ("auroc_p_holm", F64))
+"""The report's calibration.parquet: each model's calibrated threshold per ``target``
+(``analysis.crossmodel.CALIBRATION_TARGETS``); ``seed`` is null for a model outside a seeded population."""
+
+REPORT_CORRELATIONS = _schema(
+    ("population", STR), ("correlation", STR), *_doubles("r", "low", "high"), ("n_seeds", I64),
+    ("per_seed_r", pa.list_(F64)), ("per_seed_n", pa.list_(I64)), ("scheme", STR), ("note", STR))
+"""The report's correlations.parquet: r(restoration, 1/gap) and r(layer min gap, steering effect)
+per population."""
+
+REPORT_SCALING = _schema(
+    ("quantity", STR), ("predictor", STR), ("kind", STR),
+    *_doubles("a", "a_low", "a_high", "b", "b_low", "b_high", "r2", "rmse"), ("n", I64), ("n_dropped", I64),
+    *_doubles("loo_predicted", "loo_observed", "loo_rel_error", "cv_mae", "cv_max_abs_error", "cv_press_r2"),
+    ("cv_n_refused", I64), *_doubles("bound_low", "bound_high"), ("exploratory", BOOL), ("note", STR),
+    ("reason", STR))
+"""The report's scaling.parquet (``analysis.scaling.scaling_table``): one exploratory fit per
+(quantity key, predictor, kind)."""
+
+REPORT_INFORMATION = _schema(
+    *_doubles("value", "low", "high", "null_mean", "null_p95", "corrected", "p_value", "p_holm", "mc_error",
+              "unstable_median", "stable_median"),
+    ("level", STR), ("population", STR), ("model", STR), ("measure", STR), ("family", STR), ("n", I64),
+    ("n_dropped", I64), ("n_strata", I64), ("n_permutations", I64), ("unstable_n", I64), ("stable_n", I64),
+    ("reason", STR))
+"""The report's information.parquet: mutual information and entropy measures per model, population
+and over all models; ``measure`` is a key of ``analysis.crossmodel.INFORMATION_MEASURES``."""
+
+ALL: dict[str, pa.Schema] = {
+    "scan": SCAN, "steer_scan": STEER_SCAN, "patch": PATCH, "patch_examples": PATCH_EXAMPLES,
+    "validate_heads": VALIDATE_HEADS, "validate": VALIDATE, "steer_strategies": STEER_STRATEGIES,
+    "steer_layers": STEER_LAYERS, "steer_grid": STEER_GRID, "steer_per_prompt": STEER_PER_PROMPT,
+    "steer_verdicts": STEER_VERDICTS, "report_verdicts": REPORT_VERDICTS, "report_calibration": REPORT_CALIBRATION,
+    "report_correlations": REPORT_CORRELATIONS, "report_scaling": REPORT_SCALING,
+    "report_information": REPORT_INFORMATION,
+}
+"""Every schema by name (for tests and documentation)."""
+
+
+# --- checks -----------------------------------------------------------------------------------
+
+def schema_problem(found: pa.Schema, schema: pa.Schema) -> str:
+    """What keeps columns ``found`` from matching ``schema`` (one phrase), or '' when they match."""
+    names = found.names
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        return f"column {twice!r} occurs {names.count(twice)} times"
+    for field in schema:
+        if field.name not in names:
+            return f"column {field.name!r} missing (expected {field.type})"
+        got = found.field(field.name).type
+        if not got.equals(field.type):
+            return f"column {field.name!r} has type {got}, expected {field.type}"
+    extra = [f for f in found if f.name not in schema.names]
+    if extra:
+        return f"unexpected column {extra[0].name!r} ({extra[0].type}); the schema has no such column"
+    return ""
+
+
+def conform(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
+    """``table`` with the columns of ``schema`` in its order and its nullability, or a one-line
+    ``UsageError`` naming ``where`` (a file), the column, and the type expected and found: a
+    missing or unexpected column, a wrong type, or nulls in a column the schema declares not
+    nullable."""
+    problem = schema_problem(table.schema, schema)
+    if not problem:
+        table = table.select(schema.names)
+        nulls = next((f for f in schema if not f.nullable and table[f.name].null_count), None)
+        if nulls is not None:
+            problem = (f"column {nulls.name!r} holds {table[nulls.name].null_count} null(s); the schema declares it "
+                       f"not nullable ({nulls.type})")
+    if problem:
+        raise UsageError(f"{where}: {problem}")
+    return table.cast(schema)
+
+
+def from_rows(rows: Iterable[Mapping], schema: pa.Schema, what: str) -> pa.Table:
+    """A table of ``schema`` from rows (dicts with exactly the schema's columns; an empty list
+    gives an empty table with every column). A row with a missing or an extra key is an error
+    naming ``what`` and the key: ``pa.Table.from_pylist`` would drop or null it silently."""
+    rows = list(rows)
+    names = set(schema.names)
+    for i, row in enumerate(rows):
+        if row.keys() != names:
+            missing, extra = sorted(names - row.keys()), sorted(row.keys() - names)
+            raise ValueError(f"{what}: row {i} " + (f"lacks column {missing[0]!r}" if missing else
+                                                    f"has column {extra[0]!r}, not in the schema"))
+    return conform(pa.Table.from_pylist(rows, schema=schema), schema, what)
