@@ -3,27 +3,24 @@
 The job code is the same for both: ``executor.map(spec, fn, units)`` calls
 ``fn(loaded_model, unit)`` for every unit and returns the results in unit order. A Ray
 worker loads the model once in ``__init__`` and serves many units; a failed unit raises
-(it is never turned into a made-up value), system failures are retried by Ray.
+(it is never turned into a made-up value), system failures are retried by Ray. A user error
+(``UsageError``) raised inside a worker reaches the caller as the same one-line UsageError.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from tqdm.auto import tqdm
 
-from spectral.models.loading import LoadedModel, load_model
-
-U = TypeVar("U")
-R = TypeVar("R")
+from spectral.errors import UsageError
+from spectral.models.loading import LoadedModel, load_model, resolve_device
+from spectral.net import unreachable
 
 LOOPBACK = "127.0.0.1"
-
-
-class Executor(Protocol):
-    def map(self, spec: str, fn: Callable[[LoadedModel, U], R], units: Sequence[U], *, desc: str = "units") -> list[R]: ...
 
 
 def resolve_load_kwargs(load_kwargs: dict | None, num_gpus: float = 1) -> dict:
@@ -33,9 +30,7 @@ def resolve_load_kwargs(load_kwargs: dict | None, num_gpus: float = 1) -> dict:
     import torch
 
     kwargs = dict(load_kwargs or {})
-    device = kwargs.pop("device", "auto") or "auto"
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(kwargs.pop("device", None))
     if str(device).startswith("cuda") and num_gpus > 1 and torch.cuda.device_count() > 1:
         kwargs.setdefault("device_map", "auto")
     elif "device_map" not in kwargs:
@@ -75,17 +70,32 @@ class LocalExecutor:
         return [fn(loaded, unit) for unit in tqdm(units, desc=desc, unit="unit", disable=not self.progress)]
 
 
+@dataclass(frozen=True)
+class Refused:
+    """What a worker returns instead of a result when the unit (or loading the model) raised a
+    UsageError: its one-line message, raised again as a UsageError on the driver. (An exception
+    crossing Ray arrives wrapped in a RayTaskError whose text is the worker's traceback.)"""
+
+    message: str
+
+
 class ModelWorker:
     """Ray actor body: holds one loaded model, applies job functions to work units."""
 
     def __init__(self, spec: str, load_kwargs: dict, num_gpus: float = 0):
-        self.loaded = load_model(spec, **resolve_load_kwargs(load_kwargs, num_gpus))
+        self.refused: Refused | None = None
+        try:
+            self.loaded = load_model(spec, **resolve_load_kwargs(load_kwargs, num_gpus))
+        except UsageError as err:  # reported with the first unit: an actor that fails here only dies
+            self.refused = Refused(str(err))
 
     def apply(self, fn: Callable[[LoadedModel, Any], Any], index: int, unit: Any) -> tuple[int, Any]:
-        return index, fn(self.loaded, unit)
-
-    def pid(self) -> int:
-        return os.getpid()
+        if self.refused is not None:
+            return index, self.refused
+        try:
+            return index, fn(self.loaded, unit)
+        except UsageError as err:
+            return index, Refused(str(err))
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -128,33 +138,21 @@ def ensure_ray(address: str | None = None) -> None:
 
 
 def _answers(target: str, timeout: float = 3.0) -> bool:
-    import socket
-
     host, _, port = target.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            return True
-    except (OSError, ValueError):
-        return False
+    return port.isdigit() and unreachable(host, int(port), timeout) is None
 
 
 def _reachable(address: str, timeout: float = 3.0) -> None:
     """Fail in seconds, naming the address, when nothing answers there (Ray itself retries
     for minutes)."""
-    import socket
-
-    from spectral.errors import UsageError
-
     target = address.split("://", 1)[-1].rsplit("/", 1)[0]
     host, _, port = target.rpartition(":")
     if not host or not port.isdigit():
         raise UsageError(f"Ray address {address!r} is not HOST:PORT (or ray://HOST:PORT)")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
-    except OSError as err:
-        raise UsageError(f"cannot reach the Ray cluster at {address!r} ({err.strerror or err}); "
-                         "start one with `ray start --head` or leave the address out for a local one") from None
+    why = unreachable(host, int(port), timeout)
+    if why is not None:
+        raise UsageError(f"cannot reach the Ray cluster at {address!r} ({why}); "
+                         "start one with `ray start --head` or leave the address out for a local one")
 
 
 def _loopback_only() -> None:
@@ -247,6 +245,8 @@ class RayExecutor:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 actor = pending.pop(done[0])
                 index, value = ray.get(done[0])
+                if isinstance(value, Refused):
+                    raise UsageError(value.message)
                 results[index] = value
                 idle.append(actor)
                 bar.update(1)

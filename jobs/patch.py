@@ -16,6 +16,7 @@ from jobs.config import ExecutorOptions, out_dir_ready
 from jobs.registry import PROMPT_TOKENS, Experiment
 from spectral import tables as schemas
 from spectral.errors import UsageError
+from spectral.models.ranges import check_range
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -73,12 +74,8 @@ def examples_for(config: PatchConfig, loaded) -> list:
 def units_for(config: PatchConfig, examples, n_layers: int, n_heads: int) -> list:
     from spectral.causal.patching import PatchUnit
 
-    layers = sorted(set(config.layers)) if config.layers else list(range(n_layers))
-    heads = tuple(sorted(set(config.heads))) if config.heads else tuple(range(n_heads))
-    for name, chosen, size in (("layer", layers, n_layers), ("head", heads, n_heads)):
-        bad = [i for i in chosen if not 0 <= i < size]
-        if bad:
-            raise UsageError(f"--{name}s: {name} {bad[0]} out of range (the model has {name}s 0..{size - 1})")
+    layers = check_range("layer", config.layers or None, n_layers, option="--layers")
+    heads = tuple(check_range("head", config.heads or None, n_heads, option="--heads"))
     examples = tuple(examples)
     size = config.examples_per_unit or len(examples)
     chunks = [(i, examples[i:i + size]) for i in range(0, len(examples), size)]
@@ -140,15 +137,16 @@ def run(config: PatchConfig, *, executor=None, echo=print):
     from cluster.store import write_json, write_parquet
     from spectral.causal.patching import patch_unit
     from spectral.causal.tasks import encode
-    from spectral.models.loading import load_model, model_shape, parse_spec
-    import torch
+    from spectral.models.loading import load_model, model_shape, parse_spec, resolve_device
 
     start = time.perf_counter()
     spec = parse_spec(config.model)
     check_examples_per_unit(config)
     out_dir_ready(config.out, RESULT_FILE, config.force)
     n_layers, n_heads = model_shape(spec)
-    device = "cuda" if config.device == "auto" and torch.cuda.is_available() else ("cpu" if config.device == "auto" else config.device)
+    check_range("layer", config.layers or None, n_layers, option="--layers")  # before any model is loaded
+    check_range("head", config.heads or None, n_heads, option="--heads")
+    device = resolve_device(config.device)
     with executor or config.make_executor({"device": config.device}) as executor:
         executor.start(spec.text)  # Ray actors load the model while the task is built here
         probe = load_model(spec, device=device)  # the task is built and checked before any work is sent out

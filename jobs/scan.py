@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 from jobs.config import ExecutorOptions, out_dir_ready
 from jobs.registry import Experiment
 from spectral import tables
-from spectral.errors import UsageError
+from spectral.models.ranges import check_range
 from spectral.kernels.metrics import UNSTABLE_GAP
 
 RESULT_FILE = "scan.parquet"
@@ -81,10 +81,8 @@ class ScanConfig(ExecutorOptions):
 
 
 def check_selection(settings, n_layers: int, n_heads: int) -> None:
-    for name, chosen, size in (("layer", settings.layers, n_layers), ("head", settings.heads, n_heads)):
-        bad = [i for i in chosen or () if not 0 <= i < size]
-        if bad:
-            raise UsageError(f"--{name}s: {name} {bad[0]} out of range (the model has {name}s 0..{size - 1})")
+    check_range("layer", settings.layers, n_layers, option="--layers")
+    check_range("head", settings.heads, n_heads, option="--heads")
 
 
 def run(config: ScanConfig, *, executor=None, echo=print):

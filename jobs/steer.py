@@ -24,6 +24,7 @@ from jobs.config import ExecutorOptions, out_dir_ready
 from jobs.registry import PROMPT_TOKENS, Experiment, statistics_metrics
 from spectral import tables as schemas
 from spectral.errors import UsageError
+from spectral.models.ranges import check_range
 from spectral.steering.strategies import MIN_RANDOM_DRAWS, STRATEGIES
 
 if TYPE_CHECKING:
@@ -168,11 +169,10 @@ def steer_unit(loaded, unit: SteerUnit) -> dict:
 def run(config: SteerConfig, *, echo=print):
     import numpy as np
     import pyarrow as pa
-    import torch
 
     from analysis.steering import report, selection_split, strategy_rows
     from spectral.kernels.scan import ScanSettings, finalize, reduce_partials, result_table, scan_unit, shard
-    from spectral.models.loading import load_model, model_shape, parse_spec
+    from spectral.models.loading import load_model, model_shape, parse_spec, resolve_device
     from spectral.steering.concepts import concept_for, scan_texts
     from spectral.steering.strategies import arms, layer_gaps, oracle_arms, order, spectral_k
     from spectral.steering.vectors import Injection, actadd, caa
@@ -182,9 +182,8 @@ def run(config: SteerConfig, *, echo=print):
     out_dir_ready(config.out, RESULT_FILE, config.force)
     n_layers, _ = model_shape(spec)
     baseline_layer = n_layers // 2 if config.layer is None else config.layer
-    if not 0 <= baseline_layer < n_layers:
-        raise UsageError(f"--layer: layer {baseline_layer} out of range (the model has layers 0..{n_layers - 1})")
-    device = "cuda" if config.device == "auto" and torch.cuda.is_available() else ("cpu" if config.device == "auto" else config.device)
+    check_range("layer", [baseline_layer], n_layers, option="--layer")
+    device = resolve_device(config.device)
     probe = load_model(spec, device=device)
     concept = concept_for(config.concept, probe, scan_seed=config.scan_seed)
     ev = _evaluator(probe, concept, config.concept)  # checks every word and prompt before any work is sent out

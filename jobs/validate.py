@@ -68,19 +68,17 @@ class ValidateConfig(ExecutorOptions):
 
 
 def run(config: ValidateConfig, *, echo=print):
-    import torch
-
     from analysis.validation import validate
     from spectral.causal.patching import patch_unit
     from spectral.causal.tasks import encode
     from spectral.kernels.scan import ScanSettings, finalize, reduce_partials, result_table, scan_unit, shard
-    from spectral.models.loading import load_model, model_heads, parse_spec
+    from spectral.models.loading import load_model, model_heads, parse_spec, resolve_device
 
     start = time.perf_counter()
     spec = parse_spec(config.model)
     out_dir_ready(config.out, RESULT_FILE, config.force)
     n_layers, n_heads, n_kv_heads = model_heads(spec)
-    device = "cuda" if config.device == "auto" and torch.cuda.is_available() else ("cpu" if config.device == "auto" else config.device)
+    device = resolve_device(config.device)
     with config.make_executor({"device": config.device}) as executor:  # one set of actors for both passes
         executor.start(spec.text)
         probe = load_model(spec, device=device)

@@ -7,7 +7,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from spectral.models.adapter import SITES, HeadAdapter, hook_name
+from spectral.errors import UsageError
+from spectral.models.adapter import SITES, HeadAdapter
 from tests.conftest import PROMPTS
 
 CAPTURE = "eigengap_test_capture"
@@ -156,17 +157,16 @@ def test_edits_replace_tensors_and_identity_changes_nothing(neox):
     assert (seen[2] - base[(2, "resid_post")]).abs().max() > 0.5
 
 
-def test_bad_sites_layers_and_names(neox):
+def test_bad_sites_layers_and_heads(neox):
     adapter = HeadAdapter(neox.model)
     with pytest.raises(ValueError, match="unknown site 'keyz'"):
         with adapter.trace(["keyz"]):
             pass
-    with pytest.raises(ValueError, match="layer 7 out of range"):
+    with pytest.raises(UsageError, match=r"^layer 7 out of range \(the model has layers 0..2\)$"):
         adapter.check_layers([7])
-    with pytest.raises(ValueError, match="head 4 out of range"):
+    with pytest.raises(UsageError, match=r"^head 4 out of range \(the model has heads 0..3\)$"):
         adapter.check_heads([4])
-    assert hook_name(3, "keys_raw") == "blocks.3.attn.keys_raw"
-    assert hook_name(3, "resid_pre") == "blocks.3.resid_pre"
+    assert adapter.check_layers(None) == [0, 1, 2] and adapter.check_heads([3, 1, 3]) == [1, 3]
 
 
 def test_weights_are_per_head_slices_of_the_projection(tiny):

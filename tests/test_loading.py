@@ -5,8 +5,8 @@ import time
 import pytest
 import torch
 
-from spectral.models.architectures import ARCHITECTURES
 from spectral.errors import UsageError
+from spectral.models.families import ARCHITECTURES
 from spectral.models.loading import hf_config, load_model, model_shape
 from spectral.models.specs import parse_spec
 from tests.conftest import TINY

@@ -32,7 +32,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from spectral.models.families import Family, expand_kv, family_of
+from spectral.models.families import Family, family_of
+from spectral.models.ranges import check_range
 
 Site = Literal[
     "queries", "queries_rotated", "keys_raw", "keys_rotated", "values",
@@ -46,11 +47,6 @@ Callback = Callable[[int, str, Tensor], None]
 """(layer, site, tensor) -> None: called inside the forward pass; copy what must outlive it."""
 Edit = Callable[[Tensor], Tensor]
 """A plain function of a tensor returning its replacement (same shape)."""
-
-
-def hook_name(layer: int, site: str) -> str:
-    """The one name of a place to look or intervene, e.g. ``blocks.3.attn.keys_raw``."""
-    return f"blocks.{layer}.{site}" if site.startswith("resid") else f"blocks.{layer}.attn.{site}"
 
 
 class HeadAdapter:
@@ -117,22 +113,12 @@ class HeadAdapter:
         return out
 
     def check_layers(self, layers: Iterable[int] | None) -> list[int]:
-        if layers is None:
-            return list(range(self.n_layers))
-        layers = sorted(set(int(l) for l in layers))
-        bad = [l for l in layers if not 0 <= l < self.n_layers]
-        if bad:
-            raise ValueError(f"layer {bad[0]} out of range: the model has layers 0..{self.n_layers - 1}")
-        return layers
+        """The chosen layers, sorted (all when None); a UsageError for one out of range."""
+        return check_range("layer", layers, self.n_layers)
 
     def check_heads(self, heads: Iterable[int] | None) -> list[int]:
-        if heads is None:
-            return list(range(self.n_heads))
-        heads = sorted(set(int(h) for h in heads))
-        bad = [h for h in heads if not 0 <= h < self.n_heads]
-        if bad:
-            raise ValueError(f"head {bad[0]} out of range: the model has heads 0..{self.n_heads - 1}")
-        return heads
+        """The chosen heads, sorted (all when None); a UsageError for one out of range."""
+        return check_range("head", heads, self.n_heads)
 
     def _check_sites(self, sites: set[str], edits: Mapping) -> None:
         unknown = sites - set(SITES)
@@ -216,7 +202,7 @@ class HeadAdapter:
         if rope is None:
             raise RuntimeError(f"layer {layer}: the attention module received no position_embeddings to rotate with")
         cos, sin = rope
-        return self.family.rotary(q, k, cos, sin, unsqueeze_dim=2)
+        return self.family.rotary(q, k, cos, sin)
 
     # ------------------------------------------------------------- weights
     def qk_weights(self, layer: int) -> tuple[Float[Tensor, "head d_model d_head"], Float[Tensor, "head d_model d_head"]]:
@@ -243,6 +229,12 @@ def attention_scores(
     if attention_mask is not None:
         blocked = blocked | (attention_mask[:, None, None, :].to(q.device) == 0)
     return scores.masked_fill(blocked, float("-inf"))
+
+
+def expand_kv(t: Float[Tensor, "batch pos kv_head d"], heads: int) -> Float[Tensor, "batch pos head d"]:
+    """Query head h reads kv head h // (heads / kv_heads)."""
+    kv_heads = t.shape[2]
+    return t if kv_heads == heads else torch.repeat_interleave(t, heads // kv_heads, dim=2)
 
 
 def find_blocks(model: nn.Module, family: Family, n_layers: int) -> nn.ModuleList:

@@ -1,16 +1,15 @@
-"""Hyperparameters of the target architectures, shipped so random-weight twins build offline.
+"""The shape of a decoder-only transformer: what a ``random:`` twin is built from.
 
-Figures are those of ``shared/research/DEFINITIONS.md`` ("Target models") plus the public
-configs of the same checkpoints (positions, norms, rotary settings). A random model built
-from one of these has the exact shapes of the real checkpoint; only the weights are random.
+The shipped architectures are declared by their family modules (``spectral.models.families``;
+``ARCHITECTURES`` there is the view of all of them). Their figures are those of
+``shared/research/DEFINITIONS.md`` ("Target models") plus the public configs of the same
+checkpoints (positions, norms, rotary settings): a random model built from one has the exact
+shapes of the real checkpoint; only the weights are random.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
-
-Family = Literal["gpt_neox", "llama", "gpt2"]
 
 
 @dataclass(frozen=True)
@@ -19,8 +18,8 @@ class Architecture:
 
     name: str
     """Short name, used after ``random:`` in a model spec."""
-    family: Family
-    """Adapter family: which Hugging Face model class builds it."""
+    family: str
+    """Name of its model family (a key of ``spectral.models.families.FAMILIES``)."""
     layers: int
     heads: int
     """Query heads per layer."""
@@ -48,19 +47,3 @@ class Architecture:
             overrides["intermediate"] = int(round(overrides["hidden"] * ratio))
         return replace(self, **overrides)
 
-
-ARCHITECTURES: dict[str, Architecture] = {
-    a.name: a
-    for a in (
-        Architecture("pythia-410m", "gpt_neox", layers=24, heads=16, hidden=1024,
-                     intermediate=4096, vocab=50304, rotary_pct=0.25),
-        Architecture("pythia-1b", "gpt_neox", layers=16, heads=8, hidden=2048,
-                     intermediate=8192, vocab=50304, rotary_pct=0.25),
-        Architecture("pythia-2.8b", "gpt_neox", layers=32, heads=32, hidden=2560,
-                     intermediate=10240, vocab=50304, rotary_pct=0.25),
-        Architecture("llama-2-7b", "llama", layers=32, heads=32, hidden=4096,
-                     intermediate=11008, vocab=32000, max_positions=4096),
-        Architecture("gpt2", "gpt2", layers=12, heads=12, hidden=768,
-                     intermediate=3072, vocab=50257, max_positions=1024),
-    )
-}

@@ -8,27 +8,19 @@ caller asks for it.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GPT2Config,
-    GPTNeoXConfig,
-    LlamaConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from spectral.models.architectures import Architecture
 from spectral.errors import UsageError
+from spectral.models.architectures import Architecture
+from spectral.models.families import FAMILIES, family_for
 from spectral.models.specs import ModelSpec, parse_spec
 from spectral.models.tokenizer import byte_tokenizer
+from spectral.net import unreachable
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
@@ -81,31 +73,16 @@ def load_model(
 
 
 def hf_config(arch: Architecture):
-    """A Hugging Face config with the exact shape of ``arch``."""
-    common = dict(
-        vocab_size=arch.vocab,
-        hidden_size=arch.hidden,
-        num_hidden_layers=arch.layers,
-        num_attention_heads=arch.heads,
-        max_position_embeddings=arch.max_positions,
-    )
-    if arch.family == "gpt_neox":
-        return GPTNeoXConfig(
-            **common, intermediate_size=arch.intermediate, rotary_pct=arch.rotary_pct,
-            rotary_emb_base=arch.rope_theta, layer_norm_eps=arch.norm_eps,
-            use_parallel_residual=True, tie_word_embeddings=False,
-            bos_token_id=0, eos_token_id=0,
-        )
-    if arch.family == "llama":
-        return LlamaConfig(
-            **common, intermediate_size=arch.intermediate, num_key_value_heads=arch.kv_heads or arch.heads,
-            rope_theta=arch.rope_theta, rms_norm_eps=arch.norm_eps, tie_word_embeddings=False,
-        )
-    return GPT2Config(
-        vocab_size=arch.vocab, n_embd=arch.hidden, n_layer=arch.layers, n_head=arch.heads,
-        n_positions=arch.max_positions, n_inner=arch.intermediate, layer_norm_epsilon=arch.norm_eps,
-        bos_token_id=0, eos_token_id=0,
-    )
+    """A Hugging Face config with the exact shape of ``arch``, built by its family."""
+    return FAMILIES[arch.family].hf_config(arch)
+
+
+def resolve_device(device: str | torch.device | None) -> str | torch.device:
+    """Where a model runs: ``"auto"`` (or None) is a CUDA GPU when there is one, else the CPU;
+    any other device is kept."""
+    if device is None or device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 def _build_random(spec: ModelSpec, dtype: torch.dtype):
@@ -172,11 +149,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     """A quick TCP probe, so an offline machine fails in seconds instead of retrying for minutes."""
     url = urlparse(_hub_endpoint())
     port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    return unreachable(url.hostname, port, timeout) is None
 
 
 def _hub_offline() -> bool:
@@ -192,7 +165,10 @@ def model_shape(spec: str | ModelSpec) -> tuple[int, int]:
 def model_heads(spec: str | ModelSpec) -> tuple[int, int, int]:
     """(layers, query heads, key/value heads) from the architecture or config alone. Grouped-
     query models share one key head among heads / kv_heads query heads: their key kernels are
-    identical, so statistics across heads must resample the key groups, not the heads."""
+    identical, so statistics across heads must resample the key groups, not the heads.
+
+    Also the driver's check that the model can be served at all: a checkpoint directory that
+    lacks a file, or a model type no family serves, is a UsageError here, before any work."""
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     if spec.kind == "random":
         arch = spec.architecture()
@@ -210,6 +186,10 @@ def model_heads(spec: str | ModelSpec) -> tuple[int, int, int]:
         config = AutoConfig.from_pretrained(source, local_files_only=spec.kind != "hub" or _hub_offline() or not _hub_reachable())
     except (OSError, ValueError) as err:
         raise UsageError(f"cannot read the config of model spec {spec.text!r}: {str(err).splitlines()[0]}") from err
+    try:
+        family_for(config.model_type)
+    except UsageError as err:
+        raise UsageError(f"model spec {spec.text!r}: {err}") from None
     heads = config.num_attention_heads
     return config.num_hidden_layers, heads, getattr(config, "num_key_value_heads", None) or heads
 

@@ -3,7 +3,7 @@
 Forms (resolved in this order):
 
 - ``random:ARCH[?key=value&...]`` - a random-weight twin of a shipped architecture
-  (``spectral.models.architectures``), e.g. ``random:pythia-410m?layers=4&hidden=256&heads=4``.
+  (``spectral.models.families.ARCHITECTURES``), e.g. ``random:pythia-410m?layers=4&hidden=256&heads=4``.
   Keys: ``layers heads hidden intermediate vocab kv_heads max_positions seed``.
 - ``organism-NAME[?seed=N]`` - a built-in model organism, trained with training seed ``N``
   (default 0: ``organism-s`` and ``organism-s?seed=0`` are the same model). Organisms of one
@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import parse_qsl
 
-from spectral.models.architectures import ARCHITECTURES, Architecture
+from spectral.models.architectures import Architecture
+from spectral.models.families import ARCHITECTURES
 from spectral.errors import UsageError
 
 SpecKind = Literal["random", "organism", "local", "hub"]

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from spectral.errors import UsageError
+from spectral.models.ranges import check_range
 
 STRATEGIES = ("baseline", "oracle", "random", "spectral", "all")
 
@@ -116,8 +117,7 @@ def arms(n_layers: int, *, baseline_layer: int, gaps: Mapping[int, tuple[float, 
          seed: int = 0, draws: int = MIN_RANDOM_DRAWS) -> list[Arm]:
     """Every row of the comparison except the oracle's (chosen later, on the selection split:
     ``oracle_arms``), in report order: the 1-layer arms, then the k-layer arms, then ``all``."""
-    if not 0 <= baseline_layer < n_layers:
-        raise UsageError(f"--layer: layer {baseline_layer} out of range (the model has layers 0..{n_layers - 1})")
+    check_range("layer", [baseline_layer], n_layers, option="--layer")
     if draws < MIN_RANDOM_DRAWS:
         raise UsageError(f"--random-draws: at least {MIN_RANDOM_DRAWS} draws, got {draws}")
     k = spectral_k(n_layers)
