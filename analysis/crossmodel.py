@@ -29,12 +29,11 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 from scipy import stats
 
 from analysis.calibration import IMPORTANCE_RULE, STEERABLE_RULE, Calibration, calibrate, calibrate_layers, important
@@ -44,6 +43,9 @@ from analysis.population import (
 )
 from analysis.scaling import restrict_to_separating, scaling_table
 from analysis.stats import df_group, df_groups, group_contrast, r_inverse_gap, restoration, welch_df
+from cluster.layout import Cell, RunLayout
+from cluster.store import read_parquet
+from spectral import tables as schemas
 from spectral.kernels.metrics import UNSTABLE_GAP
 
 NAN = float("nan")
@@ -59,7 +61,6 @@ TARGET_R = 0.7
 TARGET_RATIO = 2.0
 TARGET_IMPROVEMENT = 0.25
 MIN_SCALING_POPULATIONS = 3
-FINISHED = "unit.json"
 IMPORTANCE_METHODS = ("exact", "attribution")
 """Patch methods whose restoration (direction denoise) measures importance. Noise-direction
 runs and ablations restore ~1 for *unimportant* heads: they are excluded with a note."""
@@ -132,14 +133,14 @@ RULES = {
                   "units); one-sided tests at 0.025, Holm over populations. Across seeds: t-interval of the seeds' "
                   "thresholds (each seed's threshold already varies with its heads); one model: the calibration's "
                   "stratified bootstrap."),
-    "0.77 holds": ("PASS when every population's threshold verdict is PASS (an intersection-union rule: no "
+    "threshold_holds": ("PASS when every population's threshold verdict is PASS (an intersection-union rule: no "
                    "correction needed); FAIL when any is FAIL (those verdicts are Holm-corrected over populations); "
                    "else INCONCLUSIVE (also with fewer than 2 populations)."),
-    "threshold stable": (f"PASS when the 95 % intervals of all population thresholds lie within one window of width "
+    "threshold_stable": (f"PASS when the 95 % intervals of all population thresholds lie within one window of width "
                          f"{STABLE_RANGE:.2f}; FAIL when two populations' Bonferroni-simultaneous intervals "
                          f"(1 - 0.05/m for m populations) are more than {STABLE_RANGE:.2f} apart; else INCONCLUSIVE "
                          "(also with fewer than 2 populations)."),
-    "correlation consistent": (
+    "correlation_consistent": (
         "Fisher z per seed (SE 1/sqrt(n - 3), n heads or layers; seeds with n <= 3 excluded); a population's z is "
         "the mean over its seeds with variance max(between-seed variance, mean 1/(n-3)) / k and k - 1 degrees of "
         "freedom (one seed: 1/(n-3), known). Heterogeneity across populations: Cochran's Q with these weights, its "
@@ -223,9 +224,11 @@ class RunData:
     models: list[ModelData]
     populations: list[Population]
     found: list[str]
-    """Finished units, one line each."""
+    """Finished cells, one line each."""
     missing: list[str]
     """What the report could not use, one line each."""
+    cells: list[tuple[Cell, Path]] = field(default_factory=list)
+    """Every finished cell and its directory (what kinds without an analysis here are shown from)."""
 
 
 def population_of(spec: str) -> tuple[str, int | None]:
@@ -441,15 +444,17 @@ def load_model(name: str, facts: dict | None, units: dict[str, Path]) -> ModelDa
     return md
 
 
-def load_run(run_dir: Path, safe: Callable[[str], str]) -> RunData:
-    """Read ``run_dir/sweep.json`` and every finished unit; ``safe`` maps a model spec to its
-    directory name (``jobs.sweep.safe``). A unit without ``unit.json`` is unfinished: named
-    in ``missing`` and not read. Models are grouped into populations by
-    ``spectral.models.specs.population`` (order of first appearance in the sweep)."""
-    sweep = json.loads((run_dir / "sweep.json").read_text(encoding="utf-8"))
+def load_run(run_dir: Path) -> RunData:
+    """Read ``run_dir/sweep.json`` and every finished cell (``cluster.layout.RunLayout``). A cell
+    without its marker ``cell.json`` is unfinished: named in ``missing`` and not read. Models
+    are grouped into populations by ``spectral.models.specs.population`` (order of first
+    appearance in the sweep)."""
+    layout = RunLayout(run_dir)
+    sweep = layout.sweep_state()
     config = sweep.get("config", {})
     experiments = [e.get("kind", "?") for e in config.get("experiments", [])]
     found, missing, models = [], [], []
+    finished: list[tuple[Cell, Path]] = []
     for kind in ("validate", "steer"):
         if kind not in experiments and not (kind == "validate" and "patch" in experiments):
             missing.append(f"the sweep has no {kind} experiment: its metrics are not evaluated")
@@ -463,18 +468,19 @@ def load_run(run_dir: Path, safe: Callable[[str], str]) -> RunData:
                            "counted once")
             continue
         seen[(pop, seed)] = model
-        model_dir = run_dir / f"model={safe(model)}"
         units: dict[str, Path] = {}
         for i, kind in enumerate(experiments):
-            unit = model_dir / f"experiment={i}-{kind}"
+            cell = Cell(model, i, kind)
+            unit = layout.cell_dir(cell)
             if not unit.is_dir():
-                missing.append(f"{model}: experiment {i} ({kind}) not run")
-            elif not (unit / FINISHED).exists():
-                missing.append(f"{model}: experiment {i} ({kind}) not finished (no {FINISHED})")
+                missing.append(f"{model}: {cell.label} not run")
+            elif not layout.finished(cell):
+                missing.append(f"{model}: {cell.label} not finished (no {RunLayout.DONE})")
             else:
-                found.append(f"{model}: experiment {i} ({kind})")
+                found.append(f"{model}: {cell.label}")
+                finished.append((cell, unit))
                 units.setdefault(kind, unit)
-        facts = _read_json(model_dir / "model.json")
+        facts = _read_json(layout.model_file(model))
         if facts is None:
             missing.append(f"{model}: model.json (size facts) missing: excluded from scaling fits")
         md = load_model(model, facts, units)
@@ -485,7 +491,8 @@ def load_run(run_dir: Path, safe: Callable[[str], str]) -> RunData:
         members = sorted([m for m in models if m.population == pop and m.units],
                          key=lambda m: (m.seed is None, m.seed if m.seed is not None else 0))
         populations.append(Population(pop, members, specs))
-    return RunData(run_dir, str(sweep.get("run_id", run_dir.name)), config, models, populations, found, missing)
+    return RunData(run_dir, str(sweep.get("run_id", run_dir.name)), config, models, populations, found, missing,
+                   finished)
 
 
 # --- finite views ------------------------------------------------------------------------
@@ -855,7 +862,7 @@ def threshold_rows(pop: Population, res: PopulationResult, n_resamples: int, see
 # --- cross-population rules -------------------------------------------------------------------
 
 def threshold_holds(verdicts: list[str]) -> tuple[str, str]:
-    """'0.77 holds' (RULES['0.77 holds']) over the populations' Holm-corrected threshold verdicts."""
+    """RULES['threshold_holds'] over the populations' Holm-corrected threshold verdicts."""
     n = len(verdicts)
     if n < 2:
         return "INCONCLUSIVE", f"generalization needs at least 2 populations; this run has {n} with a threshold"
@@ -868,7 +875,7 @@ def threshold_holds(verdicts: list[str]) -> tuple[str, str]:
 
 
 def threshold_stable(estimates: list[PopulationEstimate]) -> tuple[str, str]:
-    """'threshold stable' (RULES['threshold stable'])."""
+    """RULES['threshold_stable']."""
     es = [e for e in estimates if np.isfinite(e.value)]
     m = len(es)
     if m < 2:
@@ -891,7 +898,7 @@ def threshold_stable(estimates: list[PopulationEstimate]) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class Study:
-    """One population's correlation on the Fisher-z scale (RULES['correlation consistent'])."""
+    """One population's correlation on the Fisher-z scale (RULES['correlation_consistent'])."""
 
     population: str
     z: float
@@ -987,7 +994,7 @@ def heterogeneity(studies: Sequence[Study | None]) -> Heterogeneity:
 
 def consistency_verdict(h: Heterogeneity, p_het_adjusted: float | None = None,
                         p_pooled_adjusted: float | None = None) -> tuple[str, str]:
-    """RULES['correlation consistent'] (adjusted p-values default to the raw ones)."""
+    """RULES['correlation_consistent'] (adjusted p-values default to the raw ones)."""
     if h.reason:
         return "INCONCLUSIVE", h.reason
     ph = h.p_value if p_het_adjusted is None else p_het_adjusted
@@ -1110,14 +1117,14 @@ def cross_rows(run: RunData, results: dict[str, PopulationResult], pop_rows: lis
         pts = np.array([e.value for e in es])
         row = _row(ALL, f"threshold_holds_{which}", target=UNSTABLE_GAP,
                    value=float(np.median(pts)) if pts.size else NAN,
-                   note="value: median of the population thresholds; " + note, family="0.77 holds",
+                   note="value: median of the population thresholds; " + note, family="threshold_holds",
                    scheme_text="rule over the populations' threshold verdicts")
         row.update(verdict=v, n_seeds=sum(e.n_seeds for e in es), unit=which, n_units=str(len(es)) + " populations",
                    correction="intersection-union for PASS (no correction needed); FAIL reads Holm-corrected verdicts")
         rows.append(row)
         v, note = threshold_stable(es)
         row = _row(ALL, f"threshold_stable_{which}", target=STABLE_RANGE, value=float(np.ptp(pts)) if pts.size else NAN,
-                   note="value: range of the population thresholds; " + note, family="threshold stable",
+                   note="value: range of the population thresholds; " + note, family="threshold_stable",
                    scheme_text="rule over the populations' threshold intervals")
         row.update(verdict=v, n_seeds=sum(e.n_seeds for e in es), unit=which, n_units=str(len(es)) + " populations",
                    correction=f"Bonferroni-simultaneous intervals (1 - 0.05/{max(len(es), 1)}) for FAIL")
@@ -1130,7 +1137,7 @@ def cross_rows(run: RunData, results: dict[str, PopulationResult], pop_rows: lis
                                      hs, ph, pp):
         v, note = consistency_verdict(h, None if not np.isfinite(a) else float(a), None if not np.isfinite(b) else float(b))
         row = _row(ALL, key, value=h.pooled, low=h.pooled_low, high=h.pooled_high,
-                   note="value: pooled r (fixed effect over populations); " + note, family="correlation consistent",
+                   note="value: pooled r (fixed effect over populations); " + note, family="correlation_consistent",
                    scheme_text=("Fisher z; population variance = max(between-seed, within 1/(n-3)) / k; "
                                 "Welch-F / chi-square heterogeneity test"))
         row.update(verdict=v, n_seeds=h.n_models, unit="heads" if which == "importance" else "layers",

@@ -6,7 +6,7 @@ the 2-core machine), and the fixed overhead of a sweep on a tiny job (target <= 
 Both run sweeps as users do. Speed-up: a Ray head on 127.0.0.1 (``ray start --head``, 2 CPUs)
 and each sweep submitted with ``ray job submit -- python -m jobs.sweep CONFIG``: exact patching
 of every head of organism-l on the built-in IOI task, data-parallel units of 64 examples. The
-compared figure is the job's own time (unit.json: actors started, model loaded in each, every
+compared figure is the job's own time (cell.json: actors started, model loaded in each, every
 unit, results gathered); it holds ~9 s of fixed cost per job here (an actor process importing
 torch and transformers), which is why the sweep is made large enough to be compute-bound.
 Overhead: a sweep of one tiny patch job (organism-xs, 4 examples, one layer, local executor)
@@ -40,7 +40,7 @@ def run_sweep(config: dict, root: Path, name: str) -> tuple[float, float]:
     subprocess.run([sys.executable, "-m", "jobs.sweep", str(path), "--out", str(root / "runs")], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - start
-    unit = json.loads(next((root / "runs" / name).glob("model=*/experiment=*/unit.json")).read_text())
+    unit = json.loads(next((root / "runs" / name).glob("model=*/experiment=*/cell.json")).read_text())
     return wall, unit["seconds"]
 
 
@@ -53,7 +53,7 @@ def submitted(head, config: dict, root: Path, name: str) -> tuple[float, float]:
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"ray job submit failed ({done.returncode}): {done.stderr[-2000:]}")
-    unit = json.loads(next((root / "runs" / name).glob("model=*/experiment=*/unit.json")).read_text())
+    unit = json.loads(next((root / "runs" / name).glob("model=*/experiment=*/cell.json")).read_text())
     return wall, unit["seconds"]
 
 

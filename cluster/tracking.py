@@ -1,24 +1,22 @@
-"""MLflow tracking of sweep runs: one parent run per sweep run, one child run per unit
-(model x experiment) with its parameters, metrics (statistics, verdicts, timings) and
+"""MLflow tracking of sweep runs: one parent run per sweep run, one child run per cell
+(an experiment on a model) with its parameters, metrics (statistics, verdicts, timings) and
 artifacts (Parquet, plots, reports).
 
 The default store is embedded: ``sqlite:///RUN_DIR/mlflow.db`` with artifacts in
 ``RUN_DIR/mlartifacts`` (``mlflow ui --backend-store-uri sqlite:///RUN_DIR/mlflow.db`` shows
 it); ``MLFLOW_TRACKING_URI`` or the sweep's ``tracking_uri`` points elsewhere. When the store
 cannot be reached the results stay on disk and ``eigengap track RUN_DIR`` uploads them later.
-Which units are tracked is recorded in ``RUN_DIR/tracking.json``, so nothing is logged twice.
+Which cells are tracked is recorded in ``RUN_DIR/tracking.json``, so nothing is logged twice.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
+from cluster.layout import Cell, RunLayout
 from cluster.store import write_json
 
 EXPERIMENT = "eigengap"
@@ -32,37 +30,15 @@ def metric_name(text: str) -> str:
     return name[:250]
 
 
-def unit_metrics(kind: str, unit_dir: Path) -> tuple[dict[str, float], dict[str, str]]:
-    """Numbers and verdicts of one finished unit, read from its result files."""
-    metrics: dict[str, float] = {}
-    params: dict[str, str] = {}
-    info = unit_dir / "unit.json"
-    if info.is_file():
-        metrics["seconds"] = float(json.loads(info.read_text())["seconds"])
-    stats_file = {"validate": "validate.parquet", "steer": "verdicts.parquet"}.get(kind)
-    if stats_file and (unit_dir / stats_file).is_file():
-        for r in pq.read_table(unit_dir / stats_file).to_pylist():
-            for key in ("value", "low", "high"):
-                if r[key] is not None and math.isfinite(r[key]):
-                    metrics[metric_name(f"{r['name']} {key}")] = float(r[key])
-            if r.get("verdict"):
-                params[metric_name(f"verdict {r['name']}")[:250]] = r["verdict"]
-    if kind == "steer" and (unit_dir / "strategies.parquet").is_file():
-        for r in pq.read_table(unit_dir / "strategies.parquet").to_pylist():
-            metrics[f"effect {r['strategy']}"] = float(r["effect"])
-    if kind == "patch" and (unit_dir / "patch.parquet").is_file():
-        values = [v for v in pq.read_table(unit_dir / "patch.parquet")["restoration"].to_pylist() if v is not None]
-        if values:
-            metrics["max restoration"] = float(max(values))
-        params_file = json.loads((unit_dir / "params.json").read_text())
-        if "spearman_attribution_vs_exact" in params_file:
-            metrics["spearman attribution vs exact"] = float(params_file["spearman_attribution_vs_exact"])
-    if kind in ("scan", "validate") and (unit_dir / "scan.parquet").is_file():
-        rows = pq.read_table(unit_dir / "scan.parquet").select(["layer", "gap"]).to_pylist()
-        for layer in sorted({r["layer"] for r in rows}):
-            gaps = [r["gap"] for r in rows if r["layer"] == layer and r["gap"] is not None and math.isfinite(r["gap"])]
-            if gaps:
-                metrics[f"min gap layer {layer}"] = min(gaps)
+def cell_metrics(cell: Cell, cell_dir: Path) -> tuple[dict[str, float], dict[str, str]]:
+    """Numbers and verdicts of one finished cell: its experiment kind's ``metrics`` (stable keys,
+    see ``jobs.registry``) and the cell's wall time."""
+    from jobs.registry import experiment
+
+    metrics, params = experiment(cell.kind).metrics(cell_dir)
+    marker = cell_dir / RunLayout.DONE
+    if marker.is_file():
+        metrics = {**metrics, "seconds": float(json.loads(marker.read_text())["seconds"])}
     return metrics, params
 
 
@@ -81,7 +57,7 @@ def empty_store(directory: Path) -> Path:
 
 
 class Tracker:
-    """Logs finished units of a sweep run; disabled (with a message) when the store is unreachable."""
+    """Logs finished cells of a sweep run; disabled (with a message) when the store is unreachable."""
 
     def __init__(self, uri: str, enabled: bool, run_dir: Path):
         self.uri, self.enabled, self.run_dir = uri, enabled, run_dir
@@ -125,18 +101,19 @@ class Tracker:
             return f"MLflow: mlflow ui --backend-store-uri {self.uri}"
         return f"MLflow: {self.uri}"
 
-    def track_all(self, run_dir: Path, units) -> int:
-        """Log every finished, not yet tracked unit; returns how many were logged."""
+    def track_all(self, run_dir: Path, cells: list[Cell]) -> int:
+        """Log every finished, not yet tracked cell; returns how many were logged."""
         if not self.enabled:
             return 0
         from mlflow.entities import Metric, Param
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(self.uri)
-        state_file = run_dir / "tracking.json"
+        layout = RunLayout(run_dir)
+        state_file = layout.tracking_file
         state = json.loads(state_file.read_text()) if state_file.is_file() else {}
         if state.get("uri") != self.uri:
-            state = {"uri": self.uri, "parent": None, "units": {}}
+            state = {"uri": self.uri, "parent": None, "cells": {}}
         experiment = client.get_experiment_by_name(EXPERIMENT)
         if experiment is None:
             local = self.uri.startswith("sqlite:///") and os.environ.get("MLFLOW_TRACKING_URI") is None
@@ -144,7 +121,7 @@ class Tracker:
                 EXPERIMENT, artifact_location=(run_dir / "mlartifacts").resolve().as_uri() if local else None)
         else:
             experiment_id = experiment.experiment_id
-        sweep = json.loads((run_dir / "sweep.json").read_text())
+        sweep = layout.sweep_state()
         if state["parent"] is None:
             parent = client.create_run(experiment_id, run_name=run_dir.name,
                                        tags={"eigengap.sweep": sweep["config"]["name"], "eigengap.run_dir": str(run_dir)})
@@ -154,21 +131,21 @@ class Tracker:
             state["parent"] = parent.info.run_id
             write_json(state, state_file)
         logged = 0
-        for unit in units:
-            unit_dir = run_dir / unit.name
-            if unit.name in state["units"] or not (unit_dir / "unit.json").is_file():
+        for cell in cells:
+            cell_dir = layout.cell_dir(cell)
+            if cell.name in state["cells"] or not layout.finished(cell):
                 continue
-            child = client.create_run(experiment_id, run_name=f"{unit.model} {unit.kind}",
-                                      tags={"mlflow.parentRunId": state["parent"], "eigengap.unit": unit.name})
+            child = client.create_run(experiment_id, run_name=f"{cell.model} {cell.kind}",
+                                      tags={"mlflow.parentRunId": state["parent"], "eigengap.cell": cell.name})
             run_id = child.info.run_id
-            metrics, verdicts = unit_metrics(unit.kind, unit_dir)
-            params = {"model": unit.model, "kind": unit.kind, **{k: json.dumps(v)[:6000] for k, v in unit.params.items()},
+            metrics, verdicts = cell_metrics(cell, cell_dir)
+            params = {"model": cell.model, "kind": cell.kind, **{k: json.dumps(v)[:6000] for k, v in cell.params.items()},
                       **verdicts}
             client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()],
                              params=[Param(k, str(v)) for k, v in params.items()])
-            client.log_artifacts(run_id, str(unit_dir))
+            client.log_artifacts(run_id, str(cell_dir))
             client.set_terminated(run_id)
-            state["units"][unit.name] = run_id
+            state["cells"][cell.name] = run_id
             write_json(state, state_file)
             logged += 1
         client.set_terminated(state["parent"])
@@ -201,20 +178,13 @@ def log_report(run_dir: Path, report_dir: Path, echo=print) -> str | None:
     return parent
 
 
-class _Unit:
-    """A sweep unit as the tracking process sees it (name, model, kind, params)."""
-
-    def __init__(self, name: str, model: str, kind: str, params: dict):
-        self.name, self.model, self.kind, self.params = name, model, kind, params
-
-
 _STATE: dict = {}
 """The tracking process's state between requests (the empty store made by warm)."""
 
 
 def _handle(request: dict) -> dict:
     """One request of the tracking process: warm (import MLflow), open (reach or create the store
-    and the parent run), track (log finished units)."""
+    and the parent run), track (log finished cells)."""
     if request["op"] == "warm":  # import MLflow; make an empty store if the run will need one
         from mlflow.tracking import MlflowClient  # noqa: F401
 
@@ -227,8 +197,13 @@ def _handle(request: dict) -> dict:
         tracker = Tracker.open(request["uri"], run_dir, messages.append, template=_STATE.get("template"))
         tracker.track_all(run_dir, [])
         return {"uri": tracker.uri, "enabled": tracker.enabled, "messages": messages}
-    units = [_Unit(**u) for u in request["units"]]
-    return {"logged": Tracker(request["uri"], request["enabled"], run_dir).track_all(run_dir, units)}
+    from jobs import registry
+
+    for kind, module in request["kinds"].items():  # kinds registered at run time (plug-ins) are known here too
+        if registry.KINDS.get(kind) != module:
+            registry.register(kind, module)
+    cells = [Cell(**c) for c in request["cells"]]
+    return {"logged": Tracker(request["uri"], request["enabled"], run_dir).track_all(run_dir, cells)}
 
 
 def serve() -> None:
@@ -253,7 +228,7 @@ class BackgroundTracker:
     """A Tracker working in its own process (``python -m cluster.tracking``), started with the
     sweep: importing MLflow, creating the store and the parent run overlap the sweep's validation
     and compute instead of adding to them. ``open`` once the run directory is known (nothing is
-    written before); ``finish`` logs the finished units and returns the Tracker."""
+    written before); ``finish`` logs the finished cells and returns the Tracker."""
 
     def __init__(self, echo=print):
         import subprocess
@@ -304,13 +279,14 @@ class BackgroundTracker:
             self.reported = True
         return state
 
-    def finish(self, units) -> Tracker:
+    def finish(self, cells: list[Cell]) -> Tracker:
+        from jobs import registry
+
         try:
             state = self._report()
             if state["enabled"]:
                 self._call({"op": "track", "uri": state["uri"], "enabled": True, "run_dir": str(self.run_dir),
-                            "units": [{"name": u.name, "model": u.model, "kind": u.kind, "params": u.params}
-                                      for u in units]}).result()
+                            "cells": [c.as_dict() for c in cells], "kinds": dict(registry.KINDS)}).result()
             return Tracker(state["uri"], state["enabled"], self.run_dir)
         finally:
             self.close()

@@ -105,16 +105,21 @@ def parse_config(cls: type[C], namespace: argparse.Namespace) -> C:
     return validate(cls, given)
 
 
-def validate(cls: type[C], values: dict[str, Any]) -> C:
+def validate(cls: type[C], values: Any, *, prefix: str = "", style: Literal["option", "field"] = "option") -> C:
+    """``cls`` validated from ``values``; the first error becomes one UsageError line naming
+    where it is: the command-line option (``--n-examples: ...``, style ``option``) or the
+    field's path in a config file (``experiments.0.params.n_examples: ...``, style ``field``),
+    after ``prefix``."""
     try:
         return cls.model_validate(values)
     except ValidationError as err:
         first = err.errors()[0]
         msg = first["msg"].removeprefix("Value error, ")
-        if not first["loc"]:
-            raise UsageError(msg) from None
-        where = "--" + str(first["loc"][0]).replace("_", "-")
-        raise UsageError(f"{where}: {msg}") from None
+        loc = first["loc"]
+        if not loc:
+            raise UsageError(f"{prefix}{msg}") from None
+        where = "--" + str(loc[0]).replace("_", "-") if style == "option" else ".".join(str(p) for p in loc)
+        raise UsageError(f"{prefix}{where}: {msg}") from None
 
 
 def out_dir_ready(path: Path, marker: str, force: bool) -> None:

@@ -11,67 +11,40 @@ throughput per GPU: an order of magnitude, not a promise.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import Literal
 
-import torch
-from accelerate import infer_auto_device_map
-from accelerate.utils import compute_module_sizes
-from transformers import AutoConfig, AutoModelForCausalLM
+from pydantic import Field
 
-from spectral.models.architectures import ARCHITECTURES
-from spectral.errors import UsageError
-from spectral.models.loading import hf_config
-from spectral.models.specs import parse_spec
-
-KNOWN = {"EleutherAI/pythia-410m": "pythia-410m", "EleutherAI/pythia-1b": "pythia-1b",
-         "EleutherAI/pythia-2.8b": "pythia-2.8b", "meta-llama/Llama-2-7b-hf": "llama-2-7b",
-         "openai-community/gpt2": "gpt2", "gpt2": "gpt2"}
-"""Hub ids whose architecture eigengap ships (planned offline)."""
+from jobs import registry
+from jobs.config import JobConfig, validate
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-PROMPT_TOKENS = 24
-"""Tokens per prompt assumed for task prompts (IOI and steering prompts are 10-30 tokens)."""
 
 
-def config_of(text: str):
-    spec = parse_spec(text)
-    if spec.kind == "random":
-        return hf_config(spec.architecture())
-    if spec.kind == "hub" and spec.name in KNOWN:
-        return hf_config(ARCHITECTURES[KNOWN[spec.name]])
-    if spec.kind == "organism":
-        from spectral.organisms import organism_dir
-
-        source = str(organism_dir(spec.name, spec.seed))
-    else:
-        source = spec.name
-    try:
-        return AutoConfig.from_pretrained(source, local_files_only=True)
-    except (OSError, ValueError):
-        raise UsageError(f"cannot plan {text!r} offline: not a shipped architecture ({', '.join(KNOWN)}), "
-                         "and no config.json in a local directory or the Hugging Face cache") from None
-
-
-def model_facts(text: str) -> dict:
-    """Size facts of a model from its architecture alone (no weights): parameter count, layers,
-    heads per layer, d_model, d_head, family; what cross-model scaling fits need."""
-    config = config_of(text)
-    params = sum(p.numel() for p in meta_model(config, torch.float32).parameters())
-    heads = config.num_attention_heads
-    return {"model": text, "family": config.model_type, "parameters": int(params),
-            "layers": int(config.num_hidden_layers), "heads": int(heads), "d_model": int(config.hidden_size),
-            "d_head": int(config.hidden_size // heads)}
-
-
-def meta_model(config, dtype: torch.dtype):
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+class PlanConfig(JobConfig):
+    model: str
+    """Model spec (hub id of a shipped architecture, random:..., directory, organism-NAME)."""
+    gpus_per_actor: int = Field(1, ge=1)
+    """GPUs each Ray actor spreads the model over."""
+    gpu_memory: float = Field(80.0, gt=0)
+    """GiB per GPU."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Weight dtype."""
+    sweep: Path | None = None
+    """A sweep config: estimate its forward passes and time."""
+    tflops: float = Field(100.0, gt=0)
+    """Effective TFLOP/s per GPU for the estimate."""
 
 
 def device_plan(model, gpus: int, gpu_memory_gb: float) -> tuple[dict, dict[str, float]]:
     """The accelerate device map over ``gpus`` devices of ``gpu_memory_gb`` each, and the
     parameter memory (GiB) placed on each device."""
     import logging
+
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import compute_module_sizes
 
     max_memory = {i: f"{gpu_memory_gb}GiB" for i in range(gpus)}
     quiet = logging.getLogger("accelerate.utils.modeling")
@@ -88,31 +61,25 @@ def device_plan(model, gpus: int, gpu_memory_gb: float) -> tuple[dict, dict[str,
     return device_map, per_device
 
 
-def sweep_tokens(experiments, layers: int, heads: int) -> list[tuple[str, float]]:
-    """(experiment, token-forward equivalents) for one model."""
-    out = []
-    for e in experiments:
-        p = e.params
-        n = p.get("n_examples", 64)
-        if e.kind == "scan":
-            prompts = p.get("prompts")
-            count = sum(1 for line in Path(prompts).read_text().splitlines() if line.strip()) if prompts and Path(prompts).is_file() else 256
-            tokens = count * p.get("max_tokens", 256)
-        elif e.kind == "patch" and p.get("method") == "attribution":
-            tokens = 2 * n * PROMPT_TOKENS + 3 * n * PROMPT_TOKENS + (2 + heads * (layers + 1) / 2) * n * PROMPT_TOKENS
-        elif e.kind in ("patch", "validate"):
-            tokens = (3 + heads * (layers + 1) / 2) * n * PROMPT_TOKENS  # scan + 2 caches + replays
-        else:  # steer: ~15 budget evaluations per strategy and layer, the grid, 64 prompts each
-            evaluations = 15 * (4 + layers) + 6 * layers
-            tokens = evaluations * 64 * PROMPT_TOKENS
-        out.append((e.kind, tokens))
-    return out
+def sweep_tokens(experiments, facts: registry.ModelFacts) -> list[tuple[str, float]]:
+    """(experiment kind, token-forward equivalents) for one model, from each kind's cost model."""
+    return [(e.kind, float(registry.experiment(e.kind).cost(e.params, facts))) for e in experiments]
 
 
 def run(model: str, gpus_per_actor: int = 1, gpu_memory: float = 80.0, dtype: str = "bfloat16",
-        sweep: str | None = None, tflops: float = 100.0, echo=print) -> dict:
-    if gpus_per_actor < 1 or gpu_memory <= 0 or tflops <= 0:
-        raise UsageError("--gpus-per-actor, --gpu-memory and --tflops must be positive")
+        sweep: str | Path | None = None, tflops: float = 100.0, echo=print) -> dict:
+    options = validate(PlanConfig, {"model": model, "gpus_per_actor": gpus_per_actor, "gpu_memory": gpu_memory,
+                                    "dtype": dtype, "sweep": sweep, "tflops": tflops})
+    return plan(options, echo)
+
+
+def plan(options: PlanConfig, echo=print) -> dict:
+    import torch
+
+    from spectral.models.facts import config_of, meta_model
+
+    model, gpus_per_actor, gpu_memory, dtype = options.model, options.gpus_per_actor, options.gpu_memory, options.dtype
+    sweep, tflops = options.sweep, options.tflops
     config = config_of(model)
     torch_dtype = getattr(torch, dtype)
     m = meta_model(config, torch_dtype)
@@ -136,7 +103,7 @@ def run(model: str, gpus_per_actor: int = 1, gpu_memory: float = 80.0, dtype: st
         from jobs.sweep import read_sweep
 
         config_sweep = read_sweep(sweep)
-        rows = sweep_tokens(config_sweep.experiments, layers, heads)
+        rows = sweep_tokens(config_sweep.experiments, registry.ModelFacts(int(params), int(layers), int(heads)))
         total = 0.0
         for kind, tokens in rows:
             seconds = 2 * params * tokens / (tflops * 1e12)
@@ -150,12 +117,21 @@ def run(model: str, gpus_per_actor: int = 1, gpu_memory: float = 80.0, dtype: st
 
 
 def add_parser(sub) -> None:
+    from jobs.config import add_arguments, parse_config
+
     parser = sub.add_parser("plan", help="memory, device map and cost from the architecture alone",
                             description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="model spec (hub id of a shipped architecture, random:..., directory, organism-NAME)")
-    parser.add_argument("--gpus-per-actor", type=int, default=1, help="GPUs each Ray actor spreads the model over (default 1)")
-    parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
-    parser.add_argument("--dtype", choices=list(BYTES), default="bfloat16", help="weight dtype (default bfloat16)")
-    parser.add_argument("--sweep", default=None, help="a sweep config: estimate its forward passes and time")
-    parser.add_argument("--tflops", type=float, default=100.0, help="effective TFLOP/s per GPU for the estimate (default 100)")
-    parser.set_defaults(handler=lambda ns: run(ns.model, ns.gpus_per_actor, ns.gpu_memory, ns.dtype, ns.sweep, ns.tflops))
+    add_arguments(parser, PlanConfig)
+    parser.set_defaults(handler=lambda ns: plan(parse_config(PlanConfig, ns)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jobs.cli import main as cli_main
+
+    return cli_main(["plan", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    from jobs.cli import exit_now
+
+    exit_now(main())

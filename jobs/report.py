@@ -8,14 +8,16 @@ Also ``python -m jobs.report RUN_DIR``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-import pyarrow as pa
+from pydantic import Field
 
 from analysis.crossmodel import analyse, load_run, summary
+from cluster.layout import RunLayout
 from cluster.store import write_json, write_parquet, write_text
+from jobs.config import JobConfig
+from spectral import tables as schemas
 from spectral.errors import UsageError
 
 RESULT_FILE = "report.html"
@@ -26,14 +28,18 @@ N_PERMUTATIONS = 1000
 def _check(run_dir: Path, out: Path) -> None:
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir} is not a directory")
-    if not (run_dir / "sweep.json").exists():
-        raise UsageError(f"{run_dir} is not a sweep run (no sweep.json): pass the directory `eigengap sweep` wrote")
+    if not RunLayout(run_dir).is_run():
+        raise UsageError(f"{run_dir} is not a sweep run (no {RunLayout.SWEEP}): pass the directory `eigengap sweep` wrote")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a directory")
 
 
-def _table(rows: list[dict], columns: list[str]) -> pa.Table:
-    return pa.Table.from_pylist(rows) if rows else pa.table({c: pa.array([], pa.string()) for c in columns})
+TABLES = {"verdicts.parquet": ("verdicts", schemas.REPORT_VERDICTS),
+          "calibration.parquet": ("calibration_rows", schemas.REPORT_CALIBRATION),
+          "correlations.parquet": ("correlations", schemas.REPORT_CORRELATIONS),
+          "scaling.parquet": ("scaling_rows", schemas.REPORT_SCALING),
+          "information.parquet": ("information_rows", schemas.REPORT_INFORMATION)}
+"""The report's tables: file -> (``analysis.crossmodel.Analysis`` field holding its rows, schema)."""
 
 
 def run(run_dir: Path, out: Path | None = None, echo=print, *, n_resamples: int = N_RESAMPLES,
@@ -42,23 +48,19 @@ def run(run_dir: Path, out: Path | None = None, echo=print, *, n_resamples: int 
     summary.json into ``out`` (default RUN_DIR/report); returns the page's path. With ``track``
     the summary also goes to the sweep's MLflow parent run (when the sweep was tracked)."""
     from analysis.render.html import figures, render
-    from jobs.sweep import safe
 
     run_dir = Path(run_dir)
-    out = Path(out) if out is not None else run_dir / "report"
+    out = Path(out) if out is not None else RunLayout(run_dir).report_dir
     _check(run_dir, out)
-    data = load_run(run_dir, safe)
+    data = load_run(run_dir)
     if data.missing:
         echo(f"report {data.run_id}: missing {len(data.missing)}: " + "; ".join(data.missing))
     result = analyse(data, n_resamples=n_resamples, n_permutations=n_permutations, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     figs = figures(data, result, out)
-    write_parquet(_table(result.verdicts, ["population", "key", "metric", "verdict"]), out / "verdicts.parquet")
-    write_parquet(_table(result.calibration_rows, ["model", "target"]), out / "calibration.parquet")
-    write_parquet(_table(result.correlations, ["population", "correlation"]), out / "correlations.parquet")
-    write_parquet(_table(result.scaling_rows, ["quantity", "predictor", "kind", "reason"]), out / "scaling.parquet")
-    write_parquet(_table(result.information_rows, ["level", "population", "model", "measure"]),
-                  out / "information.parquet")
+    figs["cells"] = other_cells(data)
+    for name, (rows, schema) in TABLES.items():
+        write_parquet(schemas.from_rows(getattr(result, rows), schema, str(out / name)), out / name, schema)
     write_json(summary(data, result), out / "summary.json")
     page = write_text(render(data, result, figs), out / RESULT_FILE)  # last: its presence means the report is complete
     counts = {v: sum(r["verdict"] == v for r in result.verdicts) for v in ("PASS", "FAIL", "INCONCLUSIVE")}
@@ -72,30 +74,46 @@ def run(run_dir: Path, out: Path | None = None, echo=print, *, n_resamples: int 
     return page
 
 
+ANALYSED = ("scan", "patch", "validate", "steer")
+"""Experiment kinds the cross-model analysis reads; cells of other kinds are shown with their
+kind's own metrics (``jobs.registry.Experiment.metrics``)."""
+
+
+def other_cells(data) -> list:
+    from jobs.registry import experiment
+
+    return [(cell, *experiment(cell.kind).metrics(path)) for cell, path in data.cells if cell.kind not in ANALYSED]
+
+
 def _n(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
+class ReportConfig(JobConfig):
+    run_dir: Path
+    """A sweep run directory (holds sweep.json)."""
+    out: Path | None = None
+    """Output directory (default: RUN_DIR/report)."""
+    resamples: int = Field(N_RESAMPLES, ge=1)
+    """Bootstrap resamples."""
+    permutations: int = Field(N_PERMUTATIONS, ge=1)
+    """Permutations of the MI null (fewer: the page states the Monte-Carlo error of each p-value)."""
+    seed: int = 0
+    """Seed of the resampling."""
+    track: bool = True
+    """Log the summary to the sweep's MLflow parent run."""
+
+
 def add_parser(sub) -> None:
+    from jobs.config import add_arguments, parse_config
+
     parser = sub.add_parser("report", help="cross-model HTML report of a sweep run", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path, help="a sweep run directory (holds sweep.json)")
-    parser.add_argument("--out", type=Path, default=None, help="output directory (default: RUN_DIR/report)")
-    parser.add_argument("--resamples", type=int, default=N_RESAMPLES, help=f"bootstrap resamples (default: {N_RESAMPLES})")
-    parser.add_argument("--permutations", type=int, default=N_PERMUTATIONS,
-                        help=f"permutations of the MI null (default: {N_PERMUTATIONS}; fewer: the page states the "
-                             "Monte-Carlo error of each p-value)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the resampling (default: 0)")
-    parser.add_argument("--track", action=argparse.BooleanOptionalAction, default=True,
-                        help="log the summary to the sweep's MLflow parent run (default: on)")
-    parser.set_defaults(handler=lambda ns: run(ns.run_dir, ns.out, n_resamples=_positive(ns.resamples, "--resamples"),
-                                               n_permutations=_positive(ns.permutations, "--permutations"), seed=ns.seed,
-                                               track=ns.track))
+    add_arguments(parser, ReportConfig, positional=("run_dir",))
+    parser.set_defaults(handler=lambda ns: _report(parse_config(ReportConfig, ns)))
 
 
-def _positive(value: int, option: str) -> int:
-    if value < 1:
-        raise UsageError(f"{option}: must be >= 1, got {value}")
-    return value
+def _report(c: ReportConfig) -> Path:
+    return run(c.run_dir, c.out, n_resamples=c.resamples, n_permutations=c.permutations, seed=c.seed, track=c.track)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -171,7 +171,8 @@ def run(config: SteerConfig, *, echo=print):
     import pyarrow as pa
 
     from analysis.steering import report, selection_split, strategy_rows
-    from spectral.kernels.scan import ScanSettings, finalize, reduce_partials, result_table, scan_unit, shard
+    from cluster.executors import LocalExecutor
+    from spectral.kernels.scan import ScanSettings, scan_table
     from spectral.models.loading import load_model, model_shape, parse_spec, resolve_device
     from spectral.steering.concepts import concept_for, scan_texts
     from spectral.steering.strategies import arms, layer_gaps, oracle_arms, order, spectral_k
@@ -201,8 +202,7 @@ def run(config: SteerConfig, *, echo=print):
     settings = ScanSettings()
     texts, scan_info = scan_texts(concept, config.scan_set)
     scan_info["scan_seed"] = config.scan_seed
-    scan = result_table(finalize(reduce_partials([scan_unit(probe, u) for u in shard(texts, settings, 64)]), settings),
-                        settings, spec.text, n_layers, adapter.n_heads)
+    scan = scan_table(LocalExecutor(probe, progress=False), spec.text, texts, settings, n_layers, adapter.n_heads)
     scan = scan.append_column("scan_set", pa.array([config.scan_set] * scan.num_rows))
     gaps = layer_gaps(scan.to_pylist())
 
@@ -290,25 +290,25 @@ def _write(config, tables, scan, text, extra) -> None:
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
     write_json({"config": config.model_dump(mode="json"), **extra}, out / "params.json")
-    write_parquet(scan, out / "scan.parquet")
-    write_parquet(tables["layers"], out / "layers.parquet")
-    write_parquet(tables["grid"], out / "grid.parquet")
-    write_parquet(tables["per_prompt"], out / "per_prompt.parquet")
-    write_parquet(tables["verdicts"], out / "verdicts.parquet")
+    write_parquet(scan, out / "scan.parquet", schemas.STEER_SCAN)
+    write_parquet(tables["layers"], out / "layers.parquet", schemas.STEER_LAYERS)
+    write_parquet(tables["grid"], out / "grid.parquet", schemas.STEER_GRID)
+    write_parquet(tables["per_prompt"], out / "per_prompt.parquet", schemas.STEER_PER_PROMPT)
+    write_parquet(tables["verdicts"], out / "verdicts.parquet", schemas.STEER_VERDICTS)
     effect_by_layer(tables["layers"], out / "effect_by_layer.png", title=config.model)
     effect_vs_side_effect(tables["strategies"], tables["grid"], out / "effect_vs_side_effect.png", title=config.model)
     write_text(text + "\n", out / "report.md")
-    write_parquet(tables["strategies"], out / RESULT_FILE)  # last: its presence means the run completed
+    write_parquet(tables["strategies"], out / RESULT_FILE, schemas.STEER_STRATEGIES)  # last: its presence means the run completed
 
 
 def unit_metrics(cell_dir: Path) -> tuple[dict[str, float], dict[str, str]]:
     """Every statistic of verdicts.parquet (``<key>/value|low|high``, ``verdict/<key>``) and each
     strategy's effect at the budget (``effect/<strategy>``)."""
-    import pyarrow.parquet as pq
+    from cluster.store import read_parquet
 
-    metrics, params = statistics_metrics(cell_dir / "verdicts.parquet")
+    metrics, params = statistics_metrics(cell_dir / "verdicts.parquet", schemas.STEER_VERDICTS)
     if (cell_dir / RESULT_FILE).is_file():
-        for r in pq.read_table(cell_dir / RESULT_FILE).to_pylist():
+        for r in read_parquet(cell_dir / RESULT_FILE, schemas.STEER_STRATEGIES, ["strategy", "effect"]).to_pylist():
             metrics[f"effect/{r['strategy']}"] = float(r["effect"])
     return metrics, params
 
@@ -327,7 +327,7 @@ EXPERIMENT = Experiment(
     kind="steer", help="steering strategies at a matched side-effect budget", config=SteerConfig, run=run,
     tables={RESULT_FILE: schemas.STEER_STRATEGIES, "layers.parquet": schemas.STEER_LAYERS, "grid.parquet": schemas.STEER_GRID,
             "per_prompt.parquet": schemas.STEER_PER_PROMPT, "verdicts.parquet": schemas.STEER_VERDICTS,
-            "scan.parquet": schemas.SCAN},
+            "scan.parquet": schemas.STEER_SCAN},
     cost=cost, metrics=unit_metrics, load=load)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.sweep import safe
+from cluster.layout import safe
 
 POSITIVE_GAP = 0.49
 """Largest gap of an important head (and of a steerable layer's weakest head)."""
@@ -41,7 +41,7 @@ def write(table: dict, path: Path) -> None:
 
 
 def finish(unit: Path, model: str, index: int, kind: str) -> None:
-    (unit / "unit.json").write_text(json.dumps({"unit": {"model": model, "index": index, "kind": kind, "params": {}}}))
+    (unit / "cell.json").write_text(json.dumps({"cell": {"model": model, "index": index, "kind": kind, "params": {}}, "seconds": 0.0}))
 
 
 def spec(name: str, seed: int) -> str:

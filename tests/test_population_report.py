@@ -21,7 +21,7 @@ from analysis.crossmodel import (
     ModelData, Population, PopulationResult, consistency_verdict, head_rows, heterogeneity, job_row, load_run, study,
 )
 from analysis.population import Member, Stat, estimate_many, from_values
-from jobs.sweep import safe
+from cluster.layout import safe
 
 
 def allowed(n: int, rate: float) -> int:
@@ -255,7 +255,7 @@ def _patch_unit(unit, method: str, direction: str, n_heads: int = 6, n_examples:
     g = np.linspace(0.4, 0.9, n_heads)
     pq.write_table(pa.table({"layer": np.zeros(n_heads, int), "head": np.arange(n_heads), "gap": g,
                              "entropy": 1 - g}), unit / "scan.parquet")
-    (unit / "unit.json").write_text("{}")
+    (unit / "cell.json").write_text("{}")
 
 
 @pytest.mark.parametrize("method, direction, read", [("exact", "denoise", True), ("exact", "noise", False),
@@ -266,7 +266,7 @@ def test_patch_runs_count_as_importance_only_when_restoration_means_importance(t
     run = tmp_path / "run"
     _sweep(run, ["organism-s"], [{"kind": "patch", "params": {"method": method, "direction": direction}}])
     _patch_unit(run / "model=organism-s" / "experiment=0-patch", method, direction)
-    data = load_run(run, safe)
+    data = load_run(run)
     md = data.models[0]
     assert (md.heads is not None) == read
     if read:
@@ -282,7 +282,7 @@ def test_models_are_grouped_into_populations_by_seed(tmp_path):
     _sweep(run, models, [{"kind": "patch", "params": {}}])
     for m in models:
         _patch_unit(run / f"model={safe(m)}" / "experiment=0-patch", "exact", "denoise")
-    data = load_run(run, safe)
+    data = load_run(run)
     pops = {p.name: p for p in data.populations}
     assert list(pops) == ["organism-s", "organism-m", "EleutherAI/pythia-14m"]
     assert pops["organism-s"].seeds == [0, 2] and pops["organism-s"].listed == models[:3]

@@ -48,7 +48,7 @@ def test_sweep_submitted_to_a_ray_head(organism_cache, tmp_path):
     assert not live_members(group)
 
     run_dir = out / "organism-e2e"
-    units = sorted(p.parent.relative_to(run_dir).as_posix() for p in run_dir.glob("model=*/experiment=*/unit.json"))
+    units = sorted(p.parent.relative_to(run_dir).as_posix() for p in run_dir.glob("model=*/experiment=*/cell.json"))
     model = units[0].split("/")[0]
     assert units == [f"{model}/experiment=0-validate", f"{model}/experiment=1-patch"]
     scan = pq.read_table(run_dir / units[0] / "scan.parquet")

@@ -175,11 +175,11 @@ def test_missing_steer_is_named(tmp_path, capsys):
 
     run_dir = make_run(tmp_path / "partial", seeds=(0,))
     shutil.rmtree(run_dir / "model=organism-s" / "experiment=1-steer")
-    (run_dir / "model=organism-m" / "experiment=1-steer" / "unit.json").unlink()
+    (run_dir / "model=organism-m" / "experiment=1-steer" / "cell.json").unlink()
     out = tmp_path / "report"
     assert main(["report", str(run_dir), "--out", str(out), "--resamples", "100", "--permutations", "10"]) == 0
     missing = ["organism-s: experiment 1 (steer) not run",
-               "organism-m: experiment 1 (steer) not finished (no unit.json)"]
+               "organism-m: experiment 1 (steer) not finished (no cell.json)"]
     assert json.loads((out / "summary.json").read_text())["missing"] == missing
     page = (out / "report.html").read_text()
     assert all(m in page for m in missing)

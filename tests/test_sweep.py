@@ -29,7 +29,7 @@ def test_sweep_tracks_and_resumes_without_duplicates(organism_cache, tmp_path, c
     out = tmp_path / "runs"
     assert main(["sweep", str(config), "--out", str(out)]) == 0
     run_dir = out / "t"
-    units = sorted(p.parent.relative_to(run_dir).as_posix() for p in run_dir.glob("model=*/experiment=*/unit.json"))
+    units = sorted(p.parent.relative_to(run_dir).as_posix() for p in run_dir.glob("model=*/experiment=*/cell.json"))
     assert units == [f"model={organism_cache.as_posix().strip('/').replace('/', '_')}/experiment=0-validate",
                      f"model={organism_cache.as_posix().strip('/').replace('/', '_')}/experiment=1-patch"]
     stats = pq.read_table(next(run_dir.glob("model=*/experiment=0-validate/validate.parquet")))
@@ -39,21 +39,22 @@ def test_sweep_tracks_and_resumes_without_duplicates(organism_cache, tmp_path, c
     patched = results(run_dir, "patch.parquet")  # both units patch every head of the 2 x 8
     assert patched.num_rows == 2 * 16 and patched["experiment"].value_counts().to_pylist() == [
         {"values": "0-validate", "counts": 16}, {"values": "1-patch", "counts": 16}]
-    assert len({(r["unit"], r["layer"], r["head"]) for r in patched.to_pylist()}) == 32  # no duplicates
+    assert len({(r["cell"], r["layer"], r["head"]) for r in patched.to_pylist()}) == 32  # no duplicates
     uri = f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
     runs = mlflow_runs(uri)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(parents) == 1 and len(children) == 2
     validate_run = next(r for r in children if r.data.params["kind"] == "validate")
-    assert "pearson r_importance_ 1/gap_ value" in validate_run.data.metrics
-    assert validate_run.data.params["verdict pearson r_importance_ 1/gap_"] in ("PASS", "FAIL", "INCONCLUSIVE")
+    assert {"importance_correlation/value", "importance_correlation/low", "importance_correlation/high"} \
+        <= set(validate_run.data.metrics)  # stable keys: the same in every model's run, no values inside
+    assert validate_run.data.params["verdict/importance_correlation"] in ("PASS", "FAIL", "INCONCLUSIVE")
     assert "seconds" in validate_run.data.metrics
     patch_run = next(r for r in children if r.data.params["kind"] == "patch")
-    assert "spearman attribution vs exact" in patch_run.data.metrics
+    assert "spearman_attribution_vs_exact" in patch_run.data.metrics
     capsys.readouterr()
 
-    stamps = {p: p.stat().st_mtime_ns for p in run_dir.glob("model=*/experiment=*/unit.json")}
+    stamps = {p: p.stat().st_mtime_ns for p in run_dir.glob("model=*/experiment=*/cell.json")}
     assert main(["sweep", str(config), "--out", str(out)]) == 0
     assert "resuming" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing recomputed
@@ -116,24 +117,24 @@ def test_invalid_sweep_config(tmp_path, capsys, config, message):
 def test_example_sweeps_are_valid():
     from pathlib import Path
 
-    from jobs.sweep import read_sweep, units_of
+    from jobs.sweep import read_sweep, cells_of
 
     for path in sorted(Path(__file__).parent.parent.glob("sweeps/*.yaml")):
         config = read_sweep(path)
-        assert units_of(config), path
+        assert cells_of(config), path
     population = read_sweep(Path(__file__).parent.parent / "sweeps" / "organisms.yaml").models
     assert len(population) == 4 * 5 and population[:3] == ["organism-xs", "organism-xs?seed=1", "organism-xs?seed=2"]
     assert population[-1] == "organism-l?seed=4"
 
 
 def test_seeds_expand_organisms_and_random_twins():
-    from jobs.sweep import SweepConfig, units_of
+    from jobs.sweep import SweepConfig, cells_of
 
     config = SweepConfig.model_validate({"name": "p", "models": ["organism-xs", "random:gpt2?layers=2"], "seeds": [0, 3],
                                          "experiments": [{"kind": "scan"}]})
     assert config.models == ["organism-xs", "organism-xs?seed=3", "random:gpt2?layers=2&seed=0",
                              "random:gpt2?layers=2&seed=3"]
-    assert len(units_of(config)) == 4
+    assert len(cells_of(config)) == 4
     again = SweepConfig.model_validate(config.model_dump())  # what sweep.json stores validates to itself
     assert again.models == config.models
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -577,38 +578,57 @@ def _data(run: RunData) -> str:
             + _table(["model", "quantity", "excluded"], excluded, {2}))
 
 
-SECTIONS = (("verdicts", "Verdicts"), ("populations", "Populations"), ("landscape", "Gap landscape"),
-            ("importance", "Gap vs importance"), ("steering", "Steering by layer"),
-            ("calibration", "Threshold calibration"), ("generalization", "Generalization across populations"),
-            ("scaling", "Scaling (exploratory)"), ("information", "Information measures"), ("data", "Data"))
+def _landscape(run: RunData, a: Analysis, figs: dict) -> str:
+    land = figs["landscape"] or {}
+    if not land:
+        return "<p class=\"note\">No scan in this run.</p>"
+    return ("<p class=\"note\">One heatmap per population (its first seed); every seed's heatmap is in its "
+            "validate cell (gap_heatmap.png).</p><div class=\"grid\">"
+            + "".join(_img(p, f"gap landscape {m}", scale=LANDSCAPE_SCALE) for m, p in land.items()) + "</div>")
+
+
+def _other_cells(run: RunData, a: Analysis, figs: dict) -> str:
+    """Cells of experiment kinds that no analysis of this page reads: the metrics and verdicts
+    their kind hands to MLflow (``figs['cells']``: (cell, metrics, params) from jobs.report)."""
+    rows = [[cell.model, f"{cell.index}-{cell.kind}", key, value]
+            for cell, metrics, params in figs.get("cells") or () for key, value in [*metrics.items(), *params.items()]]
+    if not rows:
+        return "<p class=\"note\">No other experiment in this run.</p>"
+    return ("<p class=\"note\">Per cell, as its experiment kind reports it (the same keys as its MLflow run); "
+            "no population statistics are taken here.</p>" + _table(["model", "experiment", "key", "value"], rows, {3}))
+
+
+Section = Callable[[RunData, Analysis, dict], str]
+
+SECTIONS: tuple[tuple[str, str, Section], ...] = (
+    ("verdicts", "Verdicts", lambda run, a, figs: _verdicts(a)),
+    ("populations", "Populations", lambda run, a, figs: _populations(run)),
+    ("landscape", "Gap landscape", _landscape),
+    ("importance", "Gap vs importance", lambda run, a, figs: _img(
+        figs["importance"], "gap vs importance", f"colours: seeds; filled: important heads; dashed: {UNSTABLE_GAP:g}; "
+        "red: the population's mean head threshold with its across-seed 95 % CI")),
+    ("steering", "Steering by layer", lambda run, a, figs: _img(
+        figs["steering"], "steering by layer", "effect at the matched KL budget with 95 % CI over prompts (dots) and "
+        f"the layer's min gap (squares), per seed; dotted: {UNSTABLE_GAP:g}")),
+    ("calibration", "Threshold calibration", lambda run, a, figs: _calibration(a)),
+    ("generalization", "Generalization across populations",
+     lambda run, a, figs: _generalization(a) + _img(figs["generalization"], "generalization")),
+    ("scaling", "Scaling (exploratory)", lambda run, a, figs: _scaling(a) + _img(
+        figs["scaling"], "scaling fits", "exploratory; solid: power law, dashed: log-linear; log x-axis")),
+    ("information", "Information measures",
+     lambda run, a, figs: _information(a) + _img(figs["entropy"], "entropy by stability")),
+    ("cells", "Other experiments", _other_cells),
+    ("data", "Data", lambda run, a, figs: _data(run)),
+)
+"""The page's sections in order: (anchor, title, renderer). A new analysis adds one line here."""
 
 
 def render(run: RunData, a: Analysis, figs: dict) -> str:
     """The whole page as one string."""
-    land = figs["landscape"] or {}
-    body = {
-        "verdicts": _verdicts(a),
-        "populations": _populations(run),
-        "landscape": ("<p class=\"note\">One heatmap per population (its first seed); every seed's heatmap is in its "
-                      "validate unit (gap_heatmap.png).</p><div class=\"grid\">"
-                      + "".join(_img(p, f"gap landscape {m}", scale=LANDSCAPE_SCALE) for m, p in land.items())
-                      + "</div>") if land else "<p class=\"note\">No scan in this run.</p>",
-        "importance": _img(figs["importance"], "gap vs importance",
-                           f"colours: seeds; filled: important heads; dashed: {UNSTABLE_GAP:g}; red: the population's mean "
-                           "head threshold with its across-seed 95 % CI"),
-        "steering": _img(figs["steering"], "steering by layer",
-                         f"effect at the matched KL budget with 95 % CI over prompts (dots) and the layer's min gap "
-                         f"(squares), per seed; dotted: {UNSTABLE_GAP:g}"),
-        "calibration": _calibration(a),
-        "generalization": _generalization(a) + _img(figs["generalization"], "generalization"),
-        "scaling": _scaling(a) + _img(figs["scaling"], "scaling fits",
-                                       "exploratory; solid: power law, dashed: log-linear; log x-axis"),
-        "information": _information(a) + _img(figs["entropy"], "entropy by stability"),
-        "data": _data(run),
-    }
-    nav = "".join(f"<a href=\"#{k}\">{_e(t)}</a>" for k, t in SECTIONS)
+    body = {k: section(run, a, figs) for k, _, section in SECTIONS}
+    nav = "".join(f"<a href=\"#{k}\">{_e(t)}</a>" for k, t, _ in SECTIONS)
     warn = (f"<p class=\"warn\">Missing: {_e('; '.join(run.missing))}</p>" if run.missing else "")
-    sections = "".join(f"<section id=\"{k}\"><h2>{_e(t)}</h2>{body[k]}</section>" for k, t in SECTIONS)
+    sections = "".join(f"<section id=\"{k}\"><h2>{_e(t)}</h2>{body[k]}</section>" for k, t, _ in SECTIONS)
     title = f"eigengap report: {run.run_id}"
     pops = ", ".join(f"{p.name} ({'one model' if p.one_model else f'{len(p.members)} seeds'})" for p in run.populations)
     return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_e(title)}</title>"
