@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.handler(args)
-    except UsageError as err:
-        print(f"eigengap {args.command}: error: {err}", file=sys.stderr)
+    except UsageError as err:  # one line; a UsageError Ray re-raised keeps the worker's own as ``cause``
+        lines = str(getattr(err, "cause", None) or err).strip().splitlines()
+        print(f"eigengap {args.command}: error: {lines[0] if lines else type(err).__name__}", file=sys.stderr)
         return EXIT_USAGE
     return 0
 

@@ -7,7 +7,9 @@ import torch
 
 from cluster import executors
 from cluster.executors import resolve_load_kwargs
-from spectral.models.loading import load_model
+from spectral.errors import UsageError
+from spectral.models.loading import load_model, resolve_device
+from spectral.net import unreachable
 from spectral.causal.patching import PatchUnit, patch_unit
 from spectral.kernels.scan import ScanSettings, finalize, reduce_partials, scan_unit, shard
 from spectral.causal.tasks import builtin_ioi
@@ -26,6 +28,32 @@ def test_load_kwargs_follow_the_reserved_gpus(monkeypatch):
     assert resolve_load_kwargs({"device": "cuda"}, 2) == {"device_map": "auto"}
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # fewer visible than reserved: one device
     assert resolve_load_kwargs({"device": "auto"}, 2) == {"device": "cuda"}
+
+
+def test_auto_device_is_a_gpu_when_there_is_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == resolve_device(None) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda"
+    assert resolve_device("cpu") == "cpu" and resolve_device("cuda:1") == "cuda:1"
+
+
+def test_one_tcp_probe_for_the_hub_and_ray():
+    import socket
+
+    with socket.socket() as listener, socket.socket() as unused:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        unused.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        live, dead = listener.getsockname()[1], unused.getsockname()[1]
+        assert unreachable("127.0.0.1", live) is None
+        assert unreachable("127.0.0.1", dead) == "Connection refused"
+        assert executors._answers(f"127.0.0.1:{live}") and not executors._answers(f"127.0.0.1:{dead}")
+        executors._reachable(f"ray://127.0.0.1:{live}")
+        with pytest.raises(UsageError, match=rf"^cannot reach the Ray cluster at '127.0.0.1:{dead}' \(Connection refused\); "):
+            executors._reachable(f"127.0.0.1:{dead}")
+    with pytest.raises(UsageError, match="^Ray address 'nowhere' is not HOST:PORT"):
+        executors._reachable("nowhere")
 
 
 def test_ray_actor_receives_its_resources(monkeypatch):

@@ -1,12 +1,13 @@
 """Model specs and loading: random twins, local checkpoints, hub ids offline."""
 
 import time
+from dataclasses import replace
 
 import pytest
 import torch
 
 from spectral.errors import UsageError
-from spectral.models.families import ARCHITECTURES
+from spectral.models.families import ARCHITECTURES, BY_MODEL_TYPE, FAMILIES, HUB_IDS, family_for
 from spectral.models.loading import hf_config, load_model, model_shape
 from spectral.models.specs import parse_spec
 from tests.conftest import TINY
@@ -51,6 +52,28 @@ def test_full_size_architectures_match_definitions(name):
     assert model_shape(f"random:{name}") == table[name][:2]
     if name.startswith("pythia"):
         assert cfg.rope_parameters["partial_rotary_factor"] == 0.25 and cfg.use_parallel_residual
+
+
+def test_each_family_owns_its_architectures_and_hub_ids():
+    """ARCHITECTURES and HUB_IDS are views of the family registry; each shipped architecture
+    builds a config of a model type its family serves."""
+    assert list(FAMILIES) == ["gpt_neox", "llama", "gpt2"]
+    assert BY_MODEL_TYPE["mistral"] is BY_MODEL_TYPE["llama"] is FAMILIES["llama"]
+    for family in FAMILIES.values():
+        for arch in family.architectures:
+            assert ARCHITECTURES[arch.name] is arch and arch.family == family.name
+            assert hf_config(arch).model_type in family.model_types
+        assert all(HUB_IDS[hub_id] == name for hub_id, name in family.hub_ids.items())
+    assert len(ARCHITECTURES) == sum(len(f.architectures) for f in FAMILIES.values()) == 5
+    assert HUB_IDS == {"EleutherAI/pythia-410m": "pythia-410m", "EleutherAI/pythia-1b": "pythia-1b",
+                       "EleutherAI/pythia-2.8b": "pythia-2.8b", "meta-llama/Llama-2-7b-hf": "llama-2-7b",
+                       "openai-community/gpt2": "gpt2", "gpt2": "gpt2"}
+    with pytest.raises(ValueError, match="architecture 'llama-2-7b' says family 'llama'"):
+        replace(FAMILIES["gpt2"], architectures=(ARCHITECTURES["llama-2-7b"],))
+    with pytest.raises(ValueError, match="hub id 'x/y' names no shipped architecture 'gpt3'"):
+        replace(FAMILIES["gpt2"], hub_ids={"x/y": "gpt3"})
+    with pytest.raises(UsageError, match=r"^unsupported model type None \(supported: gpt2, gpt_neox, llama, mistral\)$"):
+        family_for(None)
 
 
 def test_random_models_are_deterministic_from_the_seed():
