@@ -24,7 +24,7 @@ import torch
 
 from benchmarks.bench_scan_memory import BATCH_SIZE, MODEL, PROMPT_TOKENS, SHARD_SIZE, TOKENS
 from benchmarks.common import token_prompts
-from spectral.kernels.spectra import KeyStats
+from spectral.kernels.key import KeyStats
 from spectral.models.loading import LoadedModel, load_model
 from spectral.kernels.scan import ScanSettings, ScanUnit, finalize, scan_unit, shard, token_batches
 

@@ -17,6 +17,7 @@ from jobs.registry import Experiment
 from spectral import tables
 from spectral.models.ranges import check_range
 from spectral.kernels.metrics import UNSTABLE_GAP
+from spectral.kernels.registry import KERNELS, Kernel
 
 RESULT_FILE = "scan.parquet"
 
@@ -28,8 +29,9 @@ class ScanConfig(ExecutorOptions):
     """Output directory (scan.parquet, params.json, summary.md, gap_heatmap.png)."""
     prompts: Path | None = None
     """Prompts: plain text, one per line, or JSONL with a 'text' field (not needed for --kernel weights)."""
-    kernel: Literal["key", "scores", "probs", "weights"] = "key"
-    """Which kernel of each head: key Gram, pre-softmax scores, attention probabilities, or W_Q W_K^T."""
+    kernel: Kernel = "key"
+    """Which kernel of each head: key Gram, pre-softmax scores, attention probabilities, or W_Q W_K^T
+    (``spectral.kernels.registry.KERNELS``)."""
     keys: Literal["raw", "rotated"] = "raw"
     """Keys before ('raw') or after ('rotated') the rotary rotation (key kernel)."""
     ridge: float = Field(1e-2, gt=0)
@@ -60,7 +62,7 @@ class ScanConfig(ExecutorOptions):
 
     @model_validator(mode="after")
     def _prompts_needed(self):
-        if self.kernel != "weights" and self.prompts is None:
+        if KERNELS[self.kernel].forward and self.prompts is None:
             raise ValueError("--prompts is required for --kernel " + self.kernel)
         return self
 
@@ -89,23 +91,19 @@ def run(config: ScanConfig, *, executor=None, echo=print):
     """Validate everything, compute, then write the results directory."""
     from analysis.summary import format_summary, layer_summaries
     from spectral.kernels.prompts import read_prompts
-    from spectral.kernels.scan import finalize, reduce_partials, result_table, scan_unit, settings_dict, shard, weights_result
+    from spectral.kernels.scan import scan_table, settings_dict
     from spectral.models.loading import model_heads, parse_spec
 
     start = time.perf_counter()
     spec = parse_spec(config.model)
-    prompts = read_prompts(config.prompts) if config.kernel != "weights" else []
+    prompts = read_prompts(config.prompts) if KERNELS[config.kernel].forward else []
     out_dir_ready(config.out, RESULT_FILE, config.force)
     n_layers, n_heads, n_kv_heads = model_heads(spec)
     settings = config.settings()
     check_selection(settings, n_layers, n_heads)
     executor = executor or config.make_executor(config.load_kwargs())
-    if config.kernel == "weights":
-        result = executor.map(spec.text, weights_result, [settings], desc="weights")[0]
-    else:
-        units = shard(prompts, settings, config.shard_size)
-        result = finalize(reduce_partials(executor.map(spec.text, scan_unit, units, desc="scan")), settings)
-    table = result_table(result, settings, spec.text, n_layers, n_heads, n_kv_heads)
+    table = scan_table(executor, spec.text, prompts, settings, n_layers, n_heads, n_kv_heads,
+                       shard_size=config.shard_size)
     summary = format_summary(layer_summaries(table, config.threshold), config.threshold)
     params = {"config": config.model_dump(mode="json"), "settings": settings_dict(settings),
               "n_prompts": len(prompts), "seconds": round(time.perf_counter() - start, 3),

@@ -71,7 +71,7 @@ def run(config: ValidateConfig, *, echo=print):
     from analysis.validation import validate
     from spectral.causal.patching import patch_unit
     from spectral.causal.tasks import encode
-    from spectral.kernels.scan import ScanSettings, finalize, reduce_partials, result_table, scan_unit, shard
+    from spectral.kernels.scan import ScanSettings, scan_table
     from spectral.models.loading import load_model, model_heads, parse_spec, resolve_device
 
     start = time.perf_counter()
@@ -88,8 +88,7 @@ def run(config: ValidateConfig, *, echo=print):
         examples, scan_texts = scan_split(config, patch_config, probe)
         encode(probe.tokenizer, examples, source=config.task)
         settings = ScanSettings(keys=config.keys, ridge=config.ridge, ridge_mode=config.ridge_mode)
-        parts = executor.map(spec.text, scan_unit, shard(scan_texts, settings, 64), desc="scan")
-        scan = result_table(finalize(reduce_partials(parts), settings), settings, spec.text, n_layers, n_heads, n_kv_heads)
+        scan = scan_table(executor, spec.text, scan_texts, settings, n_layers, n_heads, n_kv_heads)
         units = units_for(patch_config, examples, n_layers, n_heads)
         rows = [r for part in executor.map(spec.text, patch_unit, units, desc="patch") for r in part]
     heads_patch, per_example = tables(rows, patch_config, spec.text)

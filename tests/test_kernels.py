@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from spectral.kernels.spectra import (
-    STATUS_FEW_TOKENS, STATUS_NONFINITE, STATUS_OK, STATUS_RANK,
-    KeyStats, PromptSpectra, key_kernel_spectra, weight_kernel_result, weight_spectra,
-)
+from spectral.kernels.attention import PromptSpectra
+from spectral.kernels.key import KeyStats, key_kernel_spectra
+from spectral.kernels.result import STATUS_FEW_TOKENS, STATUS_NONFINITE, STATUS_OK, STATUS_RANK
+from spectral.kernels.weights import weight_kernel_result, weight_spectra
 from spectral.kernels.metrics import SpectrumMetrics, spectrum_metrics
 from tests.reference import brute_key_kernel_metrics, brute_metrics
 

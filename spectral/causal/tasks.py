@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from spectral.errors import UsageError
+from spectral.models.tokenizer import is_single_token, right_padded, single_token
 from spectral.organisms.language import ioi_example
 
 ENGLISH_IOI = {
@@ -95,23 +96,11 @@ def encode(tokenizer, examples: list[Example], source: str = "task") -> EncodedT
             raise UsageError(f"{source}:{i}: clean and corrupt differ in length ({len(clean)} vs {len(corrupt)} tokens)")
         if not clean:
             raise UsageError(f"{source}:{i}: the clean prompt is empty")
-        ids = []
-        for field in ("answer", "distractor"):
-            toks = tokenizer(getattr(ex, field), add_special_tokens=False)["input_ids"]
-            if len(toks) != 1:
-                raise UsageError(f"{source}:{i}: {field} {getattr(ex, field)!r} is {len(toks)} tokens, not one")
-            ids.append(toks[0])
+        ids = [single_token(tokenizer, getattr(ex, field), f"{source}:{i}", field)
+               for field in ("answer", "distractor")]
         rows.append((clean, corrupt, *ids))
-    width = max(len(r[0]) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    n = len(rows)
-    clean_t = torch.full((n, width), pad, dtype=torch.long)
-    corrupt_t = torch.full((n, width), pad, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for i, (c, k, _, _) in enumerate(rows):
-        clean_t[i, :len(c)] = torch.tensor(c)
-        corrupt_t[i, :len(k)] = torch.tensor(k)
-        mask[i, :len(c)] = 1
+    clean_t, mask = right_padded(tokenizer, [r[0] for r in rows])
+    corrupt_t, _ = right_padded(tokenizer, [r[1] for r in rows])  # same lengths as clean: same mask
     return EncodedTask(clean_t, corrupt_t, mask, mask.sum(1) - 1, torch.tensor([r[2] for r in rows]),
                        torch.tensor([r[3] for r in rows]), list(examples))
 
@@ -128,10 +117,7 @@ def ioi_examples(tasks: dict, n: int, seed: int = 0) -> list[Example]:
 
 def english_ioi(tokenizer) -> dict:
     """ENGLISH_IOI restricted to words that are single tokens (with a leading space) here."""
-    def single(word: str) -> bool:
-        return len(tokenizer(" " + word, add_special_tokens=False)["input_ids"]) == 1
-
-    tasks = {key: [w for w in words if single(w)] if key != "ioi_templates" else list(words)
+    tasks = {key: list(words) if key == "ioi_templates" else [w for w in words if is_single_token(tokenizer, " " + w)]
              for key, words in ENGLISH_IOI.items()}
     if len(tasks["names"]) < 3:
         raise UsageError("this tokenizer has fewer than 3 single-token names: the built-in IOI task does not apply")

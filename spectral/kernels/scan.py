@@ -2,30 +2,29 @@
 
 A scan is a list of work units (prompt shards) whose partial statistics add up exactly,
 plus a reduce step; ``cluster.executors`` runs the units in-process or on Ray actors.
+``scan_table`` is the whole pipeline (shard -> ``scan_unit`` -> reduce -> finalize -> one
+row per head); the kernel, registered in ``spectral.kernels.registry``, supplies the site its
+forward pass captures, the statistics it streams and its finalize.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import pyarrow as pa
 import torch
 
+from spectral.kernels.metrics import METRICS
+from spectral.kernels.registry import KERNELS, Kernel, KernelSteps
+from spectral.kernels.result import KernelResult
 from spectral.models.adapter import HeadAdapter
-from spectral.kernels.spectra import (
-    KernelResult, KeyStats, PromptSpectra, key_kernel_spectra, weight_kernel_result, weight_spectra,
-)
 from spectral.models.loading import LoadedModel
-from spectral.kernels.metrics import SpectrumMetrics
+from spectral.models.tokenizer import Padded, right_padded
 
-Kernel = Literal["key", "scores", "probs", "weights"]
 KeyKind = Literal["raw", "rotated"]
-KERNEL_SITE = {"scores": "scores", "probs": "probs"}
-
-Partial = KeyStats | PromptSpectra
 
 
 @dataclass(frozen=True)
@@ -45,8 +44,9 @@ class ScanSettings:
     heads: tuple[int, ...] | None = None
 
     @property
-    def site(self) -> str:
-        return KERNEL_SITE.get(self.kernel, f"keys_{self.keys}")
+    def steps(self) -> KernelSteps:
+        """How the kernel is computed (its registry record's steps)."""
+        return KERNELS[self.kernel].steps()
 
 
 @dataclass(frozen=True)
@@ -66,22 +66,22 @@ def shard(prompts: Sequence[str], settings: ScanSettings, shard_size: int) -> li
     ]
 
 
-def token_batches(loaded: LoadedModel, prompts: Sequence[str], settings: ScanSettings) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def scan_units(texts: Sequence[str], settings: ScanSettings, shard_size: int) -> list[ScanUnit]:
+    """The work units of a scan: prompt shards, or, for a kernel read from the weights alone,
+    one unit without prompts."""
+    if not KERNELS[settings.kernel].forward:
+        return [ScanUnit(0, (), settings)]
+    return shard(texts, settings, shard_size)
+
+
+def token_batches(loaded: LoadedModel, prompts: Sequence[str], settings: ScanSettings) -> Iterator[Padded]:
     """(input_ids, attention_mask) batches, right-padded; prompts sorted by length to cut padding."""
     tok = loaded.tokenizer
     limit = settings.max_tokens or getattr(loaded.model.config, "max_position_embeddings", None)
     encoded = [tok(p, add_special_tokens=False, truncation=limit is not None, max_length=limit)["input_ids"] for p in prompts]
     encoded = sorted((ids for ids in encoded if ids), key=len)
-    pad = tok.pad_token_id
     for start in range(0, len(encoded), settings.batch_size):
-        chunk = encoded[start:start + settings.batch_size]
-        width = max(len(ids) for ids in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, seq in enumerate(chunk):
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-        yield ids, mask
+        yield right_padded(tok, encoded[start:start + settings.batch_size])
 
 
 def input_device(model: torch.nn.Module) -> torch.device:
@@ -89,44 +89,36 @@ def input_device(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def scan_unit(loaded: LoadedModel, unit: ScanUnit) -> Partial:
-    """Run one shard: one forward pass per batch, all requested layers and heads at once."""
+def scan_unit(loaded: LoadedModel, unit: ScanUnit) -> Any:
+    """Run one shard: one forward pass per batch, all requested layers and heads at once.
+    Returns the kernel's statistics (``registry.Statistics``) of this shard."""
     adapter = HeadAdapter(loaded.model)
     settings = unit.settings
+    steps = settings.steps
     layers = adapter.check_layers(settings.layers)
-    if settings.kernel == "key":
-        acc: Partial = KeyStats.zeros(adapter.n_layers, adapter.n_heads, adapter.d_head)
-    else:
-        acc = PromptSpectra(adapter.n_layers, adapter.n_heads)
+    stats = steps.start(adapter, settings)
+    if steps.site is None:  # read from the weights: nothing to run
+        return stats
+    sites = [steps.site(settings)]
     device = input_device(loaded.model)
     for ids, mask in token_batches(loaded, unit.prompts, settings):
         ids, mask = ids.to(device), mask.to(device)
         real = mask.bool()
-        with adapter.trace([settings.site], lambda layer, site, t: acc.update(layer, t, real),
-                           layers=layers, attention_mask=mask):
+        with adapter.trace(sites, lambda layer, site, t: stats.update(layer, t, real), layers=layers, attention_mask=mask):
             loaded.model(input_ids=ids, attention_mask=mask, use_cache=False)
-    return acc
+    return stats
 
 
-def reduce_partials(parts: Sequence[Partial]) -> Partial:
+def reduce_partials(parts: Sequence[Any]) -> Any:
+    """The statistics of all shards together (partials add exactly)."""
     total = parts[0]
     for part in parts[1:]:
         total = total + part
     return total
 
 
-def finalize(total: Partial, settings: ScanSettings) -> KernelResult:
-    if isinstance(total, KeyStats):
-        return key_kernel_spectra(total, ridge=settings.ridge, center=settings.center, ridge_mode=settings.ridge_mode)
-    return total.result()
-
-
-def weights_result(loaded: LoadedModel, settings: ScanSettings) -> KernelResult:
-    """The weight-only kernel: no forward pass at all."""
-    adapter = HeadAdapter(loaded.model)
-    spectra = np.stack([weight_spectra(*adapter.qk_weights(l)) for l in range(adapter.n_layers)])
-    dtype = adapter.qk_weights(0)[0].dtype
-    return weight_kernel_result(spectra, eps=float(torch.finfo(dtype).eps))
+def finalize(total: Any, settings: ScanSettings) -> KernelResult:
+    return settings.steps.finalize(total, settings)
 
 
 def result_table(result: KernelResult, settings: ScanSettings, model: str, n_layers: int, n_heads: int,
@@ -138,20 +130,19 @@ def result_table(result: KernelResult, settings: ScanSettings, model: str, n_lay
     heads = list(settings.heads) if settings.heads is not None else list(range(n_heads))
     grid_l, grid_h = np.meshgrid(layers, heads, indexing="ij")
     l, h = grid_l.ravel(), grid_h.ravel()
-    # scores and probabilities are what the model computes: from rotated queries and keys
-    keys = {"key": settings.keys, "scores": "rotated", "probs": "rotated"}.get(settings.kernel, "none")
+    steps = settings.steps
     n = len(l)
     columns = {
-        "model": [model] * n, "kernel": [settings.kernel] * n, "keys": [keys] * n,
+        "model": [model] * n, "kernel": [settings.kernel] * n, "keys": [steps.keys(settings)] * n,
         "ridge": result.ridge[l, h] if result.ridge is not None else np.zeros(n),
-        "ridge_mode": [settings.ridge_mode if settings.kernel == "key" else "none"] * n,
-        "center": [settings.center if settings.kernel == "key" else False] * n,
+        "ridge_mode": [settings.ridge_mode if steps.ridged else "none"] * n,
+        "center": [settings.center if steps.ridged else False] * n,
         "layer": l.astype(np.int32), "head": h.astype(np.int32),
         "kv_head": (h // (n_heads // (n_kv_heads or n_heads))).astype(np.int32),
         "n_tokens": result.n_tokens[l, h], "n_prompts": result.n_prompts[l, h],
     }
-    for name in SpectrumMetrics.names():
-        columns[name] = getattr(result.metrics, name)[l, h]
+    for name in METRICS:
+        columns[name] = result.metrics[name][l, h]
     columns["entropy_dhead"] = result.entropy_dhead[l, h] if result.entropy_dhead is not None else np.full(n, np.nan)
     columns["rank"] = result.rank[l, h].astype(np.int64)
     columns["status"] = [str(s) for s in result.status[l, h]]
@@ -160,3 +151,20 @@ def result_table(result: KernelResult, settings: ScanSettings, model: str, n_lay
 
 def settings_dict(settings: ScanSettings) -> dict:
     return asdict(settings)
+
+
+class Executor(Protocol):
+    """What runs work units: ``cluster.executors`` (in-process or on Ray actors)."""
+
+    def map(self, spec: str, fn: Callable[[LoadedModel, Any], Any], units: Sequence[Any], *,
+            desc: str = "units") -> list[Any]: ...
+
+
+def scan_table(executor: Executor, model: str, texts: Sequence[str], settings: ScanSettings, n_layers: int,
+               n_heads: int, n_kv_heads: int | None = None, *, shard_size: int = 64, desc: str = "scan") -> pa.Table:
+    """The whole scan of ``model`` (a spec the executor loads) on ``texts``: shards of
+    ``shard_size`` prompts through ``scan_unit`` on the executor, their statistics reduced and
+    finalized, one row per selected (layer, head) (``result_table``)."""
+    parts = executor.map(model, scan_unit, scan_units(texts, settings, shard_size), desc=desc)
+    result = finalize(reduce_partials(parts), settings)
+    return result_table(result, settings, model, n_layers, n_heads, n_kv_heads)

@@ -16,6 +16,7 @@ import torch
 from scipy import stats
 
 from spectral.models.loading import LoadedModel
+from spectral.models.tokenizer import single_token
 from spectral.organisms.language import ioi_example, sentiment_context
 
 EVAL_SEED = 10_000
@@ -74,20 +75,13 @@ def final_logits(loaded: LoadedModel, texts: list[str]) -> torch.Tensor:
     return out
 
 
-def single_token(tok, word: str) -> int:
-    ids = tok(word, add_special_tokens=False)["input_ids"]
-    if len(ids) != 1:
-        raise ValueError(f"{word!r} is not a single token ({len(ids)} tokens)")
-    return ids[0]
-
-
 def ioi_quality(loaded: LoadedModel, tasks: dict, n_per_template: int, seed: int):
     rng = random.Random(seed)
     examples = [ioi_example(rng, t, tasks) for t in range(len(tasks["ioi_templates"])) for _ in range(n_per_template)]
     logits = final_logits(loaded, [e.clean for e in examples])
     tok = loaded.tokenizer
-    answer = torch.tensor([single_token(tok, e.answer) for e in examples])
-    distractor = torch.tensor([single_token(tok, e.distractor) for e in examples])
+    answer = torch.tensor([single_token(tok, e.answer, "organism IOI task", "answer") for e in examples])
+    distractor = torch.tensor([single_token(tok, e.distractor, "organism IOI task", "distractor") for e in examples])
     diff = (logits.gather(1, answer[:, None]) - logits.gather(1, distractor[:, None])).squeeze(1).numpy()
     order = np.array([e.order for e in examples])
     return {o: (float((diff[order == o] > 0).mean()), float(diff[order == o].mean())) for o in ("ABBA", "BABA")}, len(examples)
@@ -113,8 +107,8 @@ def induction_quality(loaded: LoadedModel, tasks: dict, n: int, seed: int) -> tu
 def sentiment_quality(loaded: LoadedModel, tasks: dict, n: int, seed: int):
     rng = random.Random(seed)
     tok = loaded.tokenizer
-    pos = [single_token(tok, " " + w) for w in tasks["positive_words"]]
-    neg = [single_token(tok, " " + w) for w in tasks["negative_words"]]
+    pos = [single_token(tok, " " + w, "tasks.json", "positive word") for w in tasks["positive_words"]]
+    neg = [single_token(tok, " " + w, "tasks.json", "negative word") for w in tasks["negative_words"]]
     scores = {}
     for polarity in ("positive", "negative"):
         logp = torch.log_softmax(final_logits(loaded, [sentiment_context(rng, polarity, tasks) for _ in range(n)]), -1)

@@ -8,6 +8,7 @@ import json
 import random
 
 from spectral.errors import UsageError
+from spectral.models.tokenizer import is_single_token
 from spectral.steering.vectors import Concept, read_concept
 
 SCAN_SETS = ("held-out", "in-sample")
@@ -79,14 +80,8 @@ def organism_sentiment(tasks: dict, n: int = 32, seed: int = 0, scan_seed: int =
 
 def english_love_hate(tokenizer) -> Concept:
     """The Love/Hate concept, target/opposite restricted to this tokenizer's single tokens."""
-    unk = getattr(tokenizer, "unk_token_id", None)
-
-    def single(word: str) -> bool:
-        ids = tokenizer(word, add_special_tokens=False)["input_ids"]
-        return len(ids) == 1 and (unk is None or ids[0] != unk)
-
-    target = [w for w in ENGLISH_POSITIVE if single(w)]
-    opposite = [w for w in ENGLISH_NEGATIVE if single(w)]
+    target = [w for w in ENGLISH_POSITIVE if is_single_token(tokenizer, w)]
+    opposite = [w for w in ENGLISH_NEGATIVE if is_single_token(tokenizer, w)]
     if len(target) < 3 or len(opposite) < 3:
         raise UsageError("this tokenizer has fewer than 3 single-token sentiment words: "
                          "the built-in love-hate concept does not apply (pass a concept file)")

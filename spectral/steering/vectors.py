@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from spectral.models.adapter import HeadAdapter
+from spectral.models.tokenizer import right_padded, single_token
 from spectral.errors import UsageError
 
 Positions = Literal["all", "last"] | int
@@ -103,16 +104,7 @@ def read_concept(path: str | Path) -> Concept:
 
 def single_token_ids(tokenizer, words: Sequence[str], what: str, source: str) -> list[int]:
     """Token ids of words that must each be exactly one known token."""
-    ids = []
-    unk = getattr(tokenizer, "unk_token_id", None)
-    for word in words:
-        toks = tokenizer(word, add_special_tokens=False)["input_ids"]
-        if len(toks) != 1:
-            raise UsageError(f"{source}: {what} word {word!r} is {len(toks)} tokens, not one")
-        if unk is not None and toks[0] == unk:
-            raise UsageError(f"{source}: {what} word {word!r} is not in the vocabulary")
-        ids.append(toks[0])
-    return ids
+    return [single_token(tokenizer, word, source, f"{what} word") for word in words]
 
 
 # ---------------------------------------------------------------------------- batches
@@ -133,13 +125,7 @@ class Batch:
                 raise UsageError(f"{source}: the prompt {text!r} is empty")
             if unk is not None and unk in row:
                 raise UsageError(f"{source}: the prompt {text!r} has words that are not in the vocabulary")
-        width = max(len(r) for r in rows)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r)
-            mask[i, :len(r)] = 1
+        ids, mask = right_padded(tokenizer, rows)
         batch = cls(ids, mask, mask.sum(1) - 1)
         return batch.to(device) if device is not None else batch
 
