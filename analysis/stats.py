@@ -39,12 +39,10 @@ Verdict rules
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
-from analysis.population import Member, Stat
+from analysis.population import Estimate, Member, Stat
 from spectral.kernels.metrics import UNSTABLE_GAP
 
 N_RESAMPLES = 2000
@@ -76,20 +74,6 @@ def finite_pairs(x, y) -> tuple[np.ndarray, np.ndarray, int]:
         raise ValueError(f"x and y must have one length, got {x.size} and {y.size}")
     ok = np.isfinite(x) & np.isfinite(y)
     return x[ok], y[ok], int((~ok).sum())
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """A statistic with its 95 % interval (and a p-value where one applies)."""
-
-    value: float
-    low: float
-    high: float
-    p_value: float = NAN
-    se: float = NAN
-    """SE behind the interval on its scale (Fisher's z for a correlation), where it is t-scaled."""
-    df: float = NAN
-    """Degrees of freedom of the t-scaled interval."""
 
 
 # --- restoration -------------------------------------------------------------------------
@@ -500,38 +484,3 @@ def welch_df(a, b) -> float:
     return float((va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1)))
 
 
-FISHER_CLIP = 0.999
-"""Correlations are clipped to ±0.999 before Fisher's z (a resample of few distinct units can
-give ±1; z would be infinite)."""
-
-
-def scaled_interval(value: float, resamples, n_units: int, df: float, target: float = NAN,
-                    confidence: float = CONFIDENCE, fisher: bool = False) -> Estimate:
-    """One model's interval from the resamples of a joint units x examples bootstrap:
-    ``value ± t(df) x SE* x sqrt(n/(n-1))`` (SE*: standard deviation of the finite resamples; n:
-    units), and the two-sided p-value of "statistic = target" from the same t. With ``fisher``
-    (correlations) all of it happens on Fisher's z = atanh(r) scale and the interval is mapped
-    back, so it stays inside [-1, 1].
-
-    Why not the percentile interval: with 6-12 units it under-covers (one-sided miss rates of
-    3.4-7 % for a nominal 2.5 % in null simulations, ``tests/test_nulls.py``): a bootstrap
-    variance is (n-1)/n of the variance, and z-quantiles stand in for t-quantiles. This is the
-    per-seed interval of ``analysis.population.estimate_many``. ``df``: n - 3 for a correlation,
-    Welch's for a difference of group means, n_group - 1 for one group's mean. NaN (undefined)
-    when fewer than half the resamples are finite, when df < 1 or when the value is NaN. The
-    returned ``Estimate`` carries the SE (on the z scale for ``fisher``) and df."""
-    b = np.asarray(resamples, dtype=float)
-    ok = b[np.isfinite(b)]
-    if (not np.isfinite(value) or ok.size < max(2, b.size / 2) or not np.isfinite(df) or df < 1
-            or n_units < 2):
-        return Estimate(float(value) if np.isfinite(value) else NAN, NAN, NAN)
-    fwd, back = ((lambda r: np.arctanh(np.clip(r, -FISHER_CLIP, FISHER_CLIP)), np.tanh) if fisher
-                 else (lambda v: v, lambda v: v))
-    centre = float(fwd(value))
-    se = float(np.std(fwd(ok), ddof=1)) * np.sqrt(n_units / (n_units - 1))
-    q = float(stats.t.ppf(0.5 + confidence / 2, df))
-    p = NAN
-    if np.isfinite(target):
-        d = abs(centre - float(fwd(target)))
-        p = float(2 * stats.t.sf(d / se, df)) if se > 0 else (0.0 if d > 0 else 1.0)
-    return Estimate(float(value), float(back(centre - q * se)), float(back(centre + q * se)), p, se, float(df))

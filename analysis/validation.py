@@ -12,7 +12,7 @@ bootstrap that resamples heads (key-head clusters of a grouped-query model; laye
 layer-level row) and examples jointly, so that intervals describe the association across this
 model's heads and not only how precisely each head's importance is known; every statistic of
 the page on the same resamples. The interval is ``value ± t(df) x SE x sqrt(n/(n-1))``
-(``analysis.stats.scaled_interval``: the percentile interval under-covers with 6-12 heads), on
+(``analysis.population.scaled_interval``: the percentile interval under-covers with 6-12 heads), on
 Fisher's z scale with df = n - 3 for correlations (n: usable heads, or clusters), with Welch's
 df for the difference of group means (and the ratio), n_group - 1 for one group's mean.
 p-values: two-sided t p-value of "statistic = target" from the same SE and df
@@ -36,12 +36,28 @@ from analysis.stats import (
     layer_member, layer_r, n_independent, r_gap, r_inverse_gap, ratio_rule, restoration_matrix, restoration_reasons,
     spearman_gap,
 )
+from spectral import tables
 from spectral.kernels.metrics import UNSTABLE_GAP
 
 TARGET_R = 0.7
 TARGET_RATIO = 2.0
 TARGET_DIFFERENCE = 0.0
 TARGET_LAYER_R = 0.0
+
+KEYS = {
+    "importance_correlation": "pearson r(importance, 1/gap)",
+    "importance_correlation_gap": "pearson r(importance, gap)",
+    "importance_spearman_gap": "spearman rho(importance, gap)",
+    "restoration_difference": "restoration difference unstable - stable at gap <= {threshold}",
+    "restoration_unstable_mean": "mean restoration of unstable heads (gap <= {threshold})",
+    "restoration_stable_mean": "mean restoration of stable heads (gap > {threshold})",
+    "restoration_ratio": "restoration ratio unstable/stable at gap <= {threshold}",
+    "best_threshold": "best threshold (exploratory)",
+    "restoration_difference_best": "restoration difference unstable - stable at best threshold {best} (exploratory)",
+    "layer_correlation": "pearson r(per-layer min gap, per-layer max importance)",
+}
+"""Stable key of every statistics row (``key`` column, MLflow's ``<key>/value``) -> its display
+label (``name`` column; ``{threshold}`` and ``{best}`` are filled in per run)."""
 
 VERDICT_KEYS = ("importance_correlation", "restoration_difference", "restoration_ratio", "layer_correlation")
 """The verdict family of one validate page: Holm's correction runs over these rows."""
@@ -62,9 +78,9 @@ RULE = ("Verdict rule (one model: every interval describes this model only): eac
 @dataclass
 class Validation:
     heads: pa.Table
-    """layer, head, gap, importance (restoration), unstable, importance_note."""
+    """``spectral.tables.VALIDATE_HEADS``: layer, head, gap, restoration, unstable, restoration_note."""
     statistics: pa.Table
-    """key, name, value, low, high, p_value, p_holm, target, direction, verdict, n_units, n_unstable,
+    """``spectral.tables.VALIDATE``: key, name, value, low, high, p_value, p_holm, target, direction, verdict, n_units, n_unstable,
     n_stable, n_examples, scheme, note."""
     report: str
 
@@ -143,8 +159,9 @@ def weakest_link(keys, gap, patched, clean, corrupt, seed: int = 0, n_resamples:
     return out
 
 
-def _row(key, name, est: Estimate, *, target=float("nan"), direction="", n_units=0, groups=(-1, -1),
-         n_examples=0, scheme="", note="") -> dict:
+def _row(key, est: Estimate, *, target=float("nan"), direction="", n_units=0, groups=(-1, -1),
+         n_examples=0, scheme="", note="", threshold: float = UNSTABLE_GAP, best: float = float("nan")) -> dict:
+    name = KEYS[key].format(threshold=f"{threshold:g}", best=f"{best:.3f}")
     return {"key": key, "name": name, "value": float(est.value), "low": float(est.low), "high": float(est.high),
             "p_value": float(est.p_value), "p_holm": float("nan"), "target": float(target), "direction": direction,
             "verdict": "", "n_units": int(n_units), "n_unstable": int(groups[0]), "n_stable": int(groups[1]),
@@ -171,46 +188,45 @@ def validate(scan: pa.Table, per_example: pa.Table, threshold: float = UNSTABLE_
 
     es = head_estimates(member, threshold, n_resamples=n_resamples, seed=seed)
 
-    def add(key, name, direction="", grp=(-1, -1), note=""):
+    def add(key, direction="", grp=(-1, -1), note=""):
         est = as_estimate(es[key], TARGETS.get(key, float("nan")))
-        rows.append(_row(key, name, est, target=TARGETS.get(key, float("nan")), direction=direction,
+        rows.append(_row(key, est, target=TARGETS.get(key, float("nan")), direction=direction,
                          n_units=n_used, groups=grp, n_examples=n_examples, scheme=es[key].scheme,
-                         note="; ".join(x for x in (note, dropped, gqa) if x)))
+                         note="; ".join(x for x in (note, dropped, gqa) if x), threshold=threshold))
         return est
 
-    add("importance_correlation", "pearson r(importance, 1/gap)", "above")
-    add("importance_correlation_gap", "pearson r(importance, gap)")
-    add("importance_spearman_gap", "spearman rho(importance, gap)", note="rho(importance, 1/gap) is exactly its negative")
-    t = f"{threshold:g}"
-    add("restoration_difference", f"restoration difference unstable - stable at gap <= {t}", "above", groups,
+    add("importance_correlation", "above")
+    add("importance_correlation_gap")
+    add("importance_spearman_gap", note="rho(importance, 1/gap) is exactly its negative")
+    add("restoration_difference", "above", groups,
         note="" if np.isfinite(df_groups(threshold)(member)) else "a group has fewer than 2 heads: no interval")
-    mu = add("restoration_unstable_mean", f"mean restoration of unstable heads (gap <= {t})", grp=groups)
-    ms = add("restoration_stable_mean", f"mean restoration of stable heads (gap > {t})", grp=groups)
+    mu = add("restoration_unstable_mean", grp=groups)
+    ms = add("restoration_stable_mean", grp=groups)
     raw, scheme = as_estimate(es["restoration_ratio"], TARGET_RATIO), es["restoration_ratio"].scheme
     ratio, note = ratio_rule(mu, ms, raw, ("unstable (numerator)", "stable (denominator)"))
-    rows.append(_row("restoration_ratio", f"restoration ratio unstable/stable at gap <= {t}",
-                     ratio if not note else Estimate(float("nan"), float("nan"), float("nan")),
+    rows.append(_row("restoration_ratio", ratio if not note else Estimate(float("nan"), float("nan"), float("nan")),
                      target=TARGET_RATIO, direction="above", n_units=n_used, groups=groups, n_examples=n_examples,
-                     scheme=scheme if not note else "none", note="; ".join(x for x in (note, dropped) if x)))
+                     scheme=scheme if not note else "none", note="; ".join(x for x in (note, dropped) if x),
+                     threshold=threshold))
     best = best_threshold(gap, imp)
     gd = group_difference(best)(member.per_unit, member.per_example) if np.isfinite(best) else float("nan")
     exploratory = ("exploratory: the threshold is chosen on these same heads to maximise the difference, so no "
                    "interval or verdict can account for the selection")
-    rows.append(_row("best_threshold", "best threshold (exploratory)", Estimate(best, float("nan"), float("nan")),
+    rows.append(_row("best_threshold", Estimate(best, float("nan"), float("nan")),
                      n_units=n_used, groups=group_sizes(gap[usable], best) if np.isfinite(best) else (0, 0),
                      n_examples=n_examples, scheme="none", note=exploratory))
-    rows.append(_row("restoration_difference_best", f"restoration difference unstable - stable at best threshold "
-                     f"{best:.3f} (exploratory)", Estimate(gd, float("nan"), float("nan")), n_units=n_used,
+    rows.append(_row("restoration_difference_best", Estimate(gd, float("nan"), float("nan")), n_units=n_used,
                      groups=group_sizes(gap[usable], best) if np.isfinite(best) else (0, 0), n_examples=n_examples,
-                     scheme="none", note=exploratory))
+                     scheme="none", note=exploratory, best=best))
     link = weakest_link(keys, gap, patched, clean, corrupt, seed + 7, n_resamples)
-    rows.append(_row("layer_correlation", "pearson r(per-layer min gap, per-layer max importance)", link["layer_r"],
+    rows.append(_row("layer_correlation", link["layer_r"],
                      target=TARGET_LAYER_R, direction="below", n_units=len(link["layers"]), n_examples=n_examples,
                      scheme=link["layer_scheme"], note=link["layer_note"]))
     _holm(rows)
-    heads = pa.table({"layer": [l for l, _ in keys], "head": [h for _, h in keys], "gap": gap, "importance": imp,
-                      "unstable": gap <= threshold, "importance_note": why})
-    statistics = pa.Table.from_pylist(rows)
+    heads = tables.conform(pa.table({"layer": [l for l, _ in keys], "head": [h for _, h in keys], "gap": gap,
+                                     "restoration": imp, "unstable": gap <= threshold, "restoration_note": why}),
+                           tables.VALIDATE_HEADS, "validate: heads")
+    statistics = tables.from_rows(rows, tables.VALIDATE, "validate: statistics")
     return Validation(heads, statistics, _report(statistics, link, threshold, n_heads, n_used, n_examples, why))
 
 

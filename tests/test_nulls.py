@@ -110,7 +110,7 @@ def test_correlation_above_0_7_is_not_declared_on_nulls(one_model_nulls):
 
 def test_group_difference_pass_rate_within_nominal(one_model_nulls):
     # measured: PASS 2 / 300 (0.7 %), FAIL 4 / 300; the percentile interval of the same
-    # bootstrap gave 66 / 1000 (6.6 %) PASS: see analysis.stats.scaled_interval
+    # bootstrap gave 66 / 1000 (6.6 %) PASS: see analysis.population.scaled_interval
     assert within_nominal(one_model_nulls["difference>0"], N_SIMS)
     assert within_nominal(one_model_nulls["difference<0"], N_SIMS)
 

@@ -206,7 +206,8 @@ def test_holm_within_the_verdict_family_and_the_rule_is_printed():
 
 
 def test_decide_and_scaled_interval():
-    from analysis.stats import decide, scaled_interval, welch_df
+    from analysis.population import scaled_interval
+    from analysis.stats import decide, welch_df
     assert decide(0.9, 0.01, 0.7) == "PASS" and decide(0.5, 0.01, 0.7) == "FAIL"
     assert decide(0.9, 0.06, 0.7) == "INCONCLUSIVE" and decide(-0.5, 0.01, 0.0, "below") == "PASS"
     assert decide(float("nan"), 0.01, 0.7) == "INCONCLUSIVE"
