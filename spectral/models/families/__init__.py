@@ -6,8 +6,11 @@ module paths, head split, weights, rotary function, ``hf_config`` builder, the
 ``config.model_type`` values it serves, its shipped architectures and their hub ids. The
 shipped architectures (``ARCHITECTURES``) and hub ids (``HUB_IDS``) are views of this registry.
 
-To add a family: write ``spectral/models/families/<name>.py`` after the others, import it
-below and add its ``FAMILY`` to ``FAMILIES``. The adapter finds the layer list by structure.
+To add a family: write ``spectral/models/families/<name>.py`` after the others (its
+``split_qkv``, ``qk_weights``, attribute names, ``rotary``, ``hf_config``, model types, shipped
+architectures and hub ids), import it below and add its ``FAMILY`` to ``FAMILIES``. The adapter
+finds the layer list by structure. A tiny twin in ``tests/conftest.py::TINY`` puts the family
+through ``tests/test_adapter.py`` like the others.
 """
 
 from __future__ import annotations
