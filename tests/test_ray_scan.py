@@ -11,7 +11,7 @@ from tests.conftest import TINY
 MODEL = TINY["gpt_neox"]
 
 
-@pytest.mark.parametrize("kernel", ["key", "scores"])
+@pytest.mark.parametrize("kernel", ["key", "scores", "weights"])
 def test_ray_executor_equals_local(tmp_path, ray_cluster, kernel):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(f"prompt number {i}: " + "word " * (i % 7 + 1) for i in range(12)) + "\n")
