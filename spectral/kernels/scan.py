@@ -104,7 +104,8 @@ def scan_unit(loaded: LoadedModel, unit: ScanUnit) -> Any:
     for ids, mask in token_batches(loaded, unit.prompts, settings):
         ids, mask = ids.to(device), mask.to(device)
         real = mask.bool()
-        with adapter.trace(sites, lambda layer, site, t: stats.update(layer, t, real), layers=layers, attention_mask=mask):
+        with adapter.trace(sites, lambda layer, site, t: stats.update(layer, t, real), layers=layers,
+                           attention_mask=mask):
             loaded.model(input_ids=ids, attention_mask=mask, use_cache=False)
     return stats
 
