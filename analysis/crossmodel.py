@@ -168,10 +168,10 @@ class ModelData:
     scan: dict[str, np.ndarray] | None = None
     """layer, head, gap, entropy of every head."""
     heads: dict[str, np.ndarray] | None = None
-    """layer, head, gap, importance (restoration) of every patched head."""
+    """layer, head, gap, restoration (the measured importance) of every patched head."""
     examples: dict[str, np.ndarray] | None = None
     """patched, clean, corrupt: (heads, examples) metrics aligned with ``heads`` (None: only
-    per-head importances are known and intervals resample heads only)."""
+    per-head restorations are known and intervals resample heads only)."""
     layers: dict[str, np.ndarray] | None = None
     """layer, min_gap, effect, effect_low, effect_high from the steering experiment."""
     arms: dict[str, dict] = field(default_factory=dict)
@@ -180,14 +180,16 @@ class ModelData:
     prompts: str = ""
     """Which prompts the steering effects are measured on (held-out split or all)."""
     validate: dict[str, dict] = field(default_factory=dict)
-    """validate.parquet rows by key (``key`` column) or name."""
+    """validate.parquet rows by their ``key``."""
     steer: dict[str, dict] = field(default_factory=dict)
-    """steer verdicts.parquet rows by key (``key`` column) or name."""
+    """steer verdicts.parquet rows by their ``key``."""
     scan_set: str = ""
     """held-out / in-sample scan prompts of the validate unit ('' when not recorded)."""
     steer_scan_set: str = ""
     """held-out / in-sample scan texts the steer unit's spectral rule read ('' when not recorded)."""
     importance_source: str = ""
+    heads_cell: Path | None = None
+    """The cell ``heads`` were read from (validate, else patch)."""
     notes: list[str] = field(default_factory=list)
     excluded: dict[str, int] = field(default_factory=dict)
     """Non-finite values excluded, by quantity."""
@@ -243,31 +245,19 @@ def population_of(spec: str) -> tuple[str, int | None]:
         return spec, None
 
 
-def _columns(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    table = pq.read_table(path)
-    return {n: (table[n].to_numpy(zero_copy_only=False).astype(float) if n in table.column_names
-                else np.full(table.num_rows, np.nan)) for n in names}
+SCAN_TABLES = {"validate": schemas.SCAN, "scan": schemas.SCAN, "steer": schemas.STEER_SCAN}
+"""Experiment kinds whose cells hold a scan.parquet, with its schema, in the order the report prefers."""
 
 
-def _rows_by_key(path: Path) -> dict[str, dict]:
-    """Rows of a job's statistics table by their stable ``key`` when the table has one, and by
-    ``name`` (the display label) as well, for tables written before keys existed."""
-    if not path.exists():
-        return {}
-    out: dict[str, dict] = {}
-    for r in pq.read_table(path).to_pylist():
-        if r.get("key"):
-            out[r["key"]] = r
-        if r.get("name"):
-            out.setdefault(r["name"], r)
-    return out
+def _columns(path: Path, schema, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Columns ``names`` of the table at ``path`` (checked against ``schema``) as float arrays."""
+    table = read_parquet(path, schema, list(names))
+    return {n: table[n].to_numpy(zero_copy_only=False).astype(float) for n in names}
 
 
-def job_row(rows: dict[str, dict], key: str, *old_prefixes: str) -> dict | None:
-    """The row with ``key``, else the first whose name starts with one of ``old_prefixes``."""
-    if key in rows:
-        return rows[key]
-    return next((r for name, r in rows.items() for p in old_prefixes if name.startswith(p)), None)
+def _rows_by_key(path: Path, schema) -> dict[str, dict]:
+    """Rows of a job's statistics table by their stable ``key``."""
+    return {r["key"]: r for r in read_parquet(path, schema).to_pylist()}
 
 
 def _read_json(path: Path) -> dict | None:
@@ -275,16 +265,17 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _scan(units: dict[str, Path]) -> dict[str, np.ndarray] | None:
-    for kind in ("validate", "scan", "steer", "patch"):
-        if kind in units and (units[kind] / "scan.parquet").exists():
-            return _columns(units[kind] / "scan.parquet", ("layer", "head", "gap", "entropy"))
+    for kind, schema in SCAN_TABLES.items():
+        if kind in units:
+            return _columns(units[kind] / "scan.parquet", schema, ("layer", "head", "gap", "entropy"))
     return None
 
 
 def _per_example(path: Path) -> tuple[list[tuple[int, int]], dict[str, np.ndarray]]:
     """(sorted (layer, head) keys, {patched, clean, corrupt: (heads, examples)}) of a per-example
     patching table; missing cells are NaN."""
-    t = _columns(path, ("layer", "head", "example", "metric_patched", "metric_clean", "metric_corrupt"))
+    t = _columns(path, schemas.PATCH_EXAMPLES,
+                 ("layer", "head", "example", "metric_patched", "metric_clean", "metric_corrupt"))
     lh = np.c_[t["layer"], t["head"]].astype(int)
     keys, index = np.unique(lh, axis=0, return_inverse=True)
     ex = t["example"].astype(int)
@@ -298,34 +289,28 @@ def _per_example(path: Path) -> tuple[list[tuple[int, int]], dict[str, np.ndarra
 
 
 def _patch_params(unit: Path) -> tuple[str, str]:
-    """(method, direction) of a patch unit: params.json, else the table's columns."""
-    params = _read_json(unit / "params.json") or {}
-    config = params.get("config", params)
-    method, direction = config.get("method"), config.get("direction")
-    if (method is None or direction is None) and (unit / "patch.parquet").exists():
-        t = pq.read_table(unit / "patch.parquet")
-        if method is None and "method" in t.column_names and t.num_rows:
-            method = t["method"][0].as_py()
-        if direction is None and "direction" in t.column_names and t.num_rows:
-            direction = t["direction"][0].as_py()
-    return method or "exact", direction or "denoise"
+    """(method, direction) of a patch cell, from the config in its params.json."""
+    from spectral.errors import UsageError
+
+    config = (_read_json(unit / "params.json") or {}).get("config", {})
+    if "method" not in config or "direction" not in config:
+        raise UsageError(f"{unit / 'params.json'}: no config.method and config.direction (the patch job writes both)")
+    return config["method"], config["direction"]
 
 
 def _kv_heads(md: ModelData) -> None:
-    """Copy the scan's ``kv_head`` (grouped-query models) onto the patched heads."""
-    unit = md.units.get("validate") or md.units.get("patch")
-    if md.heads is None or unit is None or not (unit / "scan.parquet").exists():
+    """Copy the validate cell's scan ``kv_head`` (grouped-query models) onto the patched heads."""
+    unit = md.units.get("validate")
+    if md.heads is None or unit is None:
         return
-    t = pq.read_table(unit / "scan.parquet")
-    if "kv_head" not in t.column_names:
-        return
+    t = read_parquet(unit / "scan.parquet", schemas.SCAN, ["layer", "head", "kv_head"])
     kv = {(int(l), int(h)): float(k) for l, h, k in zip(t["layer"].to_pylist(), t["head"].to_pylist(),
-                                                        t["kv_head"].to_pylist()) if k is not None}
+                                                        t["kv_head"].to_pylist())}
     md.heads["kv_head"] = np.array([kv.get((int(l), int(h)), np.nan) for l, h in zip(md.heads["layer"], md.heads["head"])])
 
 
 def _heads(md: ModelData) -> None:
-    """Fill ``heads`` (and ``examples``) from the validate unit, else from a patch unit whose
+    """Fill ``heads`` and ``examples`` from the validate cell, else from a patch cell whose
     restoration measures importance (exact / attribution patching, direction denoise)."""
     units, scan = md.units, md.scan
     unit, source = None, ""
@@ -343,52 +328,30 @@ def _heads(md: ModelData) -> None:
         unit, source = units["patch"], f"patch ({method}, {direction})"
     if unit is None:
         return
-    md.importance_source = source
+    md.importance_source, md.heads_cell = source, unit
     gap_of = {} if scan is None else {(int(l), int(h)): g for l, h, g in zip(scan["layer"], scan["head"], scan["gap"])
                                      if np.isfinite(l) and np.isfinite(h)}
-    if (unit / "patch_examples.parquet").exists():
-        keys, ex = _per_example(unit / "patch_examples.parquet")
-        gap = np.array([gap_of.get(k, np.nan) for k in keys])
-        if not gap_of and (unit / "heads.parquet").exists():
-            h = _columns(unit / "heads.parquet", ("layer", "head", "gap"))
-            g = {(int(a), int(b)): c for a, b, c in zip(h["layer"], h["head"], h["gap"])}
-            gap = np.array([g.get(k, np.nan) for k in keys])
-        missing = ~np.isfinite(np.stack(list(ex.values()))).all(axis=(0, 2)) if ex["clean"].size else np.zeros(len(keys), bool)
-        imp = restoration(ex["patched"], ex["clean"], ex["corrupt"])
-        md.excluded["heads with missing per-example metrics"] = int(missing.sum())
-        md.excluded["restoration undefined (clean ~ corrupt)"] = int((np.isnan(imp) & ~missing).sum())
-        imp = np.where(missing, np.nan, imp)
-        md.heads = {"layer": np.array([k[0] for k in keys], float), "head": np.array([k[1] for k in keys], float),
-                    "gap": gap, "importance": imp}
-        md.examples = ex
-    elif (unit / "heads.parquet").exists():
-        md.heads = _columns(unit / "heads.parquet", ("layer", "head", "gap", "importance"))
-        md.notes.append("no per-example patching table: intervals resample heads only, not examples")
-    elif (unit / "patch.parquet").exists() and scan is not None:
-        patch = _columns(unit / "patch.parquet", ("layer", "head", "restoration"))
-        gap = np.array([gap_of.get((int(l), int(h)), np.nan) for l, h in zip(patch["layer"], patch["head"])])
-        md.heads = {"layer": patch["layer"], "head": patch["head"], "gap": gap, "importance": patch["restoration"]}
-        md.notes.append("no per-example patching table: intervals resample heads only, not examples")
+    keys, ex = _per_example(unit / "patch_examples.parquet")
+    gap = np.array([gap_of.get(k, np.nan) for k in keys])
+    missing = ~np.isfinite(np.stack(list(ex.values()))).all(axis=(0, 2)) if ex["clean"].size else np.zeros(len(keys), bool)
+    measured = restoration(ex["patched"], ex["clean"], ex["corrupt"])
+    md.excluded["heads with missing per-example metrics"] = int(missing.sum())
+    md.excluded["restoration undefined (clean ~ corrupt)"] = int((np.isnan(measured) & ~missing).sum())
+    measured = np.where(missing, np.nan, measured)
+    md.heads = {"layer": np.array([k[0] for k in keys], float), "head": np.array([k[1] for k in keys], float),
+                "gap": gap, "restoration": measured}
+    md.examples = ex
 
 
 def _arms(unit: Path) -> tuple[dict[str, dict], str]:
-    """Steering arms by role from per_prompt.parquet (held-out prompts where it records a split)
-    and which prompts they are measured on."""
-    path = unit / "per_prompt.parquet"
-    if not path.exists():
-        return {}, ""
-    rows = pq.read_table(path).to_pylist()
-    split = any("split" in r for r in rows[:1])
-    if split:
-        rows = [r for r in rows if r.get("split") == "heldout"]
+    """Steering arms by role from per_prompt.parquet (held-out prompts) and which prompts they
+    are measured on."""
+    rows = [r for r in read_parquet(unit / "per_prompt.parquet", schemas.STEER_PER_PROMPT).to_pylist()
+            if r["split"] == "heldout" and r["family"] != "layer"]
     by: dict[str, dict] = {}
     for r in rows:
-        name = r["strategy"]
-        if name.startswith("layer ") or name.startswith("grid "):
-            continue
-        a = by.setdefault(name, {"name": name, "family": r.get("family") or name, "k": int(r.get("k") or 1),
-                                 "draws": {}})
-        a["draws"].setdefault(int(r.get("draw") or 0), {})[int(r["prompt"])] = float(r["effect"])
+        a = by.setdefault(r["strategy"], {"name": r["strategy"], "family": r["family"], "k": int(r["k"]), "draws": {}})
+        a["draws"].setdefault(int(r["draw"]), {})[int(r["prompt"])] = float(r["effect"])
     arms = {}
     for a in by.values():
         prompts = sorted(set.intersection(*(set(d) for d in a["draws"].values())))
@@ -408,11 +371,9 @@ def _arms(unit: Path) -> tuple[dict[str, dict], str]:
     roles = {k: v for k, v in roles.items() if v is not None}
     if "spectral_k" in roles:  # comparisons at equal numbers of layers only
         for r in ("random_k", "oracle_k"):
-            if r in roles and roles[r]["k"] != roles["spectral_k"]["k"] and split:
+            if r in roles and roles[r]["k"] != roles["spectral_k"]["k"]:
                 del roles[r]
-    where = ("held-out split of the evaluation prompts (the oracle chosen on the selection split)" if split else
-             "all evaluation prompts (no selection split recorded: the oracle is chosen and scored on the same prompts)")
-    return roles, where
+    return roles, "held-out split of the evaluation prompts (the oracle chosen on the selection split)"
 
 
 def _count_bad(*arrays: np.ndarray) -> int:
@@ -425,19 +386,20 @@ def load_model(name: str, facts: dict | None, units: dict[str, Path]) -> ModelDa
     md.scan = _scan(units)
     _heads(md)
     _kv_heads(md)
-    if "steer" in units and (units["steer"] / "layers.parquet").exists():
-        md.layers = _columns(units["steer"] / "layers.parquet", ("layer", "min_gap", "effect", "effect_low", "effect_high"))
-        md.steer = _rows_by_key(units["steer"] / "verdicts.parquet")
+    if "steer" in units:
+        md.layers = _columns(units["steer"] / "layers.parquet", schemas.STEER_LAYERS,
+                             ("layer", "min_gap", "effect", "effect_low", "effect_high"))
+        md.steer = _rows_by_key(units["steer"] / "verdicts.parquet", schemas.STEER_VERDICTS)
         md.arms, md.prompts = _arms(units["steer"])
         config = (_read_json(units["steer"] / "params.json") or {}).get("config", {})
         md.steer_scan_set = str(config.get("scan_set") or "")
     if "validate" in units:
-        md.validate = _rows_by_key(units["validate"] / "validate.parquet")
+        md.validate = _rows_by_key(units["validate"] / "validate.parquet", schemas.VALIDATE)
     if md.scan is not None:
         md.excluded["gap (scan)"] = _count_bad(md.scan["gap"])
         md.excluded["entropy (scan)"] = _count_bad(md.scan["entropy"])
     if md.heads is not None:
-        md.excluded["gap or importance (patched heads)"] = _count_bad(md.heads["gap"], md.heads["importance"])
+        md.excluded["gap or restoration (patched heads)"] = _count_bad(md.heads["gap"], md.heads["restoration"])
     if md.layers is not None:
         md.excluded["min gap or effect (steered layers)"] = _count_bad(md.layers["min_gap"], md.layers["effect"],
                                                                       md.layers["effect_low"])
@@ -500,7 +462,7 @@ def load_run(run_dir: Path) -> RunData:
 def finite_heads(md: ModelData) -> dict[str, np.ndarray] | None:
     if md.heads is None:
         return None
-    ok = np.isfinite(md.heads["gap"]) & np.isfinite(md.heads["importance"])
+    ok = np.isfinite(md.heads["gap"]) & np.isfinite(md.heads["restoration"])
     return {k: v[ok] for k, v in md.heads.items()}
 
 
@@ -519,14 +481,15 @@ def finite_gaps(md: ModelData) -> np.ndarray:
 
 def head_member(md: ModelData) -> Member | None:
     """The model as a population member for head-level statistics: ``per_unit`` gap (and
-    importance when there are no per-example metrics), ``per_example`` patched / clean /
-    corrupt. Heads with a non-finite gap or importance are left out (counted in ``excluded``).
+    importance, the measured restoration, when there are no per-example metrics), ``per_example``
+    patched / clean / corrupt. Heads with a non-finite gap or restoration are left out (counted in
+    ``excluded``).
     Heads sharing one key head (grouped-query attention: the scan's ``kv_head`` column) form a
     cluster, resampled whole."""
     h = finite_heads(md)
     if h is None or h["gap"].size == 0:
         return None
-    ok = np.isfinite(md.heads["gap"]) & np.isfinite(md.heads["importance"])
+    ok = np.isfinite(md.heads["gap"]) & np.isfinite(md.heads["restoration"])
     clusters = None
     if "kv_head" in h and np.isfinite(h["kv_head"]).all() and np.unique(h["kv_head"]).size < np.unique(h["head"]).size:
         clusters = h["layer"].astype(int) * 100_000 + h["kv_head"].astype(int)  # as analysis.validation
@@ -534,7 +497,7 @@ def head_member(md: ModelData) -> Member | None:
         ex = {k: v[ok] for k, v in md.examples.items()}
         return Member(md.seed, {"gap": h["gap"]}, ex, clusters) if clusters is not None else \
             Member(md.seed, {"gap": h["gap"]}, ex)
-    per_unit = {"gap": h["gap"], "importance": h["importance"]}
+    per_unit = {"gap": h["gap"], "importance": h["restoration"]}  # analysis.stats reads per_unit["importance"]
     return Member(md.seed, per_unit, {}, clusters) if clusters is not None else Member(md.seed, per_unit)
 
 
@@ -693,7 +656,7 @@ def head_rows(pop: Population, res: PopulationResult, n_resamples: int, seed: in
     res.estimates.update(importance_correlation=r, restoration_difference=diff, restoration_ratio=margin,
                          unstable_mean=unstable, stable_mean=stable)
     groups, scan = _groups_text(mds), _scan_note(pop)
-    notes = "; ".join(x for x in [scan, *sorted({n for md in mds for n in md.notes if 'per-example' in n})] if x)
+    notes = scan
     rows = [
         _row(pop.name, "importance_correlation", pop=pop, e=r, target=TARGET_R, unit="heads",
              note="; ".join(x for x in (notes, job_verdicts(mds, "importance_correlation", "validate")) if x),
@@ -773,24 +736,12 @@ def steer_rows(pop: Population, res: PopulationResult, n_resamples: int, seed: i
     return rows
 
 
-OLD_NAMES = {
-    "importance_correlation": ("pearson r(importance, 1/gap)",),
-    "restoration_difference": ("restoration difference unstable - stable at gap <= 0.77",),
-    "restoration_ratio": ("restoration ratio unstable/stable at gap <= 0.77",),
-    "steering_improvement": ("improvement of spectral over baseline",),
-    "steering_difference": ("difference of mean effect, spectral - baseline",),
-    "spectral_vs_random": ("difference of mean effect, spectral - random",),
-    "layer_choice": ("effect lost by spectral vs the oracle",),
-}
-"""Display names the jobs' rows had before they carried a ``key`` column."""
-
-
 def job_verdicts(mds: Sequence[ModelData], key: str, kind: str) -> str:
-    """The per-model verdicts the validate / steer jobs wrote for ``key`` (matched by key, else
-    by the old name), for the note: a cross-check, not the population's verdict."""
+    """The per-model verdicts the validate / steer jobs wrote for ``key``, for the note: a
+    cross-check, not the population's verdict."""
     got = []
     for md in mds:
-        r = job_row(md.validate if kind == "validate" else md.steer, key, *OLD_NAMES.get(key, ()))
+        r = (md.validate if kind == "validate" else md.steer).get(key)
         if r is not None and r.get("verdict"):
             got.append(f"{'seed ' + str(md.seed) if md.seed is not None else md.name} {r['verdict']}")
     return f"{kind} job per model (its own rule): " + ", ".join(got) if got else ""
@@ -820,7 +771,7 @@ def threshold_rows(pop: Population, res: PopulationResult, n_resamples: int, see
         for md in pop.members:
             c = None
             if which == "heads" and (h := finite_heads(md)) is not None and h["gap"].size:
-                c = calibrate(h["gap"], important(h["importance"]), n_resamples=b, seed=seed)
+                c = calibrate(h["gap"], important(h["restoration"]), n_resamples=b, seed=seed)
             elif which == "layers" and (l := finite_layers(md)) is not None and l["min_gap"].size:
                 c = calibrate_layers(l["min_gap"], l["effect"], l["effect_low"], n_resamples=b, seed=seed)
             cals.append(c)
@@ -1011,11 +962,22 @@ def consistency_verdict(h: Heterogeneity, p_het_adjusted: float | None = None,
 
 # --- the whole run ---------------------------------------------------------------------
 
-SCALING_QUANTITIES = ("calibrated threshold (important heads)", "calibrated threshold (steerable layers)",
-                      "minimum gap", f"fraction unstable (gap <= {UNSTABLE_GAP:g})", "r(importance, 1/gap)")
-BOUNDED = {SCALING_QUANTITIES[0]: (0.0, 1.0), SCALING_QUANTITIES[1]: (0.0, 1.0), SCALING_QUANTITIES[2]: (0.0, 1.0),
-           SCALING_QUANTITIES[3]: (0.0, 1.0), SCALING_QUANTITIES[4]: (-1.0, 1.0)}
+SCALING_QUANTITIES = {
+    "threshold_heads": "calibrated threshold (important heads)",
+    "threshold_layers": "calibrated threshold (steerable layers)",
+    "min_gap": "minimum gap",
+    "unstable_fraction": f"fraction unstable (gap <= {UNSTABLE_GAP:g})",
+    "importance_correlation": "r(importance, 1/gap)",
+}
+"""Key of each population quantity the scaling fits read (``quantity`` column of scaling.parquet)
+-> its label."""
+THRESHOLD_QUANTITIES = {"threshold_heads": "heads", "threshold_layers": "layers"}
+"""The scaling quantities that are calibrated thresholds -> their calibration target."""
+BOUNDED = {"threshold_heads": (0.0, 1.0), "threshold_layers": (0.0, 1.0), "min_gap": (0.0, 1.0),
+           "unstable_fraction": (0.0, 1.0), "importance_correlation": (-1.0, 1.0)}
 """The range a scaling quantity can take; a prediction outside it is not reported."""
+CALIBRATION_TARGETS = {"heads": "important heads", "layers": "steerable layers"}
+"""Key of each calibration target (``target`` column of calibration.parquet) -> its label."""
 FACT_KEYS = ("parameters", "layers", "heads", "d_model", "d_head")
 
 
@@ -1158,10 +1120,10 @@ def population_quantities(pop: Population, res: PopulationResult) -> dict[str, f
     t_heads = res.estimates.get("threshold_heads")
     t_layers = res.estimates.get("threshold_layers")
     r = res.estimates.get("importance_correlation")
-    return dict(zip(SCALING_QUANTITIES, [
-        t_heads.value if t_heads else NAN, t_layers.value if t_layers else NAN,
-        mean([float(g.min()) for g in gaps if g.size]), mean([float((g <= UNSTABLE_GAP).mean()) for g in gaps if g.size]),
-        r.value if r else NAN]))
+    return {"threshold_heads": t_heads.value if t_heads else NAN, "threshold_layers": t_layers.value if t_layers else NAN,
+            "min_gap": mean([float(g.min()) for g in gaps if g.size]),
+            "unstable_fraction": mean([float((g <= UNSTABLE_GAP).mean()) for g in gaps if g.size]),
+            "importance_correlation": r.value if r else NAN}
 
 
 def scaling(run: RunData, results: dict[str, PopulationResult], per_pop: dict[str, dict[str, float]]
@@ -1176,15 +1138,15 @@ def scaling(run: RunData, results: dict[str, PopulationResult], per_pop: dict[st
     quantities = {}
     for q in SCALING_QUANTITIES:
         values = {p: v[q] for p, v in per_pop.items() if p in names and np.isfinite(v[q])}
-        if q.startswith("calibrated threshold"):
-            which = "heads" if "heads" in q else "layers"
+        if q in THRESHOLD_QUANTITIES:
+            which = THRESHOLD_QUANTITIES[q]
             auroc = {}
             for p in values:
                 pop = next(x for x in run.populations if x.name == p)
                 cals = [c for c in results[p].calibrations.get(which, []) if c is not None]
                 # one model: its calibration (interval and exact test); several seeds: the across-seed AUROC
                 auroc[p] = cals[0] if len(pop.members) == 1 and cals else results[p].estimates.get(f"auroc_{which}")
-            values, notes = restrict_to_separating(values, auroc, q)
+            values, notes = restrict_to_separating(values, auroc, SCALING_QUANTITIES[q])
             excluded += notes
         quantities[q] = values
     if len(facts) < MIN_SCALING_POPULATIONS:
@@ -1204,9 +1166,15 @@ def _info_row(level: str, population: str, model: str, measure: str, **values) -
     return row
 
 
-MI_HEADS = "MI(gap, importance) [nats]"
-MI_LAYERS = "MI(layer min gap, steering effect) [nats]"
-ENTROPY = f"spectral entropy, median unstable - stable (gap <= {UNSTABLE_GAP:g})"
+MI_HEADS = "mi_gap_restoration"
+MI_LAYERS = "mi_min_gap_effect"
+ENTROPY = "entropy_difference"
+INFORMATION_MEASURES = {
+    MI_HEADS: "MI(gap, importance) [nats]",
+    MI_LAYERS: "MI(layer min gap, steering effect) [nats]",
+    ENTROPY: f"spectral entropy, median unstable - stable (gap <= {UNSTABLE_GAP:g})",
+}
+"""Key of each information measure (``measure`` column of information.parquet) -> its label."""
 
 
 def _mi_row(level, population, model, measure, x, y, strata, n_permutations, seed) -> dict:
@@ -1232,7 +1200,7 @@ def information_rows(run: RunData, results: dict[str, PopulationResult], n_permu
     model (Mann-Whitney) and per population (across-seed estimate). p-values Holm-corrected
     within each family (measure x level)."""
     rows = []
-    for measure, get, x, y in ((MI_HEADS, finite_heads, "gap", "importance"),
+    for measure, get, x, y in ((MI_HEADS, finite_heads, "gap", "restoration"),
                                (MI_LAYERS, finite_layers, "min_gap", "effect")):
         for md in run.models:
             d = get(md)
@@ -1289,7 +1257,8 @@ def information_rows(run: RunData, results: dict[str, PopulationResult], n_permu
         m = sum(np.isfinite(r["p_value"]) for r in rs)
         for r, a in zip(rs, adj):
             r["p_holm"] = float(a)
-            r["family"] = f"{measure.split(' [')[0].split(',')[0]} per {level}: Holm over {m}" if m else ""
+            label = INFORMATION_MEASURES[measure]
+            r["family"] = f"{label.split(' [')[0].split(',')[0]} per {level}: Holm over {m}" if m else ""
     return rows
 
 
@@ -1312,8 +1281,8 @@ def analyse(run: RunData, *, n_resamples: int = 2000, n_permutations: int = N_PE
     for md in run.models:
         cal.setdefault(md.name, {"heads": None, "layers": None})
     cal_rows = [calibration_row(m, target, c) for m, cs in cal.items()
-                for target, c in (("important heads", cs["heads"]), ("steerable layers", cs["layers"])) if c is not None]
-    for target in ("important heads", "steerable layers"):  # the exact AUROC tests: Holm over the models
+                for target, c in cs.items() if c is not None]
+    for target in CALIBRATION_TARGETS:  # the exact AUROC tests: Holm over the models
         rs = [r for r in cal_rows if r["target"] == target]
         for r, q in zip(rs, holm([r.get("auroc_p_value", NAN) for r in rs])):
             r["auroc_p_holm"] = float(q)
@@ -1332,7 +1301,7 @@ def analyse(run: RunData, *, n_resamples: int = 2000, n_permutations: int = N_PE
 def calibration_row(model: str, target: str, c: Calibration) -> dict:
     pop, seed = population_of(model)
     row = {"model": model, "population": pop, "seed": seed, "target": target,
-           "rule": IMPORTANCE_RULE if target == "important heads" else STEERABLE_RULE}
+           "rule": IMPORTANCE_RULE if target == "heads" else STEERABLE_RULE}
     row.update(asdict(c))
     return row
 
@@ -1342,14 +1311,36 @@ def _key(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "_-./: " else "_" for ch in text).strip()
 
 
+def cell_metrics(run: RunData, a: Analysis) -> dict[str, dict[str, float | None]]:
+    """Per cell (its name, ``cluster.layout.Cell.name``) the calibrated threshold of its model
+    (``calibrated_threshold/value|low|high``) and the AUROC behind it (``calibration_auroc/...``):
+    important heads on the cell the heads were read from (validate, else patch), steerable
+    layers on the steer cell. Every model's cell carries the same keys, so MLflow's compare view
+    lines the thresholds of the models up; an undefined value is None (MLflow gets NaN)."""
+    out: dict[str, dict[str, float | None]] = {}
+    cells = {md.name: {"heads": md.heads_cell, "layers": md.units.get("steer")} for md in run.models}
+    for r in a.calibration_rows:
+        cell = cells.get(r["model"], {}).get(r["target"])
+        if cell is None:
+            continue
+        values = {f"calibrated_threshold/{k}": r[f"threshold{s}"] for k, s in (("value", ""), ("low", "_low"),
+                                                                               ("high", "_high"))}
+        values.update({f"calibration_auroc/{k}": r[f"auroc{s}"] for k, s in (("value", ""), ("low", "_low"),
+                                                                             ("high", "_high"))})
+        out[Path(cell).relative_to(run.run_dir).as_posix()] = {
+            k: float(v) if v is not None and np.isfinite(v) else None for k, v in values.items()}
+    return out
+
+
 def summary(run: RunData, a: Analysis) -> dict:
-    """summary.json: flat finite metrics, flat verdicts (population/key), verdict details (n seeds,
-    units, scheme, correction), populations, missing, excluded counts."""
+    """summary.json: flat finite metrics (keys of identifiers only: model specs, population names,
+    verdict and quantity keys), flat verdicts (population/key), verdict details (n seeds, units,
+    scheme, correction), the calibrated thresholds per cell (``cell_metrics``), populations,
+    missing, excluded counts."""
     metrics: dict[str, float] = {}
     for r in a.calibration_rows:
-        which = "heads" if r["target"] == "important heads" else "layers"
         for k in ("threshold", "threshold_low", "threshold_high", "auroc", "auroc_low", "auroc_high", "j_at_reference"):
-            metrics[f"{r['model']}/calibration_{which}/{k}"] = r[k]
+            metrics[f"{r['model']}/calibration_{r['target']}/{k}"] = r[k]
     for r in a.verdicts:
         for k in ("value", "low", "high", "same_sign", "p_pass_holm", "p_fail_holm"):
             metrics[f"{r['population']}/{r['key']}/{k}"] = r[k]
@@ -1358,17 +1349,18 @@ def summary(run: RunData, a: Analysis) -> dict:
                 metrics[f"{r['population']}/{r['key']}/{k}"] = r[k]
     for p, values in a.per_population.items():
         for quantity, v in values.items():
-            metrics[f"{p}/{quantity}"] = v
+            metrics[f"{p}/scaling/{quantity}"] = v
     for which, s in a.spread.items():
         for k in ("sd", "range", "mean"):
             metrics[f"{ALL}/threshold_{which}/{k}"] = s[k]
     for which, h in a.heterogeneity.items():
         for k in ("q", "p_value", "i2", "pooled", "pooled_p"):
             metrics[f"{ALL}/heterogeneity_{which}_r/{k}"] = getattr(h, k)
-    for r in a.information_rows:
+    for r in a.information_rows:  # a population and its seed-0 model share a name: the level tells them apart
         who = r["model"] or r["population"]
+        measure = r["measure"] + ("_over_seeds" if r["level"] == "population" else "")
         for k in ("value", "corrected", "p_value", "p_holm", "low", "high"):
-            metrics[f"{who}/{r['measure']}/{k}"] = r[k]
+            metrics[f"{who}/{measure}/{k}"] = r[k]
     finite = {_key(k): float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
     details = {_key(f"{r['population']}/{r['key']}"): {
         k: r[k] for k in ("metric", "verdict", "n_seeds", "seeds", "unit", "n_units", "groups", "scheme", "correction",
@@ -1376,7 +1368,7 @@ def summary(run: RunData, a: Analysis) -> dict:
     return {"run_id": run.run_id, "rule": RULE, "metrics": finite,
             "undefined_metrics": sorted(_key(k) for k, v in metrics.items() if v is None or not np.isfinite(v)),
             "verdicts": {_key(f"{r['population']}/{r['key']}"): r["verdict"] for r in a.verdicts},
-            "verdict_details": details,
+            "verdict_details": details, "cell_metrics": cell_metrics(run, a),
             "populations": {p.name: {"seeds": [m.seed for m in p.members], "models": [m.name for m in p.members],
                                      "listed": p.listed} for p in run.populations},
             "models": [md.name for md in run.models], "missing": run.missing,

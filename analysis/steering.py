@@ -42,6 +42,7 @@ from scipy import stats
 
 from analysis.population import holm
 from analysis.stats import CONFIDENCE, N_RESAMPLES, Estimate
+from spectral import tables as schemas
 
 NAN = float("nan")
 
@@ -61,8 +62,8 @@ KEYS = {
     "steering_r_min_gap": "pearson r(per-layer min gap, per-layer steering effect)",
     "steering_r_mean_gap": "pearson r(per-layer mean gap, per-layer steering effect)",
 }
-"""Stable machine key of every verdict row -> its display name (``name`` column). The names of
-``steering_improvement`` and ``layer_choice`` keep the prefixes earlier readers matched."""
+"""Stable key of every verdict row (``key`` column; MLflow's ``<key>/value``) -> its display
+label (``name`` column). Readers find rows by key, never by label."""
 
 RULES = {
     "steering_improvement":
@@ -343,10 +344,10 @@ def strategy_rows(arms: Sequence[Mapping], layer_runs: Mapping[int, Mapping], gr
         grid_rows.append({"layer": int(layer), "coefficient": float(coefficient), "effect": eff.value,
                           "effect_low": eff.low, "effect_high": eff.high, "kl": kl.value,
                           "loss_increase": float(np.mean(r["loss_increase"])) if len(r["loss_increase"]) else NAN})
-    tables = {"strategies": pa.Table.from_pylist(rows), "layers": pa.Table.from_pylist(layers),
-              "grid": pa.Table.from_pylist(grid_rows), "per_prompt": pa.Table.from_pylist(per_prompt)}
-    tables["verdicts"] = pa.Table.from_pylist(verdicts(arms, layer_runs, gaps, split, cmp, seed, scan_set))
-    return tables
+    built = {"strategies": (rows, schemas.STEER_STRATEGIES), "layers": (layers, schemas.STEER_LAYERS),
+             "grid": (grid_rows, schemas.STEER_GRID), "per_prompt": (per_prompt, schemas.STEER_PER_PROMPT),
+             "verdicts": (verdicts(arms, layer_runs, gaps, split, cmp, seed, scan_set), schemas.STEER_VERDICTS)}
+    return {name: schemas.from_rows(r, schema, f"steer: {name}") for name, (r, schema) in built.items()}
 
 
 def _per_prompt(name, family, k, draw, effects, split: Split) -> list[dict]:

@@ -10,13 +10,20 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from spectral.errors import UsageError
+from spectral.tables import conform, schema_problem
+
 
 def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def write_parquet(table: pa.Table, path: str | Path) -> Path:
+def write_parquet(table: pa.Table, path: str | Path, schema: pa.Schema) -> Path:
+    """Write ``table`` after checking it against ``schema`` (``spectral.tables``): a missing,
+    unexpected or mistyped column is a one-line error naming the file and the column, and
+    nothing is written."""
     path = Path(path)
+    table = conform(table, schema, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path)
     try:
@@ -43,5 +50,24 @@ def write_text(text: str, path: str | Path) -> Path:
     return path
 
 
-def read_table(path: str | Path) -> pa.Table:
-    return pq.read_table(path)
+def read_parquet(path: str | Path, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
+    """The table at ``path``, checked against ``schema`` (``spectral.tables``) before it is read
+    (``columns``: only these, in this order). A file that is absent, unreadable or does not match
+    its schema is a one-line ``UsageError`` naming the file and the column, e.g.
+    ``…/heads.parquet: column 'restoration' missing (expected double)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such table")
+    try:
+        found = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as err:
+        raise UsageError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0][:160]})") from None
+    problem = schema_problem(found, schema)
+    if problem:
+        raise UsageError(f"{path}: {problem}")
+    unknown = [c for c in columns or () if c not in schema.names]
+    if unknown:
+        raise ValueError(f"{path}: column {unknown[0]!r} is not in the table's schema")
+    if columns is not None:
+        schema = pa.schema([schema.field(c) for c in columns])
+    return conform(pq.read_table(path, columns=schema.names), schema, str(path))

@@ -153,9 +153,13 @@ class Tracker:
 
 
 def log_report(run_dir: Path, report_dir: Path, echo=print) -> str | None:
-    """Log a cross-model report (its summary metrics, verdicts as tags, the page and tables as
-    artifacts) to the sweep's MLflow parent run; returns the run id, or None (with one line
-    saying why) when the run was never tracked or the store cannot be reached."""
+    """Log a cross-model report to the sweep's MLflow runs: its summary metrics (keys of
+    identifiers: model specs, population names, verdict and quantity keys), verdicts as tags, the
+    page and tables as artifacts to the parent run; each model's calibrated threshold and its
+    AUROC (``calibrated_threshold/value|low|high``, ``calibration_auroc/...``: summary.json's
+    ``cell_metrics``) to the child run of the cell it was calibrated on, so that MLflow's compare
+    view lines the models' thresholds up. Returns the parent run id, or None (with one line saying
+    why) when the run was never tracked or the store cannot be reached."""
     state_file = run_dir / "tracking.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     if not state.get("parent"):
@@ -174,6 +178,17 @@ def log_report(run_dir: Path, report_dir: Path, echo=print) -> str | None:
     tags = [RunTag(metric_name(f"verdict/{k}")[:250], v) for k, v in summary["verdicts"].items()]
     for i in range(0, max(len(metrics), len(tags)), 500):  # MLflow's batch limits
         client.log_batch(parent, metrics=metrics[i:i + 500], tags=tags[i:i + 500])
+    untracked = []
+    for cell, values in summary["cell_metrics"].items():
+        run_id = state.get("cells", {}).get(cell)
+        if run_id is None:
+            untracked.append(cell)
+        elif values:  # every model's cell gets every key (NaN where undefined): the compare view lines them up
+            client.log_batch(run_id, metrics=[Metric(k, float("nan") if v is None else float(v), 0, 0)
+                                              for k, v in values.items()])
+    if untracked:
+        echo(f"calibrated thresholds not logged to MLflow for {len(untracked)} cell(s) without a tracked run: "
+             + ", ".join(untracked))
     client.log_artifacts(parent, str(report_dir), artifact_path="report")
     return parent
 

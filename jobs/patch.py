@@ -108,7 +108,8 @@ def attribution_agreement(config: PatchConfig, executor, spec: str, examples, n_
     from scipy.stats import spearmanr
 
     rho = float(spearmanr(attributed["restoration"].to_numpy(), column, nan_policy="omit").statistic)
-    return attributed.append_column("restoration_exact", pa.array(column, pa.float64())), rho
+    return attributed.set_column(attributed.schema.get_field_index("restoration_exact"), "restoration_exact",
+                                 pa.array(column, pa.float64())), rho
 
 
 def tables(rows: list[dict], config: PatchConfig, model: str) -> tuple[pa.Table, pa.Table]:
@@ -129,8 +130,9 @@ def tables(rows: list[dict], config: PatchConfig, model: str) -> tuple[pa.Table,
         clean, corrupt, patched = (float(np.mean([r[k] for r in rs])) for k in ("metric_clean", "metric_corrupt", "metric_patched"))
         agg.append({**meta, "layer": layer, "head": head, "n_examples": len(rs), "metric_clean": clean,
                     "metric_corrupt": corrupt, "metric_patched": patched,
-                    "restoration": restoration(patched, clean, corrupt) if clean != corrupt else float("nan")})
-    return pa.Table.from_pylist(agg), examples
+                    "restoration": restoration(patched, clean, corrupt) if clean != corrupt else float("nan"),
+                    "restoration_exact": None})  # filled in beside an attribution estimate
+    return schemas.from_rows(agg, schemas.PATCH, "patch: heads"), examples
 
 
 def run(config: PatchConfig, *, executor=None, echo=print):
@@ -163,8 +165,8 @@ def run(config: PatchConfig, *, executor=None, echo=print):
             echo(f"attribution vs exact patching: Spearman rho = {rho:.3f} over {heads.num_rows} heads")
     config.out.mkdir(parents=True, exist_ok=True)
     write_json({**params, "seconds": round(time.perf_counter() - start, 3)}, config.out / "params.json")
-    write_parquet(per_example, config.out / EXAMPLES_FILE)
-    write_parquet(heads, config.out / RESULT_FILE)
+    write_parquet(per_example, config.out / EXAMPLES_FILE, schemas.PATCH_EXAMPLES)
+    write_parquet(heads, config.out / RESULT_FILE, schemas.PATCH)
     top = heads.sort_by([("restoration", "descending")]).slice(0, 5).to_pylist()
     echo("top heads by restoration: " + ", ".join(f"L{r['layer']}H{r['head']}={r['restoration']:.3f}" for r in top))
     echo(f"wrote {config.out / RESULT_FILE} ({heads.num_rows} heads x {len(examples)} examples)")
@@ -175,12 +177,12 @@ def unit_metrics(cell_dir: Path) -> tuple[dict[str, float], dict[str, str]]:
     """``max_restoration`` over heads; ``spearman_attribution_vs_exact`` for attribution runs."""
     import json
 
-    import pyarrow.parquet as pq
+    from cluster.store import read_parquet
 
     metrics: dict[str, float] = {}
     if (cell_dir / RESULT_FILE).is_file():
-        values = [v for v in pq.read_table(cell_dir / RESULT_FILE, columns=["restoration"])["restoration"].to_pylist()
-                  if v is not None]
+        table = read_parquet(cell_dir / RESULT_FILE, schemas.PATCH, ["restoration"])
+        values = [v for v in table["restoration"].to_pylist() if v is not None]
         if values:
             metrics["max_restoration"] = float(max(values))
     params = json.loads((cell_dir / "params.json").read_text()) if (cell_dir / "params.json").is_file() else {}

@@ -122,19 +122,20 @@ def experiment(kind: str) -> Experiment:
     return record
 
 
-def statistics_metrics(path: Path) -> UnitMetrics:
-    """Metrics and verdicts of a job's statistics table (rows with a stable ``key``, ``value``,
-    ``low``, ``high`` and ``verdict``): ``<key>/value``, ``<key>/low``, ``<key>/high`` and the
-    param ``verdict/<key>``; non-finite numbers are left out (MLflow stores floats)."""
+def statistics_metrics(path: Path, schema) -> UnitMetrics:
+    """Metrics and verdicts of a job's statistics table of ``schema`` (``spectral.tables``: rows
+    with a stable ``key``, ``value``, ``low``, ``high`` and ``verdict``): ``<key>/value``,
+    ``<key>/low``, ``<key>/high`` and the param ``verdict/<key>``; non-finite numbers are left out
+    (MLflow stores floats)."""
     import math
 
-    import pyarrow.parquet as pq
+    from cluster.store import read_parquet
 
     metrics: dict[str, float] = {}
     params: dict[str, str] = {}
     if not path.is_file():
         return metrics, params
-    for r in pq.read_table(path).to_pylist():
+    for r in read_parquet(path, schema, ["key", "value", "low", "high", "verdict"]).to_pylist():
         for stat in ("value", "low", "high"):
             if r.get(stat) is not None and math.isfinite(r[stat]):
                 metrics[f"{r['key']}/{stat}"] = float(r[stat])

@@ -123,7 +123,7 @@ def _write(out: Path, table, params, summary, title, threshold) -> None:
     write_json(params, out / "params.json")
     write_text(summary + "\n", out / "summary.md")
     gap_heatmap(table, out / "gap_heatmap.png", title=title, threshold=threshold)
-    write_parquet(table, out / RESULT_FILE)  # last: its presence means the run completed
+    write_parquet(table, out / RESULT_FILE, tables.SCAN)  # last: its presence means the run completed
 
 
 def _versions() -> dict[str, str]:
@@ -139,15 +139,15 @@ def unit_metrics(cell_dir: Path) -> tuple[dict[str, float], dict[str, str]]:
     return scan_metrics(cell_dir / RESULT_FILE), {}
 
 
-def scan_metrics(path: Path) -> dict[str, float]:
-    """``min_gap/layer_<l>`` of a scan table (read by every kind that writes one)."""
+def scan_metrics(path: Path, schema=tables.SCAN) -> dict[str, float]:
+    """``min_gap/layer_<l>`` of a scan table of ``schema`` (read by every kind that writes one)."""
     import math
 
-    import pyarrow.parquet as pq
+    from cluster.store import read_parquet
 
     if not path.is_file():
         return {}
-    rows = pq.read_table(path, columns=["layer", "gap"]).to_pylist()
+    rows = read_parquet(path, schema, ["layer", "gap"]).to_pylist()
     metrics = {}
     for layer in sorted({r["layer"] for r in rows}):
         gaps = [r["gap"] for r in rows if r["layer"] == layer and r["gap"] is not None and math.isfinite(r["gap"])]

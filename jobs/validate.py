@@ -152,7 +152,7 @@ def circuit_report(loaded, examples, heads, target: float = 0.8) -> str:
     from spectral.causal.patching import task_caches, minimal_circuit
 
     adapter, task, clean, corrupt = task_caches(loaded, tuple(examples))
-    rows = sorted(heads.to_pylist(), key=lambda r: (math.isnan(r["importance"]), -r["importance"]))
+    rows = sorted(heads.to_pylist(), key=lambda r: (math.isnan(r["restoration"]), -r["restoration"]))
     ranking = [(r["layer"], r["head"]) for r in rows]
     circuit = minimal_circuit(adapter, task, clean, corrupt, ranking, target)
     if circuit is None:
@@ -173,22 +173,22 @@ def _write(config, model, scan, heads_patch, per_example, result, seconds) -> No
     write_json({"config": config.model_dump(mode="json"), "seconds": seconds,
                 "scan_set": config.scan_set, "scan_seed": scan_seed(config) if config.scan_set == "held-out" else None},
                out / "params.json")
-    write_parquet(scan, out / "scan.parquet")
-    write_parquet(heads_patch, out / "patch.parquet")
-    write_parquet(per_example, out / "patch_examples.parquet")
-    write_parquet(result.heads, out / "heads.parquet")
+    write_parquet(scan, out / "scan.parquet", schemas.SCAN)
+    write_parquet(heads_patch, out / "patch.parquet", schemas.PATCH)
+    write_parquet(per_example, out / "patch_examples.parquet", schemas.PATCH_EXAMPLES)
+    write_parquet(result.heads, out / "heads.parquet", schemas.VALIDATE_HEADS)
     title = f"{model} - {config.task}"
     gap_heatmap(scan, out / "gap_heatmap.png", title=title, threshold=config.threshold)
     gap_importance_scatter(result.heads, out / "gap_vs_importance.png", title=title, threshold=config.threshold)
     gap_importance_heatmaps(result.heads, out / "gap_importance_heatmaps.png", title=title)
     write_text(f"# validate: {title}\n\n{result.report}\n", out / "report.md")
-    write_parquet(result.statistics, out / RESULT_FILE)  # last: its presence means the run completed
+    write_parquet(result.statistics, out / RESULT_FILE, schemas.VALIDATE)  # last: its presence means the run completed
 
 
 def unit_metrics(cell_dir: Path) -> tuple[dict[str, float], dict[str, str]]:
     """Every statistic of validate.parquet (``<key>/value|low|high``, ``verdict/<key>``) and the
     smallest gap of each layer of its scan (``min_gap/layer_<l>``)."""
-    metrics, params = statistics_metrics(cell_dir / RESULT_FILE)
+    metrics, params = statistics_metrics(cell_dir / RESULT_FILE, schemas.VALIDATE)
     return {**metrics, **scan_metrics(cell_dir / "scan.parquet")}, params
 
 

@@ -11,17 +11,18 @@ import json
 import math
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from scipy import stats
 
 from analysis import crossmodel as cm
 from analysis.crossmodel import (
-    ModelData, Population, PopulationResult, consistency_verdict, head_rows, heterogeneity, job_row, load_run, study,
+    ModelData, Population, PopulationResult, consistency_verdict, head_rows, heterogeneity, job_verdicts, load_run,
+    study,
 )
 from analysis.population import Member, Stat, estimate_many, from_values
 from cluster.layout import safe
+from spectral import tables
+from tests.synthetic_runs import write
 
 
 def allowed(n: int, rate: float) -> int:
@@ -118,7 +119,7 @@ def _null_model(rng: np.random.Generator, name: str, seed: int, n_heads: int, n_
     ex = {"patched": patched, "clean": clean, "corrupt": corrupt}
     measured = cm.restoration(patched, clean, corrupt)
     md = ModelData(name, name.split("?")[0], seed, None, {})
-    md.heads = {"layer": np.zeros(n_heads), "head": np.arange(n_heads, dtype=float), "gap": gap, "importance": measured}
+    md.heads = {"layer": np.zeros(n_heads), "head": np.arange(n_heads, dtype=float), "gap": gap, "restoration": measured}
     md.examples = ex
     return md
 
@@ -204,7 +205,7 @@ def test_ratio_is_undefined_when_the_stable_mean_is_not_above_zero():
         imp = np.r_[rng.normal(0.21, 0.02, 8), rng.normal(-0.011, 0.02, 8)]
         ex = md.examples
         ex["patched"] = ex["corrupt"] + imp[:, None] * (ex["clean"] - ex["corrupt"])
-        md.heads["gap"], md.heads["importance"] = gap, cm.restoration(ex["patched"], ex["clean"], ex["corrupt"])
+        md.heads["gap"], md.heads["restoration"] = gap, cm.restoration(ex["patched"], ex["clean"], ex["corrupt"])
         mds.append(md)
     rows = {r["key"]: r for r in head_rows(Population("organism-xs", mds, ["x"] * 5), PopulationResult(), 400, 0)}
     cm._apply_holm(list(rows.values()))
@@ -225,13 +226,13 @@ def test_holm_within_a_family_turns_borderline_passes_inconclusive():
 
 # --- reading runs ---------------------------------------------------------------------------------
 
-def test_job_rows_are_found_by_key_else_by_old_name():
-    keyed = {"steering_improvement": {"key": "steering_improvement", "value": 1.0},
-             "improvement of spectral over baseline (1 layer)": {"value": 1.0}}
-    assert job_row(keyed, "steering_improvement", "improvement of spectral")["value"] == 1.0
-    old = {"improvement of spectral over baseline (mean effect)": {"value": 2.0}}
-    assert job_row(old, "steering_improvement", "improvement of spectral")["value"] == 2.0
-    assert job_row(old, "layer_choice", "effect lost by spectral") is None
+def test_job_verdicts_are_found_by_key_only():
+    """The per-model verdicts of the jobs are matched by their stable key, never by a display label."""
+    md = ModelData("organism-s?seed=1", "organism-s", 1, None, {},
+                   steer={"steering_improvement": {"key": "steering_improvement", "verdict": "PASS",
+                                                   "name": "effect lost by spectral vs the oracle's best layer"}})
+    assert job_verdicts([md], "steering_improvement", "steer") == "steer job per model (its own rule): seed 1 PASS"
+    assert job_verdicts([md], "layer_choice", "steer") == ""
 
 
 def _sweep(root, models, experiments):
@@ -247,14 +248,13 @@ def _patch_unit(unit, method: str, direction: str, n_heads: int = 6, n_examples:
     clean = 2 + 0.1 * rng.standard_normal(lh.size)
     corrupt = 0.1 * rng.standard_normal(lh.size)
     cols = {"layer": np.zeros(lh.size, int), "head": lh, "example": np.tile(np.arange(n_examples), n_heads),
-            "metric_patched": clean - 0.05, "metric_clean": clean, "metric_corrupt": corrupt}
-    pq.write_table(pa.table(cols), unit / "patch_examples.parquet")
-    pq.write_table(pa.table({"layer": np.zeros(n_heads, int), "head": np.arange(n_heads), "restoration": np.full(n_heads, 0.97),
-                             "method": [method] * n_heads, "direction": [direction] * n_heads}), unit / "patch.parquet")
+            "metric_patched": clean - 0.05, "metric_clean": clean, "metric_corrupt": corrupt,
+            "method": [method] * lh.size, "direction": [direction] * lh.size}
+    write(cols, unit / "patch_examples.parquet", tables.PATCH_EXAMPLES)
+    write({"layer": np.zeros(n_heads, int), "head": np.arange(n_heads), "restoration": np.full(n_heads, 0.97),
+           "method": [method] * n_heads, "direction": [direction] * n_heads, "restoration_exact": [None] * n_heads},
+          unit / "patch.parquet", tables.PATCH)
     (unit / "params.json").write_text(json.dumps({"config": {"method": method, "direction": direction}}))
-    g = np.linspace(0.4, 0.9, n_heads)
-    pq.write_table(pa.table({"layer": np.zeros(n_heads, int), "head": np.arange(n_heads), "gap": g,
-                             "entropy": 1 - g}), unit / "scan.parquet")
     (unit / "cell.json").write_text("{}")
 
 
@@ -306,7 +306,8 @@ def test_scaling_fits_thresholds_only_of_populations_whose_gap_separates():
     run = cm.RunData(None, "r", {}, [p.members[0] for p in pops], pops, [], [])
     facts, rows, reason, quantities, excluded = cm.scaling(run, results, per_pop)
     assert reason == "" and rows and all(r["exploratory"] for r in rows)
-    threshold = "calibrated threshold (important heads)"
-    assert set(quantities[threshold]) == {"organism-xs", "organism-m", "organism-l"}  # organism-s: AUROC 0.4
-    assert set(quantities["minimum gap"]) == {p.name for p in pops}
-    assert any("organism-s" in e and "left out" in e for e in excluded)
+    assert set(quantities["threshold_heads"]) == {"organism-xs", "organism-m", "organism-l"}  # organism-s: AUROC 0.4
+    assert set(quantities["min_gap"]) == {p.name for p in pops}
+    assert "calibrated threshold (important heads): organism-s left out (AUROC interval low 0.391 not above 0.5: the " \
+           "gap does not separate, so its threshold means nothing)" in excluded
+    assert {r["quantity"] for r in rows} == set(cm.SCALING_QUANTITIES)  # keys, not labels

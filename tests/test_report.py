@@ -22,8 +22,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from analysis.crossmodel import ALL, CROSS_POPULATION_METRICS, POPULATION_METRICS, RULE
+from analysis.crossmodel import ALL, CROSS_POPULATION_METRICS, ENTROPY, MI_HEADS, POPULATION_METRICS, RULE
+from cluster.store import read_parquet
 from jobs import report
+from spectral import tables
 from spectral.errors import UsageError
 from tests.synthetic_runs import MIN_GAP, POSITIVE_GAP, SIZES, make_run
 
@@ -41,15 +43,15 @@ def four(tmp_path_factory) -> tuple[Path, Path, list[str]]:
 
 
 def _verdicts(out: Path) -> list[dict]:
-    return pq.read_table(out / "verdicts.parquet").to_pylist()
+    return read_parquet(out / "verdicts.parquet", tables.REPORT_VERDICTS).to_pylist()
 
 
 # --- the 4-population run --------------------------------------------------------------
 
 def test_thresholds_calibrate_near_the_constructed_gap_and_077_fails(four):
     run_dir, out, lines = four
-    cal = pq.read_table(out / "calibration.parquet").to_pylist()
-    heads = [r for r in cal if r["target"] == "important heads"]
+    cal = read_parquet(out / "calibration.parquet", tables.REPORT_CALIBRATION).to_pylist()
+    heads = [r for r in cal if r["target"] == "heads"]
     assert len(heads) == 4 * len(SEEDS)
     assert {(r["population"], r["seed"]) for r in heads} == {(s[0], k) for s in SIZES for k in SEEDS}
     for r in heads:  # important = gap <= 0.49 exactly: the Youden threshold is the largest positive gap
@@ -105,8 +107,8 @@ def test_verdict_table_states_seeds_units_scheme_and_correction(four):
 
 def test_scaling_recovers_an_exact_power_law_over_population_means(four):
     _, out, _ = four
-    rows = pq.read_table(out / "scaling.parquet").to_pylist()
-    fit = next(r for r in rows if (r["quantity"], r["predictor"], r["kind"]) == ("minimum gap", "parameters", "power"))
+    rows = read_parquet(out / "scaling.parquet", tables.REPORT_SCALING).to_pylist()
+    fit = next(r for r in rows if (r["quantity"], r["predictor"], r["kind"]) == ("min_gap", "parameters", "power"))
     assert fit["n"] == 4 and fit["exploratory"]
     assert fit["b"] == pytest.approx(MIN_GAP[1], abs=1e-9)
     assert fit["a"] == pytest.approx(MIN_GAP[0] * 1e6 ** -MIN_GAP[1], rel=1e-9)
@@ -116,13 +118,12 @@ def test_scaling_recovers_an_exact_power_law_over_population_means(four):
 
 def test_information_and_files(four):
     _, out, _ = four
-    info = pq.read_table(out / "information.parquet").to_pylist()
-    mi = next(r for r in info if r["level"] == ALL and r["measure"].startswith("MI(gap"))
+    info = read_parquet(out / "information.parquet", tables.REPORT_INFORMATION).to_pylist()
+    mi = next(r for r in info if r["level"] == ALL and r["measure"] == MI_HEADS)
     assert mi["n"] == sum(s[2] * s[3] for s in SIZES) * len(SEEDS) and mi["value"] > mi["null_p95"]
     assert mi["n_strata"] == 4 * len(SEEDS) and mi["n_permutations"] == FAST["n_permutations"]
     assert np.isfinite(mi["mc_error"]) and np.isfinite(mi["p_holm"])
-    entropy = next(r for r in info if r["level"] == "model" and r["model"] == "organism-s"
-                   and r["measure"].startswith("spectral entropy"))
+    entropy = next(r for r in info if r["level"] == "model" and r["model"] == "organism-s" and r["measure"] == ENTROPY)
     assert entropy["value"] > 0  # entropy = 2 - gap: unstable heads have more
     assert "Holm over 12" in entropy["family"]
     names = {p.name for p in out.iterdir()}
@@ -156,18 +157,33 @@ def test_single_model_is_one_model_and_has_no_scaling_fit(tmp_path):
     assert r["correction"].startswith("none needed")
 
 
-def test_legacy_tables_without_examples_or_keys_still_report(tmp_path):
-    """Runs written before per-example tables and steering keys: heads resampled only (said so),
-    steering arms read by their old names on all prompts (said so)."""
-    run_dir = make_run(tmp_path / "legacy", SIZES[:2], seeds=(0, 1), per_example=False, legacy_steer=True)
-    page = report.run(run_dir, echo=lambda *a: None, **FAST)
-    by = {(r["population"], r["key"]): r for r in _verdicts(page.parent)}
-    r = by[("organism-s", "restoration_difference")]
-    assert "2 seeds: mean ± t(1) x SD/sqrt(2)" in r["scheme"] and np.isfinite(r["low"])
-    assert "hierarchical bootstrap seeds -> heads (200)" in r["scheme"] and np.isfinite(r["hier_low"])
-    assert "intervals resample heads only" in r["note"]
-    s = by[("organism-s", "steering_difference")]
-    assert np.isfinite(s["value"]) and "no selection split recorded" in s["prompts"]
+@pytest.mark.parametrize("cell, name, change, message", [
+    ("experiment=1-steer", "verdicts.parquet", lambda t: t.drop_columns(["key"]),
+     "column 'key' missing (expected string)"),
+    ("experiment=1-steer", "per_prompt.parquet", lambda t: t.drop_columns(["split", "family", "k", "draw"]),
+     "column 'family' missing (expected string)"),
+    ("experiment=0-validate", "scan.parquet", lambda t: t.set_column(t.column_names.index("gap"), "gap",
+                                                                       pa.array([str(x) for x in t["gap"].to_pylist()])),
+     "column 'gap' has type string, expected double"),
+    ("experiment=0-validate", "patch_examples.parquet", None, "no such table"),
+])
+def test_tables_that_do_not_match_their_schema_are_refused(tmp_path, capsys, cell, name, change, message):
+    """Tables written before the schemas (steering verdicts without keys, per-prompt effects
+    without their split and arms, no per-example patching) are refused with one line naming the
+    file and the column, never read by guesswork."""
+    from jobs.cli import main
+
+    run_dir = make_run(tmp_path / "old", SIZES[:2], seeds=(0,))
+    path = run_dir / "model=organism-s" / cell / name
+    if change is None:
+        path.unlink()
+    else:
+        pq.write_table(change(pq.read_table(path)), path)
+    with pytest.raises(UsageError) as err:
+        report.run(run_dir, echo=lambda *a: None, **FAST)
+    assert str(err.value) == f"{path}: {message}"
+    assert main(["report", str(run_dir), "--resamples", "10", "--permutations", "10"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"eigengap report: error: {path}: {message}"]
 
 
 def test_missing_steer_is_named(tmp_path, capsys):
@@ -208,10 +224,10 @@ def test_non_finite_values_are_counted(tmp_path):
     excluded = json.loads((page.parent / "summary.json").read_text())["excluded_non_finite"]
     assert excluded["organism-xs"]["gap (scan)"] == 2
     assert excluded["organism-xs"]["restoration undefined (clean ~ corrupt)"] == 1
-    assert excluded["organism-xs"]["gap or importance (patched heads)"] == 3
+    assert excluded["organism-xs"]["gap or restoration (patched heads)"] == 3
     assert excluded["organism-s"]["gap (scan)"] == 0
     cal = {(r["model"], r["target"]): r for r in pq.read_table(page.parent / "calibration.parquet").to_pylist()}
-    assert cal[("organism-xs", "important heads")]["n"] == 4 * 8 - 3
+    assert cal[("organism-xs", "heads")]["n"] == 4 * 8 - 3
 
 
 def test_not_a_sweep_dir_is_a_usage_error(tmp_path, capsys):

@@ -45,7 +45,7 @@ def tables(gap, imp, *, n_examples: int = 32, noise: float = 0.0, seed: int = 0,
 
 
 def rows(v) -> dict[str, dict]:
-    return {r.get("key", r["name"]): r for r in v.statistics.to_pylist()}
+    return {r["key"]: r for r in v.statistics.to_pylist()}
 
 
 def arrays(gap, imp, n_examples=32, noise=0.0, seed=0):
@@ -170,9 +170,9 @@ def test_restoration_is_nan_with_a_reason_when_clean_equals_corrupt():
     v = validate(*tables(GAP8, IMP8, clean_mean=0.0, corrupt_mean=0.0), 0.77, 0, n_resamples=100)
     # clean and corrupt metrics drawn from one distribution: mean difference ~ 0.1 of scale ~ 0.8
     heads = v.heads.to_pylist()
-    guarded = [h for h in heads if not np.isfinite(h["importance"])]
-    assert all("near zero" in h["importance_note"] for h in guarded)
-    assert all(abs(h["importance"]) < 50 for h in heads if np.isfinite(h["importance"]))
+    guarded = [h for h in heads if not np.isfinite(h["restoration"])]
+    assert all("near zero" in h["restoration_note"] for h in guarded)
+    assert all(abs(h["restoration"]) < 50 for h in heads if np.isfinite(h["restoration"]))
 
 
 # --- defect 8: duplicates, group sizes, selection, multiplicity --------------------------

@@ -14,7 +14,10 @@ import numpy as np
 import pyarrow as pa
 
 from analysis.calibration import IMPORTANCE_RULE, STEERABLE_RULE, important
-from analysis.crossmodel import ALL, NAN, RULE, RULES, Analysis, RunData, finite_heads, finite_layers
+from analysis.crossmodel import (
+    ALL, CALIBRATION_TARGETS, INFORMATION_MEASURES, NAN, RULE, RULES, SCALING_QUANTITIES, Analysis, RunData, finite_heads,
+    finite_layers,
+)
 from analysis.scaling import MIN_LOO_POINTS
 from spectral.kernels.metrics import UNSTABLE_GAP
 
@@ -99,11 +102,11 @@ def importance_scatter(run: RunData, a: Analysis, path: Path) -> Path | None:
     for ax, pop in zip(axes, pops):
         for j, md in enumerate(m for m in pop.members if finite_heads(m) is not None):
             h = finite_heads(md)
-            imp = important(h["importance"])
+            imp = important(h["restoration"])
             color = SEED_COLORS[j % len(SEED_COLORS)]
-            ax.scatter(h["gap"][~imp], h["importance"][~imp], s=12, facecolors="none", edgecolors=color, alpha=0.7,
+            ax.scatter(h["gap"][~imp], h["restoration"][~imp], s=12, facecolors="none", edgecolors=color, alpha=0.7,
                        label="other heads (open)" if j == 0 else None)
-            ax.scatter(h["gap"][imp], h["importance"][imp], s=16, c=color, label=_seed_label(md) + " (filled: important)")
+            ax.scatter(h["gap"][imp], h["restoration"][imp], s=16, c=color, label=_seed_label(md) + " (filled: important)")
         ax.axvline(UNSTABLE_GAP, color="k", ls="--", lw=1, label=f"{UNSTABLE_GAP:g}")
         e = a.results[pop.name].estimates.get("threshold_heads") if pop.name in a.results else None
         if e is not None and np.isfinite(e.value):
@@ -272,7 +275,7 @@ def scaling_plot(a: Analysis, path: Path) -> Path | None:
             if i == 0:
                 ax.set_title(p, fontsize=8)
             if j == 0:
-                ax.set_ylabel("\n".join(_wrap(q, 22)), fontsize=7)
+                ax.set_ylabel("\n".join(_wrap(SCALING_QUANTITIES[q], 22)), fontsize=7)
             if ax.get_legend_handles_labels()[1]:
                 ax.legend(fontsize=5.5, loc="best")
     fig.suptitle("exploratory: population means (over seeds) against size", fontsize=9)
@@ -475,7 +478,8 @@ def _range(v: list[int]) -> str:
 
 
 def _calibration(a: Analysis) -> str:
-    rows = [[r["population"], "–" if r["seed"] is None else r["seed"], r["target"], _num(r["threshold"]),
+    rows = [[r["population"], "–" if r["seed"] is None else r["seed"], CALIBRATION_TARGETS[r["target"]],
+             _num(r["threshold"]),
              _ci(r["threshold_low"], r["threshold_high"]), _num(r["auroc"]), _ci(r["auroc_low"], r["auroc_high"]),
              f"{_num(r.get('auroc_p_value', NAN))} / {_num(r.get('auroc_p_holm', NAN))}", r.get("separation", ""),
              _num(r["youden_j"]), _num(r["j_at_reference"]), f"{r['n']} ({r['n_positive']} +)", r["n_dropped"],
@@ -507,7 +511,7 @@ def _generalization(a: Analysis) -> str:
             + _table(["population", "correlation", "r (mean over seeds)", "95 % CI", "seeds", "per seed r",
                       "units per seed", "interval", "note"], corr, {2, 3, 4})
             + "<h3>Consistency of the correlations across populations (Fisher z)</h3>"
-            + f"<p class=\"note\">{_e(RULES['correlation consistent'])}</p>"
+            + f"<p class=\"note\">{_e(RULES['correlation_consistent'])}</p>"
             + _table(["correlation", "pooled r", "95 % CI", "pooled p", "Q", "df", "test", "p", "I²", "r > 0", "note"],
                      het, {1, 2, 3, 4, 5, 7, 8}))
 
@@ -519,7 +523,8 @@ def _scaling(a: Analysis) -> str:
         return f"<p class=\"warn\">No scaling fit: {_e(a.scaling_reason)}.</p>" + excluded
 
     def table(rows: list[dict]) -> str:
-        cells = [[r["quantity"], r["predictor"], r["kind"], _num(r["a"]), _ci(r["a_low"], r["a_high"]), _num(r["b"]),
+        cells = [[SCALING_QUANTITIES[r["quantity"]], r["predictor"], r["kind"], _num(r["a"]),
+                  _ci(r["a_low"], r["a_high"]), _num(r["b"]),
                   _ci(r["b_low"], r["b_high"]), _num(r["r2"]), r["n"], _num(r.get("cv_mae", NAN)),
                   _num(r.get("cv_press_r2", NAN)), _num(r.get("loo_predicted", NAN)), _num(r.get("loo_observed", NAN)),
                   r["reason"]] for r in rows]
@@ -543,7 +548,8 @@ def _scaling(a: Analysis) -> str:
 
 
 def _information(a: Analysis) -> str:
-    rows = [[r["level"], r["population"], r["model"] or "–", r["measure"], _num(r["value"]), _ci(r["low"], r["high"]),
+    rows = [[r["level"], r["population"], r["model"] or "–", INFORMATION_MEASURES[r["measure"]], _num(r["value"]),
+             _ci(r["low"], r["high"]),
              _num(r["null_mean"]), _num(r["corrected"]), _num(r["p_value"]), _num(r["mc_error"]), _num(r["p_holm"]),
              r["family"], r["n"], r["n_strata"] or "–", r["n_dropped"],
              f"{_num(r['unstable_median'])} / {_num(r['stable_median'])}" if r["unstable_n"] + r["stable_n"] else "",

@@ -73,9 +73,9 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def gap_importance_scatter(heads: pa.Table, path: str | Path, title: str = "", threshold: float = UNSTABLE_GAP) -> Path:
-    """Gap (x) vs importance (y), one point per head, coloured by layer."""
+    """Gap (x) vs importance (y: the measured restoration), one point per head, coloured by layer."""
     plt = pyplot()
-    gap, imp = heads["gap"].to_numpy(), heads["importance"].to_numpy()
+    gap, imp = heads["gap"].to_numpy(), heads["restoration"].to_numpy()
     layer = heads["layer"].to_numpy()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     sc = ax.scatter(gap, imp, c=layer, cmap="viridis", s=28, edgecolor="k", linewidth=0.3)
@@ -90,10 +90,10 @@ def gap_importance_scatter(heads: pa.Table, path: str | Path, title: str = "", t
 
 
 def gap_importance_heatmaps(heads: pa.Table, path: str | Path, title: str = "") -> Path:
-    """Layer x head heatmaps of gap and of importance, side by side."""
+    """Layer x head heatmaps of gap and of importance (the measured restoration), side by side."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, column, cmap in zip(axes, ("gap", "importance"), ("viridis", "magma")):
+    for ax, column, cmap in zip(axes, ("gap", "restoration"), ("viridis", "magma")):
         grid, layers, head_ids = layer_head_grid(heads, column)
         im = ax.imshow(grid, cmap=cmap, aspect="auto", origin="lower")
         ax.set_xticks(range(len(head_ids)), head_ids)
