@@ -100,11 +100,13 @@ def test_validate_reports_verdicts_on_an_organism(organism_cache, tmp_path, caps
     for name in ("scan.parquet", "patch.parquet", "patch_examples.parquet", "heads.parquet", "validate.parquet",
                  "report.md", "gap_heatmap.png", "gap_vs_importance.png", "gap_importance_heatmaps.png"):
         assert (out / name).stat().st_size > 0, name
-    stats = {r["name"]: r for r in pq.read_table(out / "validate.parquet").to_pylist()}
-    r = stats["pearson r(importance, 1/gap)"]
+    stats = {r["key"]: r for r in pq.read_table(out / "validate.parquet").to_pylist()}
+    r = stats["importance_correlation"]
+    assert r["name"] == "pearson r(importance, 1/gap)"
     assert r["target"] == 0.7 and r["verdict"] in ("PASS", "FAIL", "INCONCLUSIVE")
     assert r["low"] <= r["value"] <= r["high"] and 0 <= r["p_value"] <= 1
-    assert stats["restoration ratio unstable/stable at gap <= 0.77"]["target"] == 2.0
+    assert stats["restoration_ratio"]["target"] == 2.0
+    assert stats["restoration_ratio"]["name"] == "restoration ratio unstable/stable at gap <= 0.77"
     heads = pq.read_table(out / "heads.parquet")
     assert heads.num_rows == 2 * 8 and np.all(heads["gap"].to_numpy() > 0)
     params = json.loads((out / "params.json").read_text())
@@ -113,9 +115,9 @@ def test_validate_reports_verdicts_on_an_organism(organism_cache, tmp_path, caps
     assert "Weakest link" in report
     size = int(re.search(r"Circuit: the (\d+) most important head\(s\)", report).group(1))
     assert 1 <= size <= 3  # measured: 2 heads (L0H0, L1H1) on organism-xs
-    # the table heads.importance is the per-head restoration of the patch table
+    # the table heads.restoration is the per-head restoration of the patch table
     patch = pq.read_table(out / "patch.parquet")
-    np.testing.assert_allclose(heads["importance"].to_numpy(), patch["restoration"].to_numpy(), rtol=1e-6)
+    np.testing.assert_allclose(heads["restoration"].to_numpy(), patch["restoration"].to_numpy(), rtol=1e-6)
 
 
 def nnsight_patch(model, task, layer, head, d_head):
