@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from spectral.errors import UsageError
-from spectral.models.tokenizer import byte_tokenizer, is_single_token, pad_id, right_padded, single_token
+from spectral.models.tokenizer import byte_tokenizer
+from spectral.tokens import is_single_token, pad_id, right_padded, single_token
 from spectral.organisms.vocab import word_tokenizer
 from tests.conftest import PROMPTS
 

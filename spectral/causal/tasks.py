@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from spectral.errors import UsageError
-from spectral.models.tokenizer import is_single_token, right_padded, single_token
+from spectral.tokens import is_single_token, right_padded, single_token
 from spectral.organisms.language import ioi_example
 
 ENGLISH_IOI = {

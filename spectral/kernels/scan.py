@@ -22,7 +22,7 @@ from spectral.kernels.registry import KERNELS, Kernel, KernelSteps
 from spectral.kernels.result import KernelResult
 from spectral.models.adapter import HeadAdapter
 from spectral.models.loading import LoadedModel
-from spectral.models.tokenizer import Padded, right_padded
+from spectral.tokens import Padded, right_padded
 
 KeyKind = Literal["raw", "rotated"]
 

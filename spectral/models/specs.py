@@ -100,19 +100,9 @@ def population(spec: str | ModelSpec) -> tuple[str, int | None]:
 
 
 def _parse_organism(text: str) -> ModelSpec:
-    name, _, query = text.partition("?")
-    overrides: dict[str, int] = {}
-    if query:
-        try:
-            pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
-        except ValueError:
-            raise UsageError(f"model spec {text!r}: an organism takes only ?seed=N") from None
-        for key, value in pairs:
-            if key != "seed":
-                raise UsageError(f"model spec {text!r}: unknown organism option {key!r} (known: seed)")
-            if not value.isdigit():
-                raise UsageError(f"model spec {text!r}: seed={value!r} is not a non-negative integer")
-            overrides["seed"] = int(value)
+    from spectral.organisms.suite import parse_name  # the organisms own their spec syntax
+
+    name, overrides = parse_name(text)
     return ModelSpec(text, "organism", name, overrides)
 
 

@@ -10,14 +10,17 @@ import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from scipy import stats
 
-from spectral.models.loading import LoadedModel
-from spectral.models.tokenizer import single_token
 from spectral.organisms.language import ioi_example, sentiment_context
+from spectral.tokens import single_token
+
+if TYPE_CHECKING:  # organisms sit below the model layer: a LoadedModel is only what is passed in
+    from spectral.models.loading import LoadedModel
 
 EVAL_SEED = 10_000
 IOI_BAR, INDUCTION_BAR = 0.95, 0.90

@@ -44,14 +44,34 @@ def cache_root() -> Path:
     return Path(os.environ.get("EIGENGAP_CACHE") or Path.home() / ".cache" / "eigengap") / "organisms"
 
 
+def parse_name(text: str) -> tuple[str, dict[str, int]]:
+    """``organism-s?seed=3`` -> ("organism-s", {"seed": 3}): the organism spec syntax (the only
+    option is the training seed); ``spectral.models.specs`` parses organism specs with it."""
+    from urllib.parse import parse_qsl
+
+    text = text.strip()
+    if not text.startswith("organism-"):
+        raise UsageError(f"{text!r} is not an organism (organism-NAME[?seed=N])")
+    name, _, query = text.partition("?")
+    overrides: dict[str, int] = {}
+    if query:
+        try:
+            pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+        except ValueError:
+            raise UsageError(f"model spec {text!r}: an organism takes only ?seed=N") from None
+        for key, value in pairs:
+            if key != "seed":
+                raise UsageError(f"model spec {text!r}: unknown organism option {key!r} (known: seed)")
+            if not value.isdigit():
+                raise UsageError(f"model spec {text!r}: seed={value!r} is not a non-negative integer")
+            overrides["seed"] = int(value)
+    return name, overrides
+
+
 def split_name(text: str) -> tuple[str, int]:
     """``organism-s?seed=3`` -> ("organism-s", 3); a plain name is seed 0."""
-    from spectral.models.specs import parse_spec
-
-    spec = parse_spec(text)
-    if spec.kind != "organism":
-        raise UsageError(f"{text!r} is not an organism (organism-NAME[?seed=N])")
-    return spec.name, spec.seed
+    name, overrides = parse_name(text)
+    return name, overrides.get("seed", 0)
 
 
 def parse_seeds(text: str | None) -> list[int] | None:

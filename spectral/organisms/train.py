@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from spectral.organisms import language
+import spectral.organisms.language as language
 from spectral.organisms.vocab import word_tokenizer
 
 EPISODES_PER_SEQUENCE = 5

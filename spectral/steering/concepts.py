@@ -8,7 +8,7 @@ import json
 import random
 
 from spectral.errors import UsageError
-from spectral.models.tokenizer import is_single_token
+from spectral.tokens import is_single_token
 from spectral.steering.vectors import Concept, read_concept
 
 SCAN_SETS = ("held-out", "in-sample")

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from spectral.models.adapter import HeadAdapter
-from spectral.models.tokenizer import right_padded, single_token
+from spectral.tokens import right_padded, single_token
 from spectral.errors import UsageError
 
 Positions = Literal["all", "last"] | int
