@@ -8,7 +8,7 @@ may be NaN: undefined, not missing). ``conform`` checks a table against its sche
 that does not match its schema is a one-line error naming the file, the column, the type
 expected and the type found.
 
-pyarrow only: the report, MLflow and ``plan`` read these without torch.
+No torch: the report, MLflow and ``plan`` read these without loading a model.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 import pyarrow as pa
 
 from spectral.errors import UsageError
+from spectral.kernels.metrics import METRICS
 
 F64, I64, I32, STR, BOOL = pa.float64(), pa.int64(), pa.int32(), pa.string(), pa.bool_()
 
@@ -32,8 +33,9 @@ def _doubles(*names: str) -> list[tuple[str, pa.DataType]]:
 
 # --- jobs -------------------------------------------------------------------------------------
 
-SPECTRUM_METRICS = ("lambda1", "lambda2", "gap", "instability", "entropy", "effective_rank", "condition_number")
-"""The spectral metrics of a scan row (``spectral.kernels.metrics.SpectrumMetrics.names()``)."""
+SPECTRUM_METRICS = tuple(METRICS)
+"""The spectral metrics of a scan row, one column each (``spectral.kernels.metrics.METRICS``: a
+metric added there is a column here)."""
 
 SCAN = _schema(
     ("model", STR), ("kernel", STR), ("keys", STR), ("ridge", F64), ("ridge_mode", STR), ("center", BOOL),
