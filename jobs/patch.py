@@ -16,6 +16,7 @@ from jobs.config import ExecutorOptions, out_dir_ready
 from jobs.registry import PROMPT_TOKENS, Experiment
 from spectral import tables as schemas
 from spectral.errors import UsageError
+from spectral.models import Device
 from spectral.models.ranges import check_range
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ class PatchConfig(ExecutorOptions):
     """Data-parallel units: split the task into chunks of this many examples, each unit patching
     every chosen head on one chunk (each worker runs clean/corrupt only on its own chunks).
     Exact patching and attribution only (ablations take statistics over the whole task)."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     """Where the model runs."""
     force: bool = False
     """Overwrite existing results in --out."""

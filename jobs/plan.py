@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field
 
 from jobs import registry
 from jobs.config import JobConfig, validate
+from spectral.models import DType
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -30,7 +30,7 @@ class PlanConfig(JobConfig):
     """GPUs each Ray actor spreads the model over."""
     gpu_memory: float = Field(80.0, gt=0)
     """GiB per GPU."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    dtype: DType = "bfloat16"
     """Weight dtype."""
     sweep: Path | None = None
     """A sweep config: estimate its forward passes and time."""

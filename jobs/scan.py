@@ -8,7 +8,6 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -17,7 +16,8 @@ from jobs.registry import Experiment
 from spectral import tables
 from spectral.models.ranges import check_range
 from spectral.kernels.metrics import UNSTABLE_GAP
-from spectral.kernels.registry import KERNELS, Kernel
+from spectral.kernels.registry import KERNELS, Kernel, KeyKind, RidgeMode
+from spectral.models import Device, DType
 
 RESULT_FILE = "scan.parquet"
 
@@ -32,10 +32,10 @@ class ScanConfig(ExecutorOptions):
     kernel: Kernel = "key"
     """Which kernel of each head: key Gram, pre-softmax scores, attention probabilities, or W_Q W_K^T
     (``spectral.kernels.registry.KERNELS``)."""
-    keys: Literal["raw", "rotated"] = "raw"
+    keys: KeyKind = "raw"
     """Keys before ('raw') or after ('rotated') the rotary rotation (key kernel)."""
     ridge: float = Field(1e-2, gt=0)
-    ridge_mode: Literal["absolute", "relative"] = "absolute"
+    ridge_mode: RidgeMode = "absolute"
     """Key kernel ridge: absolute (lambda = ridge, the definitions' default) or relative
     (lambda = ridge x the kernel's mean eigenvalue: metrics invariant to the keys' scale)."""
     """Ridge lambda added to the key Gram."""
@@ -51,9 +51,9 @@ class ScanConfig(ExecutorOptions):
     """Only these heads (comma-separated; default all)."""
     shard_size: int = Field(64, gt=0)
     """Prompts per work unit."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     """Where the model runs ('auto': a CUDA GPU when there is one)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: DType = "float32"
     """Model weights dtype (statistics are always accumulated in float64)."""
     threshold: float = Field(UNSTABLE_GAP, gt=0, lt=1)
     """Gap at or below which a head counts as unstable in the summary."""
@@ -157,7 +157,10 @@ def scan_metrics(path: Path, schema=tables.SCAN) -> dict[str, float]:
 
 
 def cost(params, facts) -> float:
-    """Token-forwards: every prompt once (256 prompts of 256 tokens when the file is not here)."""
+    """Token-forwards: every prompt once (256 prompts of 256 tokens when the file is not here);
+    none for a kernel read from the weights."""
+    if not KERNELS[params.get("kernel", "key")].forward:
+        return 0.0
     prompts = params.get("prompts")
     count = sum(1 for line in Path(prompts).read_text().splitlines() if line.strip()) \
         if prompts and Path(prompts).is_file() else 256

@@ -24,6 +24,7 @@ from jobs.config import ExecutorOptions, out_dir_ready
 from jobs.registry import PROMPT_TOKENS, Experiment, statistics_metrics
 from spectral import tables as schemas
 from spectral.errors import UsageError
+from spectral.models import Device
 from spectral.models.ranges import check_range
 from spectral.steering.strategies import MIN_RANDOM_DRAWS, STRATEGIES
 
@@ -79,7 +80,7 @@ class SteerConfig(ExecutorOptions):
     evaluation prompts and neutral prompts; labelled as such in the outputs)."""
     scan_seed: int = 0
     """Seed of the held-out scan prompts drawn for the organisms' sentiment concept."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     """Where the model runs."""
     force: bool = False
     """Overwrite existing results in --out."""

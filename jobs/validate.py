@@ -28,6 +28,8 @@ from jobs.scan import scan_metrics
 from spectral import tables as schemas
 from spectral.errors import UsageError
 from spectral.kernels.metrics import UNSTABLE_GAP
+from spectral.kernels.registry import KeyKind, RidgeMode
+from spectral.models import Device
 
 RESULT_FILE = "validate.parquet"
 
@@ -41,11 +43,11 @@ class ValidateConfig(ExecutorOptions):
     """Output directory."""
     n_examples: int = Field(64, gt=0)
     """Examples of the built-in IOI task."""
-    keys: Literal["raw", "rotated"] = "raw"
+    keys: KeyKind = "raw"
     """Keys of the key kernel."""
     ridge: float = Field(1e-2, gt=0)
     """Ridge of the key kernel."""
-    ridge_mode: Literal["absolute", "relative"] = "absolute"
+    ridge_mode: RidgeMode = "absolute"
     """Key kernel ridge: absolute (the definitions' default) or relative to the kernel's mean eigenvalue."""
     threshold: float = Field(UNSTABLE_GAP, gt=0, lt=1)
     """Gap at or below which a head counts as unstable."""
@@ -61,7 +63,7 @@ class ValidateConfig(ExecutorOptions):
     (a seeded split; the rest are patched)."""
     scan_seed: int | None = None
     """Seed of the held-out scan sample or split (default: seed + 1); recorded in params.json."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     """Where the model runs."""
     force: bool = False
     """Overwrite existing results in --out."""

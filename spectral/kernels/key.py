@@ -8,7 +8,6 @@ float64), additive over prompt batches and over shards on different machines;
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
@@ -16,7 +15,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from spectral.kernels.metrics import dhead_entropy
-from spectral.kernels.registry import KernelSteps
+from spectral.kernels.registry import KernelSteps, RidgeMode
 from spectral.kernels.result import (
     STATUS_FEW_TOKENS, STATUS_NONFINITE, STATUS_OK, STATUS_RANK, KernelResult, blank, metrics_with_padding,
     rank_tolerance,
@@ -60,7 +59,6 @@ class KeyStats:
                         self.n_prompts + other.n_prompts, self.nonfinite | other.nonfinite, max(self.eps, other.eps))
 
 
-RidgeMode = Literal["absolute", "relative"]
 
 
 def key_kernel_spectra(stats: KeyStats, ridge: float = 1e-2, center: bool = True, scale: float | None = None,

@@ -86,3 +86,9 @@ KERNELS: dict[str, KernelInfo] = {info.name: info for info in (
 """Kernel name -> its record; the order is the order of ``--kernel``'s choices."""
 
 Kernel = Literal[tuple(KERNELS)]  # type: ignore[valid-type]  # the names above, for configs and settings
+
+KeyKind = Literal["raw", "rotated"]
+"""Keys of the key kernel: before or after the rotary rotation."""
+RidgeMode = Literal["absolute", "relative"]
+"""Key-kernel ridge: lambda = ridge (the definitions' default), or ridge x the kernel's mean
+eigenvalue (metrics invariant to the keys' scale)."""

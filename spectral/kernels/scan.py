@@ -11,20 +11,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from spectral.kernels.metrics import METRICS
-from spectral.kernels.registry import KERNELS, Kernel, KernelSteps
+from spectral.kernels.registry import KERNELS, Kernel, KernelSteps, KeyKind, RidgeMode
 from spectral.kernels.result import KernelResult
 from spectral.models.adapter import HeadAdapter
 from spectral.models.loading import LoadedModel
 from spectral.tokens import Padded, right_padded
 
-KeyKind = Literal["raw", "rotated"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,7 @@ class ScanSettings:
     keys: KeyKind = "raw"
     ridge: float = 1e-2
     center: bool = True
-    ridge_mode: str = "absolute"
+    ridge_mode: RidgeMode = "absolute"
     """"absolute" (lambda = ridge, the definitions' default) or "relative" (lambda = ridge x the
     kernel's mean eigenvalue; scale-invariant metrics)."""
     batch_size: int = 8
