@@ -44,6 +44,11 @@ class TrainConfig(JobConfig):
         return [spec_text(recipe_of(n, s)) for n in names for s in seeds]
 
 
+class PathConfig(JobConfig):
+    name: str
+    """Organism (NAME or NAME?seed=N)."""
+
+
 class EvalConfig(JobConfig):
     name: str
     """Organism to evaluate (NAME or NAME?seed=N)."""
@@ -127,8 +132,8 @@ def add_parser(sub) -> None:
     add_arguments(train, TrainConfig, positional=("names",))
     train.set_defaults(handler=lambda ns: run_train(parse_config(TrainConfig, ns)))
     path = inner.add_parser("path", help="print an organism's checkpoint directory (training it if needed)")
-    path.add_argument("name")
-    path.set_defaults(handler=lambda ns: print(organism_dir(ns.name)))
+    add_arguments(path, PathConfig, positional=("name",))
+    path.set_defaults(handler=lambda ns: print(organism_dir(parse_config(PathConfig, ns).name)))
     ev = inner.add_parser("eval", help="held-out IOI, induction and sentiment quality")
     add_arguments(ev, EvalConfig, positional=("name",))
     ev.set_defaults(handler=lambda ns: run_eval(parse_config(EvalConfig, ns)))
