@@ -156,7 +156,7 @@ def make_run(root: Path, sizes=SIZES, seeds=(0, 1, 2), *, steer=True, facts=True
     experiments = [{"kind": "validate", "params": {}}] + ([{"kind": "steer", "params": {}}] if steer else [])
     models = [(spec(s[0], seed), s, seed) for s in sizes for seed in seeds]
     root.mkdir(parents=True)
-    (root / "sweep.json").write_text(json.dumps({"config": {"models": [m for m, _, _ in models],
+    (root / "sweep.json").write_text(json.dumps({"config": {"name": root.name, "models": [m for m, _, _ in models],
                                                             "experiments": experiments},
                                                  "config_hash": "0" * 16, "run_id": root.name}))
     for i, (name, (_, params, layers, heads, d_model, d_head), seed) in enumerate(models):

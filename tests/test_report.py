@@ -230,6 +230,48 @@ def test_non_finite_values_are_counted(tmp_path):
     assert cal[("organism-xs", "heads")]["n"] == 4 * 8 - 3
 
 
+def test_each_models_calibrated_threshold_is_a_metric_of_its_cell_run(tmp_path):
+    """The report logs every model's calibrated threshold (and AUROC) with its interval to the
+    MLflow child run of the cell it was calibrated on, under the same keys for every model; the
+    parent run's keys are identifiers (model specs, populations, keys), never labels with values."""
+    from mlflow.tracking import MlflowClient
+
+    from cluster.layout import RunLayout, safe
+    from cluster.tracking import EXPERIMENT, Tracker
+
+    run_dir = make_run(tmp_path / "tracked", SIZES[:2], seeds=(0, 1))
+    uri = f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+    tracker = Tracker.open(uri, run_dir, echo=pytest.fail)
+    assert tracker.track_all(run_dir, RunLayout(run_dir).cells()) == 8
+    lines: list[str] = []
+    report.run(run_dir, echo=lines.append, **FAST)
+    assert lines[-1] == "logged the report's summary, verdicts and files to the sweep's MLflow parent run"
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    children = {r.data.tags["eigengap.cell"]: r.data.metrics for r in runs if "eigengap.cell" in r.data.tags}
+    keys = [f"{q}/{s}" for q in ("calibrated_threshold", "calibration_auroc") for s in ("value", "low", "high")]
+    validate = {cell: m for cell, m in children.items() if cell.endswith("-validate")}
+    steer = {cell: m for cell, m in children.items() if cell.endswith("-steer")}
+    assert len(validate) == len(steer) == 4
+    for cells in (validate, steer):  # every model's run: the same keys (and one min_gap/layer_<l> per layer)
+        assert len({frozenset(k for k in m if not re.fullmatch(r"min_gap/layer_\d+", k)) for m in cells.values()}) == 1
+        assert all(set(keys) <= set(m) for m in cells.values())
+    cal = {(r["model"], r["target"]): r for r in read_parquet(run_dir / "report" / "calibration.parquet",
+                                                              tables.REPORT_CALIBRATION).to_pylist()}
+    for cell, m in validate.items():
+        model = next(r["model"] for r in cal.values() if cell.startswith(f"model={safe(r['model'])}/"))
+        assert m["calibrated_threshold/value"] == pytest.approx(POSITIVE_GAP)
+        assert (m["calibrated_threshold/low"], m["calibrated_threshold/high"]) == pytest.approx(
+            (cal[(model, "heads")]["threshold_low"], cal[(model, "heads")]["threshold_high"]))
+        assert m["calibration_auroc/value"] == pytest.approx(1.0)
+    parent = next(r for r in runs if "eigengap.cell" not in r.data.tags).data.metrics
+    assert "report/organism-s_seed_1/calibration_heads/threshold" in parent
+    assert "report/organism-xs/scaling/min_gap" in parent
+    assert all(re.fullmatch(r"report/[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)+", k) for k in parent), \
+        [k for k in parent if not re.fullmatch(r"report/[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)+", k)]
+    assert not any("0.77" in k for k in parent)
+
+
 def test_not_a_sweep_dir_is_a_usage_error(tmp_path, capsys):
     from jobs.cli import main
 
