@@ -44,10 +44,6 @@ class OrganismQuality:
     n_induction_tokens: int
     n_sentiment: int
 
-    @property
-    def ioi_accuracy(self) -> float:
-        return (self.ioi_accuracy_abba + self.ioi_accuracy_baba) / 2
-
     def passes(self) -> dict[str, bool]:
         return {
             "ioi": min(self.ioi_accuracy_abba, self.ioi_accuracy_baba) >= IOI_BAR,
