@@ -19,7 +19,7 @@ one-sided tests at 2.5 % (the two sides of a 95 % interval) after Holm's correct
 verdict's family (one metric over all populations of the run). Every rule is in ``RULES`` and
 printed on the page.
 
-``load_run`` gathers what each model's finished units hold and names what is missing;
+``load_run`` gathers what each model's finished cells hold and names what is missing;
 ``analyse`` builds the report's tables. Non-finite values are excluded from the statistics that
 read them and counted in ``ModelData.excluded``; nothing is dropped silently.
 """
@@ -156,15 +156,15 @@ RULES = {
 
 @dataclass
 class ModelData:
-    """Everything the finished units of one model (one seed of a population) hold."""
+    """Everything the finished cells of one model (one seed of a population) hold."""
 
     name: str
     population: str
     seed: int | None
     facts: dict | None
     """model.json: parameters, layers, heads (per layer), d_model, d_head; None if absent."""
-    units: dict[str, Path]
-    """kind -> directory of the first finished unit of that kind."""
+    cells: dict[str, Path]
+    """kind -> directory of the first finished cell of that kind."""
     scan: dict[str, np.ndarray] | None = None
     """layer, head, gap, entropy of every head."""
     heads: dict[str, np.ndarray] | None = None
@@ -184,9 +184,9 @@ class ModelData:
     steer: dict[str, dict] = field(default_factory=dict)
     """steer verdicts.parquet rows by their ``key``."""
     scan_set: str = ""
-    """held-out / in-sample scan prompts of the validate unit ('' when not recorded)."""
+    """held-out / in-sample scan prompts of the validate cell ('' when not recorded)."""
     steer_scan_set: str = ""
-    """held-out / in-sample scan texts the steer unit's spectral rule read ('' when not recorded)."""
+    """held-out / in-sample scan texts the steer cell's spectral rule read ('' when not recorded)."""
     importance_source: str = ""
     heads_cell: Path | None = None
     """The cell ``heads`` were read from (validate, else patch)."""
@@ -264,10 +264,10 @@ def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
-def _scan(units: dict[str, Path]) -> dict[str, np.ndarray] | None:
+def _scan(cells: dict[str, Path]) -> dict[str, np.ndarray] | None:
     for kind, schema in SCAN_TABLES.items():
-        if kind in units:
-            return _columns(units[kind] / "scan.parquet", schema, ("layer", "head", "gap", "entropy"))
+        if kind in cells:
+            return _columns(cells[kind] / "scan.parquet", schema, ("layer", "head", "gap", "entropy"))
     return None
 
 
@@ -300,7 +300,7 @@ def _patch_params(unit: Path) -> tuple[str, str]:
 
 def _kv_heads(md: ModelData) -> None:
     """Copy the validate cell's scan ``kv_head`` (grouped-query models) onto the patched heads."""
-    unit = md.units.get("validate")
+    unit = md.cells.get("validate")
     if md.heads is None or unit is None:
         return
     t = read_parquet(unit / "scan.parquet", schemas.SCAN, ["layer", "head", "kv_head"])
@@ -312,20 +312,20 @@ def _kv_heads(md: ModelData) -> None:
 def _heads(md: ModelData) -> None:
     """Fill ``heads`` and ``examples`` from the validate cell, else from a patch cell whose
     restoration measures importance (exact / attribution patching, direction denoise)."""
-    units, scan = md.units, md.scan
+    cells, scan = md.cells, md.scan
     unit, source = None, ""
-    if "validate" in units:
-        unit, source = units["validate"], "validate (exact patching, denoise)"
+    if "validate" in cells:
+        unit, source = cells["validate"], "validate (exact patching, denoise)"
         params = _read_json(unit / "params.json") or {}
         md.scan_set = str(params.get("scan_set") or "")
-    elif "patch" in units:
-        method, direction = _patch_params(units["patch"])
+    elif "patch" in cells:
+        method, direction = _patch_params(cells["patch"])
         if method not in IMPORTANCE_METHODS or direction != "denoise":
-            md.notes.append(f"patch unit with method {method}, direction {direction}: its restoration is ~1 for "
+            md.notes.append(f"patch cell with method {method}, direction {direction}: its restoration is ~1 for "
                             "heads that do NOT matter (it measures what survives, not importance); not read as "
                             "importance")
             return
-        unit, source = units["patch"], f"patch ({method}, {direction})"
+        unit, source = cells["patch"], f"patch ({method}, {direction})"
     if unit is None:
         return
     md.importance_source, md.heads_cell = source, unit
@@ -380,21 +380,21 @@ def _count_bad(*arrays: np.ndarray) -> int:
     return int((~np.all([np.isfinite(a) for a in arrays], axis=0)).sum()) if arrays[0].size else 0
 
 
-def load_model(name: str, facts: dict | None, units: dict[str, Path]) -> ModelData:
+def read_model_data(name: str, facts: dict | None, cells: dict[str, Path]) -> ModelData:
     pop, seed = population_of(name)
-    md = ModelData(name, pop, seed, facts, units)
-    md.scan = _scan(units)
+    md = ModelData(name, pop, seed, facts, cells)
+    md.scan = _scan(cells)
     _heads(md)
     _kv_heads(md)
-    if "steer" in units:
-        md.layers = _columns(units["steer"] / "layers.parquet", schemas.STEER_LAYERS,
+    if "steer" in cells:
+        md.layers = _columns(cells["steer"] / "layers.parquet", schemas.STEER_LAYERS,
                              ("layer", "min_gap", "effect", "effect_low", "effect_high"))
-        md.steer = _rows_by_key(units["steer"] / "verdicts.parquet", schemas.STEER_VERDICTS)
-        md.arms, md.prompts = _arms(units["steer"])
-        config = (_read_json(units["steer"] / "params.json") or {}).get("config", {})
+        md.steer = _rows_by_key(cells["steer"] / "verdicts.parquet", schemas.STEER_VERDICTS)
+        md.arms, md.prompts = _arms(cells["steer"])
+        config = (_read_json(cells["steer"] / "params.json") or {}).get("config", {})
         md.steer_scan_set = str(config.get("scan_set") or "")
-    if "validate" in units:
-        md.validate = _rows_by_key(units["validate"] / "validate.parquet", schemas.VALIDATE)
+    if "validate" in cells:
+        md.validate = _rows_by_key(cells["validate"] / "validate.parquet", schemas.VALIDATE)
     if md.scan is not None:
         md.excluded["gap (scan)"] = _count_bad(md.scan["gap"])
         md.excluded["entropy (scan)"] = _count_bad(md.scan["entropy"])
@@ -430,7 +430,7 @@ def load_run(run_dir: Path) -> RunData:
                            "counted once")
             continue
         seen[(pop, seed)] = model
-        units: dict[str, Path] = {}
+        cells: dict[str, Path] = {}
         for i, kind in enumerate(experiments):
             cell = Cell(model, i, kind)
             unit = layout.cell_dir(cell)
@@ -441,16 +441,16 @@ def load_run(run_dir: Path) -> RunData:
             else:
                 found.append(f"{model}: {cell.label}")
                 finished.append((cell, unit))
-                units.setdefault(kind, unit)
+                cells.setdefault(kind, unit)
         facts = _read_json(layout.model_file(model))
         if facts is None:
             missing.append(f"{model}: model.json (size facts) missing: excluded from scaling fits")
-        md = load_model(model, facts, units)
+        md = read_model_data(model, facts, cells)
         missing += [f"{model}: {n}" for n in md.notes if "not read as importance" in n]
         models.append(md)
     populations = []
     for pop, specs in listed.items():
-        members = sorted([m for m in models if m.population == pop and m.units],
+        members = sorted([m for m in models if m.population == pop and m.cells],
                          key=lambda m: (m.seed is None, m.seed if m.seed is not None else 0))
         populations.append(Population(pop, members, specs))
     return RunData(run_dir, str(sweep.get("run_id", run_dir.name)), config, models, populations, found, missing,
@@ -497,7 +497,7 @@ def head_member(md: ModelData) -> Member | None:
         ex = {k: v[ok] for k, v in md.examples.items()}
         return Member(md.seed, {"gap": h["gap"]}, ex, clusters) if clusters is not None else \
             Member(md.seed, {"gap": h["gap"]}, ex)
-    per_unit = {"gap": h["gap"], "importance": h["restoration"]}  # analysis.stats reads per_unit["importance"]
+    per_unit = {"gap": h["gap"], "restoration": h["restoration"]}
     return Member(md.seed, per_unit, {}, clusters) if clusters is not None else Member(md.seed, per_unit)
 
 
@@ -702,7 +702,7 @@ def steer_rows(pop: Population, res: PopulationResult, n_resamples: int, seed: i
         mds = [md for md in pop.members if arm_member(md, roles) is not None]
         if not mds:
             have = [md for md in pop.members if md.arms]
-            why = ("no finished steer experiment" if not any("steer" in md.units for md in pop.members) else
+            why = ("no finished steer experiment" if not any("steer" in md.cells for md in pop.members) else
                    f"no per-prompt effects of {' and '.join(roles)}" if not have else
                    f"the steer runs lack {' or '.join(roles)} (or measured them on different prompts)")
             rows.append(_row(pop.name, key, pop=pop, target=0.0, note=why, prompts=prompts))
@@ -1318,7 +1318,7 @@ def cell_metrics(run: RunData, a: Analysis) -> dict[str, dict[str, float | None]
     layers on the steer cell. Every model's cell carries the same keys, so MLflow's compare view
     lines the thresholds of the models up; an undefined value is None (MLflow gets NaN)."""
     out: dict[str, dict[str, float | None]] = {}
-    cells = {md.name: {"heads": md.heads_cell, "layers": md.units.get("steer")} for md in run.models}
+    cells = {md.name: {"heads": md.heads_cell, "layers": md.cells.get("steer")} for md in run.models}
     for r in a.calibration_rows:
         cell = cells.get(r["model"], {}).get(r["target"])
         if cell is None:

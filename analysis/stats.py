@@ -16,7 +16,7 @@ they run on whole batches of resamples (``Stat.batched``) where they have a batc
 ``per_unit = {"gap": (n,)}`` and ``per_example = {"patched", "clean", "corrupt": (n,
 n_examples)}`` for head-level statistics (``r_inverse_gap``, ``r_gap``, ``group_contrast``,
 ``group_difference(t)``, ``group_mean(t, unstable)``, ``group_ratio(t)``: batched;
-``spearman_gap``: plain), or ``per_unit = {"gap", "importance"}`` without per-example arrays
+``spearman_gap``: plain), or ``per_unit = {"gap", "restoration"}`` without per-example arrays
 (importance read as given); and a layer-level one (``layer_r``, plain; members built by
 ``layer_member``). Correlations are marked ``fisher`` (Fisher-z intervals, df n - 3); the
 degrees of freedom of the group statistics' intervals come from ``df_groups`` (Welch) and
@@ -139,17 +139,17 @@ def importance(patched: np.ndarray, clean: np.ndarray, corrupt: np.ndarray, idx:
 
 
 def _restoration(per_unit: Arrays, per_example: Arrays) -> np.ndarray:
-    """Per-unit restoration from the examples, or ``per_unit["importance"]`` where there are none."""
+    """Per-unit restoration from the examples, or ``per_unit["restoration"]`` where there are none."""
     if "patched" not in per_example:
-        return np.asarray(per_unit["importance"], dtype=float)
+        return np.asarray(per_unit["restoration"], dtype=float)
     return restoration(per_example["patched"], per_example["clean"], per_example["corrupt"])
 
 
 def restoration_b(per_unit: dict, means: dict) -> np.ndarray:
     """(b, n) restoration from a batch's example means (``restoration`` on resampled examples;
-    the same near-zero guard); ``per_unit["importance"]`` where there are no per-example arrays."""
+    the same near-zero guard); ``per_unit["restoration"]`` where there are no per-example arrays."""
     if "patched" not in means:
-        return per_unit["importance"]
+        return per_unit["restoration"]
     den = means["clean"] - means["corrupt"]
     bad = ~(np.abs(den) > RESTORATION_RTOL * (means["|clean|"] + means["|corrupt|"]))
     out = (means["patched"] - means["corrupt"]) / np.where(bad, 1.0, den)

@@ -67,7 +67,7 @@ def run(run_dir: Path, out: Path | None = None, echo=print, *, n_resamples: int 
     echo(f"wrote {page} ({_n(len(data.populations), 'population')} of {_n(len(data.models), 'model')}; verdicts: "
          + ", ".join(f"{n} {v}" for v, n in counts.items()) + ")")
     if track:
-        from cluster.tracking import log_report
+        from jobs.tracking import log_report
 
         if log_report(run_dir, out, echo):
             echo("logged the report's summary, verdicts and files to the sweep's MLflow parent run")

@@ -200,7 +200,7 @@ def run_cell(config: SweepConfig, layout: RunLayout, cell: Cell, source: str) ->
 def run(path: str | Path, out: Path = Path("runs/sweeps"), run_id: str | None = None, echo=print) -> Path:
     from tqdm.auto import tqdm
 
-    from cluster.tracking import BackgroundTracker
+    from jobs.tracking import BackgroundTracker
 
     config = read_sweep(path)
     background = BackgroundTracker(echo)  # MLflow's start-up overlaps validation and the first cells
@@ -262,7 +262,7 @@ def _track(args: TrackArgs) -> None:
 
 
 def track_run(run_dir: Path, uri: str | None = None, echo=print) -> None:
-    from cluster.tracking import Tracker
+    from jobs.tracking import Tracker
 
     layout = RunLayout(Path(run_dir))
     if not layout.is_run():

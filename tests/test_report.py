@@ -237,7 +237,7 @@ def test_each_models_calibrated_threshold_is_a_metric_of_its_cell_run(tmp_path):
     from mlflow.tracking import MlflowClient
 
     from cluster.layout import RunLayout, safe
-    from cluster.tracking import EXPERIMENT, Tracker
+    from jobs.tracking import EXPERIMENT, Tracker
 
     run_dir = make_run(tmp_path / "tracked", SIZES[:2], seeds=(0, 1))
     uri = f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"

@@ -201,7 +201,8 @@ def generalization(run: RunData, a: Analysis, path: Path) -> Path | None:
         ax.set_yticks(y, names, fontsize=8)
         ax.set_ylim(-0.7, len(names) - 0.3)
         ax.invert_yaxis()
-        ax.legend(fontsize=7, loc="best")
+        if ax.get_legend_handles_labels()[0]:  # a run without steering (or thresholds) has nothing to label
+            ax.legend(fontsize=7, loc="best")
         ax.tick_params(labelsize=7)
     return _save(fig, path)
 
@@ -341,7 +342,7 @@ class Raw(str):
     """A table cell that is already HTML (built from escaped parts)."""
 
 
-def _table(headers: list[str], rows: list[list], numeric: set[int] = frozenset(), classes: dict[int, int] | None = None,
+def _html_table(headers: list[str], rows: list[list], numeric: set[int] = frozenset(), classes: dict[int, int] | None = None,
            wide: bool = False) -> str:
     """HTML table; cells are escaped (except ``Raw`` ones); column ``k`` in ``classes`` takes its
     class from column ``classes[k]``; ``wide``: scrolls sideways inside the page."""
@@ -444,8 +445,8 @@ def _verdicts(a: Analysis) -> str:
     cross = [r for r in a.verdicts if r["population"] == ALL]
     rules = "".join(f"<li><b>{_e(k)}</b>: {_e(v)}</li>" for k, v in RULES.items())
     col = VERDICT_HEADERS.index("verdict")
-    table = _table(VERDICT_HEADERS, [_verdict_cells(r) for r in pop_rows], {5, 6, 7, 9, 10}, {col: col}, wide=True)
-    cross_table = _table(VERDICT_HEADERS, [_verdict_cells(r) for r in cross], {5, 6, 9, 10}, {col: col}, wide=True)
+    table = _html_table(VERDICT_HEADERS, [_verdict_cells(r) for r in pop_rows], {5, 6, 7, 9, 10}, {col: col}, wide=True)
+    cross_table = _html_table(VERDICT_HEADERS, [_verdict_cells(r) for r in cross], {5, 6, 9, 10}, {col: col}, wide=True)
     return (_rule_box()
             + "<p class=\"note\">Multiple comparisons: every verdict is Holm-corrected within its family (one metric "
               "over all populations of this run; the two consistency tests together), as the 'correction' column "
@@ -469,7 +470,7 @@ def _populations(run: RunData) -> str:
         rows.append([p.name, "one model" if p.one_model else f"{len(p.members)} of {len(p.listed)}",
                      ", ".join(str(m.seed) for m in p.members), _range(heads), _range(layers),
                      "/".join(scan) or "not recorded", "; ".join(prompts) or "–"])
-    return (_rule_box() + _table(["population", "seeds finished", "seeds", "patched heads per seed",
+    return (_rule_box() + _html_table(["population", "seeds finished", "seeds", "patched heads per seed",
                                   "steered layers per seed", "scan prompts (gap)", "steering prompts"], rows))
 
 
@@ -488,7 +489,7 @@ def _calibration(a: Analysis) -> str:
             f"Youden J (TPR − FPR); intervals: stratified bootstrap 95 % (descriptive where a population has several "
             f"seeds: its verdict reads the spread of the seeds' thresholds). Important head: {_e(IMPORTANCE_RULE)}. "
             f"Steerable layer (by its min gap): {_e(STEERABLE_RULE)}.</p>"
-            + _table(["population", "seed", "positives", "threshold", "95 % CI", "AUROC", "95 % CI",
+            + _html_table(["population", "seed", "positives", "threshold", "95 % CI", "AUROC", "95 % CI",
                       "AUROC exact p / Holm over models", "separation", "J", f"J at {UNSTABLE_GAP:g}", "n", "dropped",
                       "note"], rows, {3, 4, 5, 6, 7, 9, 10, 12}, wide=True))
 
@@ -504,15 +505,15 @@ def _generalization(a: Analysis) -> str:
              ", ".join(_num(x) for x in r["per_seed_r"]), _range([int(n) for n in r["per_seed_n"]]), r["scheme"],
              r["note"]] for r in a.correlations]
     return ("<h3>Spread of the population thresholds (means over seeds)</h3>"
-            + _table(["threshold of", "populations", "mean", "σ", "min", "max", "range"], rows, {1, 2, 3, 4, 5, 6})
+            + _html_table(["threshold of", "populations", "mean", "σ", "min", "max", "range"], rows, {1, 2, 3, 4, 5, 6})
             + "<h3>Correlations per population</h3><p class=\"note\">Layer-level correlations rest on 2–6 layers "
               "per model: a seed's r over its layers has no interval of its own, and the interval shown is across "
               "seeds. They are not comparable with correlations from other studies.</p>"
-            + _table(["population", "correlation", "r (mean over seeds)", "95 % CI", "seeds", "per seed r",
+            + _html_table(["population", "correlation", "r (mean over seeds)", "95 % CI", "seeds", "per seed r",
                       "units per seed", "interval", "note"], corr, {2, 3, 4})
             + "<h3>Consistency of the correlations across populations (Fisher z)</h3>"
             + f"<p class=\"note\">{_e(RULES['correlation_consistent'])}</p>"
-            + _table(["correlation", "pooled r", "95 % CI", "pooled p", "Q", "df", "test", "p", "I²", "r > 0", "note"],
+            + _html_table(["correlation", "pooled r", "95 % CI", "pooled p", "Q", "df", "test", "p", "I²", "r > 0", "note"],
                      het, {1, 2, 3, 4, 5, 7, 8}))
 
 
@@ -531,7 +532,7 @@ def _scaling(a: Analysis) -> str:
         for prev, row in zip(cells[::-1][1:], cells[::-1]):  # show each quantity once
             if row[0] == prev[0]:
                 row[0] = ""
-        return _table(["quantity", "predictor", "form", "a", "a 95 % CI", "b", "b 95 % CI", "R²", "n",
+        return _html_table(["quantity", "predictor", "form", "a", "a 95 % CI", "b", "b 95 % CI", "R²", "n",
                        "LOO mean abs. error", "LOO PRESS R²", "largest predicted", "largest observed", "note"], cells,
                       {3, 4, 5, 6, 7, 8, 9, 10, 11, 12})
 
@@ -561,7 +562,7 @@ def _information(a: Analysis) -> str:
             "no dependence); p: one-sided permutation p-value with its Monte-Carlo standard error; Holm within each "
             "family (measure × level). Entropy: difference of medians (bootstrap 95 % CI), two-sided Mann-Whitney "
             "p per model; per population the mean over seeds with its across-seed interval.</p>"
-            + _table(["level", "population", "model", "measure", "value", "95 % CI", "null mean", "excess", "p",
+            + _html_table(["level", "population", "model", "measure", "value", "95 % CI", "null mean", "excess", "p",
                       "MC error", "p (Holm)", "family", "n", "strata", "dropped", "median unstable / stable", "note"],
                      rows, {4, 5, 6, 7, 8, 9, 10, 12, 13, 14}))
 
@@ -570,18 +571,18 @@ def _data(run: RunData) -> str:
     models = [[md.name, md.population, "–" if md.seed is None else md.seed,
                *(md.facts.get(k, "–") if md.facts else "–" for k in ("family", "parameters", "layers", "heads",
                                                                       "d_model", "d_head")),
-               ", ".join(sorted(md.units)) or "none", md.importance_source or "–"] for md in run.models]
+               ", ".join(sorted(md.cells)) or "none", md.importance_source or "–"] for md in run.models]
     excluded = [[md.name, k, v] for md in run.models for k, v in md.excluded.items()]
     notes = [[md.name, n] for md in run.models for n in md.notes]
     missing = "".join(f"<li>{_e(m)}</li>" for m in run.missing) or "<li>nothing</li>"
     found = "".join(f"<li>{_e(f)}</li>" for f in run.found) or "<li>no finished unit</li>"
-    return (_table(["model", "population", "seed", "family", "parameters", "layers", "heads/layer", "d_model", "d_head",
+    return (_html_table(["model", "population", "seed", "family", "parameters", "layers", "heads/layer", "d_model", "d_head",
                     "finished experiments", "importance from"], models, {4, 5, 6, 7, 8})
             + f"<h3>Experiments found</h3><ul class=\"note\">{found}</ul>"
             + f"<h3>Missing</h3><ul>{missing}</ul>"
-            + ("<h3>Notes</h3>" + _table(["model", "note"], notes) if notes else "")
+            + ("<h3>Notes</h3>" + _html_table(["model", "note"], notes) if notes else "")
             + "<h3>Non-finite values excluded (counted, never silently dropped)</h3>"
-            + _table(["model", "quantity", "excluded"], excluded, {2}))
+            + _html_table(["model", "quantity", "excluded"], excluded, {2}))
 
 
 def _landscape(run: RunData, a: Analysis, figs: dict) -> str:
@@ -601,7 +602,7 @@ def _other_cells(run: RunData, a: Analysis, figs: dict) -> str:
     if not rows:
         return "<p class=\"note\">No other experiment in this run.</p>"
     return ("<p class=\"note\">Per cell, as its experiment kind reports it (the same keys as its MLflow run); "
-            "no population statistics are taken here.</p>" + _table(["model", "experiment", "key", "value"], rows, {3}))
+            "no population statistics are taken here.</p>" + _html_table(["model", "experiment", "key", "value"], rows, {3}))
 
 
 Section = Callable[[RunData, Analysis, dict], str]

@@ -240,7 +240,7 @@ def serve() -> None:
 
 
 class BackgroundTracker:
-    """A Tracker working in its own process (``python -m cluster.tracking``), started with the
+    """A Tracker working in its own process (``python -m jobs.tracking``), started with the
     sweep: importing MLflow, creating the store and the parent run overlap the sweep's validation
     and compute instead of adding to them. ``open`` once the run directory is known (nothing is
     written before); ``finish`` logs the finished cells and returns the Tracker."""
@@ -251,11 +251,11 @@ class BackgroundTracker:
         import tempfile
         from concurrent.futures import ThreadPoolExecutor
 
-        import cluster
+        import jobs
 
-        root = str(Path(cluster.__file__).resolve().parent.parent)
+        root = str(Path(jobs.__file__).resolve().parent.parent)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-        self.process = subprocess.Popen([sys.executable, "-m", "cluster.tracking"], stdin=subprocess.PIPE,
+        self.process = subprocess.Popen([sys.executable, "-m", "jobs.tracking"], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, env=env, text=True)
         self.calls = ThreadPoolExecutor(1)  # requests run in order, one at a time
         self.echo, self.reported, self.opened, self.run_dir = echo, False, None, None
