@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,8 +44,7 @@ from analysis.population import (
 from analysis.scaling import restrict_to_separating, scaling_table
 from analysis.stats import df_group, df_groups, group_contrast, r_inverse_gap, restoration, welch_df
 from cluster.layout import Cell, RunLayout
-from cluster.store import read_parquet
-from spectral import tables as schemas
+from cluster.store import CellData
 from spectral.kernels.metrics import UNSTABLE_GAP
 
 NAN = float("nan")
@@ -163,8 +162,8 @@ class ModelData:
     seed: int | None
     facts: dict | None
     """model.json: parameters, layers, heads (per layer), d_model, d_head; None if absent."""
-    cells: dict[str, Path]
-    """kind -> directory of the first finished cell of that kind."""
+    cells: dict[str, CellData]
+    """kind -> what the first finished cell of that kind holds (its loader's CellData)."""
     scan: dict[str, np.ndarray] | None = None
     """layer, head, gap, entropy of every head."""
     heads: dict[str, np.ndarray] | None = None
@@ -245,37 +244,35 @@ def population_of(spec: str) -> tuple[str, int | None]:
         return spec, None
 
 
-SCAN_TABLES = {"validate": schemas.SCAN, "scan": schemas.SCAN, "steer": schemas.STEER_SCAN}
-"""Experiment kinds whose cells hold a scan.parquet, with its schema, in the order the report prefers."""
+SCAN_KINDS = ("validate", "scan", "steer")
+"""Experiment kinds whose cells hold a scan.parquet, in the order the report prefers."""
 
 
-def _columns(path: Path, schema, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Columns ``names`` of the table at ``path`` (checked against ``schema``) as float arrays."""
-    table = read_parquet(path, schema, list(names))
+def _columns(table, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Columns ``names`` of a (schema-checked) table as float arrays."""
     return {n: table[n].to_numpy(zero_copy_only=False).astype(float) for n in names}
 
 
-def _rows_by_key(path: Path, schema) -> dict[str, dict]:
+def _rows_by_key(table) -> dict[str, dict]:
     """Rows of a job's statistics table by their stable ``key``."""
-    return {r["key"]: r for r in read_parquet(path, schema).to_pylist()}
+    return {r["key"]: r for r in table.to_pylist()}
 
 
 def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
-def _scan(cells: dict[str, Path]) -> dict[str, np.ndarray] | None:
-    for kind, schema in SCAN_TABLES.items():
+def _scan(cells: dict[str, CellData]) -> dict[str, np.ndarray] | None:
+    for kind in SCAN_KINDS:
         if kind in cells:
-            return _columns(cells[kind] / "scan.parquet", schema, ("layer", "head", "gap", "entropy"))
+            return _columns(cells[kind].table("scan.parquet"), ("layer", "head", "gap", "entropy"))
     return None
 
 
-def _per_example(path: Path) -> tuple[list[tuple[int, int]], dict[str, np.ndarray]]:
+def _per_example(table) -> tuple[list[tuple[int, int]], dict[str, np.ndarray]]:
     """(sorted (layer, head) keys, {patched, clean, corrupt: (heads, examples)}) of a per-example
     patching table; missing cells are NaN."""
-    t = _columns(path, schemas.PATCH_EXAMPLES,
-                 ("layer", "head", "example", "metric_patched", "metric_clean", "metric_corrupt"))
+    t = _columns(table, ("layer", "head", "example", "metric_patched", "metric_clean", "metric_corrupt"))
     lh = np.c_[t["layer"], t["head"]].astype(int)
     keys, index = np.unique(lh, axis=0, return_inverse=True)
     ex = t["example"].astype(int)
@@ -288,13 +285,13 @@ def _per_example(path: Path) -> tuple[list[tuple[int, int]], dict[str, np.ndarra
     return [(int(a), int(b)) for a, b in keys], out
 
 
-def _patch_params(unit: Path) -> tuple[str, str]:
+def _patch_params(cell: CellData) -> tuple[str, str]:
     """(method, direction) of a patch cell, from the config in its params.json."""
     from spectral.errors import UsageError
 
-    config = (_read_json(unit / "params.json") or {}).get("config", {})
+    config = cell.params.get("config", {})
     if "method" not in config or "direction" not in config:
-        raise UsageError(f"{unit / 'params.json'}: no config.method and config.direction (the patch job writes both)")
+        raise UsageError(f"{cell.path / 'params.json'}: no config.method and config.direction (the patch job writes both)")
     return config["method"], config["direction"]
 
 
@@ -303,7 +300,7 @@ def _kv_heads(md: ModelData) -> None:
     unit = md.cells.get("validate")
     if md.heads is None or unit is None:
         return
-    t = read_parquet(unit / "scan.parquet", schemas.SCAN, ["layer", "head", "kv_head"])
+    t = unit.table("scan.parquet")
     kv = {(int(l), int(h)): float(k) for l, h, k in zip(t["layer"].to_pylist(), t["head"].to_pylist(),
                                                         t["kv_head"].to_pylist())}
     md.heads["kv_head"] = np.array([kv.get((int(l), int(h)), np.nan) for l, h in zip(md.heads["layer"], md.heads["head"])])
@@ -316,8 +313,7 @@ def _heads(md: ModelData) -> None:
     unit, source = None, ""
     if "validate" in cells:
         unit, source = cells["validate"], "validate (exact patching, denoise)"
-        params = _read_json(unit / "params.json") or {}
-        md.scan_set = str(params.get("scan_set") or "")
+        md.scan_set = str(unit.params.get("scan_set") or "")
     elif "patch" in cells:
         method, direction = _patch_params(cells["patch"])
         if method not in IMPORTANCE_METHODS or direction != "denoise":
@@ -328,10 +324,10 @@ def _heads(md: ModelData) -> None:
         unit, source = cells["patch"], f"patch ({method}, {direction})"
     if unit is None:
         return
-    md.importance_source, md.heads_cell = source, unit
+    md.importance_source, md.heads_cell = source, unit.path
     gap_of = {} if scan is None else {(int(l), int(h)): g for l, h, g in zip(scan["layer"], scan["head"], scan["gap"])
                                      if np.isfinite(l) and np.isfinite(h)}
-    keys, ex = _per_example(unit / "patch_examples.parquet")
+    keys, ex = _per_example(unit.table("patch_examples.parquet"))
     gap = np.array([gap_of.get(k, np.nan) for k in keys])
     missing = ~np.isfinite(np.stack(list(ex.values()))).all(axis=(0, 2)) if ex["clean"].size else np.zeros(len(keys), bool)
     measured = restoration(ex["patched"], ex["clean"], ex["corrupt"])
@@ -343,10 +339,10 @@ def _heads(md: ModelData) -> None:
     md.examples = ex
 
 
-def _arms(unit: Path) -> tuple[dict[str, dict], str]:
+def _arms(cell: CellData) -> tuple[dict[str, dict], str]:
     """Steering arms by role from per_prompt.parquet (held-out prompts) and which prompts they
     are measured on."""
-    rows = [r for r in read_parquet(unit / "per_prompt.parquet", schemas.STEER_PER_PROMPT).to_pylist()
+    rows = [r for r in cell.table("per_prompt.parquet").to_pylist()
             if r["split"] == "heldout" and r["family"] != "layer"]
     by: dict[str, dict] = {}
     for r in rows:
@@ -380,21 +376,21 @@ def _count_bad(*arrays: np.ndarray) -> int:
     return int((~np.all([np.isfinite(a) for a in arrays], axis=0)).sum()) if arrays[0].size else 0
 
 
-def read_model_data(name: str, facts: dict | None, cells: dict[str, Path]) -> ModelData:
+def read_model_data(name: str, facts: dict | None, cells: dict[str, CellData]) -> ModelData:
     pop, seed = population_of(name)
     md = ModelData(name, pop, seed, facts, cells)
     md.scan = _scan(cells)
     _heads(md)
     _kv_heads(md)
     if "steer" in cells:
-        md.layers = _columns(cells["steer"] / "layers.parquet", schemas.STEER_LAYERS,
+        md.layers = _columns(cells["steer"].table("layers.parquet"),
                              ("layer", "min_gap", "effect", "effect_low", "effect_high"))
-        md.steer = _rows_by_key(cells["steer"] / "verdicts.parquet", schemas.STEER_VERDICTS)
+        md.steer = _rows_by_key(cells["steer"].table("verdicts.parquet"))
         md.arms, md.prompts = _arms(cells["steer"])
-        config = (_read_json(cells["steer"] / "params.json") or {}).get("config", {})
+        config = cells["steer"].params.get("config", {})
         md.steer_scan_set = str(config.get("scan_set") or "")
     if "validate" in cells:
-        md.validate = _rows_by_key(cells["validate"] / "validate.parquet", schemas.VALIDATE)
+        md.validate = _rows_by_key(cells["validate"].table("validate.parquet"))
     if md.scan is not None:
         md.excluded["gap (scan)"] = _count_bad(md.scan["gap"])
         md.excluded["entropy (scan)"] = _count_bad(md.scan["entropy"])
@@ -406,9 +402,11 @@ def read_model_data(name: str, facts: dict | None, cells: dict[str, Path]) -> Mo
     return md
 
 
-def load_run(run_dir: Path) -> RunData:
-    """Read ``run_dir/sweep.json`` and every finished cell (``cluster.layout.RunLayout``). A cell
-    without its marker ``cell.json`` is unfinished: named in ``missing`` and not read. Models
+def load_run(run_dir: Path, load_cell: Callable[[str, Path], CellData]) -> RunData:
+    """Read ``run_dir/sweep.json`` and every finished cell (``cluster.layout.RunLayout``), each
+    through ``load_cell(kind, cell_dir)``: its experiment kind's loader (``jobs.report.load_cell``
+    reads ``jobs.registry``), which checks every table against its schema. A cell without its
+    marker ``cell.json`` is unfinished: named in ``missing`` and not read. Models
     are grouped into populations by ``spectral.models.specs.population`` (order of first
     appearance in the sweep)."""
     layout = RunLayout(run_dir)
@@ -430,7 +428,7 @@ def load_run(run_dir: Path) -> RunData:
                            "counted once")
             continue
         seen[(pop, seed)] = model
-        cells: dict[str, Path] = {}
+        cells: dict[str, CellData] = {}
         for i, kind in enumerate(experiments):
             cell = Cell(model, i, kind)
             unit = layout.cell_dir(cell)
@@ -441,7 +439,8 @@ def load_run(run_dir: Path) -> RunData:
             else:
                 found.append(f"{model}: {cell.label}")
                 finished.append((cell, unit))
-                cells.setdefault(kind, unit)
+                if kind not in cells:
+                    cells[kind] = load_cell(kind, unit)
         facts = _read_json(layout.model_file(model))
         if facts is None:
             missing.append(f"{model}: model.json (size facts) missing: excluded from scaling fits")
@@ -1318,7 +1317,8 @@ def cell_metrics(run: RunData, a: Analysis) -> dict[str, dict[str, float | None]
     layers on the steer cell. Every model's cell carries the same keys, so MLflow's compare view
     lines the thresholds of the models up; an undefined value is None (MLflow gets NaN)."""
     out: dict[str, dict[str, float | None]] = {}
-    cells = {md.name: {"heads": md.heads_cell, "layers": md.cells.get("steer")} for md in run.models}
+    cells = {md.name: {"heads": md.heads_cell, "layers": md.cells["steer"].path if "steer" in md.cells else None}
+             for md in run.models}
     for r in a.calibration_rows:
         cell = cells.get(r["model"], {}).get(r["target"])
         if cell is None:

@@ -71,3 +71,29 @@ def read_parquet(path: str | Path, schema: pa.Schema, columns: list[str] | None 
     if columns is not None:
         schema = pa.schema([schema.field(c) for c in columns])
     return conform(pq.read_table(path, columns=schema.names), schema, str(path))
+
+
+class CellData:
+    """What one finished cell of a sweep holds, as its experiment kind's loader reads it: each
+    table it declares (read and checked against its schema) and its params.json."""
+
+    def __init__(self, path: Path, tables: dict[str, pa.Table], params: dict[str, Any]):
+        self.path, self.tables, self.params = path, tables, params
+
+    def table(self, name: str) -> pa.Table:
+        if name not in self.tables:
+            raise UsageError(f"{self.path / name}: no such table")
+        return self.tables[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tables
+
+
+def read_cell(path: str | Path, schemas: dict[str, pa.Schema]) -> CellData:
+    """Every table of ``schemas`` that the cell directory holds, checked against its schema, and
+    its params.json ({} when absent)."""
+    path = Path(path)
+    tables = {name: read_parquet(path / name, schema) for name, schema in schemas.items() if (path / name).is_file()}
+    params_file = path / "params.json"
+    params = json.loads(params_file.read_text(encoding="utf-8")) if params_file.is_file() else {}
+    return CellData(path, tables, params)

@@ -205,8 +205,10 @@ def cost(params, facts) -> float:
     return replay_tokens(n, facts.layers, facts.heads)
 
 
-def load(cell_dir: Path) -> dict:
-    return {"patch": cell_dir / RESULT_FILE, "examples": cell_dir / EXAMPLES_FILE, "params": cell_dir / "params.json"}
+def load(cell_dir: Path):
+    from cluster.store import read_cell
+
+    return read_cell(cell_dir, EXPERIMENT.tables)
 
 
 EXPERIMENT = Experiment(

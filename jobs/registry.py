@@ -63,7 +63,9 @@ class Experiment:
     """``metrics(cell_dir)``: what a finished cell hands to MLflow and to the report's table of
     cells; keys are stable identifiers (no values or labels inside them)."""
     load: Callable[[Path], Any]
-    """``load(cell_dir)``: what the cross-model report reads from a finished cell."""
+    """``load(cell_dir)``: what the cross-model report reads from a finished cell, a
+    ``cluster.store.CellData`` (usually ``read_cell(cell_dir, EXPERIMENT.tables)``: every table
+    checked against its schema, and params.json)."""
 
     def __post_init__(self) -> None:
         where = f"experiment {self.kind!r}"

@@ -52,7 +52,7 @@ def run(run_dir: Path, out: Path | None = None, echo=print, *, n_resamples: int 
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else RunLayout(run_dir).report_dir
     _check(run_dir, out)
-    data = load_run(run_dir)
+    data = load_run(run_dir, load_cell)
     if data.missing:
         echo(f"report {data.run_id}: missing {len(data.missing)}: " + "; ".join(data.missing))
     result = analyse(data, n_resamples=n_resamples, n_permutations=n_permutations, seed=seed)
@@ -77,6 +77,13 @@ def run(run_dir: Path, out: Path | None = None, echo=print, *, n_resamples: int 
 ANALYSED = ("scan", "patch", "validate", "steer")
 """Experiment kinds the cross-model analysis reads; cells of other kinds are shown with their
 kind's own metrics (``jobs.registry.Experiment.metrics``)."""
+
+
+def load_cell(kind: str, cell_dir: Path):
+    """What the report reads from a finished cell: its experiment kind's loader (``jobs.registry``)."""
+    from jobs.registry import experiment
+
+    return experiment(kind).load(cell_dir)
 
 
 def other_cells(data) -> list:

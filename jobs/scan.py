@@ -167,8 +167,10 @@ def cost(params, facts) -> float:
     return float(count * (params.get("max_tokens") or 256))
 
 
-def load(cell_dir: Path) -> dict:
-    return {"scan": cell_dir / RESULT_FILE}
+def load(cell_dir: Path):
+    from cluster.store import read_cell
+
+    return read_cell(cell_dir, EXPERIMENT.tables)
 
 
 EXPERIMENT = Experiment(

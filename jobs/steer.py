@@ -320,8 +320,10 @@ def cost(params, facts) -> float:
     return float(evaluations * 64 * PROMPT_TOKENS)
 
 
-def load(cell_dir: Path) -> dict:
-    return {name: cell_dir / name for name in EXPERIMENT.tables} | {"params": cell_dir / "params.json"}
+def load(cell_dir: Path):
+    from cluster.store import read_cell
+
+    return read_cell(cell_dir, EXPERIMENT.tables)
 
 
 EXPERIMENT = Experiment(

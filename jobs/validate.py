@@ -199,8 +199,10 @@ def cost(params, facts) -> float:
     return replay_tokens(params.get("n_examples", 64), facts.layers, facts.heads)
 
 
-def load(cell_dir: Path) -> dict:
-    return {name: cell_dir / name for name in EXPERIMENT.tables} | {"params": cell_dir / "params.json"}
+def load(cell_dir: Path):
+    from cluster.store import read_cell
+
+    return read_cell(cell_dir, EXPERIMENT.tables)
 
 
 EXPERIMENT = Experiment(

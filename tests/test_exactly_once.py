@@ -80,7 +80,8 @@ def test_a_cell_killed_before_its_marker_is_rerun_and_counted_once(organism_cach
 
     # the report: both cells found once, none missing or unfinished
     from analysis.crossmodel import load_run
+    from jobs.report import load_cell
 
-    data = load_run(layout.root)
+    data = load_run(layout.root, load_cell)
     assert data.found == [f"{model}: experiment 0 (scan)", f"{model}: experiment 1 (patch)"]
     assert not [m for m in data.missing if "not finished" in m or "not run" in m]

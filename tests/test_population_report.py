@@ -21,6 +21,7 @@ from analysis.crossmodel import (
 )
 from analysis.population import Member, Stat, estimate_many, from_values
 from cluster.layout import safe
+from jobs.report import load_cell
 from spectral import tables
 from tests.synthetic_runs import write
 
@@ -266,7 +267,7 @@ def test_patch_runs_count_as_importance_only_when_restoration_means_importance(t
     run = tmp_path / "run"
     _sweep(run, ["organism-s"], [{"kind": "patch", "params": {"method": method, "direction": direction}}])
     _patch_unit(run / "model=organism-s" / "experiment=0-patch", method, direction)
-    data = load_run(run)
+    data = load_run(run, load_cell)
     md = data.models[0]
     assert (md.heads is not None) == read
     if read:
@@ -282,7 +283,7 @@ def test_models_are_grouped_into_populations_by_seed(tmp_path):
     _sweep(run, models, [{"kind": "patch", "params": {}}])
     for m in models:
         _patch_unit(run / f"model={safe(m)}" / "experiment=0-patch", "exact", "denoise")
-    data = load_run(run)
+    data = load_run(run, load_cell)
     pops = {p.name: p for p in data.populations}
     assert list(pops) == ["organism-s", "organism-m", "EleutherAI/pythia-14m"]
     assert pops["organism-s"].seeds == [0, 2] and pops["organism-s"].listed == models[:3]

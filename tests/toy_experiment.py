@@ -54,8 +54,10 @@ def metrics(cell_dir: Path) -> tuple[dict[str, float], dict[str, str]]:
     return {"toy_total": float(sum(values))}, {"verdict/toy_positive": "PASS" if min(values) > 0 else "FAIL"}
 
 
-def load(cell_dir: Path) -> dict:
-    return {"toy": cell_dir / RESULT_FILE}
+def load(cell_dir: Path):
+    from cluster.store import read_cell
+
+    return read_cell(cell_dir, EXPERIMENT.tables)
 
 
 EXPERIMENT = Experiment(kind="toy", help="a toy experiment (tests)", config=ToyConfig, run=run,
