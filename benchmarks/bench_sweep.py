@@ -33,19 +33,19 @@ TARGET_OVERHEAD_S = 10.0
 
 
 def run_sweep(config: dict, root: Path, name: str) -> tuple[float, float]:
-    """(process wall seconds, the unit's job seconds) of one sweep run."""
+    """(process wall seconds, the cell's job seconds) of one sweep run."""
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump({**config, "name": name}))
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "jobs.sweep", str(path), "--out", str(root / "runs")], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - start
-    unit = json.loads(next((root / "runs" / name).glob("model=*/experiment=*/cell.json")).read_text())
-    return wall, unit["seconds"]
+    cell = json.loads(next((root / "runs" / name).glob("model=*/experiment=*/cell.json")).read_text())
+    return wall, cell["seconds"]
 
 
 def submitted(head, config: dict, root: Path, name: str) -> tuple[float, float]:
-    """(submit-to-done wall seconds, the unit's job seconds) of one sweep sent with ray job submit."""
+    """(submit-to-done wall seconds, the cell's job seconds) of one sweep sent with ray job submit."""
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump({**config, "name": name}))
     start = time.perf_counter()
@@ -53,8 +53,8 @@ def submitted(head, config: dict, root: Path, name: str) -> tuple[float, float]:
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"ray job submit failed ({done.returncode}): {done.stderr[-2000:]}")
-    unit = json.loads(next((root / "runs" / name).glob("model=*/experiment=*/cell.json")).read_text())
-    return wall, unit["seconds"]
+    cell = json.loads(next((root / "runs" / name).glob("model=*/experiment=*/cell.json")).read_text())
+    return wall, cell["seconds"]
 
 
 def main() -> None:
