@@ -244,6 +244,9 @@ def population_of(spec: str) -> tuple[str, int | None]:
         return spec, None
 
 
+READS = ("scan", "patch", "validate", "steer")
+"""Experiment kinds this analysis reads; the report shows cells of other kinds with their kind's
+own metrics (``jobs.registry.Experiment.metrics``), in its "Other experiments" section."""
 SCAN_KINDS = ("validate", "scan", "steer")
 """Experiment kinds whose cells hold a scan.parquet, in the order the report prefers."""
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from analysis.crossmodel import analyse, load_run, summary
+from analysis.crossmodel import READS, analyse, load_run, summary
 from cluster.layout import RunLayout
 from cluster.store import write_json, write_parquet, write_text
 from jobs.config import JobConfig
@@ -74,11 +74,6 @@ def run(run_dir: Path, out: Path | None = None, echo=print, *, n_resamples: int 
     return page
 
 
-ANALYSED = ("scan", "patch", "validate", "steer")
-"""Experiment kinds the cross-model analysis reads; cells of other kinds are shown with their
-kind's own metrics (``jobs.registry.Experiment.metrics``)."""
-
-
 def load_cell(kind: str, cell_dir: Path):
     """What the report reads from a finished cell: its experiment kind's loader (``jobs.registry``)."""
     from jobs.registry import experiment
@@ -89,7 +84,7 @@ def load_cell(kind: str, cell_dir: Path):
 def other_cells(data) -> list:
     from jobs.registry import experiment
 
-    return [(cell, *experiment(cell.kind).metrics(path)) for cell, path in data.cells if cell.kind not in ANALYSED]
+    return [(cell, *experiment(cell.kind).metrics(path)) for cell, path in data.cells if cell.kind not in READS]
 
 
 def _n(n: int, word: str) -> str:
