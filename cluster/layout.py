@@ -100,6 +100,20 @@ class RunLayout:
         """True once the cell's marker is written (its results are complete)."""
         return self.marker(cell).is_file()
 
+    LEGACY_DONE = "unit.json"
+    """The completion marker of run directories written before cells had ``cell.json``."""
+
+    def check_current(self) -> None:
+        """Refuse, with one line, a run directory an older eigengap wrote (its cells marked by
+        ``unit.json``): resuming it would run every cell again over the old results, and its
+        tables predate the schemas the report checks."""
+        old = next(self.root.glob(f"model=*/experiment=*/{self.LEGACY_DONE}"), None)
+        if old is not None:
+            from spectral.errors import UsageError
+
+            raise UsageError(f"{self.root} was written by an older eigengap ({old.relative_to(self.root)}; cells "
+                             f"are now marked by {self.DONE}): rerun the sweep under another --run-id or --out")
+
     def sweep_state(self) -> dict[str, Any]:
         return json.loads(self.sweep_file.read_text(encoding="utf-8"))
 

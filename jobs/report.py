@@ -30,6 +30,7 @@ def _check(run_dir: Path, out: Path) -> None:
         raise UsageError(f"{run_dir} is not a directory")
     if not RunLayout(run_dir).is_run():
         raise UsageError(f"{run_dir} is not a sweep run (no {RunLayout.SWEEP}): pass the directory `eigengap sweep` wrote")
+    RunLayout(run_dir).check_current()
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a directory")
 

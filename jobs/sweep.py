@@ -138,6 +138,7 @@ def prepare(config: SweepConfig, out: Path, run_id: str | None, source: str) -> 
     layout = RunLayout(out / (run_id or config.name))
     digest = config_hash(config)
     if layout.sweep_file.exists():
+        layout.check_current()
         previous = layout.sweep_state()
         if previous["config_hash"] != digest:
             raise UsageError(f"run id {layout.run_id!r} in {out} belongs to a different sweep config "
@@ -267,6 +268,7 @@ def track_run(run_dir: Path, uri: str | None = None, echo=print) -> None:
     layout = RunLayout(Path(run_dir))
     if not layout.is_run():
         raise UsageError(f"{run_dir} is not a sweep run (no {RunLayout.SWEEP})")
+    layout.check_current()
     config = stored_config(layout)
     tracker = Tracker.open(uri or config.tracking_uri, layout.root, echo)
     if not tracker.enabled:

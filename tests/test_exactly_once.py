@@ -85,3 +85,24 @@ def test_a_cell_killed_before_its_marker_is_rerun_and_counted_once(organism_cach
     data = load_run(layout.root, load_cell)
     assert data.found == [f"{model}: experiment 0 (scan)", f"{model}: experiment 1 (patch)"]
     assert not [m for m in data.missing if "not finished" in m or "not run" in m]
+
+
+def test_a_run_directory_of_an_older_eigengap_is_refused_not_rerun(prompts_file, tmp_path, capsys):
+    """Cells marked by the old ``unit.json``: resume, track and report refuse with one line, and
+    nothing in the directory is touched (rerunning would overwrite the old results)."""
+    config = tmp_path / "s.yaml"
+    model = "random:pythia-410m?layers=2&hidden=64&heads=4&vocab=512"
+    config.write_text(yaml.safe_dump({"name": "old", "models": [model],
+                                      "experiments": [{"kind": "scan", "params": {"prompts": str(prompts_file)}}]}))
+    run_dir = tmp_path / "runs" / "old"
+    cell = RunLayout(run_dir).cell_dir(Cell(model, 0, "scan"))
+    cell.mkdir(parents=True)
+    (run_dir / "sweep.json").write_text("{}")
+    (cell / "unit.json").write_text("{}")
+    (cell / "scan.parquet").write_text("old results")
+    for argv in (["sweep", str(config), "--out", str(tmp_path / "runs")], ["track", str(run_dir)],
+                 ["report", str(run_dir)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "written by an older eigengap" in err[0] and "unit.json" in err[0]
+    assert (cell / "scan.parquet").read_text() == "old results" and (cell / "unit.json").is_file()
