@@ -203,7 +203,8 @@ def run(config: SteerConfig, *, echo=print):
     settings = ScanSettings()
     texts, scan_info = scan_texts(concept, config.scan_set)
     scan_info["scan_seed"] = config.scan_seed
-    scan = scan_table(LocalExecutor(probe, progress=False), spec.text, texts, settings, n_layers, adapter.n_heads)
+    scan = scan_table(LocalExecutor(probe, progress=False), spec.text, texts, settings, n_layers, adapter.n_heads,
+                      adapter.n_kv_heads)  # kv_head right for grouped-query models too
     scan = scan.append_column("scan_set", pa.array([config.scan_set] * scan.num_rows))
     gaps = layer_gaps(scan.to_pylist())
 
