@@ -88,3 +88,16 @@ def test_a_toy_kind_through_the_registry_alone(toy_kind, tmp_path, capsys):
     assert main(["report", str(run_dir), "--resamples", "20", "--permutations", "10", "--no-track"]) == 0
     page = (run_dir / "report" / "report.html").read_text()
     assert "toy_total" in page and "toy_positive" in page
+
+
+def test_reading_every_record_loads_no_model_stack():
+    """cli, sweep, plan, tracking and the report read the records: the job modules import torch,
+    transformers, matplotlib (and MLflow, Ray) inside their run functions only."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom jobs import registry\nfor k in registry.kinds(): registry.experiment(k)\n"
+            "import jobs.cli, jobs.report, jobs.sweep, jobs.plan, jobs.tracking\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'matplotlib', 'mlflow', 'ray') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
