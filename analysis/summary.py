@@ -46,15 +46,3 @@ def layer_summaries(table: pa.Table, threshold: float = UNSTABLE_GAP) -> list[La
         out.append(LayerSummary(int(l), float(np.nanmin(g)), float(np.nanmean(g)), int(h[i]),
                                 int((g[finite] <= threshold).sum()), int(finite.sum()), flagged))
     return out
-
-
-def format_summary(rows: list[LayerSummary], threshold: float = UNSTABLE_GAP) -> str:
-    """A Markdown table (readable on a terminal too)."""
-    lines = [
-        f"| layer | min gap | mean gap | weakest head | heads gap <= {threshold:g} | flagged |",
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(f"| {r.layer} | {r.min_gap:.4f} | {r.mean_gap:.4f} | {r.weakest_head} | "
-                     f"{r.n_unstable}/{r.n_heads} | {r.n_flagged} |")
-    return "\n".join(lines)

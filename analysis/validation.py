@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from analysis.population import Member, PopulationEstimate, estimate, estimate_many, holm, p_value
 from analysis.stats import (
-    CONFIDENCE, MIN_LAYERS, N_RESAMPLES, RESTORATION_RTOL, Estimate, best_threshold, decide, df_correlation,
+    MIN_LAYERS, N_RESAMPLES, Estimate, best_threshold, decide, df_correlation,
     df_group, df_groups, group_difference, group_mean, group_ratio, group_sizes, head_member, importance,
     layer_member, layer_r, n_independent, r_gap, r_inverse_gap, ratio_rule, restoration_matrix, restoration_reasons,
     spearman_gap,
@@ -82,7 +82,15 @@ class Validation:
     statistics: pa.Table
     """``spectral.tables.VALIDATE``: key, name, value, low, high, p_value, p_holm, target, direction, verdict, n_units, n_unstable,
     n_stable, n_examples, scheme, note."""
-    report: str
+    link: dict
+    """The weakest-link summary (``weakest_link``)."""
+    n_heads: int
+    n_used: int
+    """Heads with a defined restoration and gap."""
+    n_examples: int
+    why: list[str]
+    """Per head: why its restoration is undefined ('' where it is defined)."""
+    threshold: float
 
 
 def _arrays(scan: pa.Table, per_example: pa.Table):
@@ -227,7 +235,7 @@ def validate(scan: pa.Table, per_example: pa.Table, threshold: float = UNSTABLE_
                                      "restoration": imp, "unstable": gap <= threshold, "restoration_note": why}),
                            tables.VALIDATE_HEADS, "validate: heads")
     statistics = tables.from_rows(rows, tables.VALIDATE, "validate: statistics")
-    return Validation(heads, statistics, _report(statistics, link, threshold, n_heads, n_used, n_examples, why))
+    return Validation(heads, statistics, link, n_heads, n_used, n_examples, why, threshold)
 
 
 def _holm(rows: list[dict]) -> None:
@@ -237,41 +245,3 @@ def _holm(rows: list[dict]) -> None:
     for r, p in zip(family, adjusted):
         r["p_holm"] = float(p)
         r["verdict"] = decide(r["value"], float(p), r["target"], r["direction"])
-
-
-def _fmt(x: float, spec: str = ".3f") -> str:
-    return "" if not np.isfinite(x) else format(x, spec)
-
-
-def _report(statistics: pa.Table, link: dict, threshold: float, n_heads: int, n_used: int, n_examples: int,
-            why: list[str]) -> str:
-    lines = [f"Heads: {n_heads} ({n_used} with a defined restoration and gap); examples: {n_examples}; "
-             f"unstable: gap <= {threshold:g}. One model (one training seed): every interval describes this model only.",
-             f"Intervals ({CONFIDENCE:.0%}): bootstrap resampling heads (layers for the layer-level row) and examples "
-             "jointly, every statistic on the same resamples; value ± t(df) x SE x sqrt(n/(n-1)) (correlations on "
-             "Fisher's z scale, df = n - 3), Welch's df for the group difference and the ratio, n_group - 1 for a "
-             "group's mean. p: two-sided t p-value of \"statistic = target\" from the same SE and df; p (Holm): "
-             "Holm-adjusted within this page's verdict family.",
-             f"Restoration is undefined for a head whose |clean - corrupt| metric difference is <= {RESTORATION_RTOL:g} "
-             "x its scale (mean |clean| + mean |corrupt|).", "", RULE, "",
-             "| statistic | value | 95 % interval | scheme | n | unstable / stable | p | p (Holm) | target | verdict | note |",
-             "|---|---:|---|---|---:|---|---:|---:|---:|---|---|"]
-    for r in statistics.to_pylist():
-        interval = f"[{r['low']:.3f}, {r['high']:.3f}]" if np.isfinite(r["low"]) and np.isfinite(r["high"]) else "undefined"
-        target = "" if not np.isfinite(r["target"]) else ("> " if r["direction"] == "above" else "< ") + f"{r['target']:g}"
-        value = _fmt(r["value"]) if np.isfinite(r["value"]) else "undefined"
-        grp = f"{r['n_unstable']} / {r['n_stable']}" if r["n_unstable"] >= 0 else ""
-        lines.append(f"| {r['name']} | {value} | {interval} | {r['scheme']} | {r['n_units']} | {grp} | "
-                     f"{_fmt(r['p_value'], '.3g')} | {_fmt(r['p_holm'], '.3g')} | {target} | {r['verdict']} | {r['note']} |")
-    undefined = [w for w in why if w]
-    if undefined:
-        lines += ["", f"{len(undefined)} head(s) without a restoration: {undefined[0]}"]
-    lines += ["", "Weakest link:",
-              f"- the min-gap head ranks {link['rank_of_min_gap_head']} of {link['n_heads']} by importance;",
-              f"- the layer with the smallest min gap is layer {link['weakest_layer']}; the most important head is in "
-              f"layer {link['layer_of_most_important_head']} "
-              f"({'the same layer' if link['weakest_layer_holds_top_head'] else 'a different layer'});",
-              "- per layer (min gap / max importance): " + ", ".join(
-                  f"L{l}: {g:.3f} / {i:.3f}" for l, g, i in zip(link["layers"], link["per_layer_min_gap"],
-                                                                  link["per_layer_max_importance"]))]
-    return "\n".join(lines)

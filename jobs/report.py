@@ -48,7 +48,8 @@ def run(run_dir: Path, out: Path | None = None, echo=print, *, n_resamples: int 
     """Write report.html, its PNGs, verdicts/calibration/scaling/information.parquet and
     summary.json into ``out`` (default RUN_DIR/report); returns the page's path. With ``track``
     the summary also goes to the sweep's MLflow parent run (when the sweep was tracked)."""
-    from analysis.render.html import figures, render
+    from analysis.render.figures import figures
+    from analysis.render.html import render
 
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else RunLayout(run_dir).report_dir

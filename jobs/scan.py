@@ -89,7 +89,8 @@ def check_selection(settings, n_layers: int, n_heads: int) -> None:
 
 def run(config: ScanConfig, *, executor=None, echo=print):
     """Validate everything, compute, then write the results directory."""
-    from analysis.summary import format_summary, layer_summaries
+    from analysis.render.markdown import format_summary
+    from analysis.summary import layer_summaries
     from spectral.kernels.prompts import read_prompts
     from spectral.kernels.scan import scan_table, settings_dict
     from spectral.models.loading import model_heads, parse_spec

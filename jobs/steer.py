@@ -171,7 +171,8 @@ def run(config: SteerConfig, *, echo=print):
     import numpy as np
     import pyarrow as pa
 
-    from analysis.steering import report, selection_split, strategy_rows
+    from analysis.render.markdown import steering_report
+    from analysis.steering import selection_split, strategy_rows
     from cluster.executors import LocalExecutor
     from spectral.kernels.scan import ScanSettings, scan_table
     from spectral.models.loading import load_model, model_shape, parse_spec, resolve_device
@@ -246,7 +247,7 @@ def run(config: SteerConfig, *, echo=print):
             for arm in order(fixed + chosen)]
     layer_runs = {l: done[_key({l: 1.0})] for l in range(n_layers)} if "oracle" in config.strategies else {}
     tables = strategy_rows(rows, layer_runs, results[len(units.units):], gaps, split, config.seed, config.scan_set)
-    text = report(tables, gaps, budget, baseline_layer, config, spec.text, split, scan_info)
+    text = steering_report(tables, gaps, budget, baseline_layer, config, spec.text, split, scan_info)
     _write(config, tables, scan, text, {
         "budget_kl": budget, "baseline_layer": baseline_layer, "spectral_k": spectral_k(n_layers),
         "scan": scan_info, "split": {"seed": split.seed, "fraction": split.fraction, "selection": list(split.selection),

@@ -70,6 +70,7 @@ class ValidateConfig(ExecutorOptions):
 
 
 def run(config: ValidateConfig, *, echo=print):
+    from analysis.render.markdown import validation_report
     from analysis.validation import validate
     from spectral.causal.patching import patch_unit
     from spectral.causal.tasks import encode
@@ -95,10 +96,10 @@ def run(config: ValidateConfig, *, echo=print):
         rows = [r for part in executor.map(spec.text, patch_unit, units, desc="patch") for r in part]
     heads_patch, per_example = tables(rows, patch_config, spec.text)
     result = validate(scan, per_example, config.threshold, config.seed)
-    result.report = scan_note(config, len(scan_texts), len(examples)) + "\n\n" + result.report
-    result.report += "\n\n" + circuit_report(probe, examples, result.heads)
-    _write(config, spec.text, scan, heads_patch, per_example, result, round(time.perf_counter() - start, 3))
-    echo(result.report)
+    text = "\n\n".join((scan_note(config, len(scan_texts), len(examples)), validation_report(result),
+                         circuit_report(probe, examples, result.heads)))
+    _write(config, spec.text, scan, heads_patch, per_example, result, text, round(time.perf_counter() - start, 3))
+    echo(text)
     echo(f"wrote {config.out}")
     return result
 
@@ -166,7 +167,7 @@ def circuit_report(loaded, examples, heads, target: float = 0.8) -> str:
             f"on the clean run removes {circuit.removed:.3f} of it.")
 
 
-def _write(config, model, scan, heads_patch, per_example, result, seconds) -> None:
+def _write(config, model, scan, heads_patch, per_example, result, text, seconds) -> None:
     from analysis.render.plots import gap_heatmap, gap_importance_heatmaps, gap_importance_scatter
     from cluster.store import write_json, write_parquet, write_text
 
@@ -183,7 +184,7 @@ def _write(config, model, scan, heads_patch, per_example, result, seconds) -> No
     gap_heatmap(scan, out / "gap_heatmap.png", title=title, threshold=config.threshold)
     gap_importance_scatter(result.heads, out / "gap_vs_importance.png", title=title, threshold=config.threshold)
     gap_importance_heatmaps(result.heads, out / "gap_importance_heatmaps.png", title=title)
-    write_text(f"# validate: {title}\n\n{result.report}\n", out / "report.md")
+    write_text(f"# validate: {title}\n\n{text}\n", out / "report.md")
     write_parquet(result.statistics, out / RESULT_FILE, schemas.VALIDATE)  # last: its presence means the run completed
 
 

@@ -127,3 +127,11 @@ def test_packages_are_layered():
     edges = collapsed(graph(), 1)
     upward = sorted((v, w) for v, ws in edges.items() for w in ws if LAYERS[w] > LAYERS[v])
     assert upward == [], f"imports against the layering {' < '.join(PACKAGES)}: {upward}"
+
+
+def test_statistics_do_not_import_their_rendering():
+    """analysis/ computes, analysis/render/ draws and writes text: never the other way."""
+    edges = graph()
+    wrong = sorted((v, w) for v, ws in edges.items() if v.startswith("analysis.") and not v.startswith("analysis.render")
+                   for w in ws if w.startswith("analysis.render"))
+    assert wrong == []

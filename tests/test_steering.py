@@ -305,7 +305,7 @@ def test_random_control_interval_resamples_draws_and_prompts():
 
 
 def test_in_sample_scan_is_labelled_in_the_report():
-    from analysis.steering import report
+    from analysis.render.markdown import steering_report as report
 
     _, tables = _verdicts(np.ones(32), np.ones(32) * 2)
 

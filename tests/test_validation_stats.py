@@ -202,7 +202,10 @@ def test_holm_within_the_verdict_family_and_the_rule_is_printed():
     for r in s.values():
         if r["key"] not in VERDICT_KEYS:
             assert r["verdict"] == "" and math.isnan(r["p_holm"])
-    assert "Holm" in v.report and "Verdict rule" in v.report and "heads -> examples" in v.report
+    from analysis.render.markdown import validation_report
+
+    text = validation_report(v)
+    assert "Holm" in text and "Verdict rule" in text and "heads -> examples" in text
 
 
 def test_decide_and_scaled_interval():
