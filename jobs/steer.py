@@ -31,7 +31,8 @@ from spectral.steering.strategies import MIN_RANDOM_DRAWS, STRATEGIES
 if TYPE_CHECKING:
     import torch
 
-    from spectral.steering.vectors import Concept, Evaluator
+    from spectral.steering.concepts import Concept
+    from spectral.steering.measure import Evaluator
 
 RESULT_FILE = "strategies.parquet"
 
@@ -131,7 +132,7 @@ class SteerUnit:
 
 def _evaluator(loaded, concept: Concept, source: str = "concept") -> Evaluator:
     from spectral.models.adapter import HeadAdapter
-    from spectral.steering.vectors import Evaluator
+    from spectral.steering.measure import Evaluator
 
     memo = loaded.__dict__.setdefault("_steer_memo", {})
     if concept not in memo:
@@ -142,7 +143,7 @@ def _evaluator(loaded, concept: Concept, source: str = "concept") -> Evaluator:
 
 def steer_unit(loaded, unit: SteerUnit) -> dict:
     from spectral.steering.strategies import match_budget
-    from spectral.steering.vectors import Injection
+    from spectral.steering.injection import Injection
 
     ev = _evaluator(loaded, unit.concept)
     vectors = {l: v.to(loaded.model.get_input_embeddings().weight.device) for l, v in unit.vectors.items()}
@@ -178,7 +179,8 @@ def run(config: SteerConfig, *, echo=print):
     from spectral.models.loading import load_model, model_shape, parse_spec, resolve_device
     from spectral.steering.concepts import concept_for, scan_texts
     from spectral.steering.strategies import arms, layer_gaps, oracle_arms, order, spectral_k
-    from spectral.steering.vectors import Injection, actadd, caa
+    from spectral.steering.injection import Injection
+    from spectral.steering.vectors import actadd, caa
 
     start = time.perf_counter()
     spec = parse_spec(config.model)

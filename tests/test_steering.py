@@ -13,7 +13,10 @@ import torch
 from jobs.cli import main
 from spectral.models.adapter import HeadAdapter
 from spectral.errors import UsageError
-from spectral.steering.vectors import Batch, Injection, concept_from_dict, next_token_logprobs, read_concept, steering_vectors
+from spectral.steering.concepts import concept_from_dict, read_concept
+from spectral.steering.injection import Injection
+from spectral.steering.measure import next_token_logprobs
+from spectral.steering.vectors import Batch, steering_vectors
 from spectral.steering.strategies import (MIN_RANDOM_DRAWS, STRATEGIES, arms, layer_gaps, match_budget, oracle_arms,
                                  oracle_profile, spectral_profile)
 

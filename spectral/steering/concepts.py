@@ -1,15 +1,95 @@
-"""Built-in steering concepts: the organisms' sentiment (from ``tasks.json``) and a Love/Hate
-sentiment concept for English tokenizers (GPT-2, Pythia, Llama); and the texts the steering
-scan reads (``scan_texts``): held out from the evaluation prompts by default."""
+"""Steering concepts as data (``Concept``, YAML/JSON concept files) and the built-in ones: the
+organisms' sentiment (from ``tasks.json``) and a Love/Hate sentiment concept for English
+tokenizers (GPT-2, Pythia, Llama); and the texts the steering scan reads (``scan_texts``): held
+out from the evaluation prompts by default."""
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 from spectral.errors import UsageError
-from spectral.tokens import is_single_token
-from spectral.steering.vectors import Concept, read_concept
+from spectral.tokens import is_single_token, single_token
+
+@dataclass(frozen=True)
+class Concept:
+    """A steering concept as data.
+
+    ``pairs`` are (positive, negative) contrast prompts: ActAdd uses the first, CAA all of them.
+    The effect is measured on ``prompts`` as the change of ``log P(target) - log P(opposite)``
+    for the next token, where a set's probability is the sum over its words (single tokens).
+    The side effect is measured on ``neutral`` prompts (KL of the next-token distribution) and
+    on ``heldout`` text (loss increase). ``scan`` (optional) are prompts from the distribution of
+    ``prompts`` but disjoint from them: the held-out scan the spectral strategy reads
+    (``spectral.steering.concepts.scan_texts``).
+    """
+
+    name: str
+    pairs: tuple[tuple[str, str], ...]
+    prompts: tuple[str, ...]
+    target: tuple[str, ...]
+    opposite: tuple[str, ...]
+    neutral: tuple[str, ...]
+    heldout: tuple[str, ...] = ()
+    scan: tuple[str, ...] = ()
+
+    FIELDS = ("name", "pairs", "prompts", "target", "opposite", "neutral")
+    OPTIONAL = ("heldout", "scan")
+
+
+def concept_from_dict(data: Mapping, source: str = "concept") -> Concept:
+    """A Concept from a parsed YAML/JSON mapping; UsageError names the first bad field."""
+    if not isinstance(data, Mapping):
+        raise UsageError(f"{source}: expected a mapping with fields {', '.join(Concept.FIELDS)}")
+    missing = [k for k in Concept.FIELDS if k not in data]
+    if missing:
+        raise UsageError(f"{source}: missing field {missing[0]!r}")
+    unknown = sorted(set(data) - set(Concept.FIELDS) - set(Concept.OPTIONAL))
+    if unknown:
+        raise UsageError(f"{source}: unknown field {unknown[0]!r} (known: {', '.join(Concept.FIELDS + Concept.OPTIONAL)})")
+    if not isinstance(data["name"], str) or not data["name"]:
+        raise UsageError(f"{source}: field 'name' must be a non-empty string")
+
+    def strings(key: str, required: bool = True) -> tuple[str, ...]:
+        value = data.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UsageError(f"{source}: field {key!r} must be a list of strings")
+        if required and not value:
+            raise UsageError(f"{source}: field {key!r} is empty")
+        return tuple(value)
+
+    pairs = data["pairs"]
+    if (not isinstance(pairs, list) or not pairs
+            or not all(isinstance(p, list | tuple) and len(p) == 2 and all(isinstance(s, str) for s in p) for p in pairs)):
+        raise UsageError(f"{source}: field 'pairs' must be a non-empty list of [positive, negative] string pairs")
+    return Concept(data["name"], tuple((p[0], p[1]) for p in pairs), strings("prompts"), strings("target"),
+                   strings("opposite"), strings("neutral"), strings("heldout", required=False),
+                   strings("scan", required=False))
+
+
+def read_concept(path: str | Path) -> Concept:
+    """A concept file: YAML (``.yaml``/``.yml``) or JSON."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"concept file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as err:
+        raise UsageError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'} "
+                         f"({str(err).splitlines()[0]})") from None
+    return concept_from_dict(data, str(path))
+
+
+def single_token_ids(tokenizer, words: Sequence[str], what: str, source: str) -> list[int]:
+    """Token ids of words that must each be exactly one known token."""
+    return [single_token(tokenizer, word, source, f"{what} word") for word in words]
+
 
 SCAN_SETS = ("held-out", "in-sample")
 """Which texts the steering scan reads (``scan_texts``)."""
