@@ -11,6 +11,8 @@ import pyarrow as pa
 
 from analysis.calibration import important
 from analysis.crossmodel import SCALING_QUANTITIES, Analysis, RunData, finite_heads, finite_layers
+from analysis.render.plots import pyplot as _plt
+from analysis.render.plots import save
 from spectral.kernels.metrics import UNSTABLE_GAP
 
 PANEL_COLUMNS = 4
@@ -20,15 +22,6 @@ LANDSCAPE_SCALE = 0.6
 
 
 # --- figures ---------------------------------------------------------------------------
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
 
 def _panels(n: int, width: float = 3.4, height: float = 2.8):
     plt = _plt()
@@ -55,11 +48,7 @@ def _shared_legend(fig, axes, twin=None):
 def _save(fig, path: Path) -> Path:
     if not fig.get_tight_layout() and not fig.legends:
         fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    _plt().close(fig)
-    tmp.replace(path)
-    return path
+    return save(fig, path, dpi=110)
 
 
 SEED_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")

@@ -52,22 +52,16 @@ def gap_heatmap(table: pa.Table, path: str | Path, title: str = "", threshold: f
     ax.set_title("\n".join(textwrap.wrap(label + f"eigenvalue gap (red: gap <= {threshold:g})", 60)), fontsize=8)
     fig.colorbar(im, ax=ax, label="gap")
     fig.tight_layout()
+    return save(fig, path)
+
+
+def save(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Write ``fig`` as a PNG atomically (a reader never sees half a file) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
-
-
-def _save(fig, path: str | Path) -> Path:
-    plt = pyplot()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    fig.savefig(tmp, dpi=dpi)
+    pyplot().close(fig)
     tmp.replace(path)
     return path
 
@@ -86,7 +80,7 @@ def gap_importance_scatter(heads: pa.Table, path: str | Path, title: str = "", t
     ax.legend(fontsize=7)
     fig.colorbar(sc, ax=ax, label="layer")
     fig.tight_layout()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def gap_importance_heatmaps(heads: pa.Table, path: str | Path, title: str = "") -> Path:
@@ -105,7 +99,7 @@ def gap_importance_heatmaps(heads: pa.Table, path: str | Path, title: str = "") 
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def effect_by_layer(layers: pa.Table, path: str | Path, title: str = "") -> Path:
@@ -129,7 +123,7 @@ def effect_by_layer(layers: pa.Table, path: str | Path, title: str = "") -> Path
     ax.set_ylabel("effect: change of log P(target) - log P(opposite)")
     ax.set_title("\n".join(textwrap.wrap(title or "steering effect by layer", 60)), fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def effect_vs_side_effect(strategies: pa.Table, grid: pa.Table, path: str | Path, title: str = "") -> Path:
@@ -147,4 +141,4 @@ def effect_vs_side_effect(strategies: pa.Table, grid: pa.Table, path: str | Path
     ax.set_title("\n".join(textwrap.wrap(title or "effect vs side effect", 60)), fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, path)
+    return save(fig, path)
