@@ -111,7 +111,7 @@ def plan(options: PlanConfig, echo=print) -> dict:
             echo(f"  {kind:9s} ~{tokens:,.0f} token-forwards, ~{seconds / 60:.1f} GPU-min at {tflops:g} TFLOP/s")
         actors = config_sweep.workers
         echo(f"  sweep on this model: ~{total / 60:.1f} GPU-min; with {actors} actors of {gpus_per_actor} GPU(s): "
-             f"~{total / 60 / actors:.1f} min wall (units spread evenly)")
+             f"~{total / 60 / actors:.1f} min wall (work units spread evenly)")
         result["sweep_gpu_minutes"] = total / 60
     return result
 
