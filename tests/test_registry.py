@@ -91,13 +91,16 @@ def test_a_toy_kind_through_the_registry_alone(toy_kind, tmp_path, capsys):
 
 
 def test_reading_every_record_loads_no_model_stack():
-    """cli, sweep, plan, tracking and the report read the records: the job modules import torch,
-    transformers, matplotlib (and MLflow, Ray) inside their run functions only."""
+    """cli, sweep, plan, tracking and the report read the records (and the report parses the
+    models' specs): the job modules import torch, transformers, matplotlib (and MLflow, Ray)
+    inside their run functions only, the organisms' training only when a model is built."""
     import subprocess
     import sys
 
     code = ("import sys\nfrom jobs import registry\nfor k in registry.kinds(): registry.experiment(k)\n"
             "import jobs.cli, jobs.report, jobs.sweep, jobs.plan, jobs.tracking\n"
+            "from spectral.models.specs import population\n"
+            "assert population('organism-s?seed=2') == ('organism-s', 2)\n"
             "print(sorted(m for m in ('torch', 'transformers', 'matplotlib', 'mlflow', 'ray') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

@@ -100,7 +100,7 @@ def population(spec: str | ModelSpec) -> tuple[str, int | None]:
 
 
 def _parse_organism(text: str) -> ModelSpec:
-    from spectral.organisms.suite import parse_name  # the organisms own their spec syntax
+    from spectral.organisms.names import parse_name  # the organisms own their spec syntax
 
     name, overrides = parse_name(text)
     return ModelSpec(text, "organism", name, overrides)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from spectral.errors import UsageError
 from spectral.organisms.language import TASKS
+from spectral.organisms.names import parse_name
 from spectral.organisms.train import Recipe, train
 
 RECIPE_VERSION = 5
@@ -42,30 +43,6 @@ MANIFEST = "manifest.json"
 
 def cache_root() -> Path:
     return Path(os.environ.get("EIGENGAP_CACHE") or Path.home() / ".cache" / "eigengap") / "organisms"
-
-
-def parse_name(text: str) -> tuple[str, dict[str, int]]:
-    """``organism-s?seed=3`` -> ("organism-s", {"seed": 3}): the organism spec syntax (the only
-    option is the training seed); ``spectral.models.specs`` parses organism specs with it."""
-    from urllib.parse import parse_qsl
-
-    text = text.strip()
-    if not text.startswith("organism-"):
-        raise UsageError(f"{text!r} is not an organism (organism-NAME[?seed=N])")
-    name, _, query = text.partition("?")
-    overrides: dict[str, int] = {}
-    if query:
-        try:
-            pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
-        except ValueError:
-            raise UsageError(f"model spec {text!r}: an organism takes only ?seed=N") from None
-        for key, value in pairs:
-            if key != "seed":
-                raise UsageError(f"model spec {text!r}: unknown organism option {key!r} (known: seed)")
-            if not value.isdigit():
-                raise UsageError(f"model spec {text!r}: seed={value!r} is not a non-negative integer")
-            overrides["seed"] = int(value)
-    return name, overrides
 
 
 def split_name(text: str) -> tuple[str, int]:
