@@ -1,0 +1,1 @@
+"""Circuits: head classes, path patching, edge-level circuit discovery."""
