@@ -1,0 +1,187 @@
+"""The hand-set 2-layer GPT-2 with a known induction circuit (spectral/circuits/groundtruth.py):
+its known answer (head scores), its behaviour, the causal role of the previous-token head, and
+that it loads like any checkpoint."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+from spectral.causal.tasks import encode
+from spectral.circuits.groundtruth import (
+    BOS, INDUCTION_HEAD, MAX_POSITIONS, PREVIOUS_TOKEN_HEAD, SPECIALS, TOKENS, build_induction_model,
+    induction_task,
+)
+from spectral.errors import UsageError
+from spectral.models.adapter import HeadAdapter
+from spectral.models.loading import load_model, model_heads
+from spectral.models.tokenizer import byte_tokenizer
+
+T = 10  # repeat length of the [r; r] sequences
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return build_induction_model(tmp_path_factory.mktemp("groundtruth") / "induction")
+
+
+@pytest.fixture(scope="module")
+def loaded(built):
+    return load_model(str(built))
+
+
+@pytest.fixture(scope="module")
+def adapter(loaded):
+    return HeadAdapter(loaded.model)
+
+
+@pytest.fixture(scope="module")
+def task(loaded):
+    return encode(loaded.tokenizer, induction_task(loaded.tokenizer, 100, 8, seed=1), "induction")
+
+
+def repeated(batch: int, seed: int = 0) -> torch.Tensor:
+    """[BOS; r; r] with r of T distinct random content tokens: (batch, 1 + 2T)."""
+    g = torch.Generator().manual_seed(seed)
+    first = len(SPECIALS)
+    r = torch.stack([torch.randperm(len(TOKENS), generator=g)[:T] for _ in range(batch)]) + first
+    return torch.cat([torch.zeros(batch, 1, dtype=torch.long), r, r], dim=1)
+
+
+def mul_score(probs: torch.Tensor, offset: int) -> torch.Tensor:
+    """Plain reference: per head, sum(A * P) / sum(A) over the second copy's query positions,
+    P = 1 on the key ``offset`` positions back. probs: (batch, head, q, k) -> (head,)"""
+    num = torch.zeros(probs.shape[1])
+    den = torch.zeros(probs.shape[1])
+    for q in range(1 + T, 1 + 2 * T):
+        num += probs[:, :, q, q - offset].sum(0)
+        den += probs[:, :, q, :].sum((0, 2))
+    return num / den
+
+
+def accuracy(model, task, edits=None, adapter=None) -> float:
+    with adapter.trace((), edits=edits) if edits else nullcontext(), torch.no_grad():
+        logits = model(input_ids=task.clean, attention_mask=task.mask).logits
+    last = logits[torch.arange(len(task)), task.last]  # (n, vocab)
+    return float((last.argmax(-1) == task.answer).float().mean())
+
+
+# --------------------------------------------------------------------- the known answer
+def test_known_heads_have_the_textbook_scores(adapter):
+    out = adapter.run(repeated(40), sites=("probs",))
+    prev = mul_score(out[(0, "probs")], offset=1)
+    induction = mul_score(out[(1, "probs")], offset=T - 1)
+    (l0, h0), (l1, h1) = PREVIOUS_TOKEN_HEAD, INDUCTION_HEAD
+    assert l0 == 0 and l1 == 1
+    assert prev[h0] >= 0.5 and induction[h1] >= 0.5, (prev, induction)
+    # measured: 0.999 for both; every other head is uniform (about 1 / 16 here)
+    assert prev[h0] > 0.99 and induction[h1] > 0.99
+    others0 = [h for h in range(adapter.n_heads) if h != h0]
+    others1 = [h for h in range(adapter.n_heads) if h != h1]
+    assert prev[others0].max() < 0.2 and induction[others1].max() < 0.2
+    assert mul_score(out[(0, "probs")], offset=T - 1).max() < 0.2  # no induction in layer 0
+
+
+def test_layer_norms_act_as_a_fixed_scaling(adapter):
+    """The construction's premise: every residual vector has mean 0 and the same norm at every
+    position, so GPT-2's layer norms are one fixed scaling (undone by their weights)."""
+    out = adapter.run(repeated(8), sites=("resid_pre", "resid_post"))
+    for key, norm_sq in (((0, "resid_pre"), 4.0), ((1, "resid_pre"), 6.0)):
+        x = out[key]
+        torch.testing.assert_close(x.mean(-1), torch.zeros(x.shape[:2]), atol=1e-6, rtol=0)
+        torch.testing.assert_close(x.pow(2).sum(-1), torch.full(x.shape[:2], norm_sq), atol=0.01 * norm_sq, rtol=0)
+
+
+# --------------------------------------------------------------------- behaviour
+def test_predicts_the_repeated_token(loaded, task):
+    assert accuracy(loaded.model, task) >= 0.9  # measured: 1.0
+
+
+def test_logit_difference_clean_against_corrupt(loaded, task):
+    with torch.no_grad():
+        diffs = []
+        for ids in (task.clean, task.corrupt):
+            last = loaded.model(input_ids=ids, attention_mask=task.mask).logits[torch.arange(len(task)), task.last]
+            diffs.append(float((last.gather(1, task.answer[:, None]) - last.gather(1, task.distractor[:, None])).mean()))
+    clean, corrupt = diffs
+    assert clean > 9.0 and corrupt < 0.5, diffs  # measured: 10.0 and -0.9
+
+
+def test_ablating_the_previous_token_head_destroys_induction(loaded, adapter, task):
+    layer, head = PREVIOUS_TOKEN_HEAD
+
+    def zero_head(result):  # (batch, pos, head, d_head)
+        result = result.clone()
+        result[:, :, head] = 0
+        return result
+
+    assert accuracy(loaded.model, task, {(layer, "result"): zero_head}, adapter) <= 0.1  # chance: 1/32
+    other = (head + 1) % adapter.n_heads
+
+    def zero_other(result):
+        result = result.clone()
+        result[:, :, other] = 0
+        return result
+
+    assert accuracy(loaded.model, task, {(layer, "result"): zero_other}, adapter) >= 0.9
+
+
+@pytest.mark.skip(reason="waits for path patching (spectral/circuits/paths.py, helper C2): previous-token "
+                         "head -> induction head's key input must carry >= 50% of the logit difference")
+def test_path_patching_into_the_induction_keys_carries_the_effect():
+    raise AssertionError("unreachable while skipped")
+
+
+# --------------------------------------------------------------------- the checkpoint
+def test_loads_through_load_model_and_the_adapter(built, loaded, adapter):
+    assert adapter.family.name == "gpt2"
+    assert (adapter.n_layers, adapter.n_heads) == (2, 4)
+    assert model_heads(str(built)) == (2, 4, 4)
+    assert loaded.tokenizer.pad_token == "<|pad|>"
+    ids = repeated(2)
+    out = adapter.run(ids, sites=("queries", "keys_raw", "values", "result", "scores", "probs"))
+    assert out[(1, "probs")].shape == (2, 4, ids.shape[1], ids.shape[1])
+    wq, wk = adapter.qk_weights(0)
+    assert wq.shape == wk.shape == (4, adapter.d_model, adapter.d_head)
+    assert loaded.model.config.n_positions == MAX_POSITIONS
+
+
+def test_build_is_deterministic_and_idempotent(built, tmp_path):
+    stamp = (built / "model.safetensors").stat().st_mtime_ns
+    assert build_induction_model(built) == built
+    assert (built / "model.safetensors").stat().st_mtime_ns == stamp  # not rewritten
+    again = build_induction_model(tmp_path / "again")
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert (again / name).read_bytes() == (built / name).read_bytes(), name
+
+
+def test_refuses_a_directory_holding_something_else(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="does not hold"):
+        build_induction_model(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_induction_task_examples(loaded):
+    examples = induction_task(loaded.tokenizer, 50, 6, seed=3)
+    assert examples == induction_task(loaded.tokenizer, 50, 6, seed=3)
+    for ex in examples:
+        clean, corrupt = ex.clean.split(), ex.corrupt.split()
+        assert clean[0] == corrupt[0] == BOS and len(clean) == len(corrupt)
+        r, k = clean[1:7], len(clean) - 8  # prompt = BOS r r[:k+1]
+        assert clean[7:] == r[:k + 1] and ex.answer == " " + r[k + 1]
+        assert not set(corrupt[1:7]) & set(r) and corrupt[7:] == clean[7:]
+        assert ex.distractor == " " + corrupt[1:7][k + 1]
+
+
+@pytest.mark.parametrize("n, length", [(0, 4), (4, 1), (4, 17)])
+def test_induction_task_bad_sizes(loaded, n, length):
+    with pytest.raises(UsageError, match="induction task"):
+        induction_task(loaded.tokenizer, n, length)
+
+
+def test_induction_task_needs_its_tokenizer():
+    with pytest.raises(UsageError, match="not a single token"):
+        induction_task(byte_tokenizer(), 4, 4)
