@@ -187,14 +187,20 @@ def induction_task(tokenizer, n: int, length: int, seed: int = 0) -> list[Exampl
     """``n`` patching examples for the induction circuit (format of ``spectral.causal.tasks``).
 
     Clean: ``BOS r r[:k+1]`` for ``length`` distinct random tokens ``r`` and a random
-    ``k < length - 1``; the answer is ``r[k+1]``. Corrupt: the first copy replaced by
-    ``length`` other distinct tokens ``r'`` (none of ``r``), so no earlier token follows the
-    final one and induction has nothing to copy; the distractor is ``r'[k+1]``, what induction
-    would copy from the corrupt first copy."""
+    ``k < length - 1``; the answer is ``r[k+1]``. Corrupt: the same prompt with the first
+    copy's ``r[k]`` resampled to a token ``x`` not in ``r``, so no earlier position follows the
+    final token and induction has nothing to copy; the distractor is ``x``. Only what the
+    previous-token head reads differs (the value the induction head would copy, ``r[k+1]``, is
+    still there), so the circuit the logit difference needs is exactly: embedding -> the
+    previous-token head's value, that head -> the induction head's key, the induction head ->
+    the logits; and patching that key path alone carries the whole effect in both directions
+    (clean into corrupt and corrupt into clean). Resampling the whole first copy would also
+    change the copied value, so that patching the key path alone from clean into corrupt
+    would raise the corrupt token, not the answer."""
     if n < 1:
         raise UsageError(f"induction task: n must be at least 1 (got {n})")
-    if not 2 <= length <= len(TOKENS) // 2:
-        raise UsageError(f"induction task: length must be in 2..{len(TOKENS) // 2} (got {length})")
+    if not 2 <= length <= len(TOKENS) - 1:
+        raise UsageError(f"induction task: length must be in 2..{len(TOKENS) - 1} (got {length})")
     bad = [tok for tok in TOKENS + (BOS,) if not is_single_token(tokenizer, tok)]
     if bad:
         raise UsageError(f"induction task: {bad[0]!r} is not a single token here (the task needs the "
@@ -202,10 +208,11 @@ def induction_task(tokenizer, n: int, length: int, seed: int = 0) -> list[Exampl
     rng = random.Random(seed)
     examples = []
     for _ in range(n):
-        tokens = rng.sample(TOKENS, 2 * length)
-        r, other = tokens[:length], tokens[length:]
+        tokens = rng.sample(TOKENS, length + 1)
+        r, x = tokens[:length], tokens[length]
         k = rng.randrange(length - 1)
+        first = [*r[:k], x, *r[k + 1:]]
         examples.append(Example(
-            clean=" ".join([BOS, *r, *r[:k + 1]]), corrupt=" ".join([BOS, *other, *r[:k + 1]]),
-            answer=" " + r[k + 1], distractor=" " + other[k + 1]))
+            clean=" ".join([BOS, *r, *r[:k + 1]]), corrupt=" ".join([BOS, *first, *r[:k + 1]]),
+            answer=" " + r[k + 1], distractor=" " + x))
     return examples
