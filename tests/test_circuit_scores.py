@@ -251,7 +251,10 @@ def test_head_table_without_ioi_has_null_ioi_columns(neox):
     assert all(not math.isnan(x) for x in table.column("induction").to_pylist())
 
 
-def test_head_table_refuses_sequences_longer_than_the_model(organism):
+def test_head_table_refuses_sequences_longer_than_the_model_or_the_pool(organism):
     limit = organism.model.config.max_position_embeddings
     with pytest.raises(UsageError, match="exceeds the model's"):
         head_score_table(organism, n=1, length=limit // 2 + 1)
+    with pytest.raises(UsageError, match="exceeds the 4 usable"):
+        head_score_table(organism, n=1, length=5, token_pool=[10, 11, 12, 13])
+    assert head_score_table(organism, n=2, length=4, token_pool=[10, 11, 12, 13]).num_rows == 16

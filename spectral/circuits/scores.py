@@ -317,17 +317,21 @@ def classify(scores: Mapping[str, np.ndarray], extra: Mapping[str, np.ndarray] |
 
 def head_score_table(loaded, *, n: int = DEFAULT_N, length: int = DEFAULT_LENGTH, seed: int = 0,
                      ioi_examples=None, extra: Mapping[str, np.ndarray] | None = None,
-                     batch_size: int = 16):
+                     token_pool: Sequence[int] | None = None, batch_size: int = 16) -> pa.Table:
     """One row per (layer, head): ``layer, head``, the ``PATTERNS`` scores on ``n`` repeated
-    sequences of ``length`` random non-special tokens, the ``IOI_SCORES`` on ``ioi_examples``
-    (null when none are given: not measured), ``label`` and ``classes`` (every class met, in
-    ``PRIORITY`` order, comma-separated)."""
+    sequences of ``length`` random tokens (drawn from ``token_pool``, default every non-special
+    id of the tokenizer), the ``IOI_SCORES`` on ``ioi_examples`` (null when none are given: not
+    measured), ``label`` and ``classes`` (every class met, in ``PRIORITY`` order,
+    comma-separated). ``extra``: boolean (layers, heads) masks of ``EXTRA_CLASSES``."""
     adapter = HeadAdapter(loaded.model)
     limit = getattr(loaded.model.config, "max_position_embeddings", None)
     if limit is not None and 2 * length > limit:
         raise UsageError(f"repeated tokens: 2 * length = {2 * length} exceeds the model's {limit} positions")
     vocab = min(len(loaded.tokenizer), loaded.model.config.vocab_size)
-    tokens = repeated_tokens(vocab, n, length, seed, exclude=loaded.tokenizer.all_special_ids)
+    exclude = set(loaded.tokenizer.all_special_ids)
+    if token_pool is not None:
+        exclude |= set(range(vocab)) - set(token_pool)
+    tokens = repeated_tokens(vocab, n, length, seed, exclude=sorted(exclude))
     scores = pattern_scores(adapter, tokens, batch_size=batch_size)
     if ioi_examples is not None:
         from spectral.causal.tasks import encode
