@@ -604,3 +604,30 @@ def agreement_subset(scores: Tensor, top: int = 50, random: int = 50, seed: int 
     gen = torch.Generator().manual_seed(seed)
     pick = others[torch.randperm(len(others), generator=gen)[:random]]
     return torch.cat([head, pick])
+
+
+@dataclass
+class Agreement:
+    """Rank agreement of attribution scores with exact single-edge patching on chosen edges."""
+
+    edges: list[int]
+    """The edge numbers compared (``agreement_subset`` of the EAP scores, or every edge)."""
+    exact: list[float]
+    """m(edge alone ablated) - m(clean) for each."""
+    spearman: dict[str, float]
+    """Method (``eap``, ``eap-ig``) -> Spearman correlation of its scores with ``exact``."""
+
+
+def edge_agreement(adapter: HeadAdapter, task: EncodedTask, scores: Sequence[EdgeScores],
+                   edges: Sequence[int] | None = None, batch_size: int = 32, copies: int = 8) -> Agreement:
+    """Spearman agreement of each score set with exact single-edge patching on ``edges``
+    (every edge when None). The score sets must share one graph and ablation."""
+    first = scores[0]
+    if any(s.ablation != first.ablation or s.graph != first.graph for s in scores):
+        raise ValueError("the score sets differ in graph or ablation")
+    edges = list(range(first.graph.n_edges)) if edges is None else [int(e) for e in edges]
+    ablated = AblatedWrites(adapter, task, first.ablation, batch_size)
+    exact = exact_edge_scores(adapter, task, ablated, edges, first.graph, batch_size, copies)
+    index = torch.tensor(edges, dtype=torch.long)
+    rho = {s.method: spearman(s.scores[index], exact) for s in scores}
+    return Agreement(edges, exact.tolist(), rho)
