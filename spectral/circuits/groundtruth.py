@@ -59,6 +59,11 @@ PREVIOUS_TOKEN_HEAD = (0, 1)
 INDUCTION_HEAD = (1, 2)
 """(layer, head) of the induction head."""
 
+_PREV, _IND = (f"a{layer}.h{head}" for layer, head in (PREVIOUS_TOKEN_HEAD, INDUCTION_HEAD))
+CIRCUIT_EDGES: tuple[tuple[str, str, str], ...] = (("input", _PREV, "v"), (_PREV, _IND, "k"), (_IND, "logits", "logits"))
+"""The edges (sender, receiver, input; named as ``spectral.circuits.edges.Edge``) that carry
+the logit difference of ``induction_task``: each alone, ablated, removes ~90-100% of it."""
+
 SHARPNESS = 10.0
 """Pre-softmax score gap between a matching key and the others, for both heads: sharp enough
 for ~0.99 attention on prompts of up to 33 tokens, soft enough that gradients through the
