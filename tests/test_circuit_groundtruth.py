@@ -41,7 +41,7 @@ def adapter(loaded):
 
 @pytest.fixture(scope="module")
 def task(loaded):
-    return encode(loaded.tokenizer, induction_task(loaded.tokenizer, 100, 8, seed=1), "induction")
+    return encode(loaded.tokenizer, induction_task(loaded.tokenizer, 64, 8, seed=1), "induction")
 
 
 def repeated(batch: int, seed: int = 0) -> torch.Tensor:
@@ -183,7 +183,7 @@ def test_scores_module_finds_the_known_heads(adapter):
 def test_circuit_discovery_finds_the_known_edges(loaded, adapter):
     """The issue's ground truth for edge-level discovery: EAP-IG's top edges are exactly the
     circuit, and exact edge patching confirms each carries the effect."""
-    task = encode(loaded.tokenizer, induction_task(loaded.tokenizer, 32, 8, seed=2), "induction")
+    task = encode(loaded.tokenizer, induction_task(loaded.tokenizer, 16, 8, seed=2), "induction")
     graph = edges.build_graph(adapter)
     want = sorted(graph.index(*edge) for edge in CIRCUIT_EDGES)
     ig = edges.eap_scores(adapter, task, "corrupt", steps=5, graph=graph)
