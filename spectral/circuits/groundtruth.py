@@ -41,7 +41,8 @@ from spectral.errors import UsageError
 from spectral.tokens import is_single_token
 
 VERSION = 1
-"""Bumped whenever the construction changes; ``build_induction_model`` rebuilds on a mismatch."""
+"""Bumped whenever the construction changes; ``build_induction_model`` refuses (never
+overwrites) a directory holding another version."""
 MARKER = "groundtruth.json"
 
 BOS, PAD, UNK = "<|endoftext|>", "<|pad|>", "<unk>"
@@ -65,9 +66,11 @@ CIRCUIT_EDGES: tuple[tuple[str, str, str], ...] = (("input", _PREV, "v"), (_PREV
 the logit difference of ``induction_task``: each alone, ablated, removes ~90-100% of it."""
 
 SHARPNESS = 10.0
-"""Pre-softmax score gap between a matching key and the others, for both heads: sharp enough
-for ~0.99 attention on prompts of up to 33 tokens, soft enough that gradients through the
-patterns (EAP) are not exactly zero."""
+"""Pre-softmax score gap between a matching key and the others, for both heads: > 0.99
+attention on any prompt that fits the 64 positions. The softmax is then saturated at the
+clean point, so plain EAP (one gradient there) all but misses the K-composition edge
+(measured -0.03 against an exact -9.1) while EAP-IG finds it: a known weakness of EAP, and
+part of what this model tests."""
 LOGIT_SCALE = 10.0
 """The answer token's logit when the induction head attends fully to it."""
 
