@@ -330,8 +330,8 @@ def _zero_deltas(graph: Graph, batch: int, pos: int, d_model: int, like: Tensor)
 
 
 def receiver_gradients(adapter: HeadAdapter, graph: Graph, task: EncodedTask, ids: Tensor,
-                       input_write: Tensor | None = None,
-                       store: list | None = None) -> tuple[dict[tuple[int, str], Tensor], float]:
+                       input_write: Tensor | None = None, store: list | None = None,
+                       matrices: Sequence[Tensor] | None = None) -> tuple[dict[tuple[int, str], Tensor], float]:
     """The metric's sum over the examples, and d(that sum) of the logit difference)/d(every receiver input), from one forward
     and one backward pass of ``ids`` (rows of ``task``); each gradient has its delta's shape,
     a head receiver's last-but-one axis being the head. ``input_write`` (batch, pos, d_model):
@@ -347,7 +347,7 @@ def receiver_gradients(adapter: HeadAdapter, graph: Graph, task: EncodedTask, id
     with ExitStack() as stack:
         stack.enter_context(torch.enable_grad())
         if store is not None:
-            stack.enter_context(capture_writes(adapter, store))
+            stack.enter_context(capture_writes(adapter, store, matrices))
         stack.enter_context(adapter.trace([], edits=edits))
         stack.enter_context(receiver_deltas(adapter, deltas))
         metric = logit_diff(_forward(adapter, ids, mask), task).sum()
@@ -405,7 +405,7 @@ def eap_scores(adapter: HeadAdapter, task: EncodedTask, ablation: Ablation = "co
         ids = sub.clean.to(device)
         a = ablated.rows(rows)
         store: list[Tensor] = []
-        grads, clean_sum = receiver_gradients(adapter, graph, sub, ids, store=store)  # k = m: the clean run
+        grads, clean_sum = receiver_gradients(adapter, graph, sub, ids, store=store, matrices=matrices)  # k = m: clean
         metric += clean_sum
         w = torch.stack(store)
         for k in range(1, steps):
@@ -419,7 +419,8 @@ def eap_scores(adapter: HeadAdapter, task: EncodedTask, ablation: Ablation = "co
 
 # ---------------------------------------------------------------------------- exact edge patching
 @contextmanager
-def _ablated_edges(adapter: HeadAdapter, graph: Graph, drops: list[Tensor], ablated: Tensor, copies: int) -> Iterator[None]:
+def _ablated_edges(adapter: HeadAdapter, graph: Graph, drops: list[Tensor], ablated: Tensor, copies: int,
+                   matrices: Sequence[Tensor] | None = None) -> Iterator[None]:
     """While active, a forward pass of ``copies`` copies (copy-major) of a batch ablates, in copy
     c, the edges ``drops[g][c]`` (n_receivers, n_senders) of each group g: each receiver input
     reads ``sum over its dropped senders of (a_s - w_s)`` more, with ``w_s`` the sender's write
@@ -458,7 +459,7 @@ def _ablated_edges(adapter: HeadAdapter, graph: Graph, drops: list[Tensor], abla
 
     found = norms(adapter)
     with ExitStack() as stack:
-        stack.enter_context(capture_writes(adapter, store))
+        stack.enter_context(capture_writes(adapter, store, matrices))
         for layer, block in enumerate(adapter.blocks):
             keys = [(layer, k) for k in HEAD_KINDS if (layer, k) in fills]
             if keys:
@@ -491,7 +492,7 @@ def patched_metrics(adapter: HeadAdapter, task: EncodedTask, ablated: AblatedWri
             chunk = drops[start:start + copies]
             c = chunk.shape[0]
             ids = sub.clean.to(device).repeat(c, 1)
-            with _ablated_edges(adapter, graph, graph.split(chunk), a, c):
+            with _ablated_edges(adapter, graph, graph.split(chunk), a, c, ablated.matrices):
                 logits = _forward(adapter, ids, sub.mask.to(device).repeat(c, 1))
             out[start:start + c] += logit_diff(logits, sub).view(c, len(rows)).sum(1).cpu()
     return out / len(task)
