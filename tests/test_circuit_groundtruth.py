@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from spectral.causal.tasks import encode
-from spectral.circuits import edges
+from spectral.circuits import edges, scores
 from spectral.circuits.groundtruth import (
     BOS, CIRCUIT_EDGES, INDUCTION_HEAD, MAX_POSITIONS, PREVIOUS_TOKEN_HEAD, SPECIALS, TOKENS, build_induction_model,
     induction_task,
@@ -173,7 +173,6 @@ def test_path_patching_module_into_the_induction_keys(adapter, task):
 
 
 def test_scores_module_finds_the_known_heads(adapter):
-    scores = pytest.importorskip("spectral.circuits.scores", reason="waits for head scores (spectral/circuits/scores.py, helper C1)")
     tokens = scores.repeated_tokens(adapter.model.config.vocab_size, 16, 12, seed=0, exclude=range(len(SPECIALS)))
     found = scores.pattern_scores(adapter, tokens)  # no BOS here: position 0 reads itself
     assert found["previous_token"][PREVIOUS_TOKEN_HEAD] >= 0.5  # measured: 1.00
