@@ -9,8 +9,9 @@ from contextlib import nullcontext
 import pytest
 import torch
 
+from spectral.causal.patching import cache_run
 from spectral.causal.tasks import encode
-from spectral.circuits import edges, scores
+from spectral.circuits import edges, paths, scores
 from spectral.circuits.groundtruth import (
     BOS, CIRCUIT_EDGES, INDUCTION_HEAD, MAX_POSITIONS, PREVIOUS_TOKEN_HEAD, SPECIALS, TOKENS, build_induction_model,
     induction_task,
@@ -159,9 +160,6 @@ def test_the_key_path_carries_the_effect(loaded, adapter, task):
 
 
 def test_path_patching_module_into_the_induction_keys(adapter, task):
-    paths = pytest.importorskip("spectral.circuits.paths", reason="waits for path patching (spectral/circuits/paths.py, helper C2)")
-    from spectral.causal.patching import cache_run
-
     clean, corrupt = cache_run(adapter, task.clean, task), cache_run(adapter, task.corrupt, task)
     other = (PREVIOUS_TOKEN_HEAD[0], (PREVIOUS_TOKEN_HEAD[1] + 1) % adapter.n_heads)
     key = (*INDUCTION_HEAD, "k")
