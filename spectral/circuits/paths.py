@@ -127,14 +127,19 @@ def _sender_change(adapter: HeadAdapter, source: RunCache, base: RunCache, sende
 
 
 def _deltas(adapter: HeadAdapter, receivers: list[Receiver], change: Tensor, task: EncodedTask, copies: int,
-            start: int) -> dict[tuple[int, str], Tensor]:
-    """Receiver deltas for a batch of ``copies`` senders: ``change`` (copies * n, pos', d_model).
-    A grouped-query key/value head gets the change once, however many of its group are named."""
+            start: int, logits_at_last: bool = True) -> dict[tuple[int, str], Tensor]:
+    """Receiver deltas for a batch of ``copies`` senders: ``change`` (copies * n, pos', d_model);
+    the logits delta at each example's last position only (what a replay normalises) unless
+    ``logits_at_last`` is False (a full forward pass). A grouped-query key/value head gets the
+    change once, however many of its group are named."""
     rows, pos, d_model = change.shape
     deltas: dict[tuple[int, str], Tensor] = {}
     fed: set[tuple[int, str, int]] = set()
     group = adapter.n_heads // adapter.n_kv_heads
     for r in receivers:
+        if r == LOGITS and not logits_at_last:
+            deltas[(adapter.n_layers, "logits")] = change
+            continue
         if r == LOGITS:
             last = task.last.to(change.device).repeat(copies) - start
             deltas[(adapter.n_layers, "logits")] = change[torch.arange(rows, device=change.device), last]
