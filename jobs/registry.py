@@ -23,6 +23,7 @@ KINDS: dict[str, str] = {
     "patch": "jobs.patch",
     "validate": "jobs.validate",
     "steer": "jobs.steer",
+    "circuits": "jobs.circuits",
 }
 """Experiment kind -> the module whose ``EXPERIMENT`` record defines it (one line per kind)."""
 

@@ -148,13 +148,39 @@ REPORT_INFORMATION = _schema(
 """The report's information.parquet: mutual information and entropy measures per model, population
 and over all models; ``measure`` is a key of ``analysis.crossmodel.INFORMATION_MEASURES``."""
 
+# --- circuits ----------------------------------------------------------------------------------
+
+CIRCUIT_PATTERNS = ("previous_token", "duplicate_token", "induction")
+"""``spectral.circuits.scores.PATTERNS`` (a test checks they agree)."""
+CIRCUIT_IOI = ("name_mover_attention", "copy_score", "negative_copy_score", "copy_logit")
+"""``spectral.circuits.scores.IOI_SCORES``."""
+
+CIRCUIT_HEADS = _schema(
+    ("layer", I32), ("head", I32), *_doubles(*CIRCUIT_PATTERNS),
+    *[pa.field(n, F64, nullable=True) for n in (*CIRCUIT_IOI, "s_inhibition")],
+    ("label", STR), ("classes", STR), ("gap", F64), ("entropy", F64), ("effective_rank", F64),
+    ("condition_number", F64), ("lambda1", F64), ("in_circuit", BOOL), ("node_score", F64))
+"""circuits' heads.parquet: one row per (layer, head): attention-pattern scores, IOI role
+scores (null when the task is not IOI: not measured), ``s_inhibition`` (mean restoration of
+path patching the head into the name movers' queries; null when not measured), the class
+label and every class met, the held-out scan's spectral metrics, circuit membership, and
+``node_score`` (sum of |edge score| over the circuit-method's edges touching the head)."""
+
+CIRCUIT_EDGES = _schema(
+    ("sender", STR), ("receiver", STR), ("input", STR), ("score", F64), ("score_eap", F64),
+    pa.field("score_eap_ig", F64, nullable=True), pa.field("exact", F64, nullable=True), ("in_circuit", BOOL))
+"""circuits' edges.parquet: one row per edge of the graph (sender -> receiver's q/k/v/mlp/logits
+input): ``score`` by the job's method (the ranking the circuit is cut from), EAP and EAP-IG
+scores (EAP-IG null unless computed), ``exact`` (m(edge alone ablated) - m(clean), null unless
+the edge is in the checked subset), and whether the chosen circuit holds it."""
+
 ALL: dict[str, pa.Schema] = {
     "scan": SCAN, "steer_scan": STEER_SCAN, "patch": PATCH, "patch_examples": PATCH_EXAMPLES,
     "validate_heads": VALIDATE_HEADS, "validate": VALIDATE, "steer_strategies": STEER_STRATEGIES,
     "steer_layers": STEER_LAYERS, "steer_grid": STEER_GRID, "steer_per_prompt": STEER_PER_PROMPT,
     "steer_verdicts": STEER_VERDICTS, "report_verdicts": REPORT_VERDICTS, "report_calibration": REPORT_CALIBRATION,
     "report_correlations": REPORT_CORRELATIONS, "report_scaling": REPORT_SCALING,
-    "report_information": REPORT_INFORMATION,
+    "report_information": REPORT_INFORMATION, "circuit_heads": CIRCUIT_HEADS, "circuit_edges": CIRCUIT_EDGES,
 }
 """Every schema by name (for tests and documentation)."""
 

@@ -118,3 +118,55 @@ def steering_report(tables: dict[str, pa.Table], gaps, budget: float, baseline_l
               "one-sided in the direction of PASS):", ""]
     lines += [f"- `{k}`: {v}" for k, v in RULES.items()]
     return "\n".join(lines)
+
+
+def circuits_report(heads: pa.Table, summary: Mapping, model: str) -> str:
+    """circuits' report.md: the circuit and its faithfulness, attribution agreement, head classes
+    with their gaps, the bottleneck check."""
+    f = summary["faithfulness"]
+    lines = [f"# circuits: {model} - {summary['task']}", "",
+             f"Edges: {summary['n_edges']}; ranking: {summary['method']}"
+             + (f" (m = {summary['steps']} steps)" if summary["method"] == "eap-ig" else "")
+             + f"; ablation: {summary['ablation']} (an edge outside the circuit carries the sender's "
+             + {"corrupt": "write on the corrupt prompt", "mean": "mean write over the task's clean prompts",
+                "resample": "write on another example's clean prompt"}[summary["ablation"]] + "); "
+             f"{summary['n_examples']} examples.",
+             "",
+             f"Circuit: the top {summary['size']} edges, faithfulness f = {summary['faithfulness_of_circuit']:.3f} "
+             f"by exact edge patching (target {summary['target']:g}"
+             + ("" if summary["reached_target"] else ", NOT reached at any size") + "); heads: "
+             + (", ".join(f"L{l}H{h}" for l, h in summary["heads"]) or "none") + ".",
+             f"Faithfulness curve f(C) = (m(C) - m(empty)) / (m(N) - m(empty)), m(N) = {f['metric_full']:.3f}, "
+             f"m(empty) = {f['metric_empty']:.3f}; CPR (area under f) = {f['cpr']:.3f}, CMD (area under |1 - f|) = "
+             f"{f['cmd']:.3f} over size / edges in [0, 1].", "",
+             "| edges | f |", "|---:|---:|"]
+    lines += [f"| {s} | {v:.3f} |" for s, v in zip(f["sizes"], f["f"])]
+    a = summary["agreement"]
+    lines += ["", f"Attribution vs exact edge patching ({a['edges_checked']} edges: {a['subset']}): Spearman "
+              + ", ".join(f"{m} {v:.3f}" for m, v in a["spearman"].items()) + ".", ""]
+    scan = summary["scan"]
+    lines += [f"Gaps from a key-kernel scan on {scan['n_texts']} {scan['set']} prompts"
+              + (f" (seed {scan['seed']}, disjoint from the patched examples)" if scan["set"] == "held-out" else
+                 " (IN-SAMPLE: the patched prompts themselves)") + ".", "",
+              "| layer | head | label | gap | previous-token | duplicate | induction | name-mover attention | "
+              "copy score | S-inhibition | in circuit |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+
+    def num(v):
+        return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}"
+
+    for r in heads.to_pylist():
+        if r["label"] != "other" or r["in_circuit"]:
+            lines.append(f"| {r['layer']} | {r['head']} | {r['label']} | {num(r['gap'])} | {num(r['previous_token'])} | "
+                         f"{num(r['duplicate_token'])} | {num(r['induction'])} | {num(r['name_mover_attention'])} | "
+                         f"{num(r['copy_score'])} | {num(r['s_inhibition'])} | {'yes' if r['in_circuit'] else ''} |")
+    b = summary.get("bottleneck")
+    if b:
+        lines += ["", f"Bottleneck: ablating the circuit's lowest-gap head L{b['lowest_gap_head'][0]}H"
+                  f"{b['lowest_gap_head'][1]} alone removes {b['removed_lowest']:.3f} of the behaviour (fraction of "
+                  f"m(N) - m(empty)); its median-gap head L{b['median_gap_head'][0]}H{b['median_gap_head'][1]} "
+                  f"{b['removed_median']:.3f}; difference {b['difference']:.3f} (one model: a description; the "
+                  "verdict is across seeds, in the cross-model report)."]
+    lines += ["", "Class rules: spectral.circuits.scores.THRESHOLDS (pattern scores >= 0.5 in the mul form; name "
+              "movers: attention to the IO >= 0.3, copy score >= 0.5); the rest are 'other'. Rows: heads with a "
+              "class or in the circuit."]
+    return "\n".join(lines)

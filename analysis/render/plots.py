@@ -142,3 +142,37 @@ def effect_vs_side_effect(strategies: pa.Table, grid: pa.Table, path: str | Path
     ax.legend(fontsize=7)
     fig.tight_layout()
     return save(fig, path)
+
+
+def circuit_landscape(heads: pa.Table, edges: list[tuple[int, int, int, int, str]], path: str | Path,
+                      title: str = "", threshold: float = UNSTABLE_GAP) -> Path:
+    """The gap landscape (layers x heads) with the circuit drawn over it: circuit heads boxed
+    (white), heads at or below ``threshold`` marked (red dot), and each head-to-head edge of the
+    circuit an arrow from sender to receiver, labelled by the receiver's input (q, k, v).
+    ``edges``: (sender layer, sender head, receiver layer, receiver head, input)."""
+    plt = pyplot()
+    grid, layers, head_ids = layer_head_grid(heads, "gap")
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.55 * len(head_ids) + 2.5), max(3.5, 0.6 * len(layers) + 1.5)))
+    im = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
+    member = dict(zip(zip(heads["layer"].to_pylist(), heads["head"].to_pylist()), heads["in_circuit"].to_pylist()))
+    li, hi = {l: i for i, l in enumerate(layers)}, {h: i for i, h in enumerate(head_ids)}
+    for (l, h), inside in member.items():
+        g = grid[li[l], hi[h]]
+        if inside:
+            ax.add_patch(plt.Rectangle((hi[h] - 0.5, li[l] - 0.5), 1, 1, fill=False, edgecolor="white", lw=2))
+        if np.isfinite(g) and g <= threshold:
+            ax.plot(hi[h], li[l], "o", color="red", ms=3)
+    colors = {"q": "tab:orange", "k": "tab:pink", "v": "tab:cyan"}
+    for sl, sh, rl, rh, kind in edges:
+        ax.annotate("", xy=(hi[rh], li[rl]), xytext=(hi[sh], li[sl]),
+                    arrowprops={"arrowstyle": "->", "color": colors.get(kind, "white"), "lw": 1.2, "alpha": 0.9})
+    ax.set_xticks(range(len(head_ids)), head_ids)
+    ax.set_yticks(range(len(layers)), layers)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    label = f"{title}\n" if title else ""
+    ax.set_title("\n".join(textwrap.wrap(label + f"gap; white: circuit heads; red dot: gap <= {threshold:g}; "
+                                          "arrows: head -> head edges (orange q, pink k, cyan v)", 70)), fontsize=8)
+    fig.colorbar(im, ax=ax, label="gap")
+    fig.tight_layout()
+    return save(fig, path)
