@@ -308,3 +308,38 @@ def signature(models: Sequence[CircuitModel]) -> dict:
         out["verdict"] = "INCONCLUSIVE"
         out["note"] = f"{gains.size} held-out population(s): fewer than 3, no verdict"
     return out
+
+
+# --- from the circuits job's cells ------------------------------------------------------------
+
+def model_from_cell(name: str, population: str, seed: int | None, heads_table, summary: Mapping) -> CircuitModel:
+    """A ``CircuitModel`` from a circuits cell: its heads.parquet and circuit.json."""
+    cols = heads_table.to_pydict()
+    heads = {k: np.asarray(v, dtype=float) for k, v in cols.items()
+             if k not in ("label", "classes", "in_circuit") and all(x is None or isinstance(x, (int, float)) for x in v)}
+    heads["label"] = np.asarray(cols["label"], dtype=str)
+    heads["in_circuit"] = np.asarray(cols["in_circuit"], dtype=bool)
+    b = summary.get("bottleneck")
+    return CircuitModel(name, population, seed, heads,
+                        (float(b["removed_lowest"]), float(b["removed_median"])) if b else None)
+
+
+def per_model_rows(models: Sequence[tuple[str, Mapping]]) -> list[dict]:
+    """One row per circuits cell: the circuit, its exact faithfulness, CPR, CMD, the attribution
+    agreement, and the overlap of its heads with validate's minimal head set where both exist."""
+    out = []
+    for name, s in models:
+        f = s["faithfulness"]
+        row = {"model": name, "task": s["task"], "method": s["method"], "ablation": s["ablation"],
+               "size": int(s["size"]), "n_edges": int(s["n_edges"]), "faithfulness": float(s["faithfulness_of_circuit"]),
+               "cpr": float(f["cpr"]), "cmd": float(f["cmd"]),
+               "spearman_eap": float(s["agreement"]["spearman"].get("eap", NAN)),
+               "spearman_eap_ig": float(s["agreement"]["spearman"].get("eap-ig", NAN)),
+               "heads": ", ".join(f"L{l}H{h}" for l, h in s["heads"]), "validate_overlap": NAN, "validate_heads": ""}
+        minimal = s.get("validate_minimal_heads")
+        if minimal is not None:
+            a, b = {tuple(h) for h in s["heads"]}, {tuple(h) for h in minimal}
+            row["validate_overlap"] = len(a & b) / len(a | b) if a | b else NAN
+            row["validate_heads"] = ", ".join(f"L{l}H{h}" for l, h in sorted(b))
+        out.append(row)
+    return out

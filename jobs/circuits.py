@@ -312,9 +312,14 @@ def cost(params, facts) -> float:
 
 
 def load(cell_dir: Path):
+    """heads.parquet and edges.parquet (schema-checked); ``params``: circuit.json."""
+    import json
+
     from cluster.store import read_cell
 
-    return read_cell(cell_dir, EXPERIMENT.tables)
+    cell = read_cell(cell_dir, EXPERIMENT.tables)
+    cell.params = json.loads((cell_dir / CIRCUIT_FILE).read_text()) if (cell_dir / CIRCUIT_FILE).is_file() else {}
+    return cell
 
 
 EXPERIMENT = Experiment(

@@ -61,9 +61,17 @@ def run(run_dir: Path, out: Path | None = None, echo=print, *, n_resamples: int 
     out.mkdir(parents=True, exist_ok=True)
     figs = figures(data, result, out)
     figs["cells"] = other_cells(data)
+    figs["circuits"] = circuits_section(data, out, n_resamples, n_permutations, seed)
     for name, (rows, schema) in TABLES.items():
         write_parquet(schemas.from_rows(getattr(result, rows), schema, str(out / name)), out / name, schema)
-    write_json(summary(data, result), out / "summary.json")
+    facts = summary(data, result)
+    if figs["circuits"] is not None:  # circuits verdicts beside the others, under their own keys
+        for r in figs["circuits"]["verdicts"].rows:
+            facts["verdicts"][f"{r['population']}/circuits/{r['key']}"] = r["verdict"]
+            for k in ("value", "low", "high"):
+                if r[k] == r[k]:
+                    facts["metrics"][f"{r['population']}/circuits/{r['key']}/{k}"] = r[k]
+    write_json(facts, out / "summary.json")
     page = write_text(render(data, result, figs), out / RESULT_FILE)  # last: its presence means the report is complete
     counts = {v: sum(r["verdict"] == v for r in result.verdicts) for v in ("PASS", "FAIL", "INCONCLUSIVE")}
     echo(f"wrote {page} ({_n(len(data.populations), 'population')} of {_n(len(data.models), 'model')}; verdicts: "
@@ -83,10 +91,49 @@ def load_cell(kind: str, cell_dir: Path):
     return experiment(kind).load(cell_dir)
 
 
+def circuits_section(data, out: Path, n_resamples: int, n_permutations: int, seed: int) -> dict | None:
+    """The circuits-vs-spectra analysis of the run's circuits cells (``analysis.circuits``), its
+    tables written into ``out``; None without circuits cells."""
+    import json
+
+    from analysis.circuits import analyse as analyse_circuits
+    from analysis.circuits import model_from_cell, per_model_rows
+    from analysis.crossmodel import population_of
+
+    cells = [(cell, path) for cell, path in data.cells if cell.kind == "circuits"]
+    if not cells:
+        return None
+    validate = {cell.model: path for cell, path in data.cells if cell.kind == "validate"}
+    models, summaries = [], []
+    for cell, path in cells:
+        loaded = load_cell("circuits", path)
+        s = dict(loaded.params)
+        if cell.model in validate and (validate[cell.model] / "params.json").is_file():
+            s["validate_minimal_heads"] = json.loads((validate[cell.model] / "params.json").read_text()).get(
+                "minimal_circuit")
+        pop, seed_ = population_of(cell.model)
+        models.append(model_from_cell(cell.model, pop, seed_, loaded.table("heads.parquet"), s))
+        summaries.append((cell.model, s))
+    verdicts = analyse_circuits(models, n_resamples=n_resamples, n_permutations=n_permutations, seed=seed)
+    rows = [{k: (json.dumps(v) if k == "per_seed" else v) for k, v in r.items() if k in schemas.REPORT_CIRCUITS.names}
+            | {"pattern_auroc": r.get("pattern_auroc")} for r in verdicts.rows]
+    write_parquet(schemas.from_rows(rows, schemas.REPORT_CIRCUITS, "circuits"), out / "circuits.parquet",
+                  schemas.REPORT_CIRCUITS)
+    per_model = per_model_rows(summaries)
+    write_parquet(schemas.from_rows(per_model, schemas.REPORT_CIRCUIT_MODELS, "circuit models"),
+                  out / "circuit_models.parquet", schemas.REPORT_CIRCUIT_MODELS)
+    write_json(verdicts.signature, out / "circuit_signature.json")
+    return {"verdicts": verdicts, "models": per_model}
+
+
 def other_cells(data) -> list:
     from jobs.registry import experiment
 
-    return [(cell, *experiment(cell.kind).metrics(path)) for cell, path in data.cells if cell.kind not in READS]
+    return [(cell, *experiment(cell.kind).metrics(path)) for cell, path in data.cells if cell.kind not in ANALYSED]
+
+
+ANALYSED = (*READS, "circuits")
+"""Kinds with an analysis of their own on the page (the cross-model analysis, the circuits section)."""
 
 
 def _n(n: int, word: str) -> str:

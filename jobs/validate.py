@@ -96,9 +96,12 @@ def run(config: ValidateConfig, *, echo=print):
         rows = [r for part in executor.map(spec.text, patch_unit, units, desc="patch") for r in part]
     heads_patch, per_example = tables(rows, patch_config, spec.text)
     result = validate(scan, per_example, config.threshold, config.seed)
+    circuit, n_ranked = minimal_heads(probe, examples, result.heads)
     text = "\n\n".join((scan_note(config, len(scan_texts), len(examples)), validation_report(result),
-                         circuit_report(probe, examples, result.heads)))
-    _write(config, spec.text, scan, heads_patch, per_example, result, text, round(time.perf_counter() - start, 3))
+                         circuit_report(circuit, n_ranked)))
+    minimal = [list(h) for h in circuit.heads] if circuit is not None else None
+    _write(config, spec.text, scan, heads_patch, per_example, result, text, round(time.perf_counter() - start, 3),
+           minimal)
     echo(text)
     echo(f"wrote {config.out}")
     return result
@@ -149,31 +152,36 @@ def scan_note(config: ValidateConfig, n_scan: int, n_patched: int) -> str:
             f"(same distribution, scan seed {scan_seed(config)}).")
 
 
-def circuit_report(loaded, examples, heads, target: float = 0.8) -> str:
+def minimal_heads(loaded, examples, heads, target: float = 0.8):
     """The smallest set of top-importance heads whose joint patch restores ``target`` of the
-    clean logit difference, and what mean-ablating that set on the clean run removes."""
+    clean logit difference (``patching.Circuit``, None when no prefix of the ranking does), and
+    the ranking's length."""
     from spectral.causal.patching import task_caches, minimal_circuit
 
     adapter, task, clean, corrupt = task_caches(loaded, tuple(examples))
     rows = sorted(heads.to_pylist(), key=lambda r: (math.isnan(r["restoration"]), -r["restoration"]))
     ranking = [(r["layer"], r["head"]) for r in rows]
-    circuit = minimal_circuit(adapter, task, clean, corrupt, ranking, target)
+    return minimal_circuit(adapter, task, clean, corrupt, ranking, target), len(ranking)
+
+
+def circuit_report(circuit, n_ranked: int, target: float = 0.8) -> str:
+    """What ``minimal_heads`` found, and what mean-ablating that set on the clean run removes."""
     if circuit is None:
         return (f"Circuit: no prefix of the importance ranking restores {target:.0%} of the clean logit "
-                f"difference, even all {len(ranking)} heads together.")
+                f"difference, even all {n_ranked} heads together.")
     names = ", ".join(f"L{l}H{h}" for l, h in circuit.heads)
     return (f"Circuit: the {len(circuit.heads)} most important head(s) ({names}) patched together restore "
             f"{circuit.restoration:.3f} of the clean logit difference (target {target:.0%}); mean-ablating them "
             f"on the clean run removes {circuit.removed:.3f} of it.")
 
 
-def _write(config, model, scan, heads_patch, per_example, result, text, seconds) -> None:
+def _write(config, model, scan, heads_patch, per_example, result, text, seconds, minimal) -> None:
     from analysis.render.plots import gap_heatmap, gap_importance_heatmaps, gap_importance_scatter
     from cluster.store import write_json, write_parquet, write_text
 
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
-    write_json({"config": config.model_dump(mode="json"), "seconds": seconds,
+    write_json({"config": config.model_dump(mode="json"), "seconds": seconds, "minimal_circuit": minimal,
                 "scan_set": config.scan_set, "scan_seed": scan_seed(config) if config.scan_set == "held-out" else None},
                out / "params.json")
     write_parquet(scan, out / "scan.parquet", schemas.SCAN)

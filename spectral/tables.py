@@ -174,6 +174,22 @@ input): ``score`` by the job's method (the ranking the circuit is cut from), EAP
 scores (EAP-IG null unless computed), ``exact`` (m(edge alone ablated) - m(clean), null unless
 the edge is in the checked subset), and whether the chosen circuit holds it."""
 
+REPORT_CIRCUITS = _schema(
+    ("population", STR), ("key", STR), ("metric", STR), *_doubles("value", "low", "high"), ("n_seeds", I64),
+    ("per_seed", STR), *_doubles("p_pass", "p_fail", "p_pass_holm", "p_fail_holm"), ("verdict", STR), ("scheme", STR),
+    ("correction", STR), pa.field("pattern_auroc", F64, nullable=True))
+"""The report's circuits.parquet: circuits-vs-spectra verdicts (``analysis.circuits``), one row
+per population and claim; ``per_seed``: the seeds' values as JSON; ``pattern_auroc``: for a
+class's gap AUROC, the AUROC of the class's own attention-pattern score (null otherwise)."""
+
+REPORT_CIRCUIT_MODELS = _schema(
+    ("model", STR), ("task", STR), ("method", STR), ("ablation", STR), ("size", I64), ("n_edges", I64),
+    *_doubles("faithfulness", "cpr", "cmd", "spearman_eap", "spearman_eap_ig"), ("heads", STR),
+    ("validate_overlap", F64), ("validate_heads", STR))
+"""The report's circuit_models.parquet: one row per circuits cell (``analysis.circuits.per_model_rows``):
+the circuit's exact faithfulness, CPR, CMD, attribution agreement, and the Jaccard overlap of its
+heads with validate's minimal head set (NaN without a validate cell)."""
+
 ALL: dict[str, pa.Schema] = {
     "scan": SCAN, "steer_scan": STEER_SCAN, "patch": PATCH, "patch_examples": PATCH_EXAMPLES,
     "validate_heads": VALIDATE_HEADS, "validate": VALIDATE, "steer_strategies": STEER_STRATEGIES,
@@ -181,6 +197,7 @@ ALL: dict[str, pa.Schema] = {
     "steer_verdicts": STEER_VERDICTS, "report_verdicts": REPORT_VERDICTS, "report_calibration": REPORT_CALIBRATION,
     "report_correlations": REPORT_CORRELATIONS, "report_scaling": REPORT_SCALING,
     "report_information": REPORT_INFORMATION, "circuit_heads": CIRCUIT_HEADS, "circuit_edges": CIRCUIT_EDGES,
+    "report_circuits": REPORT_CIRCUITS, "report_circuit_models": REPORT_CIRCUIT_MODELS,
 }
 """Every schema by name (for tests and documentation)."""
 

@@ -325,6 +325,37 @@ def _other_cells(run: RunData, a: Analysis, figs: dict) -> str:
             "no population statistics are taken here.</p>" + _html_table(["model", "experiment", "key", "value"], rows, {3}))
 
 
+def _circuits(run: RunData, a: Analysis, figs: dict) -> str:
+    """Circuits against spectra (``analysis.circuits``): verdicts per population, the spectral
+    signature, one row per circuits cell."""
+    from analysis.circuits import RULES as CIRCUIT_RULES
+
+    c = figs.get("circuits")
+    if not c:
+        return "<p class=\"note\">No circuits experiment in this run.</p>"
+    rules = "".join(f"<li><b>{_e(k)}</b>: {_e(v)}</li>" for k, v in CIRCUIT_RULES.items())
+    rows = [[r["population"], r["key"], r["metric"], len(r["per_seed"]), _num(r["value"]), _ci(r["low"], r["high"]),
+             ", ".join(_num(x) for x in r["per_seed"]), _num(r.get("pattern_auroc", NAN)), _num(r["p_pass_holm"]),
+             _num(r["p_fail_holm"]), r["verdict"]] for r in c["verdicts"].rows]
+    table = _html_table(["population", "key", "claim", "seeds", "value (mean)", "95 % interval", "per seed",
+                         "pattern-score AUROC", "p PASS (Holm)", "p FAIL (Holm)", "verdict"], rows, {3, 4, 8, 9})
+    sig = c["verdicts"].signature
+    folds = sig.get("folds") or []
+    sig_text = (f"Spectral signature (logistic regression on {', '.join(sig.get('features', []))}, leave one "
+                f"population out): " + ("; ".join(f"{f['population']}: accuracy {_num(f['accuracy'])} vs majority "
+                                                  f"{_num(f['baseline'])}" for f in folds) or sig.get("note", "none"))
+                + (f"; verdict {sig['verdict']}" if "verdict" in sig else "") + ".")
+    models = _html_table(["model", "task", "method", "ablation", "edges", "of", "faithfulness (exact)", "CPR", "CMD",
+                          "Spearman EAP", "Spearman EAP-IG", "circuit heads", "validate's minimal heads",
+                          "overlap (Jaccard)"],
+                         [[r["model"], r["task"], r["method"], r["ablation"], r["size"], r["n_edges"],
+                           _num(r["faithfulness"]), _num(r["cpr"]), _num(r["cmd"]), _num(r["spearman_eap"]),
+                           _num(r["spearman_eap_ig"]), r["heads"], r["validate_heads"] or "–",
+                           _num(r["validate_overlap"])] for r in c["models"]], {4, 5, 6, 7, 8, 9, 10, 13})
+    return (f"<ul class=\"note\">{rules}</ul>" + table + f"<p class=\"note\">{_e(sig_text)}</p>"
+            + "<h3>Circuits per model</h3>" + models)
+
+
 Section = Callable[[RunData, Analysis, dict], str]
 
 SECTIONS: tuple[tuple[str, str, Section], ...] = (
@@ -344,6 +375,7 @@ SECTIONS: tuple[tuple[str, str, Section], ...] = (
         figs["scaling"], "scaling fits", "exploratory; solid: power law, dashed: log-linear; log x-axis")),
     ("information", "Information measures",
      lambda run, a, figs: _information(a) + _img(figs["entropy"], "entropy by stability")),
+    ("circuits", "Circuits and spectra", _circuits),
     ("cells", "Other experiments", _other_cells),
     ("data", "Data", lambda run, a, figs: _data(run)),
 )
