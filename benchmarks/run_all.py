@@ -14,7 +14,8 @@ import sys
 from benchmarks.common import RESULTS
 
 BENCHMARKS = {"bench_scan_overhead": "scan_overhead", "bench_scan_vs_naive": "scan_vs_naive",
-              "bench_scan_memory": "scan_memory", "bench_patching": "patching", "bench_sweep": "sweep"}
+              "bench_scan_memory": "scan_memory", "bench_patching": "patching", "bench_sweep": "sweep",
+              "bench_path_patching": "path_patching", "bench_eap": "eap"}
 
 
 def verdict(ok: bool) -> str:
