@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from analysis.population import PopulationEstimate, from_values, holm, p_value
+from analysis.population import PopulationEstimate, clip, from_values, holm, p_value
 
 NAN = float("nan")
 ALPHA = 0.05
@@ -59,10 +59,11 @@ RULES = {
                   "Beside it, not a verdict: the AUROC of the class's own attention-pattern score."),
     "bottleneck": ("fraction of the behaviour removed by ablating the circuit's lowest-gap node alone minus that "
                    "removed by ablating its median-gap node alone, per seed; claim: > 0."),
-    "signature": ("logistic regression on the scan's spectral metrics predicting the head class, trained on every "
-                  "other population and tested on the held-out one (leave-one-population-out), against the "
-                  "majority class of the training folds; reported, not a verdict, unless there are >= 3 "
-                  "populations."),
+    "signature": ("class-balanced logistic regression on the scan's spectral metrics predicting the head class, "
+                  "trained on every other population and tested on the held-out one (leave-one-population-out); "
+                  "score: balanced accuracy (mean recall over the classes present) against the training folds' "
+                  "majority class; claim: the gain is > 0 (one-sided t-test over the held-out populations, "
+                  "needs >= 3)."),
 }
 
 
@@ -217,7 +218,7 @@ def analyse(models: Sequence[CircuitModel], *, n_resamples: int = N_RESAMPLES, n
         for c in classes:
             per = [auroc_interval(-np.asarray(m.heads["gap"], float), np.asarray(m.heads["label"], str) == c,
                                   n_resamples=n_resamples, seed=seed + i) for i, m in enumerate(members)]
-            e = _population_estimate(per, seeds, "stratified percentile bootstrap over heads")
+            e = clip(_population_estimate(per, seeds, "stratified percentile bootstrap over heads"), 0.0, 1.0)
             own = c if all(c in m.heads for m in members) else None
             baseline = ([auroc(np.asarray(m.heads[own], float), np.asarray(m.heads["label"], str) == c) for m in members]
                         if own else [])
@@ -257,9 +258,23 @@ def _features(heads: Mapping[str, np.ndarray]) -> np.ndarray:
     return np.stack(cols, axis=1)
 
 
+def balanced_accuracy_score(y_true, y_pred) -> float:
+    """Mean recall over the classes present in ``y_true`` (sklearn's; the majority-class
+    baseline scores 1 / classes present)."""
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score as score
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "y_pred contains classes not in y_true": expected
+        return float(score(y_true, y_pred))
+
+
 def signature(models: Sequence[CircuitModel]) -> dict:
-    """Mean spectral profile per class, and the leave-one-population-out accuracy of a logistic
-    regression on the spectral features against the training folds' majority class."""
+    """Mean spectral profile per class, and the leave-one-population-out balanced accuracy
+    (mean recall over the classes present: 'other' dominates, so plain accuracy would reward
+    always saying 'other') of a class-balanced logistic regression on the spectral features,
+    against the training folds' majority class (balanced accuracy 1 / classes present)."""
     x_all, y_all, group = [], [], []
     for m in models:
         x_all.append(_features(m.heads))
@@ -290,9 +305,9 @@ def signature(models: Sequence[CircuitModel]) -> dict:
         model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, class_weight="balanced"))
         model.fit(x[train], y[train])
         labels, n = np.unique(y[train], return_counts=True)
-        majority = labels[int(np.argmax(n))]
-        folds.append({"population": held, "accuracy": float(np.mean(model.predict(x[test]) == y[test])),
-                      "baseline": float(np.mean(y[test] == majority)), "n": int(test.sum())})
+        majority = np.full(int(test.sum()), labels[int(np.argmax(n))])
+        folds.append({"population": held, "accuracy": balanced_accuracy_score(y[test], model.predict(x[test])),
+                      "baseline": balanced_accuracy_score(y[test], majority), "n": int(test.sum())})
     out["folds"] = folds
     gains = np.array([f["accuracy"] - f["baseline"] for f in folds], dtype=float)
     gains = gains[np.isfinite(gains)]
