@@ -57,8 +57,9 @@ class CircuitsConfig(ExecutorOptions):
     every edge)."""
     target: float = Field(0.8, gt=0, le=1)
     """Faithfulness the chosen circuit must reach (the smallest size that does)."""
-    n_examples: int = Field(64, gt=1)
-    """Examples of a built-in task."""
+    n_examples: int = Field(64, ge=4)
+    """Examples of a built-in task; a seeded half chooses the circuit (edge scores), the other
+    half measures it (faithfulness, bottleneck): selection never sees the data that scores it."""
     n_scan: int = Field(64, gt=0)
     """Held-out prompts of the gap scan (a built-in task, drawn with seed + 1, disjoint from the
     patched examples; a task file: its clean prompts, labelled in-sample)."""
@@ -130,7 +131,16 @@ def circuits_unit(loaded, unit: CircuitsUnit) -> dict:
 
     c = unit.config
     examples = task_examples(loaded, c.task, c.n_examples, c.seed)
+    if len(examples) < 4:
+        raise UsageError(f"task {c.task}: {len(examples)} examples are too few to split into selection and "
+                         "held-out halves (need >= 4)")
     adapter, task, clean, corrupt = task_caches(loaded, tuple(examples))
+    order = np.random.default_rng(c.seed).permutation(len(examples))
+    half = len(examples) // 2
+    chosen_on = [examples[i] for i in sorted(order[:half])]
+    measured_on = [examples[i] for i in sorted(order[half:])]
+    _, task_select, _, _ = task_caches(loaded, tuple(chosen_on))
+    _, task_heldout, _, _ = task_caches(loaded, tuple(measured_on))
 
     # heads: attention patterns, IOI roles, S-inhibition by path patching into the name movers' queries
     heads = head_score_table(loaded, n=c.n_sequences, length=c.length, seed=c.seed,
@@ -146,24 +156,25 @@ def circuits_unit(loaded, unit: CircuitsUnit) -> dict:
     graph = E.build_graph(adapter)
     if c.sizes and max(c.sizes) > graph.n_edges:
         raise UsageError(f"--sizes: {max(c.sizes)} out of range (the model's graph has {graph.n_edges} edges)")
-    eap = E.eap_scores(adapter, task, c.ablation, 1, seed=c.seed, graph=graph)
-    ig = E.eap_scores(adapter, task, c.ablation, c.steps, seed=c.seed, graph=graph) if c.method != "eap" else None
-    ablated = E.AblatedWrites(adapter, task, c.ablation, seed=c.seed)
+    eap = E.eap_scores(adapter, task_select, c.ablation, 1, seed=c.seed, graph=graph)
+    ig = E.eap_scores(adapter, task_select, c.ablation, c.steps, seed=c.seed, graph=graph) if c.method != "eap" else None
+    ablated = E.AblatedWrites(adapter, task_select, c.ablation, seed=c.seed)
     check = E.agreement_subset(eap.scores, c.agreement_edges, c.agreement_edges, c.seed)
     exact_all = None
     if c.method == "exact":
-        exact_all = E.exact_edge_scores(adapter, task, ablated, list(range(graph.n_edges)), graph)
+        exact_all = E.exact_edge_scores(adapter, task_select, ablated, list(range(graph.n_edges)), graph)
         check = torch.arange(graph.n_edges)
         exact_checked = exact_all
     else:
-        exact_checked = E.exact_edge_scores(adapter, task, ablated, check.tolist(), graph)
+        exact_checked = E.exact_edge_scores(adapter, task_select, ablated, check.tolist(), graph)
     agreement = {"eap": E.spearman(eap.scores[check], exact_checked)}
     if ig is not None:
         agreement["eap-ig"] = E.spearman(ig.scores[check], exact_checked)
     chosen = {"eap": eap, "eap-ig": ig}.get(c.method) or E.EdgeScores(graph, exact_all, "exact", c.ablation, 1,
                                                                         eap.metric_clean)
     sizes = c.sizes or default_sizes(graph.n_edges)
-    faith = E.faithfulness_curve(adapter, task, chosen, sizes, ablated)
+    ablated_heldout = E.AblatedWrites(adapter, task_heldout, c.ablation, seed=c.seed)
+    faith = E.faithfulness_curve(adapter, task_heldout, chosen, sizes, ablated_heldout)
     reached = [s for s, f in zip(faith.sizes, faith.faithfulness) if f >= c.target]
     size = reached[0] if reached else faith.sizes[-1]
     circuit = E.top_edges(chosen.scores, size)
@@ -204,8 +215,8 @@ def circuits_unit(loaded, unit: CircuitsUnit) -> dict:
             name = f"a{l}.h{h}"
             drops[row] = torch.tensor([e.sender == name for e in table])
         drops[2] = True
-        m = E.patched_metrics(adapter, task, ablated, drops, graph).tolist()
-        full, empty = E.clean_metric(adapter, task), m[2]
+        m = E.patched_metrics(adapter, task_heldout, ablated_heldout, drops, graph).tolist()
+        full, empty = E.clean_metric(adapter, task_heldout), m[2]
         removed = [(full - x) / (full - empty) if abs(full - empty) > 1e-9 else float("nan") for x in m[:2]]
         bottleneck = {"lowest_gap_head": list(low), "median_gap_head": list(median), "removed_lowest": removed[0],
                       "removed_median": removed[1], "difference": removed[0] - removed[1]}
@@ -229,7 +240,8 @@ def circuits_unit(loaded, unit: CircuitsUnit) -> dict:
         "exact": pa.array(exact_col, pa.float64()), "in_circuit": in_circuit.numpy()})
     summary = {
         "task": c.task, "method": c.method, "ablation": c.ablation, "steps": c.steps if c.method == "eap-ig" else 1,
-        "n_examples": len(examples), "n_edges": graph.n_edges, "target": c.target, "size": int(size),
+        "n_examples": len(examples), "n_select": len(chosen_on), "n_heldout": len(measured_on),
+        "n_edges": graph.n_edges, "target": c.target, "size": int(size),
         "reached_target": bool(reached), "nodes": nodes, "heads": [list(lh) for lh in sorted(head_nodes)],
         "edges": [{"sender": table[i].sender, "receiver": table[i].receiver, "input": table[i].input,
                    "score": float(chosen.scores[i])} for i in circuit.tolist()],

@@ -130,7 +130,8 @@ def circuits_report(heads: pa.Table, summary: Mapping, model: str) -> str:
              + f"; ablation: {summary['ablation']} (an edge outside the circuit carries the sender's "
              + {"corrupt": "write on the corrupt prompt", "mean": "mean write over the task's clean prompts",
                 "resample": "write on another example's clean prompt"}[summary["ablation"]] + "); "
-             f"{summary['n_examples']} examples.",
+             f"{summary['n_examples']} examples: edges scored and the circuit chosen on {summary['n_select']}, "
+             f"faithfulness and the bottleneck measured on the other {summary['n_heldout']} (seeded split).",
              "",
              f"Circuit: the top {summary['size']} edges, faithfulness f = {summary['faithfulness_of_circuit']:.3f} "
              f"by exact edge patching (target {summary['target']:g}"
