@@ -33,6 +33,9 @@ from spectral.errors import UsageError
 from spectral.models import Device
 
 RESULT_FILE = "heads.parquet"
+S_INHIBITION = 0.1
+"""Mean restoration of path patching a head into the name movers' queries that makes it an
+S-inhibition head (chosen once, not tuned)."""
 EDGES_FILE = "edges.parquet"
 CIRCUIT_FILE = "circuit.json"
 
@@ -115,6 +118,35 @@ def _head_name(name: str) -> tuple[int, int] | None:
     return int(layer), int(head)
 
 
+def _relabel(rows: list[dict], n_layers: int, n_heads: int, s_inhibition, backup) -> None:
+    """Labels and classes again with the intervention classes (S-inhibition: restoration of
+    path patching into the name movers' queries >= ``S_INHIBITION``; backup name movers:
+    ``roles.backup_gain`` >= ``roles.BACKUP_GAIN``), in ``scores.PRIORITY`` order (in place)."""
+    import numpy as np
+
+    from spectral.circuits.roles import BACKUP_GAIN
+    from spectral.circuits.scores import IOI_SCORES, PATTERNS, PRIORITY, class_masks, classify
+
+    if s_inhibition is None and backup is None:
+        return
+    grid = {k: np.full((n_layers, n_heads), np.nan) for k in (*PATTERNS, *IOI_SCORES)}
+    for r in rows:
+        for k in grid:
+            if r[k] is not None:
+                grid[k][r["layer"], r["head"]] = r[k]
+    scores = {k: v for k, v in grid.items() if k in PATTERNS or not np.isnan(v).all()}
+    with np.errstate(invalid="ignore"):
+        extra = {"s_inhibition": np.nan_to_num(s_inhibition, nan=-np.inf) >= S_INHIBITION if s_inhibition is not None
+                 else np.zeros((n_layers, n_heads), bool),
+                 "backup_name_mover": np.nan_to_num(backup, nan=-np.inf) >= BACKUP_GAIN if backup is not None
+                 else np.zeros((n_layers, n_heads), bool)}
+    labels, masks = classify(scores, extra), class_masks(scores, extra)
+    for r in rows:
+        l, h = r["layer"], r["head"]
+        r["label"] = str(labels[l, h])
+        r["classes"] = ",".join(c for c in PRIORITY if masks[c][l, h])
+
+
 def circuits_unit(loaded, unit: CircuitsUnit) -> dict:
     """Scores, edges, faithfulness, spectra and the bottleneck check of one model."""
     import numpy as np
@@ -145,7 +177,7 @@ def circuits_unit(loaded, unit: CircuitsUnit) -> dict:
     # heads: attention patterns, IOI roles, S-inhibition by path patching into the name movers' queries
     heads = head_score_table(loaded, n=c.n_sequences, length=c.length, seed=c.seed,
                              ioi_examples=examples if c.task == "ioi" else None, token_pool=pattern_token_pool(loaded))
-    s_inhibition = None
+    s_inhibition, movers = None, []
     if c.task == "ioi":
         movers = [(l, h) for l, h, lab in zip(heads["layer"].to_pylist(), heads["head"].to_pylist(),
                                               heads["label"].to_pylist()) if lab == "name_mover"]
@@ -207,6 +239,11 @@ def circuits_unit(loaded, unit: CircuitsUnit) -> dict:
 
     # bottleneck: the circuit's lowest-gap head alone vs its median-gap head alone
     circuit_heads = sorted(head_nodes, key=lambda lh: (spectral_of[lh]["gap"], lh))
+    backup = None
+    if c.task == "ioi" and movers:
+        from spectral.circuits.roles import backup_gain
+
+        backup = backup_gain(adapter, task_heldout, ablated_heldout, graph, movers)
     bottleneck = None
     if len(circuit_heads) >= 2:
         low, median = circuit_heads[0], circuit_heads[len(circuit_heads) // 2]
@@ -227,8 +264,11 @@ def circuits_unit(loaded, unit: CircuitsUnit) -> dict:
         sp = spectral_of[lh]
         r.update({k: float(sp[k]) for k in ("gap", "entropy", "effective_rank", "condition_number", "lambda1")})
         r["s_inhibition"] = None if s_inhibition is None or not np.isfinite(s_inhibition[lh]) else float(s_inhibition[lh])
+        r["backup_gain"] = None if backup is None or not np.isfinite(backup[lh]) else float(backup[lh])
+
         r["in_circuit"] = lh in head_nodes
         r["node_score"] = score_sum.get(f"a{lh[0]}.h{lh[1]}", 0.0)
+    _relabel(rows, adapter.n_layers, adapter.n_heads, s_inhibition, backup)
     head_table = schemas.from_rows(rows, schemas.CIRCUIT_HEADS, "circuits: heads")
     exact_col = [None] * graph.n_edges
     for i, v in zip(check.tolist(), exact_checked.tolist()):

@@ -157,12 +157,13 @@ CIRCUIT_IOI = ("name_mover_attention", "copy_score", "negative_copy_score", "cop
 
 CIRCUIT_HEADS = _schema(
     ("layer", I32), ("head", I32), *_doubles(*CIRCUIT_PATTERNS),
-    *[pa.field(n, F64, nullable=True) for n in (*CIRCUIT_IOI, "s_inhibition")],
+    *[pa.field(n, F64, nullable=True) for n in (*CIRCUIT_IOI, "s_inhibition", "backup_gain")],
     ("label", STR), ("classes", STR), ("gap", F64), ("entropy", F64), ("effective_rank", F64),
     ("condition_number", F64), ("lambda1", F64), ("in_circuit", BOOL), ("node_score", F64))
 """circuits' heads.parquet: one row per (layer, head): attention-pattern scores, IOI role
 scores (null when the task is not IOI: not measured), ``s_inhibition`` (mean restoration of
-path patching the head into the name movers' queries; null when not measured), the class
+path patching the head into the name movers' queries; null when not measured), ``backup_gain``
+(``spectral.circuits.roles``: importance gained when the name movers are ablated), the class
 label and every class met, the held-out scan's spectral metrics, circuit membership, and
 ``node_score`` (sum of |edge score| over the circuit-method's edges touching the head)."""
 

@@ -150,7 +150,7 @@ def circuits_report(heads: pa.Table, summary: Mapping, model: str) -> str:
               + (f" (seed {scan['seed']}, disjoint from the patched examples)" if scan["set"] == "held-out" else
                  " (IN-SAMPLE: the patched prompts themselves)") + ".", "",
               "| layer | head | label | gap | previous-token | duplicate | induction | name-mover attention | "
-              "copy score | S-inhibition | in circuit |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "copy score | S-inhibition | backup gain | in circuit |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
 
     def num(v):
         return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}"
@@ -159,7 +159,8 @@ def circuits_report(heads: pa.Table, summary: Mapping, model: str) -> str:
         if r["label"] != "other" or r["in_circuit"]:
             lines.append(f"| {r['layer']} | {r['head']} | {r['label']} | {num(r['gap'])} | {num(r['previous_token'])} | "
                          f"{num(r['duplicate_token'])} | {num(r['induction'])} | {num(r['name_mover_attention'])} | "
-                         f"{num(r['copy_score'])} | {num(r['s_inhibition'])} | {'yes' if r['in_circuit'] else ''} |")
+                         f"{num(r['copy_score'])} | {num(r['s_inhibition'])} | {num(r['backup_gain'])} | "
+                         f"{'yes' if r['in_circuit'] else ''} |")
     b = summary.get("bottleneck")
     if b:
         lines += ["", f"Bottleneck: ablating the circuit's lowest-gap head L{b['lowest_gap_head'][0]}H"
@@ -168,6 +169,7 @@ def circuits_report(heads: pa.Table, summary: Mapping, model: str) -> str:
                   f"{b['removed_median']:.3f}; difference {b['difference']:.3f} (one model: a description; the "
                   "verdict is across seeds, in the cross-model report)."]
     lines += ["", "Class rules: spectral.circuits.scores.THRESHOLDS (pattern scores >= 0.5 in the mul form; name "
-              "movers: attention to the IO >= 0.3, copy score >= 0.5); the rest are 'other'. Rows: heads with a "
-              "class or in the circuit."]
+              "movers: attention to the IO >= 0.3, copy score >= 0.5; S-inhibition: path patching into the name "
+              "movers' queries restores >= 0.1; backup name movers: importance gained when the name movers are "
+              "ablated >= 0.1 of the full effect); the rest are 'other'. Rows: heads with a class or in the circuit."]
     return "\n".join(lines)
