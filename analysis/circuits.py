@@ -42,6 +42,9 @@ ALPHA = 0.05
 N_RESAMPLES = 2000
 N_PERMUTATIONS = 2000
 SPECTRAL_FEATURES = ("gap", "entropy", "effective_rank", "condition_number", "lambda1")
+EXPLORED = ("entropy", "effective_rank", "condition_number", "lambda1")
+"""The scan's other metrics, compared between circuit and other heads like the gap, without a
+claim (exploratory rows: no verdict, not in a Holm family)."""
 """Scan columns the signature classifier reads (log10 of the condition number and of lambda1)."""
 
 CLAIMS = {
@@ -183,7 +186,8 @@ def _claim_ps(e: PopulationEstimate, key: str) -> tuple[float, float]:
 
 
 def _row(population: str, key: str, metric: str, e: PopulationEstimate, extra: Mapping | None = None) -> dict:
-    p_pass, p_fail = _claim_ps(e, key.split("/")[0])
+    family = key.split("/")[0]
+    p_pass, p_fail = _claim_ps(e, family) if family in CLAIMS else (NAN, NAN)
     return {"population": population, "key": key, "metric": metric, "value": e.value, "low": e.low, "high": e.high,
             "n_seeds": len(e.per_seed), "per_seed": list(e.per_seed), "p_pass": p_pass, "p_fail": p_fail,
             "scheme": e.scheme, **(extra or {})}
@@ -215,6 +219,13 @@ def analyse(models: Sequence[CircuitModel], *, n_resamples: int = N_RESAMPLES, n
         e = _population_estimate(diffs, seeds, "percentile bootstrap over heads, circuit and other heads separately")
         rows.append(_row(pop, "circuit_gap_difference", "median gap: circuit - other heads < 0", e,
                          {"per_seed_p_permutation": [d.p_value for d in diffs], "notes": [d.note for d in diffs]}))
+        for metric in EXPLORED:  # the scan's other metrics: described, no claim
+            if all(metric in m.heads for m in members):
+                per = [gap_difference(m.heads[metric], m.heads["in_circuit"], n_resamples=n_resamples,
+                                      n_permutations=n_permutations, seed=seed + i) for i, m in enumerate(members)]
+                e = _population_estimate(per, seeds, "percentile bootstrap over heads, circuit and other heads separately")
+                rows.append(_row(pop, f"circuit_difference/{metric}", f"median {metric}: circuit - other heads "
+                                 "(exploratory)", e, {"exploratory": True}))
         for c in classes:
             per = [auroc_interval(-np.asarray(m.heads["gap"], float), np.asarray(m.heads["label"], str) == c,
                                   n_resamples=n_resamples, seed=seed + i) for i, m in enumerate(members)]
@@ -237,6 +248,9 @@ def _apply_holm(rows: list[dict]) -> None:
     """Holm over each family: one key over every population (the AUROCs of all classes together)."""
     families: dict[str, list[dict]] = {}
     for r in rows:
+        if r.get("exploratory"):
+            r.update(p_pass_holm=NAN, p_fail_holm=NAN, verdict="", correction="exploratory: no claim, no verdict")
+            continue
         families.setdefault(r["key"].split("/")[0], []).append(r)
     for family in families.values():
         for name in ("p_pass", "p_fail"):

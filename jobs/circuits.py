@@ -207,6 +207,11 @@ def circuits_unit(loaded, unit: CircuitsUnit) -> dict:
     sizes = c.sizes or default_sizes(graph.n_edges)
     ablated_heldout = E.AblatedWrites(adapter, task_heldout, c.ablation, seed=c.seed)
     faith = E.faithfulness_curve(adapter, task_heldout, chosen, sizes, ablated_heldout)
+    # the attribution's own estimate of f: linear in the edge scores, f = sum over the circuit's
+    # edges / sum over every edge (on the selection half), beside the exact re-measurement
+    total = float(chosen.scores.sum())
+    attribution_f = [float(chosen.scores[E.top_edges(chosen.scores, s)].sum()) / total if total else float("nan")
+                     for s in faith.sizes]
     reached = [s for s, f in zip(faith.sizes, faith.faithfulness) if f >= c.target]
     size = reached[0] if reached else faith.sizes[-1]
     circuit = E.top_edges(chosen.scores, size)
@@ -285,7 +290,8 @@ def circuits_unit(loaded, unit: CircuitsUnit) -> dict:
         "reached_target": bool(reached), "nodes": nodes, "heads": [list(lh) for lh in sorted(head_nodes)],
         "edges": [{"sender": table[i].sender, "receiver": table[i].receiver, "input": table[i].input,
                    "score": float(chosen.scores[i])} for i in circuit.tolist()],
-        "faithfulness": {"sizes": faith.sizes, "f": faith.faithfulness, "metrics": faith.metrics,
+        "faithfulness": {"sizes": faith.sizes, "f": faith.faithfulness, "f_attribution": attribution_f,
+                         "metrics": faith.metrics,
                          "metric_full": faith.metric_full, "metric_empty": faith.metric_empty,
                          "cpr": faith.cpr, "cmd": faith.cmd},
         "faithfulness_of_circuit": float(dict(zip(faith.sizes, faith.faithfulness))[size]),

@@ -67,6 +67,8 @@ def run(run_dir: Path, out: Path | None = None, echo=print, *, n_resamples: int 
     facts = summary(data, result)
     if figs["circuits"] is not None:  # circuits verdicts beside the others, under their own keys
         for r in figs["circuits"]["verdicts"].rows:
+            if not r["verdict"]:  # exploratory rows carry numbers, not verdicts
+                continue
             facts["verdicts"][f"{r['population']}/circuits/{r['key']}"] = r["verdict"]
             for k in ("value", "low", "high"):
                 if r[k] == r[k]:

@@ -140,8 +140,8 @@ def circuits_report(heads: pa.Table, summary: Mapping, model: str) -> str:
              f"Faithfulness curve f(C) = (m(C) - m(empty)) / (m(N) - m(empty)), m(N) = {f['metric_full']:.3f}, "
              f"m(empty) = {f['metric_empty']:.3f}; CPR (area under f) = {f['cpr']:.3f}, CMD (area under |1 - f|) = "
              f"{f['cmd']:.3f} over size / edges in [0, 1].", "",
-             "| edges | f |", "|---:|---:|"]
-    lines += [f"| {s} | {v:.3f} |" for s, v in zip(f["sizes"], f["f"])]
+             "| edges | f (exact, held-out half) | f (attribution estimate, selection half) |", "|---:|---:|---:|"]
+    lines += [f"| {s} | {v:.3f} | {w:.3f} |" for s, v, w in zip(f["sizes"], f["f"], f["f_attribution"])]
     a = summary["agreement"]
     lines += ["", f"Attribution vs exact edge patching ({a['edges_checked']} edges: {a['subset']}): Spearman "
               + ", ".join(f"{m} {v:.3f}" for m, v in a["spearman"].items()) + ".", ""]
