@@ -59,3 +59,15 @@ def test_bad_input_is_one_line_and_writes_nothing(groundtruth, tmp_path, capsys,
     said = err.split("eigengap circuits: error:")  # progress bars may share its line (carriage returns)
     assert code == 2 and len(said) == 2 and message in said[1].splitlines()[0] and "Traceback" not in err, err
     assert not (out / "heads.parquet").exists() and not (out / "circuit.json").exists()
+
+
+def test_circuits_on_ray_equal_local(groundtruth, tmp_path, ray_cluster, capsys):
+    """The whole computation is one work unit: on a Ray actor it gives the local tables."""
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    args = ["--model", str(groundtruth), "--task", "induction", *FAST]
+    assert main(["circuits", *args, "--out", str(local)]) == 0
+    assert main(["circuits", *args, "--out", str(remote), "--executor", "ray", "--workers", "1"]) == 0
+    capsys.readouterr()
+    for name in ("heads.parquet", "edges.parquet"):
+        a, b = pq.read_table(local / name), pq.read_table(remote / name)
+        assert a.equals(b), name
