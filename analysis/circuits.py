@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from analysis.population import PopulationEstimate, clip, from_values, holm, p_value
+from analysis.stats import decide_claims
 
 NAN = float("nan")
 ALPHA = 0.05
@@ -171,14 +172,6 @@ def _population_estimate(values: Sequence[SeedValue], seeds: Sequence[int | None
                        [v.high for v in values], what=what)
 
 
-def decide(p_pass: float, p_fail: float) -> str:
-    if np.isfinite(p_pass) and p_pass < ALPHA / 2:
-        return "PASS"
-    if np.isfinite(p_fail) and p_fail < ALPHA / 2:
-        return "FAIL"
-    return "INCONCLUSIVE"
-
-
 def _claim_ps(e: PopulationEstimate, key: str) -> tuple[float, float]:
     side, target = CLAIMS[key]
     other = "below" if side == "above" else "above"
@@ -258,7 +251,7 @@ def _apply_holm(rows: list[dict]) -> None:
             for r, q in zip(family, adjusted):
                 r[f"{name}_holm"] = float(q)
         for r in family:
-            r["verdict"] = decide(r["p_pass_holm"], r["p_fail_holm"])
+            r["verdict"] = decide_claims(r["p_pass_holm"], r["p_fail_holm"])
             r["correction"] = f"Holm over {len(family)} test(s) of the {r['key'].split('/')[0]} family"
 
 

@@ -42,7 +42,7 @@ from analysis.population import (
     Member, PopulationEstimate, Stat, clip, estimate, estimate_many, from_values, holm, interval_at, p_value,
 )
 from analysis.scaling import restrict_to_separating, scaling_table
-from analysis.stats import df_group, df_groups, group_contrast, r_inverse_gap, restoration, welch_df
+from analysis.stats import decide_claims, df_group, df_groups, group_contrast, r_inverse_gap, restoration, welch_df
 from cluster.layout import Cell, RunLayout
 from cluster.store import CellData
 from spectral.kernels.metrics import UNSTABLE_GAP
@@ -543,14 +543,6 @@ def df_entropy(m: Member) -> float:
 
 
 # --- decisions -----------------------------------------------------------------------------
-
-def decide_claims(p_pass_adjusted: float, p_fail_adjusted: float) -> str:
-    if np.isfinite(p_pass_adjusted) and p_pass_adjusted < ALPHA / 2:
-        return "PASS"
-    if np.isfinite(p_fail_adjusted) and p_fail_adjusted < ALPHA / 2:
-        return "FAIL"
-    return "INCONCLUSIVE"
-
 
 # --- rows ------------------------------------------------------------------------------------
 

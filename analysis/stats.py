@@ -431,6 +431,16 @@ def bootstrap_p(resamples: Sequence[float] | np.ndarray, target: float) -> float
     return float(min(1.0, 2 * min(lo, hi)))
 
 
+def decide_claims(p_pass_adjusted: float, p_fail_adjusted: float, alpha: float = 1 - CONFIDENCE) -> str:
+    """PASS when the (adjusted) one-sided p-value of the claim is < alpha/2, FAIL when that of
+    the opposite claim is, else INCONCLUSIVE (also when undefined)."""
+    if np.isfinite(p_pass_adjusted) and p_pass_adjusted < alpha / 2:
+        return "PASS"
+    if np.isfinite(p_fail_adjusted) and p_fail_adjusted < alpha / 2:
+        return "FAIL"
+    return "INCONCLUSIVE"
+
+
 def decide(value: float, p_adjusted: float, target: float, direction: str = "above", alpha: float = 1 - CONFIDENCE) -> str:
     """PASS / FAIL / INCONCLUSIVE from a (Holm-adjusted) two-sided p-value of "statistic =
     target": significant (p < alpha) on the hypothesis' side (``direction`` "above": value >

@@ -258,7 +258,7 @@ def circuits_unit(loaded, unit: CircuitsUnit) -> dict:
             drops[row] = torch.tensor([e.sender == name for e in table])
         drops[2] = True
         m = E.patched_metrics(adapter, task_heldout, ablated_heldout, drops, graph).tolist()
-        full, empty = E.clean_metric(adapter, task_heldout), m[2]
+        full, empty = faith.metric_full, m[2]  # m(N) of the held-out half, measured once
         removed = [(full - x) / (full - empty) if abs(full - empty) > 1e-9 else float("nan") for x in m[:2]]
         bottleneck = {"lowest_gap_head": list(low), "median_gap_head": list(median), "removed_lowest": removed[0],
                       "removed_median": removed[1], "difference": removed[0] - removed[1]}
