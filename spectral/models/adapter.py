@@ -215,6 +215,17 @@ class HeadAdapter:
         return wq, torch.repeat_interleave(wk, group, dim=0) if group > 1 else wk
 
 
+    def ov_weights(self, layer: int) -> tuple[Float[Tensor, "head d_model d_head"], Float[Tensor, "head d_head d_model"]]:
+        """Per-head W_V (values expanded to query heads) and W_O of one layer; biases excluded.
+        The head's OV circuit is ``W_V W_O`` (d_model x d_model, rank <= d_head)."""
+        self.check_layers([layer])
+        wv, wo = self.family.ov_weights(self.attentions[layer], self.n_heads, self.n_kv_heads, self.d_head)
+        if wv.device.type == "meta" or wo.device.type == "meta":
+            raise RuntimeError(f"layer {layer}: weights are on the meta device (offloaded); load them to read spectra")
+        group = self.n_heads // self.n_kv_heads
+        return (torch.repeat_interleave(wv, group, dim=0) if group > 1 else wv), wo
+
+
 def attention_scores(
     q: Float[Tensor, "batch pos head d_head"],
     k: Float[Tensor, "batch pos head d_head"],

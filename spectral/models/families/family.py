@@ -44,11 +44,16 @@ class Family:
     """(attention module, projection outputs by name, heads, kv_heads, d_head) -> q, k, v."""
     qk_weights: Callable[[nn.Module, int, int, int], tuple[Tensor, Tensor]]
     """(attention module, heads, kv_heads, d_head) -> W_Q (heads, d_model, d_head), W_K (kv_heads, d_model, d_head)."""
+    ov_weights: Callable[[nn.Module, int, int, int], tuple[Tensor, Tensor]]
+    """(attention module, heads, kv_heads, d_head) -> W_V (kv_heads, d_model, d_head), W_O (heads, d_head, d_model):
+    a head writes ``(x W_V) W_O`` into the residual stream (biases excluded)."""
     rotary: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] | None
     """(q, k, cos, sin) -> rotated q, k, both (batch, pos, heads, d_head), by the family's own
     ``apply_rotary_pos_emb``; None for an unrotated family."""
     hf_config: Callable[[Architecture], PretrainedConfig]
     """A Hugging Face config with the exact shape of an architecture of this family."""
+    causal: bool = True
+    """Whether a query sees only earlier keys (decoders); False for bidirectional encoders."""
     architectures: tuple[Architecture, ...] = ()
     """The shipped architectures (``random:NAME`` twins, planned offline)."""
     hub_ids: Mapping[str, str] = field(default_factory=dict)

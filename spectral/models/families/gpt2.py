@@ -21,6 +21,14 @@ def qk_weights(attn, heads, kv_heads, d_head):
     return (wq.view(d_model, heads, d_head).permute(1, 0, 2), wk.view(d_model, heads, d_head).permute(1, 0, 2))
 
 
+def ov_weights(attn, heads, kv_heads, d_head):
+    w = attn.c_attn.weight  # Conv1D: (d_model, 3*d_model)
+    d_model = w.shape[0]
+    wv = w.split(heads * d_head, dim=1)[2]
+    wo = attn.c_proj.weight  # Conv1D: (heads*d_head, d_model), out = x @ wo
+    return wv.view(d_model, heads, d_head).permute(1, 0, 2), wo.view(heads, d_head, wo.shape[1])
+
+
 def hf_config(arch: Architecture):
     from transformers import GPT2Config
 
@@ -34,7 +42,7 @@ def hf_config(arch: Architecture):
 FAMILY = Family(
     NAME, model_types=("gpt2",),
     attention="attn", projections=("c_attn",), out_proj="c_proj", final_norm="transformer.ln_f",
-    split_qkv=split_qkv, qk_weights=qk_weights, rotary=None, hf_config=hf_config,
+    split_qkv=split_qkv, qk_weights=qk_weights, ov_weights=ov_weights, rotary=None, hf_config=hf_config,
     architectures=(
         Architecture("gpt2", NAME, layers=12, heads=12, hidden=768,
                      intermediate=3072, vocab=50257, max_positions=1024),

@@ -21,6 +21,13 @@ def qk_weights(attn, heads, kv_heads, d_head):
     return w[:, 0].transpose(1, 2), w[:, 1].transpose(1, 2)
 
 
+def ov_weights(attn, heads, kv_heads, d_head):
+    w = attn.query_key_value.weight
+    w = w.view(heads, 3, d_head, w.shape[-1])  # (heads, 3, d_head, d_model)
+    wo = attn.dense.weight  # (d_model, d_model), out = x @ wo.T; head h reads input columns h*d_head...
+    return w[:, 2].transpose(1, 2), wo.T.reshape(heads, d_head, wo.shape[0])
+
+
 def rotary(q, k, cos, sin):
     """GPT-NeoX's own rotation: only the first ``rotary_pct`` of d_head turns."""
     from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
@@ -44,7 +51,7 @@ def hf_config(arch: Architecture):
 FAMILY = Family(
     NAME, model_types=("gpt_neox",),
     attention="attention", projections=("query_key_value",), out_proj="dense", final_norm="gpt_neox.final_layer_norm",
-    split_qkv=split_qkv, qk_weights=qk_weights, rotary=rotary, hf_config=hf_config,
+    split_qkv=split_qkv, qk_weights=qk_weights, ov_weights=ov_weights, rotary=rotary, hf_config=hf_config,
     architectures=(
         Architecture("pythia-410m", NAME, layers=24, heads=16, hidden=1024,
                      intermediate=4096, vocab=50304, rotary_pct=0.25),

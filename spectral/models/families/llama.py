@@ -22,6 +22,12 @@ def qk_weights(attn, heads, kv_heads, d_head):
     return wq, wk
 
 
+def ov_weights(attn, heads, kv_heads, d_head):
+    wv = attn.v_proj.weight.view(kv_heads, d_head, -1).transpose(1, 2)  # (kv_heads, d_model, d_head)
+    wo = attn.o_proj.weight  # (d_model, heads*d_head)
+    return wv, wo.T.reshape(heads, d_head, wo.shape[0])
+
+
 def rotary(q, k, cos, sin):
     """Llama's own rotation of all of d_head."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -43,7 +49,7 @@ def hf_config(arch: Architecture):
 FAMILY = Family(
     NAME, model_types=("llama", "mistral"),
     attention="self_attn", projections=("q_proj", "k_proj", "v_proj"), out_proj="o_proj", final_norm="model.norm",
-    split_qkv=split_qkv, qk_weights=qk_weights, rotary=rotary, hf_config=hf_config,
+    split_qkv=split_qkv, qk_weights=qk_weights, ov_weights=ov_weights, rotary=rotary, hf_config=hf_config,
     architectures=(
         Architecture("llama-2-7b", NAME, layers=32, heads=32, hidden=4096,
                      intermediate=11008, vocab=32000, max_positions=4096),
