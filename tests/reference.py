@@ -25,4 +25,8 @@ def brute_metrics(values: np.ndarray) -> dict[str, float]:
         "gap": (values[0] - values[1]) / values[0], "instability": values[1] / values[0],
         "entropy": entropy, "effective_rank": float(np.exp(entropy)),
         "condition_number": values[0] / values[-1],
+        "lambda3_ratio": values[2] / values[0] if len(values) > 2 else float("nan"),
+        "participation_ratio": values.sum() ** 2 / (values ** 2).sum(),
+        "stable_rank": values.sum() / values[0],
+        "lambda1_share": values[0] / values.sum(),
     }

@@ -101,6 +101,26 @@ def test_prompt_spectra_match_per_prompt_svd():
     assert res.n_tokens[0].tolist() == [8, 8] and res.n_prompts[0].tolist() == [2, 2]
 
 
+def test_prompt_spectra_batch_equal_lengths_and_average_each_metric_where_defined():
+    """Prompts of equal length share one batched SVD; lambda3_ratio needs T >= 3, so the T = 2
+    prompt enters every metric's mean but that one (per-metric counts, plain loop reference)."""
+    gen = torch.Generator().manual_seed(2)
+    mats = torch.randn(4, 3, 5, 5, generator=gen).tril()
+    mats = mats.masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
+    lengths = [5, 3, 5, 2]
+    mask = torch.tensor([[i < n for i in range(5)] for n in lengths])
+    acc = PromptSpectra(1, 3)
+    acc.update(0, mats, mask)
+    res = acc.result()
+    for h in range(3):
+        per_prompt = [brute_metrics(np.linalg.svd(torch.nan_to_num(mats[b, h, :n, :n], neginf=0.0).double().numpy(),
+                                                  compute_uv=False)) for b, n in enumerate(lengths)]
+        for name in METRICS:
+            values = [m[name] for m in per_prompt if not np.isnan(m[name])]
+            assert res.metrics[name][0, h] == pytest.approx(np.mean(values), rel=1e-9), name
+    assert res.n_prompts[0].tolist() == [4, 4, 4] and res.n_tokens[0].tolist() == [15, 15, 15]
+
+
 def test_weight_spectra_equal_full_product_svd():
     gen = torch.Generator().manual_seed(2)
     wq, wk = torch.randn(3, 24, 4, generator=gen), torch.randn(3, 24, 4, generator=gen)

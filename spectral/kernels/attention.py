@@ -29,6 +29,8 @@ class PromptSpectra:
     layers: int
     heads: int
     sums: dict[str, np.ndarray] = field(default_factory=dict)
+    counts: dict[str, np.ndarray] = field(default_factory=dict)
+    """Per metric, the prompts where it is defined (lambda3_ratio needs T >= 3 tokens)."""
     n_prompts: np.ndarray | None = None
     n_tokens: np.ndarray | None = None
     rank_min: np.ndarray | None = None
@@ -38,42 +40,51 @@ class PromptSpectra:
         shape = (self.layers, self.heads)
         if not self.sums:
             self.sums = {name: np.zeros(shape) for name in METRICS}
+            self.counts = {name: np.zeros(shape, np.int64) for name in METRICS}
             self.n_prompts = np.zeros(shape, np.int64)
             self.n_tokens = np.zeros(shape, np.int64)
             self.rank_min = np.full(shape, np.iinfo(np.int64).max, np.int64)
             self.nonfinite = np.zeros(shape, bool)
 
     def update(self, layer: int, mats: Float[Tensor, "batch head q k"], mask: Bool[Tensor, "batch pos"]) -> None:
+        """Add each prompt's spectra: prompts whose real tokens sit at the same positions (a
+        right-padded batch of equal lengths) are decomposed together, one batched SVD."""
+        groups: dict[tuple[int, ...], list[int]] = {}
         for b in range(mats.shape[0]):
-            idx = mask[b].nonzero().squeeze(-1).to(mats.device)
-            if len(idx) < 2:
-                continue
-            eps = float(torch.finfo(mats.dtype).eps)
-            m = mats[b][:, idx][:, :, idx].to(torch.float64)  # (head, T, T)
+            idx = tuple(mask[b].nonzero().squeeze(-1).tolist())
+            if len(idx) >= 2:
+                groups.setdefault(idx, []).append(b)
+        eps = float(torch.finfo(mats.dtype).eps)
+        for idx, rows in groups.items():
+            pos = torch.tensor(idx, device=mats.device)
+            m = mats[torch.tensor(rows, device=mats.device)][:, :, pos][..., pos].to(torch.float64)  # (n, head, T, T)
             m = torch.where(torch.isneginf(m), 0.0, m)
-            finite = torch.isfinite(m).flatten(1).all(dim=1).cpu().numpy()
-            self.nonfinite[layer] |= ~finite
-            sv = torch.linalg.svdvals(torch.where(torch.isfinite(m), m, 0.0)).cpu().numpy()  # (head, T) desc
-            sv = np.where(sv > rank_tolerance(sv[:, :1], len(idx), eps), sv, 0.0)
-            with np.errstate(divide="ignore"):
+            finite = torch.isfinite(m).flatten(2).all(dim=2).cpu().numpy()  # (n, head)
+            self.nonfinite[layer] |= ~finite.all(axis=0)
+            sv = torch.linalg.svdvals(torch.where(torch.isfinite(m), m, 0.0)).cpu().numpy()  # (n, head, T) desc
+            sv = np.where(sv > rank_tolerance(sv[..., :1], len(idx), eps), sv, 0.0)
+            with np.errstate(divide="ignore", invalid="ignore"):
                 res = spectrum_metrics(sv)
             for name, values in res.as_dict().items():
-                self.sums[name][layer] += values
-            rank = (sv > 0).sum(-1)
+                defined = ~np.isnan(values)
+                self.sums[name][layer] += np.where(defined, values, 0.0).sum(axis=0)
+                self.counts[name][layer] += defined.sum(axis=0)
+            rank = (sv > 0).sum(-1).min(axis=0)
             self.rank_min[layer] = np.minimum(self.rank_min[layer], rank)
-            self.n_prompts[layer] += 1
-            self.n_tokens[layer] += len(idx)
+            self.n_prompts[layer] += len(rows)
+            self.n_tokens[layer] += len(idx) * len(rows)
 
     def __add__(self, other: "PromptSpectra") -> "PromptSpectra":
         return PromptSpectra(
             self.layers, self.heads, {k: v + other.sums[k] for k, v in self.sums.items()},
+            {k: v + other.counts[k] for k, v in self.counts.items()},
             self.n_prompts + other.n_prompts, self.n_tokens + other.n_tokens,
             np.minimum(self.rank_min, other.rank_min), self.nonfinite | other.nonfinite,
         )
 
     def result(self) -> KernelResult:
         with np.errstate(invalid="ignore", divide="ignore"):
-            means = {k: v / self.n_prompts for k, v in self.sums.items()}
+            means = {k: np.where(self.counts[k] > 0, v / self.counts[k], np.nan) for k, v in self.sums.items()}
         status = np.full(self.n_prompts.shape, STATUS_OK, dtype=object)
         rank = np.where(self.n_prompts > 0, self.rank_min, 0)
         status[rank < 2] = STATUS_RANK

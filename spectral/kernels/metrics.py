@@ -78,6 +78,33 @@ def condition_number(s: Spectrum) -> np.ndarray:
         return lambda1(s) / smallest
 
 
+def lambda3_ratio(s: Spectrum) -> np.ndarray:
+    """lambda3 / lambda1: how far the spectrum's head reaches beyond the top pair."""
+    k = s.top.shape[-1]
+    third = s.top[..., 2] if k > 2 else np.where(s.fill_count >= 3 - k, s.fill_value, np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return third / lambda1(s)
+
+
+def participation_ratio(s: Spectrum) -> np.ndarray:
+    """(sum of values)^2 / sum of squared values: 1 for one dominant value, n for n equal ones."""
+    squares = (s.top ** 2).sum(axis=-1) + s.fill_count * s.fill_value ** 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return s.total ** 2 / squares
+
+
+def stable_rank(s: Spectrum) -> np.ndarray:
+    """sum of values / lambda1 (for singular values of a matrix, its nuclear / spectral norm)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return s.total / lambda1(s)
+
+
+def lambda1_share(s: Spectrum) -> np.ndarray:
+    """lambda1 / sum of values: the top value's share of the trace."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return lambda1(s) / s.total
+
+
 METRICS: dict[str, Callable[[Spectrum], np.ndarray]] = {
     "lambda1": lambda1,
     "lambda2": lambda2,
@@ -86,6 +113,10 @@ METRICS: dict[str, Callable[[Spectrum], np.ndarray]] = {
     "entropy": entropy,
     "effective_rank": effective_rank,
     "condition_number": condition_number,
+    "lambda3_ratio": lambda3_ratio,
+    "participation_ratio": participation_ratio,
+    "stable_rank": stable_rank,
+    "lambda1_share": lambda1_share,
 }
 """Metric name -> its function; each is a column of the scan table, in this order."""
 
