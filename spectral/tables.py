@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 import pyarrow as pa
 
 from spectral.errors import UsageError
+from spectral.features.names import BASELINES, FEATURE_KERNELS, FEATURE_METRICS, baseline_features, spectral_features
 from spectral.kernels.metrics import METRICS
 
 F64, I64, I32, STR, BOOL = pa.float64(), pa.int64(), pa.int32(), pa.string(), pa.bool_()
@@ -191,6 +192,24 @@ REPORT_CIRCUIT_MODELS = _schema(
 the circuit's exact faithfulness, CPR, CMD, attribution agreement, and the Jaccard overlap of its
 heads with validate's minimal head set (NaN without a validate cell)."""
 
+FEATURES = pa.schema([
+    *(pa.field(n, t, nullable=False) for n, t in (
+        ("model", STR), ("layer", I32), ("head", I32), ("kv_head", I32), ("n_prompts", I64), ("n_tokens", I64),
+        ("ridge", F64), ("ridge_mode", STR), ("center", BOOL))),
+    *(pa.field(n, F64, nullable=False, metadata={
+        "doc": f"{FEATURE_METRICS[n.split('.')[1]]} of the kernel: {FEATURE_KERNELS[n.split('.')[0]]}"})
+      for n in spectral_features()),
+    *(pa.field(n, F64, nullable=False, metadata={"doc": BASELINES[n.split('.', 1)[1]]}) for n in baseline_features()),
+    *(pa.field(f"{k}.status", STR, nullable=False, metadata={"doc": "ok, rank_deficient, too_few_tokens, non_finite"})
+      for k in FEATURE_KERNELS),
+])
+"""features.parquet (``eigengap features``): one row per head, one column per feature
+(``spectral.features.names``: ``<kernel>.<metric>`` and ``baseline.<name>``; NaN where undefined,
+with ``<kernel>.status`` saying why), each column's ``doc`` metadata saying what it is. The Gram
+kernels (keys, queries) pool every real token of every prompt (N x N, ridge, centring and
+ridge mode as the row says); the per-prompt kernels (scores, probs) are reduced per prompt and
+their metrics averaged over prompts; qk and ov come from the weights alone."""
+
 ALL: dict[str, pa.Schema] = {
     "scan": SCAN, "steer_scan": STEER_SCAN, "patch": PATCH, "patch_examples": PATCH_EXAMPLES,
     "validate_heads": VALIDATE_HEADS, "validate": VALIDATE, "steer_strategies": STEER_STRATEGIES,
@@ -198,7 +217,7 @@ ALL: dict[str, pa.Schema] = {
     "steer_verdicts": STEER_VERDICTS, "report_verdicts": REPORT_VERDICTS, "report_calibration": REPORT_CALIBRATION,
     "report_correlations": REPORT_CORRELATIONS, "report_scaling": REPORT_SCALING,
     "report_information": REPORT_INFORMATION, "circuit_heads": CIRCUIT_HEADS, "circuit_edges": CIRCUIT_EDGES,
-    "report_circuits": REPORT_CIRCUITS, "report_circuit_models": REPORT_CIRCUIT_MODELS,
+    "report_circuits": REPORT_CIRCUITS, "report_circuit_models": REPORT_CIRCUIT_MODELS, "features": FEATURES,
 }
 """Every schema by name (for tests and documentation)."""
 
