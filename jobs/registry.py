@@ -24,6 +24,7 @@ KINDS: dict[str, str] = {
     "validate": "jobs.validate",
     "steer": "jobs.steer",
     "circuits": "jobs.circuits",
+    "features": "jobs.features",
 }
 """Experiment kind -> the module whose ``EXPERIMENT`` record defines it (one line per kind)."""
 

@@ -176,3 +176,26 @@ def circuit_landscape(heads: pa.Table, edges: list[tuple[int, int, int, int, str
     fig.colorbar(im, ax=ax, label="gap")
     fig.tight_layout()
     return save(fig, path)
+
+
+def kernel_gaps(table: pa.Table, path: str | Path, title: str = "", threshold: float = UNSTABLE_GAP) -> Path:
+    """Every head's gap under each kernel of ``spectral.features.names.FEATURE_KERNELS`` (one
+    column of points per kernel, a box over them); the threshold as a dashed line."""
+    from spectral.features.names import FEATURE_KERNELS
+
+    plt = pyplot()
+    kernels = list(FEATURE_KERNELS)
+    values = [np.asarray(table[f"{k}.gap"].to_numpy(), float) for k in kernels]
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    ax.boxplot([v[np.isfinite(v)] for v in values], positions=range(len(kernels)), widths=0.5, showfliers=False)
+    rng = np.random.default_rng(0)
+    for i, v in enumerate(values):
+        v = v[np.isfinite(v)]
+        ax.scatter(i + rng.uniform(-0.15, 0.15, len(v)), v, s=8, alpha=0.6)
+    ax.axhline(threshold, color="red", ls="--", lw=1)
+    ax.set_xticks(range(len(kernels)), kernels, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("gap (l1 - l2) / l1")
+    label = f"{title}\n" if title else ""
+    ax.set_title("\n".join(textwrap.wrap(label + f"every head's gap per kernel (red: {threshold:g})", 80)), fontsize=8)
+    fig.tight_layout()
+    return save(fig, path)

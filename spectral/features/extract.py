@@ -30,7 +30,9 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from spectral.features.names import BASELINE_PREFIX, BASELINES, FEATURE_KERNELS, FEATURE_METRICS
+from spectral.features.names import (
+    BASELINE_PREFIX, BASELINES, FEATURE_KERNELS, FEATURE_METRICS, baseline_features, spectral_features, status_columns,
+)
 from spectral.kernels.attention import PromptSpectra
 from spectral.kernels.key import KeyStats, key_kernel_spectra
 from spectral.kernels.registry import RidgeMode
@@ -241,9 +243,7 @@ def finalize(total: FeatureStats, settings: FeatureSettings) -> FeatureResult:
 def result_table(result: FeatureResult, settings: FeatureSettings, model: str, n_layers: int, n_heads: int,
                  n_kv_heads: int | None = None) -> pa.Table:
     """One row per selected (layer, head): identity, counts, then every feature column and each
-    kernel's status, in ``spectral.tables.FEATURES`` order."""
-    from spectral.tables import FEATURES
-
+    kernel's status, in the order of ``spectral.tables.FEATURES`` (which the writer checks)."""
     layers = list(settings.layers) if settings.layers is not None else list(range(n_layers))
     heads = list(settings.heads) if settings.heads is not None else list(range(n_heads))
     grid_l, grid_h = np.meshgrid(layers, heads, indexing="ij")
@@ -263,7 +263,8 @@ def result_table(result: FeatureResult, settings: FeatureSettings, model: str, n
         columns[f"{BASELINE_PREFIX}.{name}"] = np.asarray(values[l, h], dtype=np.float64)
     for kernel, res in result.kernels.items():
         columns[f"{kernel}.status"] = [str(s) for s in res.status[l, h]]
-    return pa.table({f.name: columns[f.name] for f in FEATURES}, schema=FEATURES)
+    order = [*list(columns)[:9], *spectral_features(), *baseline_features(), *status_columns()]
+    return pa.table({name: columns[name] for name in order})
 
 
 def features_table(executor: Executor, model: str, texts: Sequence[str], settings: FeatureSettings, n_layers: int,
