@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml Makefile
 	  $(BIN)/pip install "torch==$(TORCH_VERSION)+cpu" 2>/dev/null || \
 	  $(BIN)/pip install "torch==$(TORCH_VERSION)+cpu" --index-url https://download.pytorch.org/whl/cpu; \
 	fi
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install -e '.[test,realweights]'
 	touch $(STAMP)
 
 demo: install

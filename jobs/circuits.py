@@ -309,12 +309,13 @@ def run(config: CircuitsConfig, *, echo=print):
     from analysis.render.markdown import circuits_report
     from analysis.render.plots import circuit_landscape
     from cluster.store import write_json, write_parquet, write_text
-    from spectral.models.loading import model_heads, parse_spec
+    from spectral.models.loading import model_heads, parse_spec, require_causal_lm
 
     start = time.perf_counter()
     spec = parse_spec(config.model)
     out_dir_ready(config.out, RESULT_FILE, config.force)
     model_heads(spec)  # an unsupported architecture is refused here, before any work
+    require_causal_lm(spec, "eigengap circuits")
     with config.make_executor({"device": config.device}) as executor:
         result = executor.map(spec.text, circuits_unit, [CircuitsUnit(config)], desc="circuits")[0]
     summary = {**result["summary"], "config": config.model_dump(mode="json"),

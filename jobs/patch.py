@@ -140,13 +140,14 @@ def run(config: PatchConfig, *, executor=None, echo=print):
     from cluster.store import write_json, write_parquet
     from spectral.causal.patching import patch_unit
     from spectral.causal.tasks import encode
-    from spectral.models.loading import load_model, model_shape, parse_spec, resolve_device
+    from spectral.models.loading import load_model, model_shape, parse_spec, require_causal_lm, resolve_device
 
     start = time.perf_counter()
     spec = parse_spec(config.model)
     check_examples_per_unit(config)
     out_dir_ready(config.out, RESULT_FILE, config.force)
     n_layers, n_heads = model_shape(spec)
+    require_causal_lm(spec, "eigengap patch")
     check_range("layer", config.layers or None, n_layers, option="--layers")  # before any model is loaded
     check_range("head", config.heads or None, n_heads, option="--heads")
     device = resolve_device(config.device)

@@ -24,7 +24,8 @@ RESULT_FILE = "scan.parquet"
 
 class ScanConfig(ExecutorOptions):
     model: str
-    """Model spec: hub id, checkpoint directory, random:ARCH[?k=v&...] or organism-NAME."""
+    """Model spec: hub id, checkpoint directory, random:ARCH[?k=v&...], organism-NAME, or minilm (real
+    all-MiniLM-L6-v2 weights, a BERT encoder, from the realweights extra)."""
     out: Path
     """Output directory (scan.parquet, params.json, summary.md, gap_heatmap.png)."""
     prompts: Path | None = None

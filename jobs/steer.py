@@ -176,7 +176,7 @@ def run(config: SteerConfig, *, echo=print):
     from analysis.steering import selection_split, strategy_rows
     from cluster.executors import LocalExecutor
     from spectral.kernels.scan import ScanSettings, scan_table
-    from spectral.models.loading import load_model, model_shape, parse_spec, resolve_device
+    from spectral.models.loading import load_model, model_shape, parse_spec, require_causal_lm, resolve_device
     from spectral.steering.concepts import concept_for, scan_texts
     from spectral.steering.strategies import arms, layer_gaps, oracle_arms, order, spectral_k
     from spectral.steering.injection import Injection
@@ -186,6 +186,7 @@ def run(config: SteerConfig, *, echo=print):
     spec = parse_spec(config.model)
     out_dir_ready(config.out, RESULT_FILE, config.force)
     n_layers, _ = model_shape(spec)
+    require_causal_lm(spec, "eigengap steer")
     baseline_layer = n_layers // 2 if config.layer is None else config.layer
     check_range("layer", [baseline_layer], n_layers, option="--layer")
     device = resolve_device(config.device)

@@ -75,12 +75,13 @@ def run(config: ValidateConfig, *, echo=print):
     from spectral.causal.patching import patch_unit
     from spectral.causal.tasks import encode
     from spectral.kernels.scan import ScanSettings, scan_table
-    from spectral.models.loading import load_model, model_heads, parse_spec, resolve_device
+    from spectral.models.loading import load_model, model_heads, parse_spec, require_causal_lm, resolve_device
 
     start = time.perf_counter()
     spec = parse_spec(config.model)
     out_dir_ready(config.out, RESULT_FILE, config.force)
     n_layers, n_heads, n_kv_heads = model_heads(spec)
+    require_causal_lm(spec, "eigengap validate")
     device = resolve_device(config.device)
     with config.make_executor({"device": config.device}) as executor:  # one set of actors for both passes
         executor.start(spec.text)

@@ -57,22 +57,23 @@ def test_full_size_architectures_match_definitions(name):
 def test_each_family_owns_its_architectures_and_hub_ids():
     """ARCHITECTURES and HUB_IDS are views of the family registry; each shipped architecture
     builds a config of a model type its family serves."""
-    assert list(FAMILIES) == ["gpt_neox", "llama", "gpt2"]
+    assert list(FAMILIES) == ["gpt_neox", "llama", "gpt2", "bert"]
     assert BY_MODEL_TYPE["mistral"] is BY_MODEL_TYPE["llama"] is FAMILIES["llama"]
     for family in FAMILIES.values():
         for arch in family.architectures:
             assert ARCHITECTURES[arch.name] is arch and arch.family == family.name
             assert hf_config(arch).model_type in family.model_types
         assert all(HUB_IDS[hub_id] == name for hub_id, name in family.hub_ids.items())
-    assert len(ARCHITECTURES) == sum(len(f.architectures) for f in FAMILIES.values()) == 5
+    assert len(ARCHITECTURES) == sum(len(f.architectures) for f in FAMILIES.values()) == 6
     assert HUB_IDS == {"EleutherAI/pythia-410m": "pythia-410m", "EleutherAI/pythia-1b": "pythia-1b",
                        "EleutherAI/pythia-2.8b": "pythia-2.8b", "meta-llama/Llama-2-7b-hf": "llama-2-7b",
-                       "openai-community/gpt2": "gpt2", "gpt2": "gpt2"}
+                       "openai-community/gpt2": "gpt2", "gpt2": "gpt2",
+                       "sentence-transformers/all-MiniLM-L6-v2": "minilm-l6"}
     with pytest.raises(ValueError, match="architecture 'llama-2-7b' says family 'llama'"):
         replace(FAMILIES["gpt2"], architectures=(ARCHITECTURES["llama-2-7b"],))
     with pytest.raises(ValueError, match="hub id 'x/y' names no shipped architecture 'gpt3'"):
         replace(FAMILIES["gpt2"], hub_ids={"x/y": "gpt3"})
-    with pytest.raises(UsageError, match=r"^unsupported model type None \(supported: gpt2, gpt_neox, llama, mistral\)$"):
+    with pytest.raises(UsageError, match=r"^unsupported model type None \(supported: bert, gpt2, gpt_neox, llama, mistral\)$"):
         family_for(None)
 
 

@@ -10,7 +10,7 @@ from spectral.models.adapter import HeadAdapter
 from spectral.models.loading import model_heads
 from tests.conftest import TINY
 
-UNSUPPORTED = "unsupported model type 'opt' (supported: gpt2, gpt_neox, llama, mistral)"
+UNSUPPORTED = "unsupported model type 'opt' (supported: bert, gpt2, gpt_neox, llama, mistral)"
 
 
 @pytest.fixture(scope="module")

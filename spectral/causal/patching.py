@@ -314,6 +314,7 @@ def task_caches(loaded, examples) -> tuple[HeadAdapter, EncodedTask, RunCache, R
     if key not in memo:
         memo.clear()
         adapter = HeadAdapter(loaded.model)
+        adapter.require_causal_lm("activation patching")
         task = encode(loaded.tokenizer, list(examples))
         device = loaded.model.get_input_embeddings().weight.device
         clean = cache_run(adapter, task.clean.to(device), task)

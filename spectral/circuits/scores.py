@@ -324,6 +324,7 @@ def head_score_table(loaded, *, n: int = DEFAULT_N, length: int = DEFAULT_LENGTH
     measured), ``label`` and ``classes`` (every class met, in ``PRIORITY`` order,
     comma-separated). ``extra``: boolean (layers, heads) masks of ``EXTRA_CLASSES``."""
     adapter = HeadAdapter(loaded.model)
+    adapter.require_causal_lm("head scores")
     limit = getattr(loaded.model.config, "max_position_embeddings", None)
     if limit is not None and 2 * length > limit:
         raise UsageError(f"repeated tokens: 2 * length = {2 * length} exceeds the model's {limit} positions")

@@ -21,6 +21,7 @@ from spectral.kernels.metrics import METRICS
 from spectral.kernels.registry import KERNELS, Kernel, KernelSteps, KeyKind, RidgeMode
 from spectral.kernels.result import KernelResult
 from spectral.models.adapter import HeadAdapter
+from spectral.models.families import family_of
 from spectral.models.loading import LoadedModel
 from spectral.tokens import Padded, right_padded
 
@@ -74,10 +75,14 @@ def scan_units(texts: Sequence[str], settings: ScanSettings, shard_size: int) ->
 
 
 def token_batches(loaded: LoadedModel, prompts: Sequence[str], settings: ScanSettings) -> Iterator[Padded]:
-    """(input_ids, attention_mask) batches, right-padded; prompts sorted by length to cut padding."""
+    """(input_ids, attention_mask) batches, right-padded; prompts sorted by length to cut padding.
+    Prompts get the tokenizer's special tokens only for a family trained with them (BERT's
+    ``[CLS] ... [SEP]``, ``Family.special_tokens``); decoders read them as they are."""
     tok = loaded.tokenizer
+    special = family_of(loaded.model).special_tokens
     limit = settings.max_tokens or getattr(loaded.model.config, "max_position_embeddings", None)
-    encoded = [tok(p, add_special_tokens=False, truncation=limit is not None, max_length=limit)["input_ids"] for p in prompts]
+    encoded = [tok(p, add_special_tokens=special, truncation=limit is not None, max_length=limit)["input_ids"]
+               for p in prompts]
     encoded = sorted((ids for ids in encoded if ids), key=len)
     for start in range(0, len(encoded), settings.batch_size):
         yield right_padded(tok, encoded[start:start + settings.batch_size])

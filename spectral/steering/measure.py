@@ -96,6 +96,7 @@ class Evaluator:
     """Measures injections on one concept; the unsteered baselines are computed once."""
 
     def __init__(self, adapter: HeadAdapter, tokenizer, concept: Concept, source: str = "concept"):
+        adapter.require_causal_lm("steering")
         self.adapter, self.tokenizer, self.concept = adapter, tokenizer, concept
         device = adapter.model.get_input_embeddings().weight.device
         self.target = single_token_ids(tokenizer, concept.target, "target", source)

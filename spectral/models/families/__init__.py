@@ -1,16 +1,18 @@
 """The model families eigengap supports: one module per family, one line each in ``FAMILIES``.
 
-Each module (``gpt_neox.py``, ``llama.py``, ``gpt2.py``) defines ``FAMILY``, a
+Each module (``gpt_neox.py``, ``llama.py``, ``gpt2.py``, ``bert.py``) defines ``FAMILY``, a
 :class:`~spectral.models.families.family.Family` holding everything about that family: its
 module paths, head split, weights, rotary function, ``hf_config`` builder, the
 ``config.model_type`` values it serves, its shipped architectures and their hub ids. The
-shipped architectures (``ARCHITECTURES``) and hub ids (``HUB_IDS``) are views of this registry.
+shipped architectures (``ARCHITECTURES``), hub ids (``HUB_IDS``) and pip-packaged real weights
+(``PACKAGED``) are views of this registry.
 
 To add a family: write ``spectral/models/families/<name>.py`` after the others (its
 ``split_qkv``, ``qk_weights``, attribute names, ``rotary``, ``hf_config``, model types, shipped
 architectures and hub ids) and add its module name to ``MODULES``, one line. The adapter
-finds the layer list by structure. A tiny twin in ``tests/conftest.py::TINY`` puts the family
-through ``tests/test_adapter.py`` like the others.
+finds the layer list by structure. A tiny twin in ``tests/conftest.py::TINY`` puts a decoder
+family through ``tests/test_adapter.py`` like the others (an encoder, BERT, has its own
+``tests/test_bert.py``: those tests read next-token logits).
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from importlib import import_module
 
 from spectral.errors import UsageError
 from spectral.models.architectures import Architecture
-from spectral.models.families.family import Family
+from spectral.models.families.family import Family, PackagedWeights
 
 MODULES = (
     "gpt_neox",
     "llama",
     "gpt2",
+    "bert",
 )
 """The family modules of this package, one line each; each defines ``FAMILY``."""
 
@@ -58,6 +61,9 @@ ARCHITECTURES: dict[str, Architecture] = _unique(
 """Every shipped architecture, by name (what follows ``random:`` in a model spec)."""
 HUB_IDS: dict[str, str] = _unique(((h, a) for f in FAMILIES.values() for h, a in f.hub_ids.items()), "hub id")
 """Hub id -> the shipped architecture it has (planned offline)."""
+PACKAGED: dict[str, PackagedWeights] = _unique(
+    ((n, w) for f in FAMILIES.values() for n, w in f.packaged.items()), "packaged model name")
+"""Model-spec name -> real weights a pip package ships (``minilm``: all-MiniLM-L6-v2)."""
 
 
 def family_for(model_type: str | None) -> Family:
@@ -73,4 +79,5 @@ def family_of(model) -> Family:
     return family_for(getattr(getattr(model, "config", None), "model_type", None))
 
 
-__all__ = ["ARCHITECTURES", "BY_MODEL_TYPE", "FAMILIES", "HUB_IDS", "Family", "family_for", "family_of"]
+__all__ = ["ARCHITECTURES", "BY_MODEL_TYPE", "FAMILIES", "HUB_IDS", "PACKAGED", "Family", "PackagedWeights",
+           "family_for", "family_of"]

@@ -1,6 +1,6 @@
 """The record one model-family module fills in: ``Family``.
 
-A family module (``gpt_neox.py``, ``llama.py``, ``gpt2.py``) is the only place eigengap knows
+A family module (``gpt_neox.py``, ``llama.py``, ``gpt2.py``, ``bert.py``) is the only place eigengap knows
 how that family is laid out and what of it ships. Its heavy pieces (transformers' config
 classes, the family's rotary function) are imported when first used, so that reading specs
 and the shipped architectures stays cheap.
@@ -22,6 +22,20 @@ QKV = tuple["Tensor", "Tensor", "Tensor"]
 """q (batch, pos, heads, d_head); k and v (batch, pos, kv_heads, d_head)."""
 
 
+@dataclass(frozen=True)
+class PackagedWeights:
+    """A real checkpoint shipped inside a pip package (an extra of ``make install``)."""
+
+    module: str
+    """The importable package holding it."""
+    subdir: str
+    """The checkpoint directory inside the package (config.json, safetensors, tokenizer)."""
+    requirement: str
+    """The pinned pip requirement that installs it."""
+    architecture: str
+    """Name of the shipped architecture it has (its ``random:`` twin)."""
+
+
 @dataclass(frozen=True, eq=False)
 class Family:
     """Everything eigengap knows about one model family: where its per-head quantities live
@@ -33,13 +47,14 @@ class Family:
     model_types: tuple[str, ...]
     """Every ``config.model_type`` the family serves (Llama's layout also serves Mistral)."""
     attention: str
-    """Attribute of a block (decoder layer) holding its self-attention module."""
+    """Attribute (dotted path) of a block holding its self-attention module."""
     projections: tuple[str, ...]
-    """Attributes of the attention module whose outputs hold q, k, v."""
+    """Attributes (dotted paths) of the attention module whose outputs hold q, k, v."""
     out_proj: str
-    """Attribute of the attention module whose input is the per-head result (pre-projection)."""
+    """Attribute (dotted path) of the attention module whose input is the per-head result (pre-projection)."""
     final_norm: str
-    """Dotted path, from the CausalLM model, of the norm applied after the last block."""
+    """Dotted path, from the CausalLM model, of the norm applied after the last block; empty for an
+    encoder (no next-token head)."""
     split_qkv: Callable[[nn.Module, dict[str, Tensor], int, int, int], QKV]
     """(attention module, projection outputs by name, heads, kv_heads, d_head) -> q, k, v."""
     qk_weights: Callable[[nn.Module, int, int, int], tuple[Tensor, Tensor]]
@@ -54,6 +69,13 @@ class Family:
     """A Hugging Face config with the exact shape of an architecture of this family."""
     causal: bool = True
     """Whether a query sees only earlier keys (decoders); False for bidirectional encoders."""
+    scaling: str = "scaling"
+    """Attribute (dotted path) of the attention module holding the factor q k^T is scaled by."""
+    special_tokens: bool = False
+    """Whether scanned prompts get the tokenizer's special tokens (BERT's ``[CLS] ... [SEP]``, what
+    it was trained on); decoders read prompts as they are."""
+    packaged: Mapping[str, PackagedWeights] = field(default_factory=dict)
+    """Model-spec name -> real weights of this family that a pip package ships (``minilm``)."""
     architectures: tuple[Architecture, ...] = ()
     """The shipped architectures (``random:NAME`` twins, planned offline)."""
     hub_ids: Mapping[str, str] = field(default_factory=dict)
@@ -67,3 +89,7 @@ class Family:
         for hub_id, arch_name in self.hub_ids.items():
             if arch_name not in names:
                 raise ValueError(f"family {self.name!r}: hub id {hub_id!r} names no shipped architecture {arch_name!r}")
+        for spec_name, weights in self.packaged.items():
+            if weights.architecture not in names:
+                raise ValueError(f"family {self.name!r}: packaged weights {spec_name!r} name no shipped "
+                                 f"architecture {weights.architecture!r}")
