@@ -14,7 +14,8 @@ from torch import Tensor
 from spectral.kernels.metrics import METRICS, SpectrumMetrics, spectrum_metrics
 from spectral.kernels.registry import KernelSteps
 from spectral.kernels.result import (
-    STATUS_FEW_TOKENS, STATUS_NONFINITE, STATUS_OK, STATUS_RANK, KernelResult, blank, rank_tolerance,
+    STATUS_FEW_TOKENS, STATUS_NONFINITE, STATUS_OK, STATUS_RANK, KernelResult, blank, metrics_with_padding,
+    rank_tolerance,
 )
 
 
@@ -47,32 +48,38 @@ class PromptSpectra:
             self.nonfinite = np.zeros(shape, bool)
 
     def update(self, layer: int, mats: Float[Tensor, "batch head q k"], mask: Bool[Tensor, "batch pos"]) -> None:
-        """Add each prompt's spectra: prompts whose real tokens sit at the same positions (a
-        right-padded batch of equal lengths) are decomposed together, one batched SVD."""
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for b in range(mats.shape[0]):
-            idx = tuple(mask[b].nonzero().squeeze(-1).tolist())
-            if len(idx) >= 2:
-                groups.setdefault(idx, []).append(b)
+        """Add each prompt's spectra. Prompt b's real tokens (T_b of them) give a T_b x T_b
+        matrix; the batch's matrices are zero-padded to the longest and decomposed in one batched
+        SVD: a zero-padded matrix has the singular values of the matrix plus zeros, so prompt b
+        keeps its leading T_b values."""
+        lengths = mask.sum(dim=1).tolist()
+        keep = [b for b, n in enumerate(lengths) if n >= 2]
+        if not keep:
+            return
+        t_max = max(lengths[b] for b in keep)
+        padded = torch.zeros((len(keep), mats.shape[1], t_max, t_max), dtype=torch.float64, device=mats.device)
+        for i, b in enumerate(keep):
+            idx = mask[b].nonzero().squeeze(-1).to(mats.device)
+            n = len(idx)
+            padded[i, :, :n, :n] = mats[b][:, idx][:, :, idx].to(torch.float64)
+        padded = torch.where(torch.isneginf(padded), 0.0, padded)
+        finite = torch.isfinite(padded).flatten(2).all(dim=2).cpu().numpy()  # (n, head)
+        self.nonfinite[layer] |= ~finite.all(axis=0)
+        sv = singular_values(torch.where(torch.isfinite(padded), padded, 0.0))  # (n, head, t_max) descending
+        t = np.array([lengths[b] for b in keep], dtype=np.int64)[:, None, None]
         eps = float(torch.finfo(mats.dtype).eps)
-        for idx, rows in groups.items():
-            pos = torch.tensor(idx, device=mats.device)
-            m = mats[torch.tensor(rows, device=mats.device)][:, :, pos][..., pos].to(torch.float64)  # (n, head, T, T)
-            m = torch.where(torch.isneginf(m), 0.0, m)
-            finite = torch.isfinite(m).flatten(2).all(dim=2).cpu().numpy()  # (n, head)
-            self.nonfinite[layer] |= ~finite.all(axis=0)
-            sv = torch.linalg.svdvals(torch.where(torch.isfinite(m), m, 0.0)).cpu().numpy()  # (n, head, T) desc
-            sv = np.where(sv > rank_tolerance(sv[..., :1], len(idx), eps), sv, 0.0)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                res = spectrum_metrics(sv)
-            for name, values in res.as_dict().items():
-                defined = ~np.isnan(values)
-                self.sums[name][layer] += np.where(defined, values, 0.0).sum(axis=0)
-                self.counts[name][layer] += defined.sum(axis=0)
-            rank = (sv > 0).sum(-1).min(axis=0)
-            self.rank_min[layer] = np.minimum(self.rank_min[layer], rank)
-            self.n_prompts[layer] += len(rows)
-            self.n_tokens[layer] += len(idx) * len(rows)
+        sv = np.where(sv > rank_tolerance(sv[..., :1], t, eps), sv, 0.0)
+        sv[np.broadcast_to(np.arange(t_max)[None, None, :] >= t, sv.shape)] = np.nan  # beyond prompt b's T_b values
+        with np.errstate(divide="ignore", invalid="ignore"):
+            res = metrics_with_padding(sv, 0.0, np.zeros(sv.shape[:-1]))
+        for name, values in res.as_dict().items():
+            defined = ~np.isnan(values)
+            self.sums[name][layer] += np.where(defined, values, 0.0).sum(axis=0)
+            self.counts[name][layer] += defined.sum(axis=0)
+        rank = (np.nan_to_num(sv, nan=0.0) > 0).sum(-1).min(axis=0)
+        self.rank_min[layer] = np.minimum(self.rank_min[layer], rank)
+        self.n_prompts[layer] += len(keep)
+        self.n_tokens[layer] += int(t.sum())
 
     def __add__(self, other: "PromptSpectra") -> "PromptSpectra":
         return PromptSpectra(
@@ -93,6 +100,15 @@ class PromptSpectra:
         metrics = SpectrumMetrics(means)
         blank(metrics, (status == STATUS_FEW_TOKENS) | (status == STATUS_NONFINITE))
         return KernelResult(metrics, self.n_tokens.copy(), self.n_prompts.copy(), rank, status)
+
+
+def singular_values(m: Tensor) -> np.ndarray:
+    """Singular values (descending, last axis) of a batch of float64 matrices. On the CPU through
+    numpy's LAPACK gesdd: torch's float64 ``svdvals`` on the CPU is about 150x slower for the
+    small T x T matrices of prompts (benchmarks/bench_features.py); on a GPU through torch."""
+    if m.device.type == "cpu":
+        return np.linalg.svd(m.numpy(), compute_uv=False)
+    return torch.linalg.svdvals(m).cpu().numpy()
 
 
 def _prompt_kernel(site: str) -> KernelSteps:
