@@ -121,6 +121,18 @@ def test_prompt_spectra_batch_equal_lengths_and_average_each_metric_where_define
     assert res.n_prompts[0].tolist() == [4, 4, 4] and res.n_tokens[0].tolist() == [15, 15, 15]
 
 
+def test_prompt_spectra_of_left_padded_prompts_use_their_real_tokens():
+    gen = torch.Generator().manual_seed(3)
+    mats = torch.randn(2, 2, 5, 5, generator=gen)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    acc = PromptSpectra(1, 2)
+    acc.update(0, mats, mask)
+    for h in range(2):
+        want = np.mean([brute_metrics(np.linalg.svd(mats[0, h, 2:, 2:].double().numpy(), compute_uv=False))["gap"],
+                        brute_metrics(np.linalg.svd(mats[1, h].double().numpy(), compute_uv=False))["gap"]])
+        assert acc.result().metrics.gap[0, h] == pytest.approx(want, rel=1e-9)
+
+
 def test_weight_spectra_equal_full_product_svd():
     gen = torch.Generator().manual_seed(2)
     wq, wk = torch.randn(3, 24, 4, generator=gen), torch.randn(3, 24, 4, generator=gen)

@@ -59,13 +59,16 @@ class PromptSpectra:
         t_max = max(lengths[b] for b in keep)
         padded = torch.zeros((len(keep), mats.shape[1], t_max, t_max), dtype=torch.float64, device=mats.device)
         for i, b in enumerate(keep):
-            idx = mask[b].nonzero().squeeze(-1).to(mats.device)
-            n = len(idx)
-            padded[i, :, :n, :n] = mats[b][:, idx][:, :, idx].to(torch.float64)
-        padded = torch.where(torch.isneginf(padded), 0.0, padded)
-        finite = torch.isfinite(padded).flatten(2).all(dim=2).cpu().numpy()  # (n, head)
-        self.nonfinite[layer] |= ~finite.all(axis=0)
-        sv = singular_values(torch.where(torch.isfinite(padded), padded, 0.0))  # (n, head, t_max) descending
+            n = lengths[b]
+            if bool(mask[b, :n].all()):  # right padding: the real tokens come first
+                padded[i, :, :n, :n] = mats[b, :, :n, :n]
+            else:
+                idx = mask[b].nonzero().squeeze(-1).to(mats.device)
+                padded[i, :, :n, :n] = mats[b][:, idx][:, :, idx]
+        padded.masked_fill_(torch.isneginf(padded), 0.0)
+        finite = torch.isfinite(padded)
+        self.nonfinite[layer] |= ~finite.flatten(2).all(dim=2).all(dim=0).cpu().numpy()
+        sv = singular_values(padded.masked_fill_(~finite, 0.0))  # (n, head, t_max) descending
         t = np.array([lengths[b] for b in keep], dtype=np.int64)[:, None, None]
         eps = float(torch.finfo(mats.dtype).eps)
         sv = np.where(sv > rank_tolerance(sv[..., :1], t, eps), sv, 0.0)
