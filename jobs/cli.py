@@ -1,5 +1,5 @@
 """The ``eigengap`` command line: one subcommand per experiment kind (from the registry,
-``jobs.registry``) and per tool (sweep, track, report, plan, organisms).
+``jobs.registry``) and per tool (sweep, track, report, plan, organisms, predict-importance).
 
 Only the chosen command's module is imported (torch, transformers and MLflow are heavy: a
 command should not pay for the others); ``eigengap --help`` builds them all.
@@ -19,7 +19,7 @@ from spectral.errors import UsageError
 EXIT_USAGE = 2
 
 TOOLS = {"sweep": "jobs.sweep", "track": "jobs.sweep", "report": "jobs.report", "plan": "jobs.plan",
-         "organisms": "jobs.organisms"}
+         "organisms": "jobs.organisms", "predict-importance": "jobs.beyond"}
 """Subcommands that are not experiment kinds -> the module whose ``add_parser`` defines them."""
 
 

@@ -62,6 +62,7 @@ def run(run_dir: Path, out: Path | None = None, echo=print, *, n_resamples: int 
     figs = figures(data, result, out)
     figs["cells"] = other_cells(data)
     figs["circuits"] = circuits_section(data, out, n_resamples, n_permutations, seed)
+    figs["beyond"] = beyond_section(data, out, n_resamples, n_permutations, seed)
     for name, (rows, schema) in TABLES.items():
         write_parquet(schemas.from_rows(getattr(result, rows), schema, str(out / name)), out / name, schema)
     facts = summary(data, result)
@@ -73,6 +74,12 @@ def run(run_dir: Path, out: Path | None = None, echo=print, *, n_resamples: int 
             for k in ("value", "low", "high"):
                 if r[k] == r[k]:
                     facts["metrics"][f"{r['population']}/circuits/{r['key']}/{k}"] = r[k]
+    if figs["beyond"] is not None:
+        for target, p in figs["beyond"].predictions.items():
+            for r in p.verdicts:
+                facts["verdicts"][f"beyond/{target}/{r['key']}"] = r["verdict"]
+        for r in figs["beyond"].agreement.verdicts:
+            facts["verdicts"][f"{r['population']}/beyond/{r['key']}"] = r["verdict"]
     write_json(facts, out / "summary.json")
     page = write_text(render(data, result, figs), out / RESULT_FILE)  # last: its presence means the report is complete
     counts = {v: sum(r["verdict"] == v for r in result.verdicts) for v in ("PASS", "FAIL", "INCONCLUSIVE")}
@@ -128,14 +135,30 @@ def circuits_section(data, out: Path, n_resamples: int, n_permutations: int, see
     return {"verdicts": verdicts, "models": per_model}
 
 
+def beyond_section(data, out: Path, n_resamples: int, n_permutations: int, seed: int):
+    """Beyond the gap (``jobs.beyond``): held-out prediction from every feature and the kernels'
+    agreement, its tables written into ``out``; None without features cells."""
+    from jobs.beyond import section
+
+    return section(data, out, load_cell, n_resamples=min(n_resamples, BEYOND_RESAMPLES),
+                   n_permutations=max(n_permutations, BEYOND_PERMUTATIONS), seed=seed)
+
+
+BEYOND_RESAMPLES = 1000
+"""At most this many bootstrap resamples of the whole held-out procedure (each refits every fold)."""
+BEYOND_PERMUTATIONS = 10_000
+"""At least this many permutations per feature: Holm over ~115 features needs p < 0.025 / 115."""
+
+
 def other_cells(data) -> list:
     from jobs.registry import experiment
 
     return [(cell, *experiment(cell.kind).metrics(path)) for cell, path in data.cells if cell.kind not in ANALYSED]
 
 
-ANALYSED = (*READS, "circuits")
-"""Kinds with an analysis of their own on the page (the cross-model analysis, the circuits section)."""
+ANALYSED = (*READS, "circuits", "features")
+"""Kinds with an analysis of their own on the page (the cross-model analysis, the circuits and
+beyond-the-gap sections)."""
 
 
 def _n(n: int, word: str) -> str:

@@ -210,6 +210,59 @@ kernels (keys, queries) pool every real token of every prompt (N x N, ridge, cen
 ridge mode as the row says); the per-prompt kernels (scores, probs) are reduced per prompt and
 their metrics averaged over prompts; qk and ov come from the weights alone."""
 
+REPORT_FEATURE_VERDICTS = _schema(
+    ("key", STR), ("target", STR), ("hold_out", STR), ("replicate", STR), ("rule", STR),
+    *_doubles("value", "low", "high", "p_pass", "p_fail"), ("verdict", STR), ("n_groups", I64), ("n_models", I64),
+    ("per_group", STR), ("correction", STR), ("note", STR))
+"""feature_verdicts.parquet (report / predict-importance): per target, does the spectral choice
+beat the baseline choice held out (``analysis.features.VERDICT_COLUMNS``)."""
+
+REPORT_FEATURE_PREDICTION = _schema(
+    ("feature", STR), ("group", STR), ("target", STR), ("hold_out", STR),
+    *_doubles("spearman", "spearman_low", "spearman_high", "p_value", "p_holm"), ("significant", BOOL),
+    *_doubles("auroc", "auroc_low", "auroc_high", "auroc_p_value", "auroc_p_holm"), ("positive_class", STR),
+    ("direction", STR), ("n_groups", I64), ("n_models", I64), ("correction", STR), ("note", STR))
+"""feature_prediction.parquet: one row per feature and target, its held-out Spearman and AUROC
+with intervals and Holm-adjusted p-values (``analysis.features.FEATURE_COLUMNS``)."""
+
+REPORT_FEATURE_FOLDS = _schema(
+    ("target", STR), ("hold_out", STR), ("held_out", STR), ("n_train_models", I64), ("n_test_models", I64),
+    *[c for k in ("spectral", "baseline") for c in (
+        (f"best_{k}", STR), (f"best_{k}_sign", I64), (f"best_{k}_train", F64), (f"best_{k}_test", F64))],
+    *[c for k in ("spectral", "baseline") for c in (
+        (f"{k}_model", STR), (f"{k}_model_coefficients", STR), (f"{k}_model_test", F64))])
+"""feature_folds.parquet: per held-out group, the choices made on the other groups and their
+held-out scores (``analysis.features.FOLD_COLUMNS``)."""
+
+REPORT_KERNEL_PAIRS = _schema(
+    ("model", STR), ("population", STR), pa.field("seed", I64, nullable=True), ("kernel_a", STR), ("kernel_b", STR),
+    ("n_heads", I64), *_doubles("spearman", "reference", "kappa_reference"), ("flagged_a", I64), ("flagged_b", I64),
+    *_doubles("kappa_calibrated", "threshold_a", "threshold_b"), ("flagged_a_calibrated", I64),
+    ("flagged_b_calibrated", I64), ("calibrated_against", STR), ("note", STR))
+"""kernel_pairs.parquet: per model and kernel pair, the Spearman of the heads' gaps and Cohen's
+kappa of their instability flags (``analysis.kernel_agreement.PAIR_COLUMNS``)."""
+
+REPORT_KERNEL_THRESHOLDS = _schema(
+    ("model", STR), ("population", STR), pa.field("seed", I64, nullable=True), ("kernel", STR),
+    *_doubles("threshold", "threshold_low", "threshold_high", "auroc"), ("separation", STR), ("n_heads", I64),
+    ("n_important", I64), ("calibrated_against", STR), ("note", STR))
+"""kernel_thresholds.parquet: each kernel's own threshold, calibrated against importance."""
+
+REPORT_KERNEL_POPULATIONS = _schema(
+    ("population", STR), ("kernel_a", STR), ("kernel_b", STR), ("n_seeds", I64),
+    *_doubles("spearman", "spearman_low", "spearman_high", "kappa_reference", "kappa_reference_low",
+              "kappa_reference_high", "kappa_calibrated", "kappa_calibrated_low", "kappa_calibrated_high"),
+    ("per_seed", STR), ("scheme", STR), ("note", STR))
+"""kernel_populations.parquet: per population and kernel pair, across its seeds."""
+
+REPORT_KERNEL_VERDICTS = _schema(
+    ("key", STR), ("population", STR), ("rule", STR), *_doubles("value", "low", "high", "kappa", "kappa_low",
+                                                              "kappa_high"), ("flags", STR),
+    *_doubles("p_pass", "p_fail", "p_pass_holm", "p_fail_holm"), ("verdict", STR), ("n_seeds", I64),
+    ("correction", STR), ("note", STR))
+"""kernel_verdicts.parquet: per population, does the key kernel capture the pre-softmax
+instabilities (``analysis.kernel_agreement.RULE``)."""
+
 ALL: dict[str, pa.Schema] = {
     "scan": SCAN, "steer_scan": STEER_SCAN, "patch": PATCH, "patch_examples": PATCH_EXAMPLES,
     "validate_heads": VALIDATE_HEADS, "validate": VALIDATE, "steer_strategies": STEER_STRATEGIES,
@@ -218,6 +271,10 @@ ALL: dict[str, pa.Schema] = {
     "report_correlations": REPORT_CORRELATIONS, "report_scaling": REPORT_SCALING,
     "report_information": REPORT_INFORMATION, "circuit_heads": CIRCUIT_HEADS, "circuit_edges": CIRCUIT_EDGES,
     "report_circuits": REPORT_CIRCUITS, "report_circuit_models": REPORT_CIRCUIT_MODELS, "features": FEATURES,
+    "report_feature_verdicts": REPORT_FEATURE_VERDICTS, "report_feature_prediction": REPORT_FEATURE_PREDICTION,
+    "report_feature_folds": REPORT_FEATURE_FOLDS, "report_kernel_pairs": REPORT_KERNEL_PAIRS,
+    "report_kernel_thresholds": REPORT_KERNEL_THRESHOLDS, "report_kernel_populations": REPORT_KERNEL_POPULATIONS,
+    "report_kernel_verdicts": REPORT_KERNEL_VERDICTS,
 }
 """Every schema by name (for tests and documentation)."""
 

@@ -150,10 +150,37 @@ def write_steer(unit: Path, model: str, gap: np.ndarray, seed: int, baseline_eff
            "effect": [baseline_effect, 2.0]}, unit / "strategies.parquet", tables.STEER_STRATEGIES)
 
 
+def write_features(unit: Path, model: str, gap: np.ndarray, seed: int) -> None:
+    """A features cell: every kernel's gap is the head's gap plus kernel-specific noise (key_raw:
+    none, so it predicts importance exactly), its other metrics simple functions of the gap;
+    the baselines are noise, independent of importance."""
+    from spectral.features.names import FEATURE_KERNELS, FEATURE_METRICS, baseline_features
+
+    layers, heads = gap.shape
+    layer, head = np.divmod(np.arange(gap.size), heads)
+    g = gap.ravel()
+    rng = np.random.default_rng(3000 + seed)
+    cols: dict = {"model": [model] * g.size, "layer": layer.astype(np.int32), "head": head.astype(np.int32),
+                  "kv_head": head.astype(np.int32), "n_prompts": [N_PROMPTS] * g.size, "ridge": [0.01] * g.size,
+                  "ridge_mode": ["absolute"] * g.size, "center": [True] * g.size}
+    for i, kernel in enumerate(FEATURE_KERNELS):
+        kg = np.clip(g + (0.0 if kernel == "key_raw" else 0.05 * (1 + i % 3)) * rng.standard_normal(g.size), 0.01, 0.99)
+        for metric in FEATURE_METRICS:
+            cols[f"{kernel}.{metric}"] = kg if metric == "gap" else (1 - kg if metric == "instability" else
+                                                                       rng.uniform(0.1, 2.0, g.size))
+        cols[f"{kernel}.status"] = ["ok"] * g.size
+    for name in baseline_features():
+        cols[name] = rng.uniform(0.5, 1.5, g.size)
+    write(cols, unit / "features.parquet", tables.FEATURES)
+    (unit / "params.json").write_text(json.dumps({"config": {"model": model}, "n_prompts": N_PROMPTS}))
+
+
 def make_run(root: Path, sizes=SIZES, seeds=(0, 1, 2), *, steer=True, facts=True,
-             importance=synthetic_importance) -> Path:
-    """A finished synthetic sweep run: every size x seed, a validate and (optionally) a steer unit."""
-    experiments = [{"kind": "validate", "params": {}}] + ([{"kind": "steer", "params": {}}] if steer else [])
+             importance=synthetic_importance, features=False) -> Path:
+    """A finished synthetic sweep run: every size x seed, a validate and (optionally) a steer and
+    a features unit."""
+    experiments = [{"kind": "validate", "params": {}}] + ([{"kind": "steer", "params": {}}] if steer else []) \
+        + ([{"kind": "features", "params": {}}] if features else [])
     models = [(spec(s[0], seed), s, seed) for s in sizes for seed in seeds]
     root.mkdir(parents=True)
     (root / "sweep.json").write_text(json.dumps({"config": {"name": root.name, "models": [m for m, _, _ in models],
@@ -167,6 +194,10 @@ def make_run(root: Path, sizes=SIZES, seeds=(0, 1, 2), *, steer=True, facts=True
         if steer:
             write_steer(model_dir / "experiment=1-steer", name, gap, 17 * i + seed)
             finish(model_dir / "experiment=1-steer", name, 1, "steer")
+        if features:
+            index = 2 if steer else 1
+            write_features(model_dir / f"experiment={index}-features", name, gap, 17 * i + seed)
+            finish(model_dir / f"experiment={index}-features", name, index, "features")
         if facts:
             (model_dir / "model.json").write_text(json.dumps(
                 {"model": name, "family": "gpt_neox", "parameters": params, "layers": layers, "heads": heads,

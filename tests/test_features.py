@@ -22,7 +22,7 @@ TEXTS = PROMPTS + ["A fourth, much longer prompt that pads the others of its bat
 
 def _per_prompt(loaded, text):
     adapter = HeadAdapter(loaded.model)
-    ids = loaded.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = loaded.tokenizer(text, add_special_tokens=adapter.family.special_tokens, return_tensors="pt")["input_ids"]
     return adapter, adapter.run(ids, sites=("queries", "keys_raw", "keys_rotated", "queries_rotated", "result"))
 
 
@@ -66,7 +66,7 @@ def brute_features(loaded, texts) -> dict[tuple[int, int], dict[str, float]]:
                 k = run[(layer, "keys_rotated")][0, :, head].double().numpy()
                 t = q.shape[0]
                 s = q @ k.T * scaling
-                causal = np.triu(np.ones((t, t), bool), 1)
+                causal = np.triu(np.ones((t, t), bool), 1) & adapter.family.causal  # BERT: no mask
                 p = softmax(np.where(causal, -np.inf, s), axis=-1)
                 prompt_scores.append(np.where(causal, 0.0, s))
                 prompt_probs.append(p)
@@ -89,6 +89,18 @@ def brute_features(loaded, texts) -> dict[tuple[int, int], dict[str, float]]:
                 f[f"baseline.{name}_norm"] = float(np.linalg.norm(w[head].numpy()))
             out[(layer, head)] = f
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_bert():
+    from spectral.models.loading import load_model
+
+    return load_model("random:minilm-l6?layers=2&hidden=64&heads=4&vocab=512")
+
+
+def test_every_feature_equals_brute_force_on_bert(tiny_bert):
+    """The bidirectional encoder: no causal mask in the scores and probabilities."""
+    test_every_feature_equals_brute_force(tiny_bert)
 
 
 def test_every_feature_equals_brute_force(tiny):

@@ -356,6 +356,69 @@ def _circuits(run: RunData, a: Analysis, figs: dict) -> str:
             + "<h3>Circuits per model</h3>" + models)
 
 
+def _beyond(run: RunData, a: Analysis, figs: dict) -> str:
+    """Beyond the gap (``jobs.beyond``): the held-out verdicts, the kernels' agreement, each
+    feature's held-out Spearman and AUROC, and each fold's choices."""
+    b = figs.get("beyond")
+    if not b:
+        return "<p class=\"note\">No features experiment in this run.</p>"
+    parts = []
+    verdicts = [r for p in b.predictions.values() for r in p.verdicts]
+    if verdicts:
+        parts.append(f"<div class=\"rule\"><b>Rule:</b> {_e(verdicts[0]['rule'])}</div>")
+        parts.append(_html_table(
+            ["target", "claim", "held-out groups", "models", "value", "95 % interval", "p pass / fail", "verdict",
+             "per group", "correction", "note"],
+            [[r["target"], r["key"], r["n_groups"], r["n_models"], _num(r["value"]), _ci(r["low"], r["high"]),
+              f"{_num(r['p_pass'])} / {_num(r['p_fail'])}", r["verdict"], r["per_group"], r["correction"], r["note"]]
+             for r in verdicts], {2, 3, 4}))
+    if b.agreement is not None:
+        from analysis.kernel_agreement import RULE as AGREEMENT_RULE
+
+        parts.append("<h3>Pre- vs post-softmax: do the kernels agree on which heads are unstable?</h3>")
+        parts.append(f"<div class=\"rule\"><b>Rule:</b> {_e(AGREEMENT_RULE)}</div>")
+        parts.append(_html_table(
+            ["population", "claim", "seeds", "Spearman", "95 % interval", "kappa", "kappa 95 %", "flags",
+             "p pass / fail (Holm)", "verdict", "note"],
+            [[r["population"], r["key"], r["n_seeds"], _num(r["value"]), _ci(r["low"], r["high"]), _num(r["kappa"]),
+              _ci(r["kappa_low"], r["kappa_high"]), r["flags"], f"{_num(r['p_pass_holm'])} / {_num(r['p_fail_holm'])}",
+              r["verdict"], r["note"]] for r in b.agreement.verdicts], {2, 3, 5}))
+        parts.append(_html_table(
+            ["population", "kernel a", "kernel b", "seeds", "Spearman of gaps", "95 %", "kappa at 0.77", "95 %",
+             "kappa, calibrated", "95 %"],
+            [[r["population"], r["kernel_a"], r["kernel_b"], r["n_seeds"], _num(r["spearman"]),
+              _ci(r["spearman_low"], r["spearman_high"]), _num(r["kappa_reference"]),
+              _ci(r["kappa_reference_low"], r["kappa_reference_high"]), _num(r["kappa_calibrated"]),
+              _ci(r["kappa_calibrated_low"], r["kappa_calibrated_high"])] for r in b.agreement.populations],
+            {3, 4, 6, 8}))
+    for target, p in b.predictions.items():
+        rows = sorted((r for r in p.features if r["spearman"] == r["spearman"]), key=lambda r: -r["spearman"])
+        top = [r for r in rows if r["group"] == "baseline"] + [r for r in rows if r["group"] == "spectral"][:15]
+        parts.append(f"<h3>Held-out {_e(target)}: the baselines and the 15 spectral features with the highest held-out "
+                     f"Spearman (all {len(p.features)} in feature_prediction.parquet)</h3>")
+        parts.append(_img(b.plots.get(target), f"held-out {target}",
+                          "held-out Spearman with 95 % interval; filled: significant after Holm"))
+        parts.append(_html_table(
+            ["feature", "group", "held-out Spearman", "95 %", "p (Holm)", "AUROC", "95 %", "p (Holm)", "direction"],
+            [[r["feature"], r["group"], _num(r["spearman"]), _ci(r["spearman_low"], r["spearman_high"]),
+              _num(r["p_holm"]), _num(r["auroc"]), _ci(r["auroc_low"], r["auroc_high"]), _num(r["auroc_p_holm"]),
+              r["direction"]] for r in sorted(top, key=lambda r: -r["spearman"])], {2, 4, 5, 7}))
+        if p.features:
+            parts.append(f"<p class=\"note\">{_e(p.features[0]['correction'])}; positive class: "
+                         f"{_e(p.features[0]['positive_class'])}.</p>")
+        parts.append(_html_table(
+            ["held out", "best spectral (chosen on the others)", "its held-out Spearman", "best baseline",
+             "its held-out Spearman", "spectral model", "held-out", "baseline model", "held-out"],
+            [[f["held_out"], f["best_spectral"], _num(f["best_spectral_test"]), f["best_baseline"],
+              _num(f["best_baseline_test"]), f["spectral_model"], _num(f["spectral_model_test"]), f["baseline_model"],
+              _num(f["baseline_model_test"])] for f in p.folds], {2, 4, 6, 8}))
+        if p.excluded:
+            parts.append(f"<p class=\"note\">Left out: {_e('; '.join(p.excluded))}</p>")
+    if b.notes:
+        parts.append(f"<p class=\"note\">{_e('; '.join(b.notes))}</p>")
+    return "".join(parts)
+
+
 Section = Callable[[RunData, Analysis, dict], str]
 
 SECTIONS: tuple[tuple[str, str, Section], ...] = (
@@ -376,6 +439,7 @@ SECTIONS: tuple[tuple[str, str, Section], ...] = (
     ("information", "Information measures",
      lambda run, a, figs: _information(a) + _img(figs["entropy"], "entropy by stability")),
     ("circuits", "Circuits and spectra", _circuits),
+    ("beyond", "Beyond the gap", _beyond),
     ("cells", "Other experiments", _other_cells),
     ("data", "Data", lambda run, a, figs: _data(run)),
 )

@@ -199,3 +199,28 @@ def kernel_gaps(table: pa.Table, path: str | Path, title: str = "", threshold: f
     ax.set_title("\n".join(textwrap.wrap(label + f"every head's gap per kernel (red: {threshold:g})", 80)), fontsize=8)
     fig.tight_layout()
     return save(fig, path)
+
+
+def feature_forest(rows: list[dict], path: str | Path, title: str = "", top: int = 25) -> Path:
+    """Held-out Spearman of each feature with its 95 % interval (``analysis.features`` per-feature
+    rows): every baseline and the ``top`` spectral features by |Spearman|; filled markers are
+    significant after Holm. Spectral in blue, baselines in orange."""
+    plt = pyplot()
+    finite = [r for r in rows if np.isfinite(r["spearman"])]
+    spectral = sorted((r for r in finite if r["group"] == "spectral"), key=lambda r: -abs(r["spearman"]))[:top]
+    chosen = sorted(spectral + [r for r in finite if r["group"] != "spectral"], key=lambda r: r["spearman"])
+    fig, ax = plt.subplots(figsize=(7.5, max(2.5, 0.22 * len(chosen) + 1.2)))
+    for i, r in enumerate(chosen):
+        colour = "tab:blue" if r["group"] == "spectral" else "tab:orange"
+        ax.plot([r["spearman_low"], r["spearman_high"]], [i, i], color=colour, lw=1.2)
+        ax.scatter([r["spearman"]], [i], color=colour if r["significant"] else "white", edgecolor=colour, zorder=3, s=22)
+    ax.axvline(0, color="grey", lw=0.8, ls="--")
+    ax.set_yticks(range(len(chosen)), [r["feature"] for r in chosen], fontsize=7)
+    ax.set_xlabel("held-out Spearman with the target (95 % interval)")
+    if not chosen:
+        ax.text(0.5, 0.5, "no feature has a held-out value", ha="center", va="center", transform=ax.transAxes)
+    label = f"{title}: " if title else ""
+    ax.set_title("\n".join(textwrap.wrap(label + f"baselines (orange) and the {len(spectral)} spectral features with the "
+                                         "largest |Spearman| (blue); filled: significant after Holm", 90)), fontsize=8)
+    fig.tight_layout()
+    return save(fig, path)
