@@ -74,7 +74,8 @@ RULE = (f"{VERDICT_KEY}: per population, over its seeds, the mean Spearman of th
         f"importance when every seed has restorations, else at gap <= {REFERENCE:g}). PASS when both lie above their "
         f"pre-stated bars (Spearman > {BAR_SPEARMAN:g} and kappa > {BAR_KAPPA:g}): p_pass = max of the two one-sided "
         f"p-values; FAIL when either lies below its bar: p_fail = min of the two; Holm across populations for each "
-        f"claim; PASS / FAIL when the adjusted p < 0.025, else INCONCLUSIVE (also with fewer than 2 seeds with a value).")
+        f"claim; PASS / FAIL when the adjusted p < 0.025, else INCONCLUSIVE (also with fewer than 2 seeds with a "
+        f"value).")
 
 PAIR_COLUMNS = ("model", "population", "seed", "kernel_a", "kernel_b", "n_heads", "spearman", "reference",
                 "kappa_reference", "flagged_a", "flagged_b", "kappa_calibrated", "threshold_a", "threshold_b",
@@ -189,7 +190,8 @@ def pair_rows(m: ModelGaps, threshold: Mapping[str, float], pairs: Sequence[tupl
             spearman=spearman(ga[ok], gb[ok]), reference=float(reference), kappa_reference=kappa(fa, fb),
             flagged_a=int(fa.sum()), flagged_b=int(fb.sum()),
             kappa_calibrated=kappa(ca, cb) if calibrated else NAN, threshold_a=float(ta), threshold_b=float(tb),
-            flagged_a_calibrated=int(ca.sum()) if calibrated else 0, flagged_b_calibrated=int(cb.sum()) if calibrated else 0,
+            flagged_a_calibrated=int(ca.sum()) if calibrated else 0,
+            flagged_b_calibrated=int(cb.sum()) if calibrated else 0,
             calibrated_against=IMPORTANCE_SOURCE if calibrated else "",
             note="; ".join(x for x in (f"{dropped} heads without both gaps" if dropped else "",
                                        "" if calibrated else "no calibrated threshold for both kernels") if x)))

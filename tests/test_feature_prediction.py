@@ -120,7 +120,8 @@ def test_the_held_out_group_never_reaches_its_folds_choices():
     models = population(rng, noisy(0.5, -1.0), noisy(1.0))
     other = [Units(m.model, m.groups, m.seed, "head", {k: rng.normal(size=v.size) for k, v in m.features.items()},
                    rng.permutation(m.target)) if m.groups["population"] == "organism-l" else m for m in models]
-    a, b = (next(f for f in evaluate(x, n_resamples=20, n_permutations=10).folds if f["held_out"] == "organism-l") for x in (models, other))
+    a, b = (next(f for f in evaluate(x, n_resamples=20, n_permutations=10).folds if f["held_out"] == "organism-l")
+            for x in (models, other))
     chosen = [k for k in FOLD_COLUMNS if k.startswith("best_") and not k.endswith("_test") or
               k.endswith("_model") or k.endswith("_coefficients")]
     assert {k: a[k] for k in chosen} == {k: b[k] for k in chosen}
@@ -234,7 +235,8 @@ def test_the_small_models_held_out_score_is_the_spearman_of_its_prediction():
         return np.column_stack(cols), (stats.rankdata(m.target) - (m.target.size + 1) / 2) / m.target.size
 
     train = [ranks(m) for m in models if m.groups["population"] != "organism-s"]
-    fit = Ridge(alpha=1.0, fit_intercept=False).fit(np.vstack([t[0] for t in train]), np.concatenate([t[1] for t in train]))
+    fit = Ridge(alpha=1.0, fit_intercept=False).fit(np.vstack([t[0] for t in train]),
+                                                    np.concatenate([t[1] for t in train]))
     np.testing.assert_allclose([float(c) for c in fold["spectral_model_coefficients"].split(",")], fit.coef_, rtol=1e-3)
     test = [stats.spearmanr(fit.predict(ranks(m)[0]), m.target).statistic
             for m in models if m.groups["population"] == "organism-s"]
@@ -297,7 +299,8 @@ def test_rows_have_the_stable_keys_and_plain_types():
 
 def _features_table(model: str, layers: int, heads: int, rng) -> pa.Table:
     n = layers * heads
-    cols = {"model": [model] * n, "layer": np.repeat(np.arange(layers), heads), "head": np.tile(np.arange(heads), layers)}
+    cols = {"model": [model] * n, "layer": np.repeat(np.arange(layers), heads),
+            "head": np.tile(np.arange(heads), layers)}
     cols.update({k: rng.normal(size=n) for k in SPECTRAL + BASELINE})
     return pa.table(cols)
 

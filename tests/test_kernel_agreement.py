@@ -67,7 +67,8 @@ def test_calibrated_thresholds_are_calibrations_own_and_drive_the_calibrated_kap
     res = agreement([m], [VERDICT_PAIR, ("key_raw", "probs")], n_resamples=50)
     t = {r["kernel"]: r for r in res.thresholds}
     expected = calibrate(key, important(restoration), n_resamples=50)
-    assert t["key_rotated"]["threshold"] == expected.threshold and t["key_rotated"]["n_important"] == expected.n_positive
+    assert t["key_rotated"]["threshold"] == expected.threshold
+    assert t["key_rotated"]["n_important"] == expected.n_positive
     assert t["key_rotated"]["calibrated_against"].startswith("importance")
     row = next(r for r in res.pairs if (r["kernel_a"], r["kernel_b"]) == VERDICT_PAIR)
     ta, tb = t["key_rotated"]["threshold"], t["scores"]["threshold"]
@@ -88,7 +89,8 @@ def test_across_seeds_correlations_are_averaged_on_fishers_z():
     half = stats.t.ppf(0.975, 2) * z.std(ddof=1) / np.sqrt(3)
     (row,) = res.populations
     assert row["spearman"] == pytest.approx(np.tanh(z.mean()))
-    assert (row["spearman_low"], row["spearman_high"]) == pytest.approx((np.tanh(z.mean() - half), np.tanh(z.mean() + half)))
+    assert (row["spearman_low"], row["spearman_high"]) == pytest.approx(
+        (np.tanh(z.mean() - half), np.tanh(z.mean() + half)))
     assert row["n_seeds"] == 3 and tuple(row) == POPULATION_COLUMNS
 
 
@@ -102,7 +104,8 @@ def test_agreeing_kernels_pass_and_unrelated_ones_fail():
             unrelated.append(gaps_model(f"{pop}?seed={s}", pop, s, key, rng.uniform(0.5, 1.0, n), rng))
     res = agreement(agree, n_resamples=10)
     assert [r["verdict"] for r in res.verdicts] == ["PASS"] * 4
-    assert all(r["flags"] == "gap <= 0.77" and r["correction"].startswith("Holm over 4 population(s)") for r in res.verdicts)
+    assert all(r["flags"] == "gap <= 0.77" and r["correction"].startswith("Holm over 4 population(s)")
+               for r in res.verdicts)
     assert {(r["kernel_a"], r["kernel_b"]) for r in res.populations} == set(KERNEL_PAIRS)
     assert len(res.pairs) == 20 * len(KERNEL_PAIRS)
     res = agreement(unrelated, [VERDICT_PAIR], n_resamples=10)
