@@ -251,14 +251,14 @@ def rule(target: str, hold_out: str, replicate: str, n_resamples: int, max_featu
            "models of a held-out group, df = sum(n_g - 1)" if replicate == "model" else
            "whole groups resampled (a claim about groups like these); n = groups, df = groups - 1")
     return (f"Leave-one-{hold_out}-out on {target}: for each held-out {hold_out}, every choice (each feature's "
-            f"direction = sign of its mean per-model Spearman on the other {hold_out}s; the best spectral and the best "
-            f"baseline feature = largest |mean training Spearman|; the small models = forward selection of <= "
-            f"{max_features} features by training RSS + ridge (alpha {alpha:g}) on within-model centred ranks, one spectral, one "
-            f"baseline) is made on the other {hold_out}s' models only. Statistic: mean over held-out groups of the "
-            "group's mean held-out Spearman of the spectral choice minus that of the baseline choice. Interval: the "
-            f"whole procedure, choices and fits included, rerun on {n_resamples} bootstrap resamples, {rep}; value ± "
-            "t(df) x SE x sqrt(n/(n-1)). PASS when the one-sided p of 'difference > 0' < 0.025 (the interval's low "
-            "end > 0), FAIL when that of 'difference < 0' < 0.025, else INCONCLUSIVE.")
+            f"direction = sign of its mean per-model Spearman on the other {hold_out}s; the best spectral and the "
+            "best baseline feature = largest |mean training Spearman|; the small models = forward selection of <= "
+            f"{max_features} features by training RSS + ridge (alpha {alpha:g}) on within-model centred ranks, "
+            f"one spectral, one baseline) is made on the other {hold_out}s' models only. Statistic: mean over "
+            "held-out groups of the group's mean held-out Spearman of the spectral choice minus that of the baseline "
+            f"choice. Interval: the whole procedure, choices and fits included, rerun on {n_resamples} bootstrap "
+            f"resamples, {rep}; value ± t(df) x SE x sqrt(n/(n-1)). PASS when the one-sided p of 'difference > 0' "
+            "< 0.025 (the interval's low end > 0), FAIL when that of 'difference < 0' < 0.025, else INCONCLUSIVE.")
 
 
 VERDICT_CORRECTION = ("none across features: one spectral and one baseline choice per fold, made on the training "
