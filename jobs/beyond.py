@@ -201,7 +201,7 @@ def run(config: PredictConfig, echo=print) -> Beyond:
     from analysis.crossmodel import load_run
     from cluster.layout import RunLayout
     from cluster.store import write_text
-    from jobs.report import load_cell
+    from jobs.registry import load_cell
 
     run_dir = Path(config.run_dir)
     if not run_dir.is_dir() or not RunLayout(run_dir).is_run():

@@ -126,6 +126,11 @@ def experiment(kind: str) -> Experiment:
     return record
 
 
+def load_cell(kind: str, cell_dir: Path):
+    """What the report reads from a finished cell: its experiment kind's loader."""
+    return experiment(kind).load(cell_dir)
+
+
 def statistics_metrics(path: Path, schema) -> UnitMetrics:
     """Metrics and verdicts of a job's statistics table of ``schema`` (``spectral.tables``: rows
     with a stable ``key``, ``value``, ``low``, ``high`` and ``verdict``): ``<key>/value``,

@@ -93,11 +93,7 @@ def run(run_dir: Path, out: Path | None = None, echo=print, *, n_resamples: int 
     return page
 
 
-def load_cell(kind: str, cell_dir: Path):
-    """What the report reads from a finished cell: its experiment kind's loader (``jobs.registry``)."""
-    from jobs.registry import experiment
-
-    return experiment(kind).load(cell_dir)
+from jobs.registry import load_cell  # noqa: E402  (what the report reads from a finished cell)
 
 
 def circuits_section(data, out: Path, n_resamples: int, n_permutations: int, seed: int) -> dict | None:
