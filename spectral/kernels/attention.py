@@ -106,12 +106,12 @@ class PromptSpectra:
 
 
 def singular_values(m: Tensor) -> np.ndarray:
-    """Singular values (descending, last axis) of a batch of float64 matrices. On the CPU through
-    numpy's LAPACK gesdd: torch's float64 ``svdvals`` on the CPU is about 150x slower for the
-    small T x T matrices of prompts (benchmarks/bench_features.py); on a GPU through torch."""
-    if m.device.type == "cpu":
-        return np.linalg.svd(m.numpy(), compute_uv=False)
-    return torch.linalg.svdvals(m).cpu().numpy()
+    """Singular values (descending, last axis) of a batch of float64 matrices, through numpy's
+    LAPACK gesdd on the CPU wherever the matrices live: torch's float64 ``svdvals`` on the CPU is
+    about 150x slower for the small T x T matrices of prompts (benchmarks/bench_features.py),
+    and a check of torch's CUDA path on a lent H100 did not finish in its time
+    (benchmarks/gpu_features.py), so there is one path, the one tested here."""
+    return np.linalg.svd(m.detach().cpu().numpy(), compute_uv=False)
 
 
 def _prompt_kernel(site: str) -> KernelSteps:
