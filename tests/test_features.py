@@ -4,6 +4,8 @@ and d_model x d_model weight products formed in numpy and decomposed with ``nump
 random GPT-NeoX, Llama and GPT-2 models (BERT in tests/test_bert.py), with and without the
 first token; batched, padded, sharded extraction must agree within 1e-6."""
 
+from operator import attrgetter
+
 import numpy as np
 import pytest
 import torch
@@ -51,7 +53,7 @@ def brute_features(loaded, texts) -> dict[tuple[int, int], dict[str, float]]:
     for layer in range(adapter.n_layers):
         wq, wk = (w.double() for w in adapter.qk_weights(layer))
         wv, wo = (w.double() for w in adapter.ov_weights(layer))
-        scaling = adapter.attentions[layer].scaling
+        scaling = attrgetter(adapter.family.scaling)(adapter.attentions[layer])
         for head in range(adapter.n_heads):
             f: dict[str, float] = {}
             grams = {"key_raw": "keys_raw", "key_rotated": "keys_rotated", "query": "queries"}

@@ -9,6 +9,8 @@ This module imports no torch: the analysis and the CLI read the names without a 
 
 from __future__ import annotations
 
+from spectral.kernels.metrics import METRICS
+
 FEATURE_KERNELS: dict[str, str] = {
     "key_raw": "key Gram (1/d_head) Kc Kc^T + ridge I over every real token, keys before the rotary rotation",
     "key_rotated": "the same over keys after the rotary rotation (= key_raw for unrotated families)",
@@ -25,19 +27,16 @@ FEATURE_KERNELS: dict[str, str] = {
 }
 """Kernel of a feature -> what it is (the table's schema documentation)."""
 
+SCALE_METRICS = ("lambda1", "lambda2")
+"""Metrics of ``spectral.kernels.metrics.METRICS`` that are not features: the kernel's scale,
+not its shape (the baselines' norms carry scale)."""
+
 FEATURE_METRICS: dict[str, str] = {
-    "gap": "(l1 - l2) / l1",
-    "instability": "l2 / l1 (= 1 - gap)",
-    "lambda3_ratio": "l3 / l1",
-    "entropy": "-sum p_i log p_i, p_i = l_i / sum l",
-    "effective_rank": "exp(entropy)",
-    "participation_ratio": "(sum l)^2 / sum l^2",
-    "stable_rank": "sum l / l1",
-    "condition_number": "l1 / l_min",
-    "lambda1_share": "l1 / sum l",
-}
-"""Metric of a feature -> its formula over the kernel's values l1 >= l2 >= ... (eigenvalues of
-the Gram kernels, ridge included; singular values of the others)."""
+    name: " ".join((fn.__doc__ or name).split()) for name, fn in METRICS.items() if name not in SCALE_METRICS}
+"""Metric of a feature -> its definition (the metric's docstring) over the kernel's values
+l1 >= l2 >= ... (eigenvalues of the Gram kernels, ridge included; singular values of the
+others): every metric of the registry but the scale ones, so a metric added there is a feature
+here."""
 
 BASELINES: dict[str, str] = {
     "output_norm": "mean over real tokens of ||z_h W_O^h||, the head's write into the residual stream",
