@@ -10,48 +10,21 @@ import sys
 import time
 from pathlib import Path
 
-from pydantic import Field
-
-from jobs.config import ExecutorOptions, out_dir_ready
+from jobs.config import out_dir_ready
 from jobs.registry import Experiment
+from jobs.scan import ScanOptions
 from spectral import tables
-from spectral.kernels.metrics import UNSTABLE_GAP
-from spectral.kernels.registry import RidgeMode
-from spectral.models import Device, DType
 
 RESULT_FILE = "features.parquet"
 
 
-class FeaturesConfig(ExecutorOptions):
+class FeaturesConfig(ScanOptions):
     model: str
     """Model spec: hub id, checkpoint directory, random:ARCH[?k=v&...], organism-NAME or minilm."""
     out: Path
     """Output directory (features.parquet, params.json, summary.md, kernel_gaps.png)."""
     prompts: Path
     """Prompts: plain text, one per line, or JSONL with a 'text' field."""
-    ridge: float = Field(1e-2, gt=0)
-    """Ridge lambda of the Gram kernels (keys, queries)."""
-    ridge_mode: RidgeMode = "absolute"
-    """Gram kernels' ridge: absolute (lambda = ridge, the definitions' default) or relative
-    (lambda = ridge x the kernel's mean eigenvalue)."""
-    center: bool = True
-    """Subtract the mean vector before forming the Gram kernels."""
-    batch_size: int = Field(8, gt=0)
-    """Prompts per forward pass."""
-    max_tokens: int | None = Field(None, gt=0)
-    """Truncate each prompt to this many tokens (default: the model's context length)."""
-    layers: list[int] | None = None
-    """Only these layers (comma-separated; default all)."""
-    heads: list[int] | None = None
-    """Only these heads (comma-separated; default all)."""
-    shard_size: int = Field(64, gt=0)
-    """Prompts per work unit."""
-    device: Device = "auto"
-    """Where the model runs ('auto': a CUDA GPU when there is one)."""
-    dtype: DType = "float32"
-    """Model weights dtype (statistics are always accumulated in float64)."""
-    threshold: float = Field(UNSTABLE_GAP, gt=0, lt=1)
-    """Gap at or below which a head counts as unstable in the summary."""
     force: bool = False
     """Overwrite an existing features.parquet in --out."""
 
@@ -60,13 +33,7 @@ class FeaturesConfig(ExecutorOptions):
 
         return FeatureSettings(
             ridge=self.ridge, center=self.center, ridge_mode=self.ridge_mode, batch_size=self.batch_size,
-            max_tokens=self.max_tokens, layers=tuple(sorted(set(self.layers))) if self.layers else None,
-            heads=tuple(sorted(set(self.heads))) if self.heads else None)
-
-    def load_kwargs(self) -> dict:
-        import torch
-
-        return {"device": self.device, "dtype": getattr(torch, self.dtype)}
+            max_tokens=self.max_tokens, **self.selection())
 
 
 def run(config: FeaturesConfig, *, executor=None, echo=print):

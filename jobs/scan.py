@@ -22,26 +22,17 @@ from spectral.models import Device, DType
 RESULT_FILE = "scan.parquet"
 
 
-class ScanConfig(ExecutorOptions):
-    model: str
-    """Model spec: hub id, checkpoint directory, random:ARCH[?k=v&...], organism-NAME, or minilm (real
-    all-MiniLM-L6-v2 weights, a BERT encoder, from the realweights extra)."""
-    out: Path
-    """Output directory (scan.parquet, params.json, summary.md, gap_heatmap.png)."""
-    prompts: Path | None = None
-    """Prompts: plain text, one per line, or JSONL with a 'text' field (not needed for --kernel weights)."""
-    kernel: Kernel = "key"
-    """Which kernel of each head: key Gram, pre-softmax scores, attention probabilities, or W_Q W_K^T
-    (``spectral.kernels.registry.KERNELS``)."""
-    keys: KeyKind = "raw"
-    """Keys before ('raw') or after ('rotated') the rotary rotation (key kernel)."""
+class ScanOptions(ExecutorOptions):
+    """The options of a pass over prompts that streams head statistics: shared by ``scan`` and
+    ``features`` (one declaration)."""
+
     ridge: float = Field(1e-2, gt=0)
+    """Ridge lambda added to the Gram kernels (keys; queries in features)."""
     ridge_mode: RidgeMode = "absolute"
-    """Key kernel ridge: absolute (lambda = ridge, the definitions' default) or relative
-    (lambda = ridge x the kernel's mean eigenvalue: metrics invariant to the keys' scale)."""
-    """Ridge lambda added to the key Gram."""
+    """Gram kernels' ridge: absolute (lambda = ridge, the definitions' default) or relative
+    (lambda = ridge x the kernel's mean eigenvalue: metrics invariant to the vectors' scale)."""
     center: bool = True
-    """Subtract the mean key before forming the Gram."""
+    """Subtract the mean vector (key, query) before forming the Gram."""
     batch_size: int = Field(8, gt=0)
     """Prompts per forward pass."""
     max_tokens: int | None = Field(None, gt=0)
@@ -58,6 +49,31 @@ class ScanConfig(ExecutorOptions):
     """Model weights dtype (statistics are always accumulated in float64)."""
     threshold: float = Field(UNSTABLE_GAP, gt=0, lt=1)
     """Gap at or below which a head counts as unstable in the summary."""
+
+    def selection(self) -> dict:
+        """layers and heads as sorted tuples (None: all)."""
+        return {"layers": tuple(sorted(set(self.layers))) if self.layers else None,
+                "heads": tuple(sorted(set(self.heads))) if self.heads else None}
+
+    def load_kwargs(self) -> dict:
+        import torch
+
+        return {"device": self.device, "dtype": getattr(torch, self.dtype)}
+
+
+class ScanConfig(ScanOptions):
+    model: str
+    """Model spec: hub id, checkpoint directory, random:ARCH[?k=v&...], organism-NAME, or minilm (real
+    all-MiniLM-L6-v2 weights, a BERT encoder, from the realweights extra)."""
+    out: Path
+    """Output directory (scan.parquet, params.json, summary.md, gap_heatmap.png)."""
+    prompts: Path | None = None
+    """Prompts: plain text, one per line, or JSONL with a 'text' field (not needed for --kernel weights)."""
+    kernel: Kernel = "key"
+    """Which kernel of each head: key Gram, pre-softmax scores, attention probabilities, or W_Q W_K^T
+    (``spectral.kernels.registry.KERNELS``)."""
+    keys: KeyKind = "raw"
+    """Keys before ('raw') or after ('rotated') the rotary rotation (key kernel)."""
     force: bool = False
     """Overwrite an existing scan.parquet in --out."""
 
@@ -72,15 +88,8 @@ class ScanConfig(ExecutorOptions):
 
         return ScanSettings(
             kernel=self.kernel, keys=self.keys, ridge=self.ridge, center=self.center, ridge_mode=self.ridge_mode,
-            batch_size=self.batch_size, max_tokens=self.max_tokens,
-            layers=tuple(sorted(set(self.layers))) if self.layers else None,
-            heads=tuple(sorted(set(self.heads))) if self.heads else None,
-        )
+            batch_size=self.batch_size, max_tokens=self.max_tokens, **self.selection())
 
-    def load_kwargs(self) -> dict:
-        import torch
-
-        return {"device": self.device, "dtype": getattr(torch, self.dtype)}
 
 
 def check_selection(settings, n_layers: int, n_heads: int) -> None:
