@@ -74,10 +74,12 @@ def expand_features(names: Sequence[str] | None) -> list[str] | None:
     return list(dict.fromkeys(out))
 
 
-def _family(model: str) -> str:
-    from spectral.models.loading import model_family
-
-    return model_family(model).name
+def _family(data, model: str) -> str:
+    """The model's family from the sweep's model.json (written beside its cells)."""
+    facts = next((m.facts for m in data.models if m.name == model), None)
+    if not facts or not facts.get("family"):
+        raise UsageError(f"{model}: no model family recorded (model.json) for --hold-out family")
+    return str(facts["family"])
 
 
 def gather(data, load_cell, *, hold_out: HoldOut = "population", names: Sequence[str] | None = None):
@@ -97,7 +99,7 @@ def gather(data, load_cell, *, hold_out: HoldOut = "population", names: Sequence
         pop, seed = population_of(model)
         groups = {"population": pop, "model": model}
         if hold_out == "family":
-            groups["family"] = _family(model)
+            groups["family"] = _family(data, model)
         feats = load_cell("features", cells["features"]).table("features.parquet")
         head_table = None
         if "validate" in cells:

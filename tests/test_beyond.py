@@ -72,3 +72,19 @@ def test_a_run_without_features_cells_is_refused(tmp_path, capsys):
     assert "no finished features cell" in capsys.readouterr().err
     assert main(["predict-importance", str(tmp_path / "nowhere")]) == 2
     assert "not a sweep run" in capsys.readouterr().err
+
+
+def test_other_hold_outs(run_dir, tmp_path):
+    """Leave one family out (every synthetic model is gpt_neox: one group, no verdict) and leave
+    one model out with whole groups resampled."""
+    out = tmp_path / "fam"
+    assert main(["predict-importance", str(run_dir), "--out", str(out), "--hold-out", "family", "--resamples", "20",
+                 "--permutations", "200", "--features", "key_raw"]) == 0
+    rows = read_parquet(out / "feature_verdicts.parquet", TABLES["feature_verdicts.parquet"][1]).to_pylist()
+    assert {r["verdict"] for r in rows} == {"INCONCLUSIVE"} and all("nothing to hold out" in r["note"] for r in rows)
+    out = tmp_path / "mod"
+    assert main(["predict-importance", str(run_dir), "--out", str(out), "--hold-out", "model", "--replicate", "group",
+                 "--resamples", "40", "--permutations", "200", "--features", "key_raw", "probs"]) == 0
+    rows = read_parquet(out / "feature_verdicts.parquet", TABLES["feature_verdicts.parquet"][1]).to_pylist()
+    first = next(r for r in rows if r["target"] == "importance" and r["key"] == "spectral_feature_beats_baseline")
+    assert first["hold_out"] == "model" and first["n_groups"] == 12 and first["verdict"] == "PASS"
