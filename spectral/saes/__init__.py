@@ -1,0 +1,1 @@
+"""Sparse autoencoders on attention-head results: training, activations and metrics."""
