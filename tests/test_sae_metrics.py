@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,9 +12,10 @@ import torch
 from spectral.errors import UsageError
 from spectral.models.loading import load_model
 from spectral.saes.metrics import (
-    LOG_DENSITY_EDGES, TopKSAE, attribution_entropy, ce_score, evaluate, ev_l0_area,
-    feature_dimensionality, head_attribution, splice_score,
+    LOG_DENSITY_EDGES, TopKSAE, attribution_entropy, evaluate, ev_l0_area, feature_dimensionality,
+    head_attribution,
 )
+from spectral.saes.splice import ce_score, splice_score
 
 TWIN = "random:pythia-410m?layers=2&hidden=64&heads=4&vocab=512"  # d_head 16, 4 heads
 PROMPTS = [
@@ -65,6 +67,28 @@ def test_encode_decode_match_sae_lens():
         x = torch.randn(30, 6)
         torch.testing.assert_close(ours.encode(x), lens.encode(x))
         torch.testing.assert_close(ours.decode(ours.encode(x)), lens(x))
+
+
+@pytest.mark.parametrize("apply_b_dec_to_input", [True, False])
+def test_from_folded_undoes_sae_lens_fold(apply_b_dec_to_input):
+    """SAELens folds ``(x - mean) / scale`` into the weights; ``from_folded`` gives back the
+    normalised-space SAE, with the same raw-unit reconstructions."""
+    sae_lens = pytest.importorskip("sae_lens")
+    ours = replace(random_sae(d_in=6, d_sae=20, k=4).to(dtype=torch.float64), apply_b_dec_to_input=apply_b_dec_to_input)
+    mean, scale = torch.linspace(-2.0, 3.0, 6, dtype=torch.float64), torch.linspace(0.5, 4.0, 6, dtype=torch.float64)
+    lens = sae_lens.TopKSAE(sae_lens.TopKSAEConfig(d_in=6, d_sae=20, k=4, dtype="float64",
+                                                   apply_b_dec_to_input=apply_b_dec_to_input))
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(lens, name).copy_(getattr(ours, name))
+        lens.fold_activation_whitening(mean=mean, whitening_matrix=torch.diag(1 / scale),
+                                       unwhitening_matrix=torch.diag(scale))
+        back = TopKSAE.from_folded(lens.W_enc, lens.b_enc, lens.W_dec, lens.b_dec, 4, mean, scale,
+                                   apply_b_dec_to_input)
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            torch.testing.assert_close(getattr(back, name), getattr(ours, name))
+        x = torch.randn(30, 6, dtype=torch.float64) * scale + mean
+        torch.testing.assert_close(back.reconstruct(x), lens(x))
 
 
 # ---------------------------------------------------------------------------- streamed metrics
@@ -171,6 +195,8 @@ def test_identity_splice_scores_one_and_zero_sae_scores_zero(twin, layer, head):
     assert abs(ident.ce_spliced - ident.ce_clean) < 1e-6
     assert ident.ce_zero - ident.ce_clean > 1e-4  # zero ablation changes the loss
     assert ident.score == pytest.approx(1.0, abs=1e-6)
+    normalised = identity_sae(d, mean=torch.full((d,), 0.3), scale=torch.linspace(0.5, 2.0, d))
+    assert splice_score(twin, PROMPTS, normalised, layer, head).score == pytest.approx(1.0, abs=1e-3)
     zero = TopKSAE(torch.randn(d, 8), torch.zeros(8), torch.zeros(8, d), torch.zeros(d), 2)
     ablated = splice_score(twin, PROMPTS, zero, layer, head)
     assert ablated.ce_clean == pytest.approx(ident.ce_clean, abs=1e-9)

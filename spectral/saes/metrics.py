@@ -7,7 +7,7 @@ subtracted when ``apply_b_dec_to_input``, SAELens's default), keep the ``k`` lar
 ``rescale_acts_by_decoder_norm`` is not modelled: fold it into the weights first (SAELens folds
 it when it saves an SAE). Inputs are normalised before the SAE, ``x_n = (x - mean) / scale``
 (``scale`` a number or one per input dimension); every reconstruction metric below is taken in
-that normalised space, and the CE splice maps reconstructions back to the model's units.
+that normalised space (the CE splice, ``spectral.saes.splice``, maps them back to the model's units).
 
 Definitions (``n`` evaluation tokens, ``f`` the feature activations, ``W_i`` decoder row ``i``):
 
@@ -31,15 +31,11 @@ Definitions (``n`` evaluation tokens, ``f`` the feature activations, ``W_i`` dec
 - head attribution (layer SAE, input = the layer's heads' results concatenated): per feature,
   the norms of its decoder row's per-head blocks, normalised to sum 1; its entropy
   ``-sum_h a_h ln a_h`` (nats; 0 = one head, ``ln(heads)`` = spread evenly).
-- CE score: ``(CE_zero - CE_spliced) / (CE_zero - CE_clean)``, the model's next-token
-  cross-entropy over real tokens with the head's (or layer's) result unedited (clean), set to 0
-  (zero), or replaced by the SAE's reconstruction (spliced). NaN with a status when zero
-  ablation moves the loss by less than ``max(1e-6, 1e-4 * CE_clean)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -48,8 +44,6 @@ from jaxtyping import Float
 from torch import Tensor
 
 from spectral.errors import UsageError
-from spectral.kernels.scan import ScanSettings, input_device, token_batches
-from spectral.models.adapter import HeadAdapter
 
 DENSE_THRESHOLD = 0.1
 """A feature firing on more than this fraction of tokens is dense."""
@@ -57,7 +51,6 @@ EV_TARGET = 0.9
 """Explained-variance level of the superposition index."""
 LOG_DENSITY_EDGES = np.arange(-10.0, 0.25, 0.5)
 """Bin edges of the log10 feature-density histogram (density 1e-10 .. 1)."""
-_ABLATION_ABS, _ABLATION_REL = 1e-6, 1e-4
 
 
 # ------------------------------------------------------------------------------------- the SAE
@@ -97,6 +90,21 @@ class TopKSAE:
             raise UsageError("SAE: scale must be finite and positive")
         if isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)) or not 1 <= self.k <= d_sae:
             raise UsageError(f"SAE: k must be an integer in 1..d_sae={d_sae}; got {self.k!r}")
+
+    @classmethod
+    def from_folded(cls, W_enc, b_enc, W_dec, b_dec, k: int, mean, scale,
+                    apply_b_dec_to_input: bool = True) -> TopKSAE:
+        """The normalised-space SAE behind weights that read raw inputs, with ``(x - mean) /
+        scale`` folded in as SAELens's ``fold_activation_whitening(mean, diag(1 / scale))``
+        does (``W_enc' = W_enc / scale``, ``W_dec' = W_dec * scale``, ``b_dec' = b_dec * scale +
+        mean``, and ``b_enc' = b_enc - mean @ W_enc'`` without ``apply_b_dec_to_input``)."""
+        f = cls(W_enc, b_enc, W_dec, b_dec, k, mean, scale, apply_b_dec_to_input)  # checks the shapes
+        if f.mean is None:
+            raise UsageError("SAE: from_folded needs the folded mean")
+        b_enc = f.b_enc if apply_b_dec_to_input else f.b_enc + f.mean @ f.W_enc
+        col = f.scale[:, None] if f.scale.ndim else f.scale
+        return cls(col * f.W_enc, b_enc, f.W_dec / f.scale, (f.b_dec - f.mean) / f.scale, k, f.mean, f.scale,
+                   apply_b_dec_to_input)
 
     @property
     def d_in(self) -> int:
@@ -344,79 +352,3 @@ def ev_l0_area(l0: Sequence[float], explained: Sequence[float]) -> float:
     if x[-1] == x[0]:
         raise UsageError("EV-L0 area: needs SAEs at two or more different L0")
     return float(np.sum((x[1:] - x[:-1]) * (ev[1:] + ev[:-1]) / 2) / (x[-1] - x[0]))
-
-
-# -------------------------------------------------------------------------------- the CE splice
-@dataclass(frozen=True)
-class SpliceResult:
-    ce_clean: float
-    ce_zero: float
-    ce_spliced: float
-    """Mean next-token cross-entropy (nats) over real tokens: unedited, zero-ablated, spliced."""
-    tokens: int
-    """Next-token predictions averaged over."""
-    score: float
-    """(CE_zero - CE_spliced) / (CE_zero - CE_clean); NaN unless status is "ok"."""
-    status: str
-    """"ok", "no_ablation_effect" (zero ablation leaves the loss unchanged) or "non_finite"."""
-
-
-def splice_score(loaded, prompts: Sequence[str], sae: TopKSAE, layer: int, head: int | None = None, *,
-                 batch_size: int = 8, max_tokens: int | None = None) -> SpliceResult:
-    """The CE score of ``sae`` spliced in for head ``head`` of ``layer`` (its result, d_in =
-    d_head), or for all the layer's heads together when ``head`` is None (d_in = heads * d_head)."""
-    adapter = HeadAdapter(loaded.model)
-    adapter.require_causal_lm("the SAE CE splice")
-    adapter.check_layers([layer])
-    if head is not None:
-        adapter.check_heads([head])
-    d_in = adapter.d_head if head is not None else adapter.n_heads * adapter.d_head
-    if sae.d_in != d_in:
-        what = f"head {head}'s result" if head is not None else f"layer {layer}'s heads' results"
-        raise UsageError(f"SAE reads d_in={sae.d_in}; {what} has {d_in} dimensions")
-    device = input_device(loaded.model)
-    sae = sae.to(device)
-    arms = {"clean": None, "zero": torch.zeros_like,
-            "spliced": lambda x: sae.reconstruct(x.float()).to(x.dtype)}
-    sums = {name: 0.0 for name in arms}
-    count = 0
-    for ids, mask in token_batches(loaded, list(prompts), ScanSettings(batch_size=batch_size, max_tokens=max_tokens)):
-        ids, mask = ids.to(device), mask.to(device)
-        for name, fn in arms.items():
-            total, n = _nll(adapter, ids, mask, _edits(layer, head, fn) if fn else {})
-            sums[name] += total
-        count += n
-    if count == 0:
-        raise UsageError("SAE CE splice: the prompts give no next-token predictions")
-    ce = {name: s / count for name, s in sums.items()}
-    return SpliceResult(ce["clean"], ce["zero"], ce["spliced"], count, *ce_score(ce["clean"], ce["zero"], ce["spliced"]))
-
-
-def ce_score(clean: float, zero: float, spliced: float) -> tuple[float, str]:
-    """(score, status) with the guard described in the module docstring."""
-    if not all(np.isfinite([clean, zero, spliced])):
-        return float("nan"), "non_finite"
-    if abs(zero - clean) < max(_ABLATION_ABS, _ABLATION_REL * abs(clean)):
-        return float("nan"), "no_ablation_effect"
-    return (zero - spliced) / (zero - clean), "ok"
-
-
-def _edits(layer: int, head: int | None, replace_fn: Callable[[Tensor], Tensor]) -> dict:
-    def edit(z: Tensor) -> Tensor:  # (batch, pos, head, d_head)
-        if head is None:
-            return replace_fn(z.flatten(-2)).unflatten(-1, z.shape[-2:])
-        out = z.clone()
-        out[..., head, :] = replace_fn(z[..., head, :])
-        return out
-    return {(layer, "result"): edit}
-
-
-@torch.no_grad()
-def _nll(adapter: HeadAdapter, ids: Tensor, mask: Tensor, edits: dict) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood over pairs of real tokens, and their count."""
-    with adapter.trace([], edits=edits):
-        logits = adapter.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    logp = torch.log_softmax(logits[:, :-1].double(), -1)
-    nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-    valid = mask[:, 1:].bool()
-    return float(nll[valid].sum()), int(valid.sum())
