@@ -171,7 +171,8 @@ def median_difference(xu: np.ndarray, xs: np.ndarray, uu: Sequence[np.ndarray], 
     return d, d - half, d + half, float(df)
 
 
-def _labellings(n_units: int, n_unstable: int, rng: np.random.Generator, n_permutations: int) -> tuple[np.ndarray, bool]:
+def _labellings(n_units: int, n_unstable: int, rng: np.random.Generator,
+                n_permutations: int) -> tuple[np.ndarray, bool]:
     """(labellings, exact): (m, n_units) boolean unstable flags, every labelling with ``n_unstable``
     unstable units when there are at most ``n_permutations``, else that many random shuffles."""
     if math.comb(n_units, n_unstable) <= n_permutations:
@@ -191,7 +192,7 @@ def permutation_p(x: np.ndarray, unstable: np.ndarray, kv: np.ndarray | None, rn
     level = "heads"
     if kv is not None:
         _, unit_of = np.unique(kv, return_inverse=True)
-        flags = np.array([unstable[unit_of == c] for c in range(unit_of.max() + 1)], dtype=object)
+        flags = [unstable[unit_of == c] for c in range(unit_of.max() + 1)]
         if all(f.all() or not f.any() for f in flags):
             units, level = np.arange(unit_of.max() + 1), "key groups"
         else:
@@ -257,13 +258,13 @@ def _row(m: HeadMetrics, metric: str, kind: str, threshold: float, rng: np.rando
     return row
 
 
-def model_rows(m: HeadMetrics, metrics: Sequence[str], calibrated: float = NAN, *, reference: float = REFERENCE,
+def model_rows(m: HeadMetrics, metrics: Sequence[str], calibrated: float = NAN, *,
                n_resamples: int = N_RESAMPLES, n_permutations: int = N_PERMUTATIONS, seed: int = 0) -> list[dict]:
-    """Per metric, the comparison at ``reference`` and at the ``calibrated`` threshold (NaN: none;
+    """Per metric, the comparison at ``REFERENCE`` (0.77) and at the ``calibrated`` threshold (NaN: none;
     the rows say why) (``MODEL_COLUMNS``). ``seed`` seeds the bootstrap and permutations."""
     rng = np.random.default_rng(seed)
     return [_row(m, metric, kind, t, rng, n_resamples, n_permutations)
-            for metric in metrics for kind, t in (("reference", reference), ("calibrated", calibrated))]
+            for metric in metrics for kind, t in (("reference", REFERENCE), ("calibrated", calibrated))]
 
 
 # --- across seeds ---------------------------------------------------------------------------------
@@ -306,8 +307,8 @@ def population_rows(rows: Sequence[dict]) -> list[dict]:
         p_above, p_below = _one_sided(value, se, df)
         finite = np.array([d for d in diffs if np.isfinite(d)])
         same = float(np.mean(np.sign(finite) == np.sign(value))) if k and value != 0 else NAN
-        notes = [f"{name}: {kk} of {len(rs)} seeds with a value" for name, kk in (("difference", k), ("Spearman", k_rho))
-                 if kk < len(rs)]
+        notes = [f"{name}: {kk} of {len(rs)} seeds with a value"
+                 for name, kk in (("difference", k), ("Spearman", k_rho)) if kk < len(rs)]
         out.append(dict(
             population=pop, metric=metric, threshold_kind=kind, n_seeds=len(rs), k_difference=k, difference=value,
             difference_low=low, difference_high=high, se=se, df=df, p_above=p_above, p_below=p_below,
@@ -354,9 +355,10 @@ def verdict_rows(populations: Sequence[dict], metric: str = VERDICT_METRIC,
                 r["correction"] = (f"Holm over {m} population(s), PASS and FAIL claims each; one-sided tests at "
                                    "0.025")
             else:
-                r["rule"] = (f"exploratory, no verdict: '{r['metric']} median difference != 0' at "
-                             f"{'gap <= %g' % REFERENCE if r['threshold_kind'] == 'reference' else 'the calibrated threshold'}"
-                             ", t over seeds; read as 'direction' at one-sided 0.025")
+                where = (f"gap <= {REFERENCE:g}" if r["threshold_kind"] == "reference"
+                         else "each seed's calibrated threshold")
+                r["rule"] = (f"exploratory, no verdict: '{r['metric']} median difference != 0' at {where}, t over "
+                             "seeds; read as 'direction' at one-sided 0.025")
                 r["correction"] = (f"Holm over {m} metric(s) of this population at this threshold (the verdict's row "
                                    "excluded), each direction; not corrected across populations")
     return [{c: r[c] for c in VERDICT_COLUMNS} for r in out]
@@ -378,7 +380,7 @@ class SaeComparison:
 
 def compare(models: Sequence[HeadMetrics], metrics: Sequence[str] | None = None, *,
             verdict_metric: str = VERDICT_METRIC, verdict_threshold: ThresholdKind = "reference",
-            reference: float = REFERENCE, n_resamples: int = N_RESAMPLES, n_permutations: int = N_PERMUTATIONS,
+            n_resamples: int = N_RESAMPLES, n_permutations: int = N_PERMUTATIONS,
             calibration_resamples: int = CALIBRATION_RESAMPLES, seed: int = 0) -> SaeComparison:
     """Every table of this module for ``models`` (seeds of one or more populations). ``metrics``:
     the metrics compared (default: every metric of the first model); every model must have each."""
@@ -399,7 +401,7 @@ def compare(models: Sequence[HeadMetrics], metrics: Sequence[str] | None = None,
         for i, m in enumerate(models):
             t = thresholds(m, calibration_resamples, seed)
             threshold_rows.append(t)
-            rows += model_rows(m, metrics, t["threshold"], reference=reference, n_resamples=n_resamples,
+            rows += model_rows(m, metrics, t["threshold"], n_resamples=n_resamples,
                                n_permutations=n_permutations, seed=seed + i)
     pops = population_rows(rows)
     return SaeComparison(rows, threshold_rows, pops, verdict_rows(pops, verdict_metric, verdict_threshold))

@@ -116,6 +116,10 @@ def test_the_calibrated_threshold_is_calibrations_own_on_importance():
     assert cal["n_unstable"] == int((gap <= t["threshold"]).sum())
     assert cal["difference"] == pytest.approx(np.median(m.metrics[SI][gap <= t["threshold"]])
                                               - np.median(m.metrics[SI][gap > t["threshold"]]))
+    res = compare([m], verdict_threshold="calibrated", n_resamples=50, n_permutations=50, calibration_resamples=50)
+    (v,) = [r for r in res.verdicts if r["key"] == VERDICT_KEY]
+    assert v["threshold_kind"] == "calibrated" and "calibrated against importance (not the SAE metric)" in v["rule"]
+    assert v["verdict"] == "INCONCLUSIVE" and np.isnan(v["p_pass"]) and v["k"] == 1  # one seed: no t over seeds
 
 
 def test_across_seeds_the_t_interval_and_fishers_z():
