@@ -1,1 +1,2 @@
-"""Sparse autoencoders on attention-head results: training, activations and metrics."""
+"""Sparse autoencoders on attention heads' result ``z``: activations streamed from the model
+(``activations``), TopK SAEs trained with SAELens and saved in its layout (``train``)."""
