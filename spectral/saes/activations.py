@@ -170,3 +170,18 @@ def normalised(stream: Iterable[Rows], norms: dict[str, Normalisation]) -> Itera
     """The stream with every source normalised by its statistics."""
     for block in stream:
         yield {k: norms[k].apply(v) for k, v in block.items()}
+
+
+def rechunk(stream: Iterable[Rows], min_rows: int) -> Iterator[Rows]:
+    """The same rows in blocks of at least ``min_rows`` (the last may be shorter): fewer, larger
+    blocks for the shuffle buffer, which copies itself once per block it takes in."""
+    pending: list[Rows] = []
+    count = 0
+    for block in stream:
+        pending.append(block)
+        count += len(next(iter(block.values())))
+        if count >= min_rows:
+            yield {k: torch.cat([b[k] for b in pending]) for k in pending[0]}
+            pending, count = [], 0
+    if pending:
+        yield {k: torch.cat([b[k] for b in pending]) for k in pending[0]}

@@ -42,7 +42,7 @@ from spectral.errors import UsageError
 from spectral.kernels.scan import ScanSettings
 from spectral.models.adapter import HeadAdapter
 from spectral.models.loading import LoadedModel
-from spectral.saes.activations import (Normalisation, Rows, normalised, resolve_targets, take_rows,
+from spectral.saes.activations import (Normalisation, Rows, normalised, rechunk, resolve_targets, take_rows,
                                        z_stream)
 
 SUMMARY = "summary.json"
@@ -219,7 +219,7 @@ def _batches(stream: Iterator[Rows], groups: dict[str, tuple[str, ...]], norms: 
     before ``config.tokens``."""
     sources = sorted({s for srcs in groups.values() for s in srcs})
     mixed = multi_hook_concat_split_iter(config.buffer_batches * config.batch_size, config.batch_size,
-                                         normalised(stream, norms), sources)
+                                         normalised(rechunk(stream, config.batch_size), norms), sources)
     served = 0
     for batch in mixed:
         served += config.batch_size
