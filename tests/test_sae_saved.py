@@ -57,3 +57,26 @@ def test_a_directory_without_our_statistics_is_one_line(saved, tmp_path):
         load_topk(tmp_path / "s")
     with pytest.raises(UsageError, match="not a saved SAE"):
         load_topk(tmp_path)
+
+
+def test_a_layer_sae_of_two_heads_with_different_scales(tmp_path):
+    """Two sources (heads) concatenated, the second 5x larger: the saved per-head scales are
+    expanded over each head's dimensions and the unfolded SAE still encodes as SAELens does."""
+    _, stream, seen = planted_stream(seed=5)
+    halves = [[], []]
+
+    def two_heads():
+        for block in stream:
+            a, b = block["src"][:, :8], 5.0 * block["src"][:, 8:]
+            halves[0].append(a)
+            halves[1].append(b)
+            yield {"a": a, "b": b}
+
+    result = train_saes(two_heads(), {"L0": ("a", "b")}, PLANTED, tmp_path)
+    held_out = torch.cat([torch.cat(halves[0]), torch.cat(halves[1])], dim=1)[:PLANTED.calibration_tokens]
+    name = result.saes[0].name
+    ours, theirs = load_topk(tmp_path / "saes" / name), load_saes(tmp_path)[name]
+    assert ours.scale[:8].unique().numel() == 1 and ours.scale[8:].unique().numel() == 1
+    assert ours.scale[8] / ours.scale[0] == pytest.approx(5.0, rel=0.05)
+    with torch.no_grad():
+        assert torch.allclose(ours.encode(ours.normalise(held_out)), theirs.encode(held_out), atol=1e-4)
