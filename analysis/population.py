@@ -565,3 +565,21 @@ def holm(p_values: Sequence[float]) -> np.ndarray:
         running = max(running, min(1.0, (m - rank) * p[i]))
         out[i] = running
     return out
+
+
+def across_seeds(values: Sequence[float], fisher: bool = False, confidence: float = CONFIDENCE
+                 ) -> tuple[float, float, float, float, float, int]:
+    """(value, low, high, se, df, k) of the t-interval ``mean ± t(k-1) x SD / sqrt(k)`` over the
+    finite values (the seeds' values of one statistic); with ``fisher`` on Fisher's z =
+    atanh(r), value and bounds mapped back with tanh, se on z. Fewer than 2 values: no interval."""
+    v = np.array([x for x in values if np.isfinite(x)], dtype=float)
+    k = v.size
+    if fisher:
+        v = np.arctanh(np.clip(v, -0.999, 0.999))
+    back = np.tanh if fisher else (lambda y: y)
+    if k < 2:
+        return (float(back(v.mean())) if k else NAN), NAN, NAN, NAN, NAN, k
+    se = float(v.std(ddof=1)) / math.sqrt(k)
+    half = float(stats.t.ppf(0.5 + confidence / 2, k - 1)) * se
+    return float(back(v.mean())), float(back(v.mean() - half)), float(back(v.mean() + half)), se, float(k - 1), k
+

@@ -52,7 +52,7 @@ import numpy as np
 from scipy import stats
 
 from analysis.calibration import calibrate, important
-from analysis.population import holm
+from analysis.population import across_seeds, holm
 from analysis.stats import decide_claims, spearman
 from spectral.errors import UsageError
 from spectral.kernels.metrics import UNSTABLE_GAP
@@ -270,18 +270,8 @@ def model_rows(m: HeadMetrics, metrics: Sequence[str], calibrated: float = NAN, 
 # --- across seeds ---------------------------------------------------------------------------------
 
 def _across(values: Sequence[float], fisher: bool = False) -> tuple[float, float, float, float, float, int]:
-    """(value, low, high, se, df, k) of the t-interval over the finite values (on Fisher's z with
-    ``fisher``: value and bounds mapped back, se on z)."""
-    v = np.array([x for x in values if np.isfinite(x)], dtype=float)
-    k = v.size
-    if fisher:
-        v = np.arctanh(np.clip(v, -0.999, 0.999))
-    back = np.tanh if fisher else (lambda y: y)
-    if k < 2:
-        return (float(back(v.mean())) if k else NAN), NAN, NAN, NAN, NAN, k
-    se = float(v.std(ddof=1)) / math.sqrt(k)
-    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, k - 1)) * se
-    return float(back(v.mean())), float(back(v.mean() - half)), float(back(v.mean() + half)), se, float(k - 1), k
+    """(value, low, high, se, df, k): ``analysis.population.across_seeds`` at this module's confidence."""
+    return across_seeds(values, fisher, CONFIDENCE)
 
 
 def _one_sided(mean: float, se: float, df: float) -> tuple[float, float]:
