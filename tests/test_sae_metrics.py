@@ -58,7 +58,7 @@ def test_encode_keeps_top_k_then_relu():
 
 
 def test_encode_decode_match_sae_lens():
-    sae_lens = pytest.importorskip("sae_lens")
+    import sae_lens  # a pinned dependency: the comparison always runs
     ours = random_sae(d_in=6, d_sae=20, k=4)
     lens = sae_lens.TopKSAE(sae_lens.TopKSAEConfig(d_in=6, d_sae=20, k=4))
     with torch.no_grad():
@@ -73,7 +73,7 @@ def test_encode_decode_match_sae_lens():
 def test_from_folded_undoes_sae_lens_fold(apply_b_dec_to_input):
     """SAELens folds ``(x - mean) / scale`` into the weights; ``from_folded`` gives back the
     normalised-space SAE, with the same raw-unit reconstructions."""
-    sae_lens = pytest.importorskip("sae_lens")
+    import sae_lens  # a pinned dependency: the comparison always runs
     ours = replace(random_sae(d_in=6, d_sae=20, k=4).to(dtype=torch.float64), apply_b_dec_to_input=apply_b_dec_to_input)
     mean, scale = torch.linspace(-2.0, 3.0, 6, dtype=torch.float64), torch.linspace(0.5, 4.0, 6, dtype=torch.float64)
     lens = sae_lens.TopKSAE(sae_lens.TopKSAEConfig(d_in=6, d_sae=20, k=4, dtype="float64",
