@@ -99,17 +99,27 @@ def resolve_targets(adapter: HeadAdapter, heads: Iterable[tuple[int, int]] | Non
     return SaeTargets(tuple(chosen), tuple(layer_list) if per_layer else (), adapter.n_heads, adapter.d_head)
 
 
+STREAM_CHUNK_BATCHES = 16
+"""Prompts are batched by length (less padding) only within chunks of this many batches, taken in
+the prompts' order: sorting the whole set would feed the trainer the shortest prompts first and
+the longest last (a drift the shuffle buffer cannot undo)."""
+
+
 @torch.no_grad()
 def z_stream(loaded: LoadedModel, prompts: Sequence[str], settings: ScanSettings,
              targets: SaeTargets) -> Iterator[Rows]:
     """One forward pass per token batch; yields ``{head_name: (real tokens, d_head)}`` float32
-    rows for every source head of ``targets`` (``SaeTargets.sources``)."""
+    rows for every source head of ``targets`` (``SaeTargets.sources``), chunk by chunk of
+    ``STREAM_CHUNK_BATCHES`` batches in the prompts' order."""
     adapter = HeadAdapter(loaded.model)
     device = input_device(loaded.model)
     wanted: dict[int, list[int]] = {}
     for layer, head in targets.sources():
         wanted.setdefault(layer, []).append(head)
-    for ids, mask in token_batches(loaded, prompts, settings):
+    chunk = STREAM_CHUNK_BATCHES * settings.batch_size
+    batches = (batch for start in range(0, len(prompts), chunk)
+               for batch in token_batches(loaded, prompts[start:start + chunk], settings))
+    for ids, mask in batches:
         ids, mask = ids.to(device), mask.to(device)
         real = mask.bool()
         rows: Rows = {}

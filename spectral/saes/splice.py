@@ -42,31 +42,54 @@ def splice_score(loaded, prompts: Sequence[str], sae: TopKSAE, layer: int, head:
                  batch_size: int = 8, max_tokens: int | None = None) -> SpliceResult:
     """The CE score of ``sae`` spliced in for head ``head`` of ``layer`` (its result, d_in =
     d_head), or for all the layer's heads together when ``head`` is None (d_in = heads * d_head)."""
+    return splice_scores(loaded, prompts, [SpliceTarget(sae, layer, head)], batch_size=batch_size,
+                         max_tokens=max_tokens)[0]
+
+
+@dataclass(frozen=True)
+class SpliceTarget:
+    """One SAE and where it is spliced: head ``head`` of ``layer``, or the whole layer (None)."""
+
+    sae: TopKSAE
+    layer: int
+    head: int | None = None
+
+
+def splice_scores(loaded, prompts: Sequence[str], targets: Sequence[SpliceTarget], *, batch_size: int = 8,
+                  max_tokens: int | None = None) -> list[SpliceResult]:
+    """``splice_score`` of many SAEs on the same prompts, each result equal to its own call: per
+    batch the clean loss once, the zero-ablated loss once per distinct (layer, head) and the
+    spliced loss once per SAE."""
     adapter = HeadAdapter(loaded.model)
     adapter.require_causal_lm("the SAE CE splice")
-    adapter.check_layers([layer])
-    if head is not None:
-        adapter.check_heads([head])
-    d_in = adapter.d_head if head is not None else adapter.n_heads * adapter.d_head
-    if sae.d_in != d_in:
-        what = f"head {head}'s result" if head is not None else f"layer {layer}'s heads' results"
-        raise UsageError(f"SAE reads d_in={sae.d_in}; {what} has {d_in} dimensions")
+    adapter.check_layers(sorted({t.layer for t in targets}))
+    adapter.check_heads(sorted({t.head for t in targets if t.head is not None}))
+    for t in targets:
+        d_in = adapter.d_head if t.head is not None else adapter.n_heads * adapter.d_head
+        if t.sae.d_in != d_in:
+            what = f"head {t.head}'s result" if t.head is not None else f"layer {t.layer}'s heads' results"
+            raise UsageError(f"SAE reads d_in={t.sae.d_in}; {what} has {d_in} dimensions")
     device = input_device(loaded.model)
-    sae = sae.to(device)
-    arms = {"clean": None, "zero": torch.zeros_like,
-            "spliced": lambda x: sae.reconstruct(x.float()).to(x.dtype)}
-    sums = {name: 0.0 for name in arms}
-    count = 0
+    saes = [t.sae.to(device) for t in targets]
+    sites = sorted({(t.layer, t.head) for t in targets}, key=lambda lh: (lh[0], -1 if lh[1] is None else lh[1]))
+    clean, zero, spliced, count = 0.0, dict.fromkeys(sites, 0.0), [0.0] * len(targets), 0
     for ids, mask in token_batches(loaded, list(prompts), ScanSettings(batch_size=batch_size, max_tokens=max_tokens)):
         ids, mask = ids.to(device), mask.to(device)
-        for name, fn in arms.items():
-            total, n = _nll(adapter, ids, mask, _edits(layer, head, fn) if fn else {})
-            sums[name] += total
+        total, n = _nll(adapter, ids, mask, {})
+        clean += total
         count += n
+        for site in sites:
+            zero[site] += _nll(adapter, ids, mask, _edits(*site, torch.zeros_like))[0]
+        for i, t in enumerate(targets):
+            fn = (lambda sae: lambda x: sae.reconstruct(x.float()).to(x.dtype))(saes[i])
+            spliced[i] += _nll(adapter, ids, mask, _edits(t.layer, t.head, fn))[0]
     if count == 0:
         raise UsageError("SAE CE splice: the prompts give no next-token predictions")
-    ce = {name: s / count for name, s in sums.items()}
-    return SpliceResult(ce["clean"], ce["zero"], ce["spliced"], count, *ce_score(ce["clean"], ce["zero"], ce["spliced"]))
+    out = []
+    for i, t in enumerate(targets):
+        c, z, s = clean / count, zero[(t.layer, t.head)] / count, spliced[i] / count
+        out.append(SpliceResult(c, z, s, count, *ce_score(c, z, s)))
+    return out
 
 
 def ce_score(clean: float, zero: float, spliced: float) -> tuple[float, str]:
