@@ -263,6 +263,60 @@ REPORT_KERNEL_VERDICTS = _schema(
 """kernel_verdicts.parquet: per population, does the key kernel capture the pre-softmax
 instabilities (``analysis.kernel_agreement.RULE``)."""
 
+SAE_STEERABILITY = pa.schema([
+    pa.field(n, t, nullable=False, metadata={"doc": d}) for n, t, d in (
+        ("model", STR, "model spec"),
+        ("steer_layer", I64, "layer whose resid_pre ActAdd is added to"),
+        ("kl_budget", F64, "side-effect budget: mean KL (nats) on the neutral prompts"),
+        ("scale", F64, "ActAdd coefficient matched to the budget"),
+        ("kl", F64, "mean neutral KL ActAdd reached at that scale"),
+        ("position", STR, "where the features are read (unsteered model)"),
+        ("sae", STR, "SAE name"),
+        ("layer", I64, "layer of the results the SAE reads"),
+        ("head", I64, "head the SAE reads; -1 for a layer SAE (every head's z concatenated)"),
+        ("feature", I64, "feature index"),
+        ("d_sae", I64, "features of the SAE"),
+        ("n_dead", I64, "features of the SAE never active on the prompts (not tested, no row)"),
+        ("n_prompts", I64, "evaluation prompts correlated over"),
+        ("n_active", I64, "prompts on which the feature is active"),
+        ("mean_activation", F64, "mean activation over the prompts"),
+        ("spearman", F64, "Spearman of the activation with the per-prompt ActAdd effect; NaN if constant"),
+        ("p_value", F64, "two-sided p (t approximation on n - 2 df, as scipy.stats.spearmanr)"),
+        ("p_adjusted", F64, "Benjamini-Hochberg adjusted p over every tested feature of every SAE"),
+        ("significant", BOOL, "p_adjusted below the false discovery rate (0.05)"),
+        ("n_tests", I64, "features in the correction"),
+        ("correction", STR, "the multiple-comparison correction and why"))])
+"""sae_steerability.parquet: one row per live SAE feature, the Spearman of its (unsteered)
+activation with the per-prompt effect of ActAdd at the matched budget
+(``spectral.saes.steering.feature_steerability``)."""
+
+SAE_STEERING = pa.schema([
+    pa.field(n, t, nullable=False, metadata={"doc": d}) for n, t, d in (
+        ("model", STR, "model spec"),
+        ("sae", STR, "SAE name"),
+        ("layer", I64, "layer of the SAE; both arms are added to its resid_pre"),
+        ("head", I64, "head the SAE reads; -1 for a layer SAE"),
+        ("arm", STR, "actadd, feature, or feature-actadd (their paired difference)"),
+        ("features", STR, "JSON: the features chosen on the selection split"),
+        ("signs", STR, "JSON: +1 added, -1 subtracted"),
+        ("separation", STR, "JSON: their standardised mean differences (positive - negative selection prompts)"),
+        ("kl_budget", F64, "side-effect budget: mean KL (nats) on the neutral prompts"),
+        ("scale", F64, "coefficient matched to the budget (NaN on the difference row)"),
+        ("kl", F64, "mean neutral KL reached (the difference of the arms' on the difference row)"),
+        ("kl_low", F64, "its interval (bootstrap over neutral prompts)"),
+        ("kl_high", F64, "its interval (bootstrap over neutral prompts)"),
+        ("loss_increase", F64, "mean held-out loss increase (nats/token); NaN without held-out text"),
+        ("effect", F64, "mean effect on the held-out prompts (the mean difference on its row)"),
+        ("effect_low", F64, "t-scaled paired bootstrap interval over the held-out prompts"),
+        ("effect_high", F64, "t-scaled paired bootstrap interval over the held-out prompts"),
+        ("p_value", F64, "one-sided p of 'effect > 0'"),
+        ("n_prompts", I64, "held-out prompts"),
+        ("n_selection", I64, "selection prompts the features were chosen on"),
+        ("cosine_actadd", F64, "cosine of the feature direction with the ActAdd vector at the layer"),
+        ("scheme", STR, "how the interval was computed"))])
+"""sae_steering.parquet: feature-aware steering vs ActAdd at the same KL budget, per SAE one row
+per arm and one for their difference (``analysis.sae_steering.steering_rows``)."""
+
 ALL: dict[str, pa.Schema] = {
     "scan": SCAN, "steer_scan": STEER_SCAN, "patch": PATCH, "patch_examples": PATCH_EXAMPLES,
     "validate_heads": VALIDATE_HEADS, "validate": VALIDATE, "steer_strategies": STEER_STRATEGIES,
@@ -275,6 +329,7 @@ ALL: dict[str, pa.Schema] = {
     "report_feature_folds": REPORT_FEATURE_FOLDS, "report_kernel_pairs": REPORT_KERNEL_PAIRS,
     "report_kernel_thresholds": REPORT_KERNEL_THRESHOLDS, "report_kernel_populations": REPORT_KERNEL_POPULATIONS,
     "report_kernel_verdicts": REPORT_KERNEL_VERDICTS,
+    "sae_steerability": SAE_STEERABILITY, "sae_steering": SAE_STEERING,
 }
 """Every schema by name (for tests and documentation)."""
 
