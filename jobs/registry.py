@@ -25,6 +25,7 @@ KINDS: dict[str, str] = {
     "steer": "jobs.steer",
     "circuits": "jobs.circuits",
     "features": "jobs.features",
+    "saes": "jobs.saes",
 }
 """Experiment kind -> the module whose ``EXPERIMENT`` record defines it (one line per kind)."""
 

@@ -210,6 +210,70 @@ kernels (keys, queries) pool every real token of every prompt (N x N, ridge, cen
 ridge mode as the row says); the per-prompt kernels (scores, probs) are reduced per prompt and
 their metrics averaged over prompts; qk and ov come from the weights alone."""
 
+SAES = pa.schema([
+    *(pa.field(n, t, nullable=False, metadata={"doc": d}) for n, t, d in (
+        ("model", STR, "model spec"),
+        ("name", STR, "SAE name: <target>_k<k> (its directory under saes/)"),
+        ("target", STR, "L<layer>H<head> (one head's z) or L<layer> (all the layer's heads' z concatenated)"),
+        ("kind", STR, "head or layer"),
+        ("layer", I64, "layer"),
+        ("head", I64, "head; -1 for a layer SAE"),
+        ("k", I64, "TopK k"),
+        ("d_in", I64, "input width (d_head, or heads x d_head)"),
+        ("d_sae", I64, "dictionary size (expansion x d_in)"),
+        ("gap", F64, "key-kernel gap of the head on the evaluation prompts; a layer SAE: its heads' smallest"),
+        ("unstable", BOOL, "gap <= threshold (a layer SAE: any of its heads)"),
+        ("threshold", F64, "the run's instability threshold"),
+        ("train_tokens", I64, "training rows each SAE saw (after the calibration rows)"),
+        ("eval_tokens", I64, "held-out evaluation tokens of the metrics"),
+        ("l0", F64, "mean active features per evaluation token"),
+        ("fvu", F64, "fraction of variance unexplained (normalised space)"),
+        ("explained_variance", F64, "1 - fvu"),
+        ("ce_clean", F64, "mean next-token CE (nats), model unedited"),
+        ("ce_zero", F64, "mean next-token CE with the SAE's input zero-ablated"),
+        ("ce_spliced", F64, "mean next-token CE with the SAE's reconstruction spliced in"),
+        ("ce_score", F64, "(ce_zero - ce_spliced) / (ce_zero - ce_clean); NaN unless ce_status is ok"),
+        ("ce_status", STR, "ok, no_ablation_effect or non_finite"),
+        ("ce_tokens", I64, "next-token predictions of the CE splice"),
+        ("dead", I64, "features active on no evaluation token"),
+        ("dense", I64, "features active on more than 10 % of evaluation tokens"),
+        ("dead_fraction", F64, "dead / d_sae"),
+        ("dense_fraction", F64, "dense / d_sae"),
+        ("superposition_index", F64, "features for 90 % EV / principal components for 90 %; NaN unless "
+                                     "superposition_status is ok"),
+        ("features_90", F64, "features (by reconstruction energy) needed for 90 % EV; NaN if never reached"),
+        ("components_90", F64, "principal components of the inputs needed for 90 % of their variance"),
+        ("superposition_status", STR, "ok, below_target, no_variance or not_tracked"),
+        ("feature_dimensionality_mean", F64, "mean over live features of Elhage et al.'s D_i (model units)"),
+        ("feature_dimensionality_median", F64, "median over live features of D_i"),
+        ("attribution_entropy_mean", F64, "layer SAE: mean over live features of the entropy (nats) of the "
+                                          "decoder row's per-head norms; NaN for head SAEs"),
+        ("ev_l0_area", F64, "mean EV over log2(L0) across the run's SAEs of this target (NaN with one k)"),
+        ("path", STR, "the SAE's directory, relative to the run directory"))),
+    pa.field("density_histogram", pa.list_(I64), nullable=False,
+             metadata={"doc": "live features per log10-density bin (spectral.saes.metrics.LOG_DENSITY_EDGES)"}),
+])
+"""saes.parquet (``eigengap saes``): one row per trained SAE with every metric of
+``spectral.saes.metrics`` on held-out evaluation prompts; each column's ``doc`` metadata says what
+it is."""
+
+REPORT_SAE_MODELS = _schema(
+    ("model", STR), ("population", STR), ("seed", I64), ("metric", STR), ("threshold_kind", STR),
+    *_doubles("threshold"), ("calibrated_against", STR), *((n, I64) for n in (
+        "n_heads", "n_unstable", "n_stable", "n_units_unstable", "n_units_stable")),
+    *_doubles("median_unstable", "median_stable", "difference", "difference_low", "difference_high", "df",
+              "p_permutation"), ("permutation", STR), *_doubles("spearman"), ("note", STR))
+"""sae_models.parquet (report): per model, metric and threshold, unstable vs stable heads
+(``analysis.saes.MODEL_COLUMNS``)."""
+
+REPORT_SAE_VERDICTS = _schema(
+    ("key", STR), ("population", STR), ("metric", STR), ("threshold_kind", STR), ("exploratory", BOOL),
+    ("rule", STR), *_doubles("value", "low", "high", "spearman", "spearman_low", "spearman_high", "p_pass", "p_fail",
+                             "p_pass_holm", "p_fail_holm"), ("verdict", STR), ("direction", STR), ("n_seeds", I64),
+    ("k", I64), ("correction", STR), ("note", STR))
+"""sae_verdicts.parquet (report): per population, the verdict row and the exploratory rows of
+unstable vs stable heads (``analysis.saes.VERDICT_COLUMNS``)."""
+
 REPORT_FEATURE_VERDICTS = _schema(
     ("key", STR), ("target", STR), ("hold_out", STR), ("replicate", STR), ("rule", STR),
     *_doubles("value", "low", "high", "p_pass", "p_fail"), ("verdict", STR), ("n_groups", I64), ("n_models", I64),
@@ -328,7 +392,8 @@ ALL: dict[str, pa.Schema] = {
     "report_feature_verdicts": REPORT_FEATURE_VERDICTS, "report_feature_prediction": REPORT_FEATURE_PREDICTION,
     "report_feature_folds": REPORT_FEATURE_FOLDS, "report_kernel_pairs": REPORT_KERNEL_PAIRS,
     "report_kernel_thresholds": REPORT_KERNEL_THRESHOLDS, "report_kernel_populations": REPORT_KERNEL_POPULATIONS,
-    "report_kernel_verdicts": REPORT_KERNEL_VERDICTS,
+    "report_kernel_verdicts": REPORT_KERNEL_VERDICTS, "saes": SAES, "report_sae_models": REPORT_SAE_MODELS,
+    "report_sae_verdicts": REPORT_SAE_VERDICTS,
     "sae_steerability": SAE_STEERABILITY, "sae_steering": SAE_STEERING,
 }
 """Every schema by name (for tests and documentation)."""

@@ -224,3 +224,102 @@ def feature_forest(rows: list[dict], path: str | Path, title: str = "", top: int
                                          "largest |Spearman| (blue); filled: significant after Holm", 90)), fontsize=8)
     fig.tight_layout()
     return save(fig, path)
+
+
+def sae_pareto(table: pa.Table, path: str | Path, title: str = "", threshold: float = UNSTABLE_GAP) -> Path:
+    """Explained variance against L0 (log2) per head SAE across the run's k, one line per head
+    coloured by its key-kernel gap (unstable heads, gap <= threshold, drawn solid, stable dashed);
+    layer SAEs in black."""
+    plt = pyplot()
+    rows = table.to_pylist()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    by_target: dict[str, list[dict]] = {}
+    for r in rows:
+        by_target.setdefault(r["target"], []).append(r)
+    gaps = np.array([r["gap"] for r in rows if r["kind"] == "head"], float)
+    finite = gaps[np.isfinite(gaps)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    cmap = plt.get_cmap("viridis")
+    for target, group in by_target.items():
+        group = sorted(group, key=lambda r: r["l0"])
+        x = [r["l0"] for r in group]
+        y = [r["explained_variance"] for r in group]
+        if group[0]["kind"] == "layer":
+            ax.plot(x, y, color="black", lw=1.4, marker="s", ms=3, label="layer SAEs" if target else None)
+            continue
+        g = group[0]["gap"]
+        colour = cmap((g - lo) / (hi - lo)) if np.isfinite(g) and hi > lo else "grey"
+        ax.plot(x, y, color=colour, lw=0.9, marker="o", ms=2.5, ls="-" if group[0]["unstable"] else "--", alpha=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("L0 (active features per token)")
+    ax.set_ylabel("explained variance (held out)")
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(lo, hi))
+    fig.colorbar(sm, ax=ax, label="head's key-kernel gap")
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles[:1], labels[:1], fontsize=7, loc="lower right")
+    label = f"{title}\n" if title else ""
+    ax.set_title("\n".join(textwrap.wrap(label + f"SAE Pareto curves per head (solid: gap <= {threshold:g})", 80)),
+                 fontsize=8)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def sae_density(table: pa.Table, path: str | Path, title: str = "") -> Path:
+    """Log10 feature-density histograms summed over the unstable and the stable head SAEs (each
+    normalised to its features), at each k; dead features as a separate bar at the left."""
+    from spectral.saes.metrics import LOG_DENSITY_EDGES
+
+    plt = pyplot()
+    rows = [r for r in table.to_pylist() if r["kind"] == "head"]
+    ks = sorted({r["k"] for r in rows})
+    fig, axes = plt.subplots(1, max(1, len(ks)), figsize=(3.2 * max(1, len(ks)), 3.0), squeeze=False)
+    centres = (LOG_DENSITY_EDGES[1:] + LOG_DENSITY_EDGES[:-1]) / 2
+    width = LOG_DENSITY_EDGES[1] - LOG_DENSITY_EDGES[0]
+    for ax, k in zip(axes[0], ks):
+        for unstable, colour in ((True, "tab:red"), (False, "tab:blue")):
+            group = [r for r in rows if r["k"] == k and r["unstable"] == unstable]
+            if not group:
+                continue
+            counts = np.sum([r["density_histogram"] for r in group], axis=0).astype(float)
+            dead = float(sum(r["dead"] for r in group))
+            total = float(sum(r["d_sae"] for r in group))
+            ax.bar(centres, counts / total, width=width, alpha=0.5, color=colour,
+                   label=f"{'unstable' if unstable else 'stable'} ({len(group)} heads)")
+            ax.bar([LOG_DENSITY_EDGES[0] - width], [dead / total], width=width, alpha=0.5, color=colour, hatch="//")
+        ax.set_title(f"k = {k}", fontsize=8)
+        ax.set_xlabel("log10 feature density (hatched: dead)", fontsize=7)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("fraction of features")
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def sae_stable_unstable(table: pa.Table, path: str | Path, title: str = "",
+                        metrics: tuple[str, ...] = ("superposition_index", "l0", "fvu", "ce_score")) -> Path:
+    """Per metric, the head SAEs' values (at the run's largest k <= 8, else its smallest) of
+    unstable and stable heads side by side, each point a head."""
+    plt = pyplot()
+    rows = [r for r in table.to_pylist() if r["kind"] == "head"]
+    ks = sorted({r["k"] for r in rows})
+    k = max((x for x in ks if x <= 8), default=ks[0]) if ks else None
+    rows = [r for r in rows if r["k"] == k]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(1.9 * len(metrics), 3.0), squeeze=False)
+    rng = np.random.default_rng(0)
+    for ax, m in zip(axes[0], metrics):
+        for i, unstable in enumerate((True, False)):
+            v = np.array([r[m] for r in rows if r["unstable"] == unstable], float)
+            v = v[np.isfinite(v)]
+            ax.scatter(i + rng.uniform(-0.15, 0.15, v.size), v, s=8, alpha=0.7,
+                       color="tab:red" if unstable else "tab:blue")
+            if v.size:
+                ax.hlines(np.median(v), i - 0.3, i + 0.3, color="black", lw=1.2)
+        ax.set_xticks([0, 1], ["unstable", "stable"], fontsize=7)
+        ax.set_title(m, fontsize=7)
+        ax.tick_params(labelsize=6)
+    fig.suptitle("\n".join(textwrap.wrap((f"{title}: " if title else "") + f"head SAEs at k = {k} "
+                                         "(black: median)", 90)), fontsize=8)
+    fig.tight_layout()
+    return save(fig, path)
