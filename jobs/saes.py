@@ -31,6 +31,7 @@ import re
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -43,6 +44,8 @@ from spectral.errors import UsageError
 from spectral.kernels.metrics import UNSTABLE_GAP
 
 RESULT_FILE = "saes.parquet"
+STEERABILITY_FILE = "sae_steerability.parquet"
+STEERING_FILE = "sae_steering.parquet"
 TRAIN_SEED = 40_000
 EVAL_SEED = 50_000
 EPISODES_PER_PROMPT = 4
@@ -92,8 +95,17 @@ class SaesConfig(JobConfig):
     """Held-out tokens the metrics are measured on (whole batches)."""
     splice_prompts: int = Field(64, gt=0)
     """Evaluation prompts of the CE splice score."""
+    concept: str | None = None
+    """Concept for the steerability analyses (sentiment, love-hate or a concept file; default: sentiment for
+    organisms, none otherwise): which features predict ActAdd's effect, and steering along the concept's features."""
+    steer_layer: int | None = Field(None, ge=0)
+    """Layer whose ActAdd effect the features are correlated with (default: the middle layer, as eigengap steer)."""
+    kl_budget: float = Field(0.25, gt=0)
+    """Side-effect budget (mean KL on neutral prompts, nats) both steering arms are matched to."""
+    steer_features: int = Field(4, ge=1)
+    """Features (chosen on the selection split) that feature-aware steering steers along."""
     seed: int = 0
-    """SAE initialisation and shuffling seed."""
+    """SAE initialisation and shuffling seed; also the steering split's seed."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the model runs ('auto': a CUDA GPU when there is one); the SAEs train on the CPU."""
     force: bool = False
@@ -183,6 +195,7 @@ def run(config: SaesConfig, *, echo=print):
     n_layers, n_heads, d_head = adapter.n_layers, adapter.n_heads, adapter.d_head
     chosen = parse_heads(config.heads, n_layers, n_heads)
     training.check(d_head)
+    concept, steer_layer = _steering_setup(config, loaded, organism, n_layers)
     tok = loaded.tokenizer
     if config.prompts is not None:
         train_prompts = read_prompts(config.prompts)
@@ -226,8 +239,9 @@ def run(config: SaesConfig, *, echo=print):
 
     tmp = config.out / f".saes-{time.strftime('%Y%m%d%H%M%S')}-{id(config):x}"
     try:
-        rows, result = _train_and_measure(loaded, train_prompts, eval_prompts, heads, settings, training, config,
-                                          tmp, gaps, echo)
+        rows, result, entries = _train_and_measure(loaded, train_prompts, eval_prompts, heads, settings, training,
+                                                   config, tmp, gaps, echo)
+        steering = _steering(loaded, entries, concept, steer_layer, config, echo) if concept is not None else None
         _install(tmp, config.out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -239,7 +253,9 @@ def run(config: SaesConfig, *, echo=print):
               "train_tokens": result.tokens, "train_seconds": round(result.seconds, 3),
               "tokens_per_second": round(result.tokens_per_second, 1),
               "seconds": round(time.perf_counter() - start, 3), "versions": _versions()}
-    _write(config.out, table, comparison, params, summary, spec.text, config.threshold)
+    if steering is not None:
+        summary += "\n\n" + _steering_summary(steering, config)
+    _write(config.out, table, comparison, params, summary, spec.text, config.threshold, steering)
     echo(summary)
     echo(f"wrote {config.out / RESULT_FILE} ({table.num_rows} SAEs; trained {result.tokens} tokens each at "
          f"{result.tokens_per_second:,.0f} tokens/s) in {params['seconds']:.1f} s")
@@ -274,7 +290,57 @@ def _train_and_measure(loaded, train_prompts, eval_prompts, heads, settings, tra
     echo(f"measuring {len(entries)} SAEs on {config.eval_tokens:,} held-out tokens")
     measured = evaluate_saes(loaded, entries, eval_prompts, settings, eval_tokens=config.eval_tokens,
                              splice_prompts=config.splice_prompts)
-    return with_ev_l0_area([{**b, **m} for b, m in zip(base, measured)]), result
+    return with_ev_l0_area([{**b, **m} for b, m in zip(base, measured)]), result, entries
+
+
+def _steering_setup(config: SaesConfig, loaded, organism: bool, n_layers: int):
+    """(concept or None, the ActAdd layer of the correlation screen), checked before any work."""
+    from spectral.steering.concepts import concept_for
+
+    name = config.concept if config.concept is not None else ("sentiment" if organism else None)
+    layer = n_layers // 2 if config.steer_layer is None else config.steer_layer
+    if layer >= n_layers:
+        raise UsageError(f"--steer-layer {layer} out of range (the model has layers 0..{n_layers - 1})")
+    if name is None:
+        return None, layer
+    return concept_for(name, loaded), layer
+
+
+@dataclass
+class SteeringResults:
+    steerability: list[dict]
+    steering: list[dict]
+    summary: list[dict]
+    """``analysis.sae_steering.correlation_summary`` of ``steerability``."""
+
+
+def _steering(loaded, entries, concept, steer_layer: int, config: SaesConfig, echo) -> SteeringResults:
+    """At k = ``VERDICT_K`` (or the run's k nearest above, else its largest): the correlation
+    screen of every SAE's features with ActAdd's per-prompt effect at ``steer_layer``, and
+    feature-aware steering with every SAE against ActAdd at the SAE's layer, both at the budget."""
+    from analysis.sae_steering import correlation_summary, steer_split, steering_rows
+    from spectral.models.adapter import HeadAdapter
+    from spectral.saes.steering import actadd_at_budget, feature_aware_steering, feature_steerability
+    from spectral.steering.measure import Evaluator
+
+    ks = sorted({e.k for e in entries})
+    k = next((x for x in ks if x >= VERDICT_K), ks[-1])
+    chosen = [e for e in entries if e.k == k]
+    ev = Evaluator(HeadAdapter(loaded.model), loaded.tokenizer, concept)
+    echo(f"steering: correlation screen of {len(chosen)} SAEs (k = {k}) with ActAdd at layer {steer_layer}; "
+         f"feature-aware steering with each, at KL {config.kl_budget:g}")
+    saes = {e.name: (e.layer, e.head, e.sae) for e in chosen}
+    screen = feature_steerability(loaded, saes, concept, layer=steer_layer, kl_budget=config.kl_budget, evaluator=ev)
+    split = steer_split(ev.base_score, 0.5, config.seed)
+    actadd = {steer_layer: screen.actadd}
+    steering = []
+    for e in chosen:
+        if e.layer not in actadd:
+            actadd[e.layer] = actadd_at_budget(ev, e.layer, config.kl_budget)
+        result = feature_aware_steering(loaded, saes[e.name], concept, kl_budget=config.kl_budget, split=split,
+                                        name=e.name, m=config.steer_features, evaluator=ev, actadd=actadd[e.layer])
+        steering += steering_rows(result, seed=config.seed)
+    return SteeringResults(screen.rows, steering, correlation_summary(screen.rows) if screen.rows else [])
 
 
 def _install(tmp: Path, out: Path) -> None:
@@ -355,7 +421,34 @@ def _summary(table, comparison, title: str, config: SaesConfig) -> str:
     return "\n".join(lines)
 
 
-def _write(out: Path, table, comparison, params, summary, title, threshold) -> None:
+def _steering_summary(st: SteeringResults, config: SaesConfig) -> str:
+    from analysis.sae_steering import DIFFERENCE
+    from spectral.saes.steering import CORRECTION
+
+    lines = ["## Features and steerability", ""]
+    total = next((r for r in st.summary if r["sae"] == "all"), None)
+    if total is None:
+        lines.append("No live feature to correlate.")
+    else:
+        lines.append(f"Correlation screen: {total['n_tested']} live features tested, {total['n_significant']} "
+                     f"significant ({CORRECTION}); top {total['top_feature']} (Spearman "
+                     f"{_fmt(total['top_spearman'])}, adjusted p {_fmt(total['top_p_adjusted'], 4)}).")
+    lines += ["", f"Feature-aware steering ({config.steer_features} features chosen on the selection split) minus "
+              f"ActAdd at the SAE's layer, both at KL {config.kl_budget:g}, on the held-out prompts:", "",
+              "| SAE | ActAdd effect | feature effect | difference [95% CI] | cosine with ActAdd |", "|---|---|---|---|---|"]
+    by_sae: dict[str, dict] = {}
+    for r in st.steering:
+        by_sae.setdefault(r["sae"], {})[r["arm"]] = r
+    for name, arms in by_sae.items():
+        d = arms[DIFFERENCE]
+        lines.append(f"| {name} | {_fmt(arms['actadd']['effect'])} | {_fmt(arms['feature']['effect'])} | "
+                     f"{_fmt(d['effect'])} [{_fmt(d['effect_low'])}, {_fmt(d['effect_high'])}] | "
+                     f"{_fmt(d['cosine_actadd'])} |")
+    lines += ["", "One model's SAEs are not independent replicates; the verdict over training seeds is the report's."]
+    return "\n".join(lines)
+
+
+def _write(out: Path, table, comparison, params, summary, title, threshold, steering=None) -> None:
     from analysis.render.plots import sae_density, sae_pareto, sae_stable_unstable
     from cluster.store import write_json, write_parquet, write_text
 
@@ -369,6 +462,11 @@ def _write(out: Path, table, comparison, params, summary, title, threshold) -> N
         write_parquet(tables.from_rows([{**r, "seed": -1 if r["seed"] is None else r["seed"]}
                                         for r in comparison.models], tables.REPORT_SAE_MODELS, "sae_models.parquet"),
                       out / "sae_models.parquet", tables.REPORT_SAE_MODELS)
+    if steering is not None:
+        write_parquet(tables.from_rows(steering.steerability, tables.SAE_STEERABILITY, STEERABILITY_FILE),
+                      out / STEERABILITY_FILE, tables.SAE_STEERABILITY)
+        write_parquet(tables.from_rows(steering.steering, tables.SAE_STEERING, STEERING_FILE),
+                      out / STEERING_FILE, tables.SAE_STEERING)
     write_parquet(table, out / RESULT_FILE, tables.SAES)  # last: its presence means the run completed
 
 
@@ -410,7 +508,9 @@ def load(cell_dir: Path):
 
 EXPERIMENT = Experiment(
     kind="saes", help="TopK SAEs (SAELens) on heads' results: superposition and sparsity, stable vs unstable heads",
-    config=SaesConfig, run=run, tables={RESULT_FILE: tables.SAES}, cost=cost, metrics=unit_metrics, load=load)
+    config=SaesConfig, run=run, tables={RESULT_FILE: tables.SAES, STEERABILITY_FILE: tables.SAE_STEERABILITY,
+                                        STEERING_FILE: tables.SAE_STEERING, "sae_models.parquet": tables.REPORT_SAE_MODELS},
+    cost=cost, metrics=unit_metrics, load=load)
 
 
 def main(argv: list[str] | None = None) -> int:
