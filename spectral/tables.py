@@ -381,6 +381,45 @@ SAE_STEERING = pa.schema([
 """sae_steering.parquet: feature-aware steering vs ActAdd at the same KL budget, per SAE one row
 per arm and one for their difference (``analysis.sae_steering.steering_rows``)."""
 
+SAE_RECOVERY = pa.schema([
+    pa.field(n, t, nullable=n in ("feature", "sign"), metadata={"doc": d}) for n, t, d in (
+        ("model", STR, "model spec (an organism)"),
+        ("sae", STR, "SAE name"),
+        ("kind", STR, "head or layer"),
+        ("layer", I64, "layer of the results the SAE reads"),
+        ("head", I64, "head the SAE reads; -1 for a layer SAE (every head's z concatenated in head order)"),
+        ("d_in", I64, "SAE input width"),
+        ("d_sae", I64, "features of the SAE (also the random directions per draw)"),
+        ("k", I64, "TopK k"),
+        ("variable", STR, "planted variable: ioi_io (the indirect object is name n) or sentiment"),
+        ("scope", STR, "class: one class against the rest; variable: the mean over the variable's class rows"),
+        ("positive_class", STR, "the class against the rest ('' on a variable row)"),
+        ("n_classes", I64, "class rows averaged (1 on a class row)"),
+        ("n_selection", I64, "prompts the feature is chosen on"),
+        ("n_evaluation", I64, "prompts it is scored on"),
+        ("n_positive_selection", I64, "the class's selection prompts (variable row: the smallest class's)"),
+        ("n_positive_evaluation", I64, "the class's evaluation prompts (variable row: the smallest class's)"),
+        ("feature", I64, "feature chosen on the selection prompts (null on a variable row)"),
+        ("sign", I64, "+1: the feature fires for the class; -1: it is silent for it (null on a variable row)"),
+        ("auroc_selection", F64, "max(AUROC, 1 - AUROC) of the chosen feature on the selection prompts"),
+        ("auroc", F64, "AUROC of sign x feature on the evaluation prompts"),
+        ("auroc_low", F64, "95 % percentile bootstrap over evaluation prompts (within classes), choice fixed"),
+        ("auroc_high", F64, "95 % percentile bootstrap over evaluation prompts (within classes), choice fixed"),
+        ("random_auroc_selection", F64, "best random direction's selection AUROC, mean over draws"),
+        ("random_auroc", F64, "evaluation AUROC of the random direction chosen on the selection prompts, mean "
+                              "over draws"),
+        ("random_sd", F64, "its SD over draws (NaN with one draw)"),
+        ("random_low", F64, "its 2.5 % quantile over draws"),
+        ("random_high", F64, "its 97.5 % quantile over draws"),
+        ("difference", F64, "auroc - random_auroc"),
+        ("random_draws", I64, "draws of d_sae random unit directions (plain projections, normalised input space)"),
+        ("prompt_seed", I64, "seed of the probe prompts, the split, the draws and the bootstrap"),
+        ("note", STR, "why a value is degenerate ('' when none)"))])
+"""sae_recovery.parquet: per SAE and planted variable of an organism, one row per class and one
+for the variable: the best single feature's AUROC at the prompts' final token, chosen on the
+selection prompts and scored on the evaluation prompts, beside random directions chosen and
+scored the same way (``spectral.saes.groundtruth.recovery``)."""
+
 ALL: dict[str, pa.Schema] = {
     "scan": SCAN, "steer_scan": STEER_SCAN, "patch": PATCH, "patch_examples": PATCH_EXAMPLES,
     "validate_heads": VALIDATE_HEADS, "validate": VALIDATE, "steer_strategies": STEER_STRATEGIES,
@@ -394,7 +433,7 @@ ALL: dict[str, pa.Schema] = {
     "report_kernel_thresholds": REPORT_KERNEL_THRESHOLDS, "report_kernel_populations": REPORT_KERNEL_POPULATIONS,
     "report_kernel_verdicts": REPORT_KERNEL_VERDICTS, "saes": SAES, "report_sae_models": REPORT_SAE_MODELS,
     "report_sae_verdicts": REPORT_SAE_VERDICTS,
-    "sae_steerability": SAE_STEERABILITY, "sae_steering": SAE_STEERING,
+    "sae_steerability": SAE_STEERABILITY, "sae_steering": SAE_STEERING, "sae_recovery": SAE_RECOVERY,
 }
 """Every schema by name (for tests and documentation)."""
 
