@@ -63,6 +63,7 @@ def run(run_dir: Path, out: Path | None = None, echo=print, *, n_resamples: int 
     figs["cells"] = other_cells(data)
     figs["circuits"] = circuits_section(data, out, n_resamples, n_permutations, seed)
     figs["beyond"] = beyond_section(data, out, n_resamples, n_permutations, seed)
+    figs["saes"] = saes_section(data, out, n_resamples, n_permutations, seed)
     for name, (rows, schema) in TABLES.items():
         write_parquet(schemas.from_rows(getattr(result, rows), schema, str(out / name)), out / name, schema)
     facts = summary(data, result)
@@ -80,6 +81,10 @@ def run(run_dir: Path, out: Path | None = None, echo=print, *, n_resamples: int 
                 facts["verdicts"][f"beyond/{target}/{r['key']}"] = r["verdict"]
         for r in figs["beyond"].agreement.verdicts:
             facts["verdicts"][f"{r['population']}/beyond/{r['key']}"] = r["verdict"]
+    if figs["saes"] is not None:
+        from jobs.saes_section import verdict_facts
+
+        facts["verdicts"].update(verdict_facts(figs["saes"]))
     write_json(facts, out / "summary.json")
     page = write_text(render(data, result, figs), out / RESULT_FILE)  # last: its presence means the report is complete
     counts = {v: sum(r["verdict"] == v for r in result.verdicts) for v in ("PASS", "FAIL", "INCONCLUSIVE")}
@@ -140,6 +145,14 @@ def beyond_section(data, out: Path, n_resamples: int, n_permutations: int, seed:
                    n_permutations=max(n_permutations, BEYOND_PERMUTATIONS), seed=seed)
 
 
+def saes_section(data, out: Path, n_resamples: int, n_permutations: int, seed: int):
+    """SAEs on heads' results (``jobs.saes_section``): stable vs unstable heads, feature-aware
+    steering and ground truth over training seeds; None without saes cells."""
+    from jobs.saes_section import section
+
+    return section(data, out, load_cell, n_resamples=n_resamples, n_permutations=n_permutations, seed=seed)
+
+
 BEYOND_RESAMPLES = 1000
 """At most this many bootstrap resamples of the whole held-out procedure (each refits every fold)."""
 BEYOND_PERMUTATIONS = 10_000
@@ -152,7 +165,7 @@ def other_cells(data) -> list:
     return [(cell, *experiment(cell.kind).metrics(path)) for cell, path in data.cells if cell.kind not in ANALYSED]
 
 
-ANALYSED = (*READS, "circuits", "features")
+ANALYSED = (*READS, "circuits", "features", "saes")
 """Kinds with an analysis of their own on the page (the cross-model analysis, the circuits and
 beyond-the-gap sections)."""
 

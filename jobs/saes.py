@@ -46,6 +46,7 @@ from spectral.kernels.metrics import UNSTABLE_GAP
 RESULT_FILE = "saes.parquet"
 STEERABILITY_FILE = "sae_steerability.parquet"
 STEERING_FILE = "sae_steering.parquet"
+RECOVERY_FILE = "sae_recovery.parquet"
 TRAIN_SEED = 40_000
 EVAL_SEED = 50_000
 EPISODES_PER_PROMPT = 4
@@ -83,7 +84,7 @@ class SaesConfig(JobConfig):
     """Prompts per forward pass (activation generation and evaluation)."""
     max_tokens: int | None = Field(None, gt=0)
     """Truncate each prompt to this many tokens (default: the model's context length)."""
-    sae_batch_size: int = Field(1024, gt=0)
+    sae_batch_size: int = Field(4096, gt=0)
     """Activation rows per optimiser step."""
     lr: float = Field(1e-2, gt=0)
     """Adam learning rate at the start (cosine annealing to --lr-end; docs/DESIGN.md says how it was chosen)."""
@@ -102,6 +103,8 @@ class SaesConfig(JobConfig):
     """Layer whose ActAdd effect the features are correlated with (default: the middle layer, as eigengap steer)."""
     kl_budget: float = Field(0.25, gt=0)
     """Side-effect budget (mean KL on neutral prompts, nats) both steering arms are matched to."""
+    ground_truth: bool = True
+    """Organisms: measure how well the SAEs' features recover the planted IOI name and sentiment."""
     steer_features: int = Field(4, ge=1)
     """Features (chosen on the selection split) that feature-aware steering steers along."""
     seed: int = 0
@@ -242,6 +245,7 @@ def run(config: SaesConfig, *, echo=print):
         rows, result, entries = _train_and_measure(loaded, train_prompts, eval_prompts, heads, settings, training,
                                                    config, tmp, gaps, echo)
         steering = _steering(loaded, entries, concept, steer_layer, config, echo) if concept is not None else None
+        recovered = _recovery(loaded, entries, echo) if organism and config.ground_truth else None
         _install(tmp, config.out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -255,7 +259,9 @@ def run(config: SaesConfig, *, echo=print):
               "seconds": round(time.perf_counter() - start, 3), "versions": _versions()}
     if steering is not None:
         summary += "\n\n" + _steering_summary(steering, config)
-    _write(config.out, table, comparison, params, summary, spec.text, config.threshold, steering)
+    if recovered is not None:
+        summary += "\n\n" + _recovery_summary(recovered)
+    _write(config.out, table, comparison, params, summary, spec.text, config.threshold, steering, recovered)
     echo(summary)
     echo(f"wrote {config.out / RESULT_FILE} ({table.num_rows} SAEs; trained {result.tokens} tokens each at "
          f"{result.tokens_per_second:,.0f} tokens/s) in {params['seconds']:.1f} s")
@@ -323,9 +329,7 @@ def _steering(loaded, entries, concept, steer_layer: int, config: SaesConfig, ec
     from spectral.saes.steering import actadd_at_budget, feature_aware_steering, feature_steerability
     from spectral.steering.measure import Evaluator
 
-    ks = sorted({e.k for e in entries})
-    k = next((x for x in ks if x >= VERDICT_K), ks[-1])
-    chosen = [e for e in entries if e.k == k]
+    k, chosen = _verdict_entries(entries)
     ev = Evaluator(HeadAdapter(loaded.model), loaded.tokenizer, concept)
     echo(f"steering: correlation screen of {len(chosen)} SAEs (k = {k}) with ActAdd at layer {steer_layer}; "
          f"feature-aware steering with each, at KL {config.kl_budget:g}")
@@ -448,7 +452,36 @@ def _steering_summary(st: SteeringResults, config: SaesConfig) -> str:
     return "\n".join(lines)
 
 
-def _write(out: Path, table, comparison, params, summary, title, threshold, steering=None) -> None:
+def _verdict_entries(entries):
+    ks = sorted({e.k for e in entries})
+    k = next((x for x in ks if x >= VERDICT_K), ks[-1])
+    return k, [e for e in entries if e.k == k]
+
+
+def _recovery(loaded, entries, echo) -> list[dict]:
+    """Ground truth on an organism: every SAE at the verdict's k on the planted variables
+    (``spectral.saes.groundtruth``)."""
+    from spectral.saes.groundtruth import recovery
+
+    k, chosen = _verdict_entries(entries)
+    echo(f"ground truth: {len(chosen)} SAEs (k = {k}) against the planted IOI name and sentiment")
+    return [r.as_dict() for r in recovery(loaded, {e.name: (e.layer, e.head, e.sae) for e in chosen})]
+
+
+def _recovery_summary(rows: list[dict]) -> str:
+    lines = ["## Ground truth: planted variables", "",
+             "Best single feature's AUROC on the evaluation prompts (chosen on the selection prompts) against the best "
+             "of as many random directions chosen the same way (mean over draws).", "",
+             "| SAE | variable | best feature AUROC [95%] | random AUROC | difference |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r["scope"] != "variable":
+            continue
+        lines.append(f"| {r['sae']} | {r['variable']} | {_fmt(r['auroc'])} [{_fmt(r['auroc_low'])}, "
+                     f"{_fmt(r['auroc_high'])}] | {_fmt(r['random_auroc'])} | {_fmt(r['difference'])} |")
+    return "\n".join(lines)
+
+
+def _write(out: Path, table, comparison, params, summary, title, threshold, steering=None, recovered=None) -> None:
     from analysis.render.plots import sae_density, sae_pareto, sae_stable_unstable
     from cluster.store import write_json, write_parquet, write_text
 
@@ -467,6 +500,9 @@ def _write(out: Path, table, comparison, params, summary, title, threshold, stee
                       out / STEERABILITY_FILE, tables.SAE_STEERABILITY)
         write_parquet(tables.from_rows(steering.steering, tables.SAE_STEERING, STEERING_FILE),
                       out / STEERING_FILE, tables.SAE_STEERING)
+    if recovered is not None:
+        write_parquet(tables.from_rows(recovered, tables.SAE_RECOVERY, RECOVERY_FILE), out / RECOVERY_FILE,
+                      tables.SAE_RECOVERY)
     write_parquet(table, out / RESULT_FILE, tables.SAES)  # last: its presence means the run completed
 
 
@@ -509,7 +545,8 @@ def load(cell_dir: Path):
 EXPERIMENT = Experiment(
     kind="saes", help="TopK SAEs (SAELens) on heads' results: superposition and sparsity, stable vs unstable heads",
     config=SaesConfig, run=run, tables={RESULT_FILE: tables.SAES, STEERABILITY_FILE: tables.SAE_STEERABILITY,
-                                        STEERING_FILE: tables.SAE_STEERING, "sae_models.parquet": tables.REPORT_SAE_MODELS},
+                                        STEERING_FILE: tables.SAE_STEERING, RECOVERY_FILE: tables.SAE_RECOVERY,
+                                        "sae_models.parquet": tables.REPORT_SAE_MODELS},
     cost=cost, metrics=unit_metrics, load=load)
 
 

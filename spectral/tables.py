@@ -274,6 +274,21 @@ REPORT_SAE_VERDICTS = _schema(
 """sae_verdicts.parquet (report): per population, the verdict row and the exploratory rows of
 unstable vs stable heads (``analysis.saes.VERDICT_COLUMNS``)."""
 
+REPORT_SAE_STEERING_VERDICTS = _schema(
+    ("key", STR), ("population", STR), ("kind", STR), ("rule", STR),
+    *_doubles("value", "low", "high", "p_pass", "p_fail", "p_pass_holm", "p_fail_holm"), ("verdict", STR),
+    ("n_seeds", I64), ("k", I64), ("per_seed", STR), ("correction", STR), ("note", STR))
+"""sae_steering_verdicts.parquet (report): per population, does feature-aware steering beat ActAdd
+at the same KL budget (``analysis.sae_steering.VERDICT_COLUMNS``)."""
+
+REPORT_SAE_GROUNDTRUTH = _schema(
+    ("key", STR), ("population", STR), ("variable", STR), ("kind", STR), ("rule", STR),
+    *_doubles("value", "low", "high", "se", "df", "auroc", "random_auroc", "p_pass", "p_fail", "p_pass_holm",
+              "p_fail_holm"), ("verdict", STR), ("n_seeds", I64), ("k", I64), ("per_seed", STR), ("scheme", STR),
+    ("correction", STR), ("note", STR))
+"""sae_groundtruth_verdicts.parquet (report): per population and planted variable, do SAE
+features recover it better than random directions (``analysis.sae_groundtruth.VERDICT_COLUMNS``)."""
+
 REPORT_FEATURE_VERDICTS = _schema(
     ("key", STR), ("target", STR), ("hold_out", STR), ("replicate", STR), ("rule", STR),
     *_doubles("value", "low", "high", "p_pass", "p_fail"), ("verdict", STR), ("n_groups", I64), ("n_models", I64),
@@ -432,7 +447,8 @@ ALL: dict[str, pa.Schema] = {
     "report_feature_folds": REPORT_FEATURE_FOLDS, "report_kernel_pairs": REPORT_KERNEL_PAIRS,
     "report_kernel_thresholds": REPORT_KERNEL_THRESHOLDS, "report_kernel_populations": REPORT_KERNEL_POPULATIONS,
     "report_kernel_verdicts": REPORT_KERNEL_VERDICTS, "saes": SAES, "report_sae_models": REPORT_SAE_MODELS,
-    "report_sae_verdicts": REPORT_SAE_VERDICTS,
+    "report_sae_verdicts": REPORT_SAE_VERDICTS, "report_sae_steering_verdicts": REPORT_SAE_STEERING_VERDICTS,
+    "report_sae_groundtruth": REPORT_SAE_GROUNDTRUTH,
     "sae_steerability": SAE_STEERABILITY, "sae_steering": SAE_STEERING, "sae_recovery": SAE_RECOVERY,
 }
 """Every schema by name (for tests and documentation)."""

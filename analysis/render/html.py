@@ -421,6 +421,55 @@ def _beyond(run: RunData, a: Analysis, figs: dict) -> str:
 
 Section = Callable[[RunData, Analysis, dict], str]
 
+def _saes(run: RunData, a: Analysis, figs: dict) -> str:
+    """SAEs on heads' results (``jobs.saes_section``): stable vs unstable verdicts and the
+    exploratory metrics, feature-aware steering, the correlation screen, ground truth."""
+    s = figs.get("saes")
+    if not s:
+        return "<p class=\"note\">No saes experiment in this run.</p>"
+    parts = []
+    c = s.comparison
+    if c is not None:
+        verdict = [r for r in c.verdicts if not r["exploratory"]]
+        if verdict:
+            parts.append(f"<div class=\"rule\"><b>Rule:</b> {_e(verdict[0]['rule'])}</div>")
+        parts.append(_html_table(
+            ["population", "claim / metric", "threshold", "seeds", "unstable - stable (mean over seeds)", "95 %",
+             "Spearman with gap", "95 %", "p pass / fail (Holm)", "verdict", "direction", "correction", "note"],
+            [[r["population"], r["key"] if not r["exploratory"] else r["metric"], r["threshold_kind"], r["k"],
+              _num(r["value"]), _ci(r["low"], r["high"]), _num(r["spearman"]), _ci(r["spearman_low"], r["spearman_high"]),
+              f"{_num(r['p_pass_holm'])} / {_num(r['p_fail_holm'])}", r["verdict"] or "(exploratory)", r["direction"],
+              r["correction"], r["note"]] for r in sorted(c.verdicts, key=lambda r: (r["exploratory"], r["population"]))],
+            {3, 4, 6}))
+        parts.append(_img(s.plots.get("differences"), "unstable - stable differences",
+                          "per population and metric, the mean over seeds of the unstable - stable median difference"))
+    if s.steering:
+        parts.append("<h3>Feature-aware steering vs ActAdd at the same KL budget</h3>")
+        parts.append(f"<div class=\"rule\"><b>Rule:</b> {_e(s.steering[0]['rule'])}</div>")
+        parts.append(_html_table(
+            ["population", "claim", "seeds", "feature - ActAdd", "95 %", "p pass / fail (Holm)", "verdict", "per seed",
+             "correction", "note"],
+            [[r["population"], r["key"], r["k"], _num(r["value"]), _ci(r["low"], r["high"]),
+              f"{_num(r['p_pass_holm'])} / {_num(r['p_fail_holm'])}", r["verdict"], r["per_seed"], r["correction"],
+              r["note"]] for r in s.steering], {2, 3}))
+    if s.screen:
+        parts.append("<h3>Which features predict ActAdd's per-prompt effect (correlation screen)</h3>")
+        parts.append(_html_table(
+            ["model", "features tested", "dead", "significant", "top feature", "its Spearman", "adjusted p", "correction"],
+            [[r["model"], r["n_tested"], r["n_dead"], r["n_significant"], r["top_feature"], _num(r["top_spearman"]),
+              _num(r["top_p_adjusted"]), r["correction"]] for r in s.screen], {1, 2, 3, 5, 6}))
+    if s.recovery:
+        parts.append("<h3>Ground truth: do SAE features recover the organisms' planted variables?</h3>")
+        parts.append(f"<div class=\"rule\"><b>Rule:</b> {_e(s.recovery[0].get('rule', ''))}</div>")
+        cols = [k for k in ("population", "variable", "kind", "k", "value", "low", "high", "verdict", "per_seed",
+                            "correction", "note") if k in s.recovery[0]]
+        parts.append(_html_table(cols, [[_num(r[k]) if isinstance(r[k], float) else r[k] for k in cols]
+                                        for r in s.recovery], set()))
+    if s.notes:
+        parts.append(f"<p class=\"note\">{_e('; '.join(s.notes))}</p>")
+    return "".join(parts)
+
+
 SECTIONS: tuple[tuple[str, str, Section], ...] = (
     ("verdicts", "Verdicts", lambda run, a, figs: _verdicts(a)),
     ("populations", "Populations", lambda run, a, figs: _populations(run)),

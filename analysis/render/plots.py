@@ -323,3 +323,28 @@ def sae_stable_unstable(table: pa.Table, path: str | Path, title: str = "",
                                          "(black: median)", 90)), fontsize=8)
     fig.tight_layout()
     return save(fig, path)
+
+
+def sae_differences(rows: list[dict], path: str | Path, title: str = "") -> Path:
+    """Per population and metric, the across-seed mean of the unstable - stable median difference
+    with its 95 % interval (``analysis.saes.population_rows``), at 0.77 (filled) and at the
+    calibrated threshold (open); one panel per metric (the metrics have different units)."""
+    plt = pyplot()
+    metrics = list(dict.fromkeys(r["metric"] for r in rows))
+    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(2.2 * max(1, len(metrics)), 3.2), squeeze=False)
+    pops = sorted({r["population"] for r in rows})
+    for ax, m in zip(axes[0], metrics):
+        for r in (r for r in rows if r["metric"] == m):
+            y = pops.index(r["population"]) + (0.15 if r["threshold_kind"] == "calibrated" else -0.15)
+            if np.isfinite(r["difference"]):
+                ax.plot([r["difference_low"], r["difference_high"]], [y, y], color="black", lw=1)
+                ax.scatter([r["difference"]], [y], s=18, zorder=3, edgecolor="black",
+                           color="black" if r["threshold_kind"] == "reference" else "white")
+        ax.axvline(0, color="grey", ls="--", lw=0.8)
+        ax.set_yticks(range(len(pops)), pops, fontsize=6)
+        ax.set_title(m, fontsize=7)
+        ax.tick_params(axis="x", labelsize=6)
+    fig.suptitle("\n".join(textwrap.wrap((f"{title}: " if title else "") + "unstable - stable median difference over "
+                                         "seeds (95 %; filled: gap <= 0.77, open: calibrated)", 110)), fontsize=8)
+    fig.tight_layout()
+    return save(fig, path)
