@@ -12,6 +12,9 @@ weight kernels and baselines) followed by ``finalize``. After one warm-up each, 
 timed in alternation (3 rounds) so background load falls on both; the figures are medians.
 MiniLM: the whole ``features_table`` on 256 sentences (the demo prompts, cycled), median of 3.
 
+Also the floor (``svd_floor``): the per-prompt kernels' decompositions alone, on matrices of
+the exact shapes, through the fastest routine available here, as a multiple of the key scan.
+
     .venv/bin/python -m benchmarks.bench_features
 """
 
@@ -52,6 +55,47 @@ def organism(spec: str = "organism-l") -> dict:
             "target_met": t_feat / t_scan <= TARGET_RATIO_MAX}
 
 
+def svd_floor(spec: str = "organism-l") -> dict:
+    """The least time the per-prompt kernels' decompositions alone can take here: the exact
+    matrix shapes the features' run decomposes (per batch of the sorted prompts, per layer, 4
+    kernels: scores and probs with and without the first token; (prompts, heads, T, T) padded to
+    the batch's longest), filled with random lower-triangular matrices, through each routine
+    available (numpy's LAPACK SVD as used; numpy and torch symmetric eigensolvers of M M^T, which
+    give the squared singular values with less accuracy); the fastest is the floor."""
+    import numpy as np
+    import torch
+
+    from jobs.organisms import corpus
+    from spectral.kernels.scan import ScanSettings, token_batches
+    from spectral.models.adapter import HeadAdapter
+    from spectral.models.loading import load_model
+
+    loaded = load_model(spec)
+    adapter = HeadAdapter(loaded.model)
+    texts = corpus(20_000, N_PROMPTS * 3)
+    lines = tuple(" ".join(texts[i:i + 3]) for i in range(0, len(texts), 3))
+    rng = np.random.default_rng(0)
+    shapes = []
+    for _, mask in token_batches(loaded, lines, ScanSettings(batch_size=BATCH_SIZE)):
+        n = mask.sum(1)
+        for variant in (0, 1):  # with / without the first token
+            shapes += [(mask.shape[0], adapter.n_heads, int(n.max()) - variant)] * (2 * adapter.n_layers)
+    mats = [np.tril(rng.standard_normal((b, h, t, t))) for b, h, t in shapes]
+    routines = {
+        "numpy_svd": lambda m: np.linalg.svd(m, compute_uv=False),
+        "numpy_eigvalsh_mmt": lambda m: np.linalg.eigvalsh(m @ m.swapaxes(-1, -2)),
+        "torch_eigvalsh_mmt_float64": lambda m: torch.linalg.eigvalsh((lambda t: t @ t.mT)(torch.from_numpy(m))),
+        "torch_eigvalsh_mmt_float32": lambda m: torch.linalg.eigvalsh((lambda t: t @ t.mT)(torch.from_numpy(m).float())),
+    }
+    seconds = {}
+    for name, fn in routines.items():
+        fn(mats[0])
+        seconds[name] = round(min(timed(lambda: [fn(m) for m in mats])[1] for _ in range(2)), 3)
+    n = sum(b * h for b, h, _ in shapes)
+    return {"matrices": n, "mean_t": round(float(np.mean([t for _, _, t in shapes])), 1), "seconds": seconds,
+            "floor_s": min(seconds.values()), "floor_routine": min(seconds, key=seconds.get)}
+
+
 def minilm() -> dict:
     from cluster.executors import LocalExecutor
     from spectral.features.extract import FeatureSettings, features_table
@@ -76,6 +120,11 @@ def main() -> dict:
     print(f"organism-l: key scan {org['scan_s']:.2f}s, all features {org['features_s']:.2f}s, "
           f"ratio {org['ratio']:.2f} (target <= {TARGET_RATIO_MAX}: {'met' if org['target_met'] else 'MISSED'})",
           flush=True)
+    floor = svd_floor()
+    org["svd_floor"] = floor
+    org["floor_ratio"] = round(floor["floor_s"] / org["scan_s"], 3)
+    print(f"organism-l: the per-prompt decompositions alone take at least {floor['floor_s']:.2f}s "
+          f"({floor['matrices']} matrices, {floor['floor_routine']}) = {org['floor_ratio']:.2f}x the key scan", flush=True)
     mini = minilm()
     print(f"MiniLM: all features of 256 sentences {mini['features_s']:.2f}s (target < {MINILM_TARGET_S:.0f}s: "
           f"{'met' if mini['target_met'] else 'MISSED'})", flush=True)

@@ -28,7 +28,7 @@ TARGET_S = 600.0
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from jobs.saes import SaesConfig, organism_prompts, tokens_needed
+    from jobs.saes import SaesConfig, organism_prompts, token_limit, tokens_needed
     from spectral.kernels.scan import ScanSettings
     from spectral.models.adapter import HeadAdapter
     from spectral.models.loading import load_model
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     loaded = load_model(MODEL)
     adapter = HeadAdapter(loaded.model)
     job = SaesConfig(model=MODEL, out="unused", tokens=args.tokens)
-    prompts = organism_prompts(40_000, tokens_needed(job), loaded.tokenizer, None)
+    prompts = organism_prompts(40_000, tokens_needed(job), loaded.tokenizer, token_limit(job, loaded))
     settings = ScanSettings(batch_size=job.batch_size)
     # the stream alone on the first 64 batches: the forward passes' share
     targets = resolve_targets(adapter, None, None, args.layer_saes)

@@ -141,16 +141,21 @@ def parse_heads(text: str, n_layers: int, n_heads: int) -> Literal["all", "unsta
     return sorted(set(pairs))
 
 
-def organism_prompts(seed: int, n_tokens: int, tokenizer, max_tokens: int | None) -> list[str]:
+def token_limit(config: SaesConfig, loaded) -> int | None:
+    """The tokens per prompt the stream keeps (``token_batches``' truncation)."""
+    return config.max_tokens or getattr(loaded.model.config, "max_position_embeddings", None)
+
+
+def organism_prompts(seed: int, n_tokens: int, tokenizer, limit: int | None) -> list[str]:
     """Fresh organism text (``EPISODES_PER_PROMPT`` episodes per line, from ``seed``) holding at
-    least ``n_tokens`` tokens."""
+    least ``n_tokens`` tokens once each prompt is cut to ``limit`` (``token_limit``)."""
     from spectral.organisms.language import corpus
 
     prompts, have, part = [], 0, 0
     while have < n_tokens:
         lines = [" ".join(eps) for eps in _grouped(corpus(seed + part, 4096 * EPISODES_PER_PROMPT))]
         for line in lines:
-            have += min(len(tokenizer(line, add_special_tokens=False)["input_ids"]), max_tokens or 10 ** 9)
+            have += min(len(tokenizer(line, add_special_tokens=False)["input_ids"]), limit or 10 ** 9)
             prompts.append(line)
             if have >= n_tokens:
                 break
@@ -162,8 +167,8 @@ def _grouped(episodes: list[str]) -> list[list[str]]:
     return [episodes[i:i + EPISODES_PER_PROMPT] for i in range(0, len(episodes), EPISODES_PER_PROMPT)]
 
 
-def count_tokens(prompts, tokenizer, max_tokens: int | None) -> int:
-    return sum(min(len(tokenizer(p, add_special_tokens=False)["input_ids"]), max_tokens or 10 ** 9) for p in prompts)
+def count_tokens(prompts, tokenizer, limit: int | None) -> int:
+    return sum(min(len(tokenizer(p, add_special_tokens=False)["input_ids"]), limit or 10 ** 9) for p in prompts)
 
 
 def tokens_needed(config: SaesConfig) -> int:
@@ -211,13 +216,13 @@ def run(config: SaesConfig, *, echo=print):
                                  "give --eval-prompts")
             train_prompts, eval_prompts = train_prompts[:-n_eval], train_prompts[-n_eval:]
         need = tokens_needed(config)
-        have = count_tokens(train_prompts, tok, config.max_tokens)
+        have = count_tokens(train_prompts, tok, token_limit(config, loaded))
         if have < need:
             raise UsageError(f"--prompts {config.prompts}: {have} training tokens; --tokens {config.tokens} needs "
                              f"{need} (with {config.calibration_tokens} calibration tokens and whole batches)")
     else:
         eval_prompts = (read_prompts(config.eval_prompts) if config.eval_prompts is not None else
-                        organism_prompts(EVAL_SEED, config.eval_tokens, tok, config.max_tokens))
+                        organism_prompts(EVAL_SEED, config.eval_tokens, tok, token_limit(config, loaded)))
         train_prompts = None  # generated after the checks
     settings = ScanSettings(batch_size=config.batch_size, max_tokens=config.max_tokens)
 
@@ -238,7 +243,7 @@ def run(config: SaesConfig, *, echo=print):
     else:
         heads = chosen
     if train_prompts is None:
-        train_prompts = organism_prompts(TRAIN_SEED, tokens_needed(config), tok, config.max_tokens)
+        train_prompts = organism_prompts(TRAIN_SEED, tokens_needed(config), tok, token_limit(config, loaded))
 
     tmp = config.out / f".saes-{time.strftime('%Y%m%d%H%M%S')}-{id(config):x}"
     try:
