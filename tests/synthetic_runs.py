@@ -175,12 +175,57 @@ def write_features(unit: Path, model: str, gap: np.ndarray, seed: int) -> None:
     (unit / "params.json").write_text(json.dumps({"config": {"model": model}, "n_prompts": N_PROMPTS}))
 
 
+SAE_SUPERPOSITION = (2.0, 1.0)
+"""Synthetic SAE cells: superposition index of unstable (gap <= 0.77) / stable heads, plus noise."""
+SAE_STEERING_DIFFERENCE = 0.5
+"""Synthetic SAE cells: feature-aware steering minus ActAdd, per SAE, plus noise."""
+
+
+def write_saes(unit: Path, model: str, gap: np.ndarray, seed: int) -> None:
+    """A saes cell: per head an SAE at k = 8 whose superposition index is SAE_SUPERPOSITION[0]
+    on unstable heads (gap <= 0.77) and [1] on the rest, plus noise (so "unstable heads show
+    more superposition" must PASS); per layer a steering row whose feature - ActAdd difference is
+    SAE_STEERING_DIFFERENCE plus noise (PASS); per layer a recovery row with the best feature
+    0.1 above random (PASS)."""
+    layers, heads = gap.shape
+    rng = np.random.default_rng(4000 + seed)
+    layer, head = np.divmod(np.arange(gap.size), heads)
+    g = gap.ravel()
+    unstable = g <= 0.77
+    n = g.size
+    write({"model": [model] * n, "name": [f"L{l}H{h}_k8" for l, h in zip(layer, head)],
+           "target": [f"L{l}H{h}" for l, h in zip(layer, head)], "kind": ["head"] * n, "layer": layer, "head": head,
+           "k": [8] * n, "d_in": [16] * n, "d_sae": [128] * n, "gap": g, "unstable": unstable,
+           "threshold": [0.77] * n, "superposition_index": np.where(unstable, *SAE_SUPERPOSITION) + 0.2 * rng.standard_normal(n),
+           "l0": rng.uniform(7, 8, n), "fvu": rng.uniform(0.01, 0.1, n), "ce_score": rng.uniform(0.8, 1.0, n),
+           "dead_fraction": rng.uniform(0, 0.3, n), "dense_fraction": rng.uniform(0, 0.1, n),
+           "feature_dimensionality_mean": rng.uniform(0.1, 0.3, n), "ev_l0_area": rng.uniform(0.8, 0.95, n),
+           "density_histogram": [[0] * 20] * n}, unit / "saes.parquet", tables.SAES)
+    rows = []
+    for l in range(layers):
+        d = SAE_STEERING_DIFFERENCE + 0.1 * rng.standard_normal()
+        for arm, effect in (("actadd", 1.0), ("feature", 1.0 + d), ("feature-actadd", d)):
+            rows.append({"model": model, "sae": f"L{l}_k8", "layer": l, "head": -1, "arm": arm, "effect": effect,
+                         "kl_budget": 0.25, "n_prompts": 16, "n_selection": 16})
+    write({k: [r[k] for r in rows] for k in rows[0]}, unit / "sae_steering.parquet", tables.SAE_STEERING)
+    rec = []
+    for l in range(layers):
+        for variable in ("ioi_io", "sentiment"):
+            a = 0.8 + 0.05 * rng.standard_normal()
+            rec.append({"model": model, "sae": f"L{l}_k8", "kind": "layer", "layer": l, "head": -1, "k": 8,
+                        "variable": variable, "scope": "variable", "auroc_selection": a + 0.01, "auroc": a,
+                        "auroc_low": a - 0.05, "auroc_high": a + 0.05, "random_auroc": a - 0.1, "random_sd": 0.01,
+                        "difference": 0.1, "feature": 0, "sign": 1})
+    write({k: [r[k] for r in rec] for k in rec[0]}, unit / "sae_recovery.parquet", tables.SAE_RECOVERY)
+    (unit / "params.json").write_text(json.dumps({"config": {"model": model}}))
+
+
 def make_run(root: Path, sizes=SIZES, seeds=(0, 1, 2), *, steer=True, facts=True,
-             importance=synthetic_importance, features=False) -> Path:
-    """A finished synthetic sweep run: every size x seed, a validate and (optionally) a steer and
-    a features unit."""
+             importance=synthetic_importance, features=False, saes=False) -> Path:
+    """A finished synthetic sweep run: every size x seed, a validate and (optionally) a steer, a
+    features and a saes unit."""
     experiments = [{"kind": "validate", "params": {}}] + ([{"kind": "steer", "params": {}}] if steer else []) \
-        + ([{"kind": "features", "params": {}}] if features else [])
+        + ([{"kind": "features", "params": {}}] if features else []) + ([{"kind": "saes", "params": {}}] if saes else [])
     models = [(spec(s[0], seed), s, seed) for s in sizes for seed in seeds]
     root.mkdir(parents=True)
     (root / "sweep.json").write_text(json.dumps({"config": {"name": root.name, "models": [m for m, _, _ in models],
@@ -198,6 +243,10 @@ def make_run(root: Path, sizes=SIZES, seeds=(0, 1, 2), *, steer=True, facts=True
             index = 2 if steer else 1
             write_features(model_dir / f"experiment={index}-features", name, gap, 17 * i + seed)
             finish(model_dir / f"experiment={index}-features", name, index, "features")
+        if saes:
+            index = 1 + steer + features
+            write_saes(model_dir / f"experiment={index}-saes", name, gap, 17 * i + seed)
+            finish(model_dir / f"experiment={index}-saes", name, index, "saes")
         if facts:
             (model_dir / "model.json").write_text(json.dumps(
                 {"model": name, "family": "gpt_neox", "parameters": params, "layers": layers, "heads": heads,

@@ -19,7 +19,7 @@ from spectral.kernels.scan import ScanSettings, token_batches
 from spectral.models.adapter import HeadAdapter
 from spectral.models.loading import load_model
 from spectral.organisms.language import corpus
-from spectral.tables import REPORT_SAE_MODELS, SAES
+from spectral.tables import REPORT_SAE_MODELS, SAE_RECOVERY, SAE_STEERABILITY, SAE_STEERING, SAES
 
 SMALL = ["--tokens", "4096", "--sae-batch-size", "512", "--calibration-tokens", "1024", "--splice-prompts", "6",
          "--batch-size", "16"]
@@ -66,7 +66,18 @@ def test_the_run_writes_every_sae_and_its_files(run_dir):
     assert {r["metric"] for r in models} >= {"superposition_index", "l0", "fvu", "ce_score"}
     params = json.loads((run_dir / "params.json").read_text())
     assert params["train_tokens"] >= 4096 and params["tokens_per_second"] > 0 and len(params["heads"]) == 16
-    assert "Stable vs unstable heads" in (run_dir / "summary.md").read_text()
+    summary = (run_dir / "summary.md").read_text()
+    assert "Stable vs unstable heads" in summary and "Features and steerability" in summary
+    # organisms: steering on the sentiment concept and ground truth, for the SAEs at the verdict's k (here 4)
+    steering = read_parquet(run_dir / "sae_steering.parquet", SAE_STEERING).to_pylist()
+    assert len(steering) == 3 * 18 and {r["arm"] for r in steering} == {"actadd", "feature", "feature-actadd"}
+    assert {r["sae"] for r in steering} == {r["name"] for r in rows if r["k"] == 4}
+    screen = read_parquet(run_dir / "sae_steerability.parquet", SAE_STEERABILITY).to_pylist()
+    assert screen and all(0 <= r["p_adjusted"] <= 1 for r in screen)
+    recovery = read_parquet(run_dir / "sae_recovery.parquet", SAE_RECOVERY).to_pylist()
+    variable_rows = [r for r in recovery if r["scope"] == "variable"]
+    assert len(variable_rows) == 2 * 18 and {r["variable"] for r in variable_rows} == {"ioi_io", "sentiment"}
+    assert all(0 <= r["auroc"] <= 1 and 0 <= r["random_auroc"] <= 1 for r in variable_rows)
     metrics, _ = experiment("saes").metrics(run_dir)
     assert set(metrics) == {f"sae_median/{m}" for m in ("superposition_index", "l0", "fvu", "ce_score")} - \
         ({"sae_median/superposition_index"} if all(np.isnan(r["superposition_index"]) for r in head_rows) else set())

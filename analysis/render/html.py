@@ -489,6 +489,7 @@ SECTIONS: tuple[tuple[str, str, Section], ...] = (
      lambda run, a, figs: _information(a) + _img(figs["entropy"], "entropy by stability")),
     ("circuits", "Circuits and spectra", _circuits),
     ("beyond", "Beyond the gap", _beyond),
+    ("saes", "SAEs on heads' results", _saes),
     ("cells", "Other experiments", _other_cells),
     ("data", "Data", lambda run, a, figs: _data(run)),
 )
