@@ -583,3 +583,12 @@ def across_seeds(values: Sequence[float], fisher: bool = False, confidence: floa
     half = float(stats.t.ppf(0.5 + confidence / 2, k - 1)) * se
     return float(back(v.mean())), float(back(v.mean() - half)), float(back(v.mean() + half)), se, float(k - 1), k
 
+
+def one_sided_t(mean: float, se: float, df: float) -> tuple[float, float]:
+    """(p of "mean > 0", p of "mean < 0") from the t with ``se`` and ``df`` (``across_seeds``);
+    NaN without an interval, 0/1 when the seeds agree exactly (se 0)."""
+    if not (np.isfinite(se) and np.isfinite(df)):
+        return NAN, NAN
+    if se == 0:
+        return float(mean <= 0), float(mean >= 0)
+    return float(stats.t.sf(mean / se, df)), float(stats.t.cdf(mean / se, df))

@@ -32,9 +32,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from scipy import stats
 
-from analysis.population import across_seeds, holm
+from analysis.population import across_seeds, holm, one_sided_t
 from analysis.stats import decide_claims
 from spectral.errors import UsageError
 
@@ -116,15 +115,6 @@ def seed_rows(s: SeedRecovery, kind: Kind = "all") -> list[dict]:
     return out
 
 
-def _one_sided(mean: float, se: float, df: float) -> tuple[float, float]:
-    """(p of "mean > 0", p of "mean < 0") from the t over the seeds."""
-    if not (np.isfinite(se) and np.isfinite(df)):
-        return NAN, NAN
-    if se == 0:
-        return float(mean <= 0), float(mean >= 0)
-    return float(stats.t.sf(mean / se, df)), float(stats.t.cdf(mean / se, df))
-
-
 def _seed_mean(rs: Sequence[dict], key: str) -> float:
     v = np.array([r[key] for r in rs], dtype=float)
     return float(v[np.isfinite(v)].mean()) if np.isfinite(v).any() else NAN
@@ -133,7 +123,7 @@ def _seed_mean(rs: Sequence[dict], key: str) -> float:
 def population_row(population: str, variable: str, kind: str, rs: Sequence[dict]) -> dict:
     """The across-seed estimate of one (population, variable) (``VERDICT_COLUMNS``, before Holm)."""
     value, low, high, se, df, k = across_seeds([r["difference"] for r in rs], False, CONFIDENCE)
-    p_pass, p_fail = _one_sided(value, se, df)
+    p_pass, p_fail = one_sided_t(value, se, df)
     return dict(
         key=VERDICT_KEY, population=population, variable=variable, kind=kind, rule=RULE, value=value, low=low,
         high=high, se=se, df=df, auroc=_seed_mean(rs, "auroc"), random_auroc=_seed_mean(rs, "random_auroc"),

@@ -31,9 +31,8 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
-from scipy import stats
 
-from analysis.population import across_seeds, holm
+from analysis.population import across_seeds, holm, one_sided_t
 from analysis.stats import CONFIDENCE, N_RESAMPLES, decide_claims
 from analysis.steering import Comparison, Split, mean_ci, selection_split
 from spectral import tables as schemas
@@ -137,15 +136,6 @@ def seed_value(rows: Sequence[Mapping], kind: Kind = "all") -> tuple[float, int]
     return (float(np.mean(finite)) if finite else NAN), len(finite)
 
 
-def _one_sided(mean: float, se: float, df: float) -> tuple[float, float]:
-    """(p of "mean > 0", p of "mean < 0") from the t over the seeds."""
-    if not (np.isfinite(se) and np.isfinite(df)):
-        return NAN, NAN
-    if se == 0:
-        return float(mean <= 0), float(mean >= 0)
-    return float(stats.t.sf(mean / se, df)), float(stats.t.cdf(mean / se, df))
-
-
 def population_rows(seeds: Sequence[SeedSteering], kind: Kind = "all") -> list[dict]:
     """Per population, the across-seed estimate of the feature - ActAdd difference (``POPULATION_COLUMNS``)."""
     cells: dict[str, list[tuple[SeedSteering, float, int]]] = {}
@@ -155,7 +145,7 @@ def population_rows(seeds: Sequence[SeedSteering], kind: Kind = "all") -> list[d
     for pop, members in cells.items():
         values = [v for _, v, _ in members]
         value, low, high, se, df, k = across_seeds(values, False, CONFIDENCE)
-        p_above, p_below = _one_sided(value, se, df)
+        p_above, p_below = one_sided_t(value, se, df)
         finite = np.array([v for v in values if np.isfinite(v)])
         out.append(dict(
             population=pop, kind=kind, n_seeds=len(members), k=k, value=value, low=low, high=high, se=se, df=df,

@@ -52,7 +52,7 @@ import numpy as np
 from scipy import stats
 
 from analysis.calibration import calibrate, important
-from analysis.population import across_seeds, holm
+from analysis.population import across_seeds, holm, one_sided_t
 from analysis.stats import decide_claims, spearman
 from spectral.errors import UsageError
 from spectral.kernels.metrics import UNSTABLE_GAP
@@ -274,15 +274,6 @@ def _across(values: Sequence[float], fisher: bool = False) -> tuple[float, float
     return across_seeds(values, fisher, CONFIDENCE)
 
 
-def _one_sided(mean: float, se: float, df: float) -> tuple[float, float]:
-    """(p of "mean > 0", p of "mean < 0") from the t over the seeds."""
-    if not (np.isfinite(se) and np.isfinite(df)):
-        return NAN, NAN
-    if se == 0:
-        return float(mean <= 0), float(mean >= 0)
-    return float(stats.t.sf(mean / se, df)), float(stats.t.cdf(mean / se, df))
-
-
 def population_rows(rows: Sequence[dict]) -> list[dict]:
     """Per (population, metric, threshold kind): the across-seed estimates of the per-model rows
     (``POPULATION_COLUMNS``)."""
@@ -294,7 +285,7 @@ def population_rows(rows: Sequence[dict]) -> list[dict]:
         diffs = [r["difference"] for r in rs]
         value, low, high, se, df, k = _across(diffs)
         rho, rho_low, rho_high, _, _, k_rho = _across([r["spearman"] for r in rs], fisher=True)
-        p_above, p_below = _one_sided(value, se, df)
+        p_above, p_below = one_sided_t(value, se, df)
         finite = np.array([d for d in diffs if np.isfinite(d)])
         same = float(np.mean(np.sign(finite) == np.sign(value))) if k and value != 0 else NAN
         notes = [f"{name}: {kk} of {len(rs)} seeds with a value"
