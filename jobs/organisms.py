@@ -14,7 +14,7 @@ from spectral.models.loading import load_model
 from spectral.organisms import SUITE, cache_root, organism_dir, train_organism
 from spectral.organisms.language import corpus
 from spectral.organisms.evaluate import evaluate, format_quality, load_tasks
-from spectral.organisms.suite import parse_seeds, recipe_of, spec_text, training_report
+from spectral.organisms.suite import organism_checkpoints, parse_seeds, recipe_of, spec_text, training_report
 
 
 class TrainConfig(JobConfig):
@@ -26,13 +26,16 @@ class TrainConfig(JobConfig):
     """Training seeds of each organism, e.g. 0-4 or 0,3 (a population; default: the name's own seed)."""
     force: bool = False
     """Retrain even if a valid checkpoint is cached."""
+    checkpoints: int = Field(0, ge=0)
+    """Also keep this many training checkpoints at log-spaced steps (0: none; each such
+    organism is cached apart from the plain one: docs/ORGANISMS.md, "Training checkpoints")."""
 
     @model_validator(mode="after")
     def _something(self):
         if not self.names and not self.all:
             raise ValueError("name an organism or pass --all")
         for name in self.names:
-            recipe_of(name)
+            recipe_of(name, checkpoints=self.checkpoints)
         parse_seeds(self.seeds)
         return self
 
@@ -47,6 +50,15 @@ class TrainConfig(JobConfig):
 class PathConfig(JobConfig):
     name: str
     """Organism (NAME or NAME?seed=N)."""
+    checkpoints: int = Field(0, ge=0)
+    """The entry that keeps this many training checkpoints (0: the plain organism)."""
+
+
+class CheckpointsConfig(JobConfig):
+    name: str
+    """Organism (NAME or NAME?seed=N) trained with `eigengap organisms train NAME --checkpoints K`."""
+    checkpoints: int | None = Field(None, ge=2)
+    """Which entry, when the organism is cached with several checkpoint counts."""
 
 
 class EvalConfig(JobConfig):
@@ -67,8 +79,9 @@ class EvalConfig(JobConfig):
 def run_train(config: TrainConfig, echo=print) -> None:
     total = time.perf_counter()
     for name in config.specs():
-        path = train_organism(name, force=config.force)
-        echo(f"{name}: {path} (trained in {training_report(path)['train_seconds']} s)")
+        path = train_organism(name, checkpoints=config.checkpoints, force=config.force)
+        kept = f", {config.checkpoints} checkpoints" if config.checkpoints else ""
+        echo(f"{name}: {path} (trained in {training_report(path)['train_seconds']} s{kept})")
     echo(f"done in {time.perf_counter() - total:.1f} s")
 
 
@@ -113,6 +126,12 @@ def run_prompts(config: PromptsConfig, echo=print) -> None:
     echo(f"wrote {len(lines)} prompts to {config.out}")
 
 
+def run_checkpoints(config: CheckpointsConfig, echo=print) -> None:
+    """One line per verified checkpoint: step, training loss, learning rate, directory."""
+    for c in organism_checkpoints(config.name, checkpoints=config.checkpoints):
+        echo(f"step {c.step:>6d}  loss {c.train_loss:.4f}  lr {c.lr:.2e}  {c.path}")
+
+
 def run_list(echo=print) -> None:
     echo(f"cache: {cache_root()}")
     for name, r in SUITE.items():
@@ -121,19 +140,24 @@ def run_list(echo=print) -> None:
             if root.exists() else []
         seeds = ([0] if (root / name).exists() else []) + seeds
         cached = f"cached seeds: {','.join(map(str, seeds))}" if seeds else "not trained"
+        checkpointed = sorted(p.name for p in root.glob(f"{name}*-checkpoints*")) if root.exists() else []
+        cached += f"; with training checkpoints: {', '.join(checkpointed)}" if checkpointed else ""
         echo(f"{name:12s} layers={r.layers} heads={r.heads} d_model={r.hidden} d_head={r.hidden // r.heads} "
              f"steps={r.steps}  [{cached}]")
 
 
 def add_parser(sub) -> None:
-    parser = sub.add_parser("organisms", help="built-in model organisms: train, path, eval, list")
+    parser = sub.add_parser("organisms", help="built-in model organisms: train, path, checkpoints, eval, list")
     inner = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     train = inner.add_parser("train", help="train organisms into the cache")
     add_arguments(train, TrainConfig, positional=("names",))
     train.set_defaults(handler=lambda ns: run_train(parse_config(TrainConfig, ns)))
     path = inner.add_parser("path", help="print an organism's checkpoint directory (training it if needed)")
     add_arguments(path, PathConfig, positional=("name",))
-    path.set_defaults(handler=lambda ns: print(organism_dir(parse_config(PathConfig, ns).name)))
+    path.set_defaults(handler=lambda ns: print(organism_dir(**parse_config(PathConfig, ns).model_dump())))
+    ck = inner.add_parser("checkpoints", help="list (and verify) an organism's training checkpoints")
+    add_arguments(ck, CheckpointsConfig, positional=("name",))
+    ck.set_defaults(handler=lambda ns: run_checkpoints(parse_config(CheckpointsConfig, ns)))
     ev = inner.add_parser("eval", help="held-out IOI, induction and sentiment quality")
     add_arguments(ev, EvalConfig, positional=("name",))
     ev.set_defaults(handler=lambda ns: run_eval(parse_config(EvalConfig, ns)))

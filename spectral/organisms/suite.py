@@ -5,15 +5,19 @@ An entry holds a plain Hugging Face checkpoint plus ``tasks.json``, ``recipe.jso
 ``manifest.json`` (sha256 of every file). It is written to a temporary directory and renamed
 into place, so a crash never leaves a half-trained entry; an entry whose files do not match
 its manifest is reported as corrupted.
+
+An organism trained with training checkpoints (``checkpoints=n``) is its own entry,
+``NAME[-seedN]-checkpointsK``, beside the plain one (``spectral.organisms.checkpoints``); its
+``manifest.json`` also covers ``checkpoints/manifest.json``, which covers every checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -22,6 +26,7 @@ from pathlib import Path
 
 from spectral.errors import UsageError
 from spectral.organisms.language import TASKS
+from spectral.organisms.checkpoints import CHECKPOINTS, Checkpoint, checkpoint_steps, list_checkpoints, sha256_file
 from spectral.organisms.names import parse_name
 from spectral.organisms.train import Recipe, train
 
@@ -68,18 +73,33 @@ def parse_seeds(text: str | None) -> list[int] | None:
     return seeds
 
 
-def recipe_of(name: str, seed: int | None = None) -> Recipe:
-    """The recipe of ``name`` (which may carry ``?seed=N``), at ``seed`` when given."""
+def recipe_of(name: str, seed: int | None = None, checkpoints: int = 0) -> Recipe:
+    """The recipe of ``name`` (which may carry ``?seed=N``), at ``seed`` when given, keeping
+    ``checkpoints`` training checkpoints."""
     base, parsed_seed = split_name(name)
     if base not in SUITE:
         raise UsageError(f"unknown organism {base!r} (known: {', '.join(SUITE)})")
-    return replace(SUITE[base], seed=parsed_seed if seed is None else seed)
+    checkpoint_steps(SUITE[base].steps, checkpoints)  # a bad count is refused here, before any work
+    return replace(SUITE[base], seed=parsed_seed if seed is None else seed, checkpoints=checkpoints)
 
 
 def entry_name(recipe: Recipe) -> str:
     """The cache entry of a recipe: its name for seed 0 (the suite's own organisms), else
-    ``NAME-seedN``."""
-    return recipe.name if recipe.seed == 0 else f"{recipe.name}-seed{recipe.seed}"
+    ``NAME-seedN``; ``-checkpointsK`` appended when it keeps K training checkpoints."""
+    name = recipe.name if recipe.seed == 0 else f"{recipe.name}-seed{recipe.seed}"
+    return f"{name}-checkpoints{recipe.checkpoints}" if recipe.checkpoints else name
+
+
+_ENTRY = re.compile(r"(?P<name>.+?)(?:-seed(?P<seed>\d+))?(?:-checkpoints(?P<checkpoints>\d+))?")
+
+
+def train_command(entry: str, *, force: bool = True) -> str:
+    """The command that (re)trains a cache entry, from its name."""
+    match = _ENTRY.fullmatch(entry)
+    name, seed, checkpoints = match["name"], match["seed"], match["checkpoints"]
+    spec = f"'{name}?seed={seed}'" if seed else name
+    return (f"eigengap organisms train {spec}" + (f" --checkpoints {checkpoints}" if checkpoints else "")
+            + (" --force" if force else ""))
 
 
 def spec_text(recipe: Recipe) -> str:
@@ -87,14 +107,15 @@ def spec_text(recipe: Recipe) -> str:
     return recipe.name if recipe.seed == 0 else f"{recipe.name}?seed={recipe.seed}"
 
 
-def organism_dir(name: str, seed: int | None = None, *, progress: bool = True) -> Path:
+def organism_dir(name: str, seed: int | None = None, *, checkpoints: int = 0, progress: bool = True) -> Path:
     """The checkpoint directory of organism ``name`` (``organism-s`` or ``organism-s?seed=3``;
-    ``seed`` overrides), trained first if it is not cached.
+    ``seed`` overrides), trained first if it is not cached; with ``checkpoints``, the entry
+    that also keeps that many training checkpoints.
 
     Processes that need the same missing organism at once (the workers of one node, a sweep
     beside ``eigengap organisms train``) train it once: the first takes a lock on the entry,
     the others wait for it and then use what it trained."""
-    recipe = recipe_of(name, seed)
+    recipe = recipe_of(name, seed, checkpoints)
     path = cache_root() / entry_name(recipe)
     if path.exists() and _recipe_matches(path, recipe):
         verify(path)
@@ -104,25 +125,60 @@ def organism_dir(name: str, seed: int | None = None, *, progress: bool = True) -
             if _recipe_matches(path, recipe):  # trained by another process while we waited
                 verify(path)
                 return path
-            print(f"eigengap: cached {spec_text(recipe)} was trained by an older recipe; retraining it", file=sys.stderr)
+            print(f"eigengap: cached {describe(recipe)} was trained by an older recipe; retraining it", file=sys.stderr)
         else:
-            print(f"eigengap: {spec_text(recipe)} is not trained yet; training it now into {path}", file=sys.stderr)
+            print(f"eigengap: {describe(recipe)} is not trained yet; training it now into {path}", file=sys.stderr)
         return _train_into(recipe, path, progress)
 
 
-def train_organism(name: str, seed: int | None = None, *, force: bool = False, progress: bool = True) -> Path:
-    """Train ``name`` (``?seed=N`` allowed; ``seed`` overrides) into the cache, reusing a valid
-    entry unless ``force``."""
-    recipe = recipe_of(name, seed)
+def train_organism(name: str, seed: int | None = None, *, checkpoints: int = 0, force: bool = False,
+                   progress: bool = True) -> Path:
+    """Train ``name`` (``?seed=N`` allowed; ``seed`` overrides), keeping ``checkpoints``
+    training checkpoints, into the cache, reusing a valid entry unless ``force``."""
+    recipe = recipe_of(name, seed, checkpoints)
     path = cache_root() / entry_name(recipe)
     with _entry_lock(recipe):
         if path.exists() and not force:
             if not _recipe_matches(path, recipe):
-                raise UsageError(f"cached {spec_text(recipe)} at {path} is stale (older recipe): retrain with "
-                                 f"`eigengap organisms train '{spec_text(recipe)}' --force`")
+                raise UsageError(f"cached {describe(recipe)} at {path} is stale (older recipe): retrain with "
+                                 f"`{train_command(path.name)}`")
             verify(path)
             return path
         return _train_into(recipe, path, progress)
+
+
+def organism_checkpoints(name: str, seed: int | None = None, checkpoints: int | None = None) -> list[Checkpoint]:
+    """The training checkpoints of a cached organism (``organism-s?seed=3``; ``seed``
+    overrides), in step order, each verified; nothing is trained. ``checkpoints`` picks the
+    entry keeping that many; None takes the one cached entry with checkpoints of that seed.
+    A checkpoint is loaded by its path: ``load_model(str(c.path))``."""
+    recipe = recipe_of(name, seed)
+    root = cache_root()
+    if checkpoints is None:
+        prefix = f"{entry_name(recipe)}-checkpoints"
+        counts = sorted(int(p.name.removeprefix(prefix)) for p in root.glob(f"{prefix}*")
+                        if p.name.removeprefix(prefix).isdigit()) if root.is_dir() else []
+        if not counts:
+            raise UsageError(f"{spec_text(recipe)} has no training checkpoints in the cache {root}: train them with "
+                             f"`{train_command(entry_name(recipe), force=False)} --checkpoints 30`")
+        if len(counts) > 1:
+            raise UsageError(f"{spec_text(recipe)} is cached with several checkpoint counts "
+                             f"({', '.join(map(str, counts))}): name one")
+        checkpoints = counts[0]
+    recipe = recipe_of(name, seed, checkpoints)
+    path = root / entry_name(recipe)
+    if not path.is_dir():
+        raise UsageError(f"{describe(recipe)} is not in the cache {root}: train it with "
+                         f"`{train_command(path.name, force=False)}`")
+    if not _recipe_matches(path, recipe):
+        raise UsageError(f"cached {describe(recipe)} at {path} is stale (older recipe): retrain with `{train_command(path.name)}`")
+    verify(path)
+    return list_checkpoints(path)
+
+
+def describe(recipe: Recipe) -> str:
+    """A recipe's organism in messages: its spec, plus its training checkpoints."""
+    return spec_text(recipe) + (f" with {recipe.checkpoints} training checkpoints" if recipe.checkpoints else "")
 
 
 @contextlib.contextmanager
@@ -166,7 +222,7 @@ def _train_into(recipe: Recipe, path: Path, progress: bool) -> Path:
 def verify(path: Path) -> None:
     """Raise UsageError if any file of the entry is missing or differs from its manifest."""
     name = path.name
-    hint = f"retrain with `eigengap organisms train {name.replace('-seed', '?seed=')} --force`"
+    hint = f"retrain with `{train_command(name)}`"
     try:
         manifest = json.loads((path / MANIFEST).read_text())
         files = manifest["files"]
@@ -176,7 +232,7 @@ def verify(path: Path) -> None:
         target = path / file
         if not target.is_file():
             raise UsageError(f"cached {name} at {path} is corrupted ({file} is missing): {hint}")
-        if _sha256(target) != digest:
+        if sha256_file(target) != digest:
             raise UsageError(f"cached {name} at {path} is corrupted ({file} does not match its checksum): {hint}")
 
 
@@ -198,14 +254,12 @@ def _write_manifest(path: Path, report: dict) -> None:
     machine and software, not across machines (float reduction order differs with the CPU's
     vector width and the library versions) - which is why verdicts are taken over seeds."""
     files = sorted(p.name for p in path.iterdir() if p.is_file() and p.name != MANIFEST)
-    digests = {f: _sha256(path / f) for f in files}
+    if (path / CHECKPOINTS / MANIFEST).is_file():
+        files.append(f"{CHECKPOINTS}/{MANIFEST}")
+    digests = {f: sha256_file(path / f) for f in files}
     manifest = {"files": digests, "weights_sha256": digests.get("model.safetensors"),
                 "environment": report.get("environment", {})}
     (path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _check_writable(root: Path) -> None:

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from functools import partial
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,6 +17,7 @@ from tqdm.auto import tqdm
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 import spectral.organisms.language as language
+from spectral.organisms.checkpoints import CHECKPOINTS, CheckpointWriter, checkpoint_steps
 from spectral.organisms.vocab import word_tokenizer
 
 EPISODES_PER_SEQUENCE = 5
@@ -40,9 +43,19 @@ class Recipe:
     decay_from: float = 0.7
     """Fraction of training after which the learning rate decays (cosine) to zero; before it
     stays at ``lr`` after warm-up (a late decay lets induction heads form first)."""
+    checkpoints: int = 0
+    """Training checkpoints kept at log-spaced steps (``spectral.organisms.checkpoints``); 0:
+    none. They do not change the weights: the same recipe with and without them trains the
+    same model."""
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The recipe's identity (``recipe.json``; a cache entry is reused when it matches).
+        ``checkpoints`` appears only when set, so entries trained before the option existed
+        still match."""
+        fields = asdict(self)
+        if not self.checkpoints:
+            del fields["checkpoints"]
+        return fields
 
 
 def model_config(recipe: Recipe, vocab_size: int, tokenizer) -> GPTNeoXConfig:
@@ -78,8 +91,14 @@ def training_data(recipe: Recipe, tokenizer) -> TensorDataset:
     return TensorDataset(enc.input_ids, enc.attention_mask, labels)
 
 
-def train(recipe: Recipe, out_dir: Path, progress: bool = True) -> dict:
-    """Train ``recipe`` and save a plain Hugging Face checkpoint into ``out_dir``."""
+StepCallback = Callable[[int, torch.nn.Module, float, float], None]
+"""Called after every optimizer step with (step, model, the step's batch loss, its learning rate)."""
+
+
+def train(recipe: Recipe, out_dir: Path, progress: bool = True, on_step: StepCallback | None = None) -> dict:
+    """Train ``recipe`` and save a plain Hugging Face checkpoint into ``out_dir`` (with the
+    recipe's training checkpoints under ``out_dir/checkpoints``)."""
+    steps = checkpoint_steps(recipe.steps, recipe.checkpoints)  # a bad count fails before training
     torch.manual_seed(recipe.seed)
     tokenizer = word_tokenizer()
     vocab = 8 * math.ceil(len(tokenizer) / 8)
@@ -92,26 +111,39 @@ def train(recipe: Recipe, out_dir: Path, progress: bool = True) -> dict:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, recipe))
     accelerator = Accelerator()
     model, optimizer, loader, schedule = accelerator.prepare(model, optimizer, loader, schedule)
+    writer = CheckpointWriter(out_dir / CHECKPOINTS, steps, tokenizer, recipe.as_dict(), language.TASKS) if steps else None
+    callbacks = [c for c in (writer, on_step) if c is not None]
     model.train()
     losses = []
+    saving = 0.0
     bar = tqdm(loader, desc=f"training {recipe.name}", unit="step", disable=not progress)
     for input_ids, attention_mask, labels in bar:
         loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         schedule.step()
         optimizer.zero_grad()
         losses.append(loss.item())
         if len(losses) % 25 == 0:
             bar.set_postfix(loss=f"{sum(losses[-25:]) / 25:.3f}")
+        start = time.perf_counter()
+        for callback in callbacks:
+            callback(len(losses), accelerator.unwrap_model(model), losses[-1], lr)
+        saving += time.perf_counter() - start
+    if writer is not None:
+        writer.finish()
     model = accelerator.unwrap_model(model).cpu().eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     n_params = sum(p.numel() for p in model.parameters())
-    return {"final_loss": sum(losses[-50:]) / min(50, len(losses)), "parameters": n_params, "steps": len(losses),
-            "environment": environment(accelerator.device)}
+    report = {"final_loss": sum(losses[-50:]) / min(50, len(losses)), "parameters": n_params, "steps": len(losses),
+              "environment": environment(accelerator.device)}
+    if writer is not None:
+        report["checkpoint_seconds"] = round(saving, 2)
+    return report
 
 
 def environment(device) -> dict:
