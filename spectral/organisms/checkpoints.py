@@ -108,7 +108,8 @@ class CheckpointWriter:
         """Raise if training ended before every checkpoint step was reached."""
         missing = sorted(set(self.steps) - {e["step"] for e in self.written})
         if missing:
-            raise RuntimeError(f"training ended before checkpoint steps {missing} (the loader had fewer batches than the recipe's steps)")
+            raise RuntimeError(f"training ended before checkpoint steps {missing} "
+                               "(the loader had fewer batches than the recipe's steps)")
 
     def _stage(self, tmp: Path, model) -> None:
         from transformers.utils import logging as hf_logging  # only while training, which has it loaded

@@ -111,11 +111,12 @@ def train(recipe: Recipe, out_dir: Path, progress: bool = True, on_step: StepCal
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, recipe))
     accelerator = Accelerator()
     model, optimizer, loader, schedule = accelerator.prepare(model, optimizer, loader, schedule)
-    writer = CheckpointWriter(out_dir / CHECKPOINTS, steps, tokenizer, recipe.as_dict(), language.TASKS) if steps else None
+    writer = CheckpointWriter(out_dir / CHECKPOINTS, steps, tokenizer, recipe.as_dict(), language.TASKS) \
+        if steps else None
     callbacks = [c for c in (writer, on_step) if c is not None]
     model.train()
     losses = []
-    saving = 0.0
+    saving = 0.0  # seconds spent in the callbacks (the checkpoint saves)
     bar = tqdm(loader, desc=f"training {recipe.name}", unit="step", disable=not progress)
     for input_ids, attention_mask, labels in bar:
         loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
