@@ -342,6 +342,32 @@ REPORT_KERNEL_VERDICTS = _schema(
 """kernel_verdicts.parquet: per population, does the key kernel capture the pre-softmax
 instabilities (``analysis.kernel_agreement.RULE``)."""
 
+DYNAMICS_CHANGEPOINTS = _schema(
+    ("population", STR), pa.field("seed", I64, nullable=True), ("model", STR), ("series", STR), ("layer", I64),
+    ("head", I64), ("n_checkpoints", I64), ("method", STR), *_doubles("sigma", "penalty"), ("n_changes", I64),
+    ("indices", STR), ("steps", STR), ("log_steps", STR), ("shifts", STR),
+    *_doubles("first_step", "first_log_step", "lag"), ("note", STR))
+"""dynamics_changepoints.parquet: one row per series of a training seed (the ICL score, other model-level
+series with layer = head = -1, each head's metric), its change-points (JSON lists: checkpoint index, step,
+interpolated log10(1 + step), mean shift) and the lag of its first to the ICL score's first, in decades
+(``analysis.dynamics.CHANGEPOINT_COLUMNS``; detector: ``spectral.dynamics.changepoints``)."""
+
+REPORT_DYNAMICS_MODELS = _schema(
+    ("population", STR), pa.field("seed", I64, nullable=True), ("model", STR), ("metric", STR),
+    *((n, I64) for n in ("n_heads", "n_changed", "n_precede", "n_follow")),
+    *_doubles("icl_log_step", "median_lag", "fraction_precede"), ("note", STR))
+"""dynamics_models.parquet (report): per model and head metric, the median lag of its heads' first
+change-points to the ICL score's (``analysis.dynamics.MODEL_COLUMNS``)."""
+
+REPORT_DYNAMICS_VERDICTS = _schema(
+    ("key", STR), ("population", STR), ("metric", STR), ("exploratory", BOOL), ("rule", STR),
+    *_doubles("value", "low", "high", "p_pass", "p_fail", "p_pass_holm", "p_fail_holm"), ("verdict", STR),
+    ("direction", STR), *((n, I64) for n in ("n_seeds", "k", "n_seeds_no_icl_change", "n_seeds_no_head_change",
+                                              "n_heads", "n_heads_no_change")),
+    ("fraction_precede", F64), ("per_seed", STR), ("correction", STR), ("note", STR))
+"""dynamics_verdicts.parquet (report): per population, do the heads' gap change-points precede the ICL
+score's (``analysis.dynamics.VERDICT_COLUMNS``), and exploratory rows for the other head metrics."""
+
 SAE_STEERABILITY = pa.schema([
     pa.field(n, t, nullable=False, metadata={"doc": d}) for n, t, d in (
         ("model", STR, "model spec"),
@@ -459,6 +485,8 @@ ALL: dict[str, pa.Schema] = {
     "report_feature_folds": REPORT_FEATURE_FOLDS, "report_kernel_pairs": REPORT_KERNEL_PAIRS,
     "report_kernel_thresholds": REPORT_KERNEL_THRESHOLDS, "report_kernel_populations": REPORT_KERNEL_POPULATIONS,
     "report_kernel_verdicts": REPORT_KERNEL_VERDICTS, "saes": SAES, "report_sae_models": REPORT_SAE_MODELS,
+    "dynamics_changepoints": DYNAMICS_CHANGEPOINTS, "report_dynamics_models": REPORT_DYNAMICS_MODELS,
+    "report_dynamics_verdicts": REPORT_DYNAMICS_VERDICTS,
     "report_sae_verdicts": REPORT_SAE_VERDICTS, "report_sae_steering_verdicts": REPORT_SAE_STEERING_VERDICTS,
     "report_sae_groundtruth": REPORT_SAE_GROUNDTRUTH,
     "sae_steerability": SAE_STEERABILITY, "sae_steering": SAE_STEERING, "sae_recovery": SAE_RECOVERY,
