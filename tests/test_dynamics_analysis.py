@@ -158,7 +158,8 @@ def test_plain_median_lag_reference():
 @pytest.mark.parametrize("mutate, phrase", [
     (lambda s: s._replace(icl=s.icl[:2]), "icl_score: change-points: a series needs at least 6"),
     (lambda s: s._replace(icl=np.r_[s.icl[:-1], np.nan]), "non-finite"),
-    (lambda s: s._replace(heads={"gap": {(0, 0): s.heads["gap"][(0, 0)][:-1]}}), "gap of L0H0: change-points: 40 steps for a series of 39"),
+    (lambda s: s._replace(heads={"gap": {(0, 0): s.heads["gap"][(0, 0)][:-1]}}),
+     "gap of L0H0: change-points: 40 steps for a series of 39"),
     (lambda s: s._replace(steps=s.steps[::-1]), "strictly increasing"),
 ])
 def test_bad_input_is_one_line(mutate, phrase):
