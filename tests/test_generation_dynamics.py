@@ -88,13 +88,14 @@ def test_rank_one_spectra_equal_full_recomputation_at_every_step(tiny64, use_cac
                 np.testing.assert_allclose(r[name], expected[name], rtol=1e-6, atol=1e-12, err_msg=name)
 
 
-def test_the_worker_thread_and_the_loop_give_the_same_table(neox, monkeypatch):
+def test_worker_threads_and_the_loop_give_the_same_table(neox, monkeypatch):
     monkeypatch.setattr(generation, "SPECTRA_CHUNK", 3)  # chunks of 3 steps: 5 steps end in a part-chunk
-    settings = GenerationSettings(max_new_tokens=5, batch_size=2)
-    threaded = generate_trajectories(neox, GEN_PROMPTS, settings)
-    in_loop = generate_trajectories(neox, GEN_PROMPTS, replace(settings, overlap=False))
-    assert threaded.trajectories.num_rows == 3 * 5 * 3 * 4
-    assert threaded.trajectories.equals(in_loop.trajectories) and threaded.tokens == in_loop.tokens
+    settings = GenerationSettings(max_new_tokens=5, batch_size=2, spectra_threads=0)
+    in_loop = generate_trajectories(neox, GEN_PROMPTS, settings)
+    assert in_loop.trajectories.num_rows == 3 * 5 * 3 * 4
+    for threads in (1, 3):
+        threaded = generate_trajectories(neox, GEN_PROMPTS, replace(settings, spectra_threads=threads))
+        assert threaded.trajectories.equals(in_loop.trajectories) and threaded.tokens == in_loop.tokens
 
 
 def test_rotated_keys_and_a_head_subset(tiny64):
@@ -145,6 +146,7 @@ def test_sampling_is_seeded(neox):
     (GenerationSettings(max_new_tokens=0), "max-new-tokens must be at least 1, got 0"),
     (GenerationSettings(max_new_tokens=-3), "max-new-tokens must be at least 1, got -3"),
     (GenerationSettings(keys="both"), "keys must be one of raw, rotated, got 'both'"),
+    (GenerationSettings(spectra_threads=-1), "spectra threads must be >= 0, got -1"),
     (GenerationSettings(max_new_tokens=2048), "prompt 0 has 23 tokens: with 2048 new tokens the context exceeds "
                                               "the model's 2048 positions"),
 ])

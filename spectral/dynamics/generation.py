@@ -39,10 +39,11 @@ tokens only (as ``generate`` does), padding never enters the statistics or a sco
 
 Cost. The statistics cost d_head^2 per head and step; the spectra cost a d_head x d_head
 eigendecomposition per head and step, about as much as the forward pass itself for a small model.
-They run ``SPECTRA_CHUNK`` steps per ``key_kernel_spectra`` call, by default on one worker thread
-while the model computes the next steps (LAPACK releases the GIL; ``overlap=False`` keeps them in
-the loop): the same numbers either way, from the same snapshot of the statistics (the tests compare
-both; ``benchmarks/bench_generation_dynamics.py`` times them against plain ``generate``).
+They run ``SPECTRA_CHUNK`` steps per ``key_kernel_spectra`` call on worker threads (one per usable
+CPU core but one, by default) while the model computes the next steps (LAPACK releases the GIL), or
+in the loop (``spectra_threads=0``): the same numbers either way, from the same snapshot of the
+statistics (the tests compare them; ``benchmarks/bench_generation_dynamics.py`` times both against
+plain ``generate``).
 
 Cache. With ``use_cache`` (the default) every step after the prefill runs the new token alone
 against the KV cache; without it every step reruns the whole context (the reference path; the
@@ -53,6 +54,7 @@ beside the model's cache for the score rows (the size of the cache's keys, once 
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -81,8 +83,8 @@ SPECTRA_CHUNK = 8
 """Steps whose key-kernel spectra one ``key_kernel_spectra`` call computes, at most (its fixed cost
 is then paid once per chunk). Their statistics wait as snapshots (prompts x layers x key heads x
 d_head^2 float64 per step)."""
-SPECTRA_IN_FLIGHT = 2
-"""Chunks queued for the worker thread before the generation waits for the oldest."""
+SPECTRA_IN_FLIGHT = 1
+"""Chunks queued beyond one per worker thread before the generation waits for the oldest."""
 SPECTRA_MEMORY = 256 * 2**20
 """Bytes of waiting snapshots aimed at: the chunk shrinks (to one step) for a large batch x model."""
 
@@ -111,9 +113,9 @@ class GenerationSettings:
     """Stop a prompt at the model's end-of-sequence token (``generation_config.eos_token_id``)."""
     layers: tuple[int, ...] | None = None
     heads: tuple[int, ...] | None = None
-    overlap: bool = True
-    """Compute the key spectra on a worker thread while the model generates (module docstring);
-    False computes them in the generation loop: the same numbers, one thread."""
+    spectra_threads: int | None = None
+    """Worker threads computing the key spectra while the model generates (module docstring): None
+    for one per usable CPU core but one (at least one); 0 computes them in the generation loop."""
 
     def check(self) -> None:
         """A one-line UsageError for a value that cannot be used."""
@@ -127,6 +129,8 @@ class GenerationSettings:
             raise UsageError(f"ridge must be >= 0, got {self.ridge}")
         if self.batch_size < 1:
             raise UsageError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.spectra_threads is not None and self.spectra_threads < 0:
+            raise UsageError(f"spectra threads must be >= 0, got {self.spectra_threads}")
         if self.sample and not self.temperature > 0:
             raise UsageError(f"temperature must be > 0 for sampling, got {self.temperature}")
 
@@ -159,11 +163,15 @@ class ContextKeyStats:
 
     def add(self, keys: Float[Tensor, "batch new layer kv_head d_head"], real: Bool[Tensor, "batch new"]) -> None:
         """Add the keys of the real new positions: after the prefill one position, so a rank-one
-        update (d_head^2 per head)."""
-        x = torch.where(real[:, :, None, None, None], keys.to(torch.float64), 0.0)
+        update (d_head^2 per head). Non-finite keys count as zero and mark their head (as in
+        ``KeyStats.update``)."""
+        x = keys.to(torch.float64)
+        if x.shape[1] > 1 or not bool(real.all()):  # padding (prefill) or finished prompts
+            x = torch.where(real[:, :, None, None, None], x, 0.0)
         finite = torch.isfinite(x)
-        self.nonfinite |= ~finite.all(dim=-1).all(dim=1)
-        x = torch.where(finite, x, 0.0)
+        if not bool(finite.all()):
+            self.nonfinite |= ~finite.all(dim=-1).all(dim=1)
+            x = torch.where(finite, x, 0.0)
         self.ktk += torch.einsum("bnlhd,bnlhe->blhde", x, x)
         self.ksum += x.sum(dim=1)
         self.count += real.sum(dim=1)
@@ -188,7 +196,7 @@ def step_attention(
     """The step attention metrics (module docstring) of one query per (prompt, layer, head) over
     the real keys of its context; arrays of shape (batch, layer, head)."""
     scores = torch.einsum("blhd,blhtd->blht", queries, keys).to(torch.float64)
-    scores = scores * scaling.to(scores)[None, :, None, None]
+    scores = scores * scaling[None, :, None, None]
     mask = real[:, None, None, :]
     p = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
     entropy = -torch.special.xlogy(p, p).sum(dim=-1)
@@ -203,7 +211,8 @@ def step_attention(
 
 class _Capture:
     """The hook callback: per layer, this forward's keys for the statistics (new positions, one
-    query head per key head), its rotated keys (all positions given) and the last query."""
+    query head per key head), its rotated keys (all positions given) and the last query, moved to
+    the device of the index tensors (the statistics'; layers of a sharded model live elsewhere)."""
 
     def __init__(self, stat_site: str, kv_first: Tensor, heads: Tensor):
         self.stat_site, self.kv_first, self.heads = stat_site, kv_first, heads
@@ -214,11 +223,11 @@ class _Capture:
 
     def __call__(self, layer: int, site: str, t: Tensor) -> None:  # t: (batch, pos, head, d_head)
         if site == self.stat_site:
-            self.stat_keys[layer] = t[:, -self.n_new:, self.kv_first.to(t.device)]
+            self.stat_keys[layer] = t[:, -self.n_new:, self.kv_first.to(t.device)].to(self.kv_first.device)
         if site == "keys_rotated":
-            self.rotated[layer] = t[:, :, self.heads.to(t.device)]
+            self.rotated[layer] = t[:, :, self.heads.to(t.device)].to(self.heads.device)
         if site == "queries_rotated":
-            self.queries[layer] = t[:, -1, self.heads.to(t.device)]
+            self.queries[layer] = t[:, -1, self.heads.to(t.device)].to(self.heads.device)
 
 
 @dataclass(frozen=True)
@@ -255,11 +264,12 @@ class _Run:
         self.heads = np.array(heads)
         self.head_kv = self.heads // group  # (head,) key head of each query head
         self.kv_pos = np.array([self.kv_heads.index(h // group) for h in heads])  # into the statistics' kv axis
-        self.capture = _Capture(f"keys_{s.keys}", torch.tensor(self.kv_heads) * group, torch.tensor(heads))
         self.device = model.get_input_embeddings().weight.device
         self.dtype = model.get_input_embeddings().weight.dtype
+        self.capture = _Capture(f"keys_{s.keys}", torch.tensor(self.kv_heads, device=self.device) * group,
+                                torch.tensor(heads, device=self.device))
         self.scaling = torch.tensor([float(attrgetter(adapter.family.scaling)(adapter.attentions[l]))
-                                     for l in self.layers])
+                                     for l in self.layers], dtype=torch.float64, device=self.device)
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.pad = pad_id(self.loaded.tokenizer)
         eos = model.generation_config.eos_token_id if s.stop_at_eos else None
@@ -275,17 +285,12 @@ class _Run:
         """Generate for one batch of prompts (``first``: the index of its first prompt), handing
         each step to ``spectra``; returns the generated tokens."""
         s, model = self.settings, self.loaded.model
-        prompt_ids, prompt_mask = left_padded(rows, self.pad, self.device)
-        batch, t0 = prompt_ids.shape
-        width = t0 + s.max_new_tokens  # the context grows into views of these
-        all_ids = torch.cat([prompt_ids, prompt_ids.new_full((batch, s.max_new_tokens), self.pad)], dim=1)
-        all_mask = torch.cat([prompt_mask, prompt_mask.new_ones(batch, s.max_new_tokens)], dim=1)
-        all_positions = (all_mask.cumsum(dim=-1) - 1).clamp(min=0)  # real tokens counted from 0
-        d_head = self.adapter.d_head
+        all_ids, all_mask, all_positions, t0 = self._context(rows)
+        batch, d_head = len(rows), self.adapter.d_head
         stats = ContextKeyStats(batch, len(self.layers), len(self.kv_heads), d_head, self.device,
                                 float(torch.finfo(self.dtype).eps))
-        rotated = torch.zeros(batch, len(self.layers), len(self.heads), width, d_head, dtype=self.dtype,
-                              device=self.device)
+        rotated = torch.zeros(batch, len(self.layers), len(self.heads), all_ids.shape[1], d_head, dtype=self.dtype,
+                              device=self.device)  # (batch, layer, head, pos, d): the score rows' keys
         alive = torch.ones(batch, dtype=torch.bool, device=self.device)
         generated, cache = [], None
         for step in range(s.max_new_tokens):
@@ -316,6 +321,16 @@ class _Run:
                 if not bool(alive.any()):
                     break
         return _trim(torch.stack(generated, dim=1).tolist(), self.eos.tolist())
+
+    def _context(self, rows: list[list[int]]) -> tuple[Tensor, Tensor, Tensor, int]:
+        """Ids, attention mask and position ids (real tokens counted from 0) of the whole context
+        to come, left-padded prompts then room for the new tokens (each step reads a view of its
+        first columns), and the prompts' width."""
+        new = self.settings.max_new_tokens
+        ids, mask = left_padded(rows, self.pad, self.device)
+        ids = torch.cat([ids, ids.new_full((len(rows), new), self.pad)], dim=1)
+        mask = torch.cat([mask, mask.new_ones(len(rows), new)], dim=1)
+        return ids, mask, (mask.cumsum(dim=-1) - 1).clamp(min=0), ids.shape[1] - new
 
     def _stacked(self, by_layer: dict[int, Tensor], dim: int) -> Tensor:
         return torch.stack([by_layer.pop(layer) for layer in self.layers], dim=dim)
@@ -368,13 +383,15 @@ class _Run:
 
 
 class _Spectra:
-    """The key spectra of the steps, ``SPECTRA_CHUNK`` steps per call: on ``pool``'s worker thread
-    with at most ``SPECTRA_IN_FLIGHT`` chunks queued, or in the caller's thread when ``pool`` is
-    None. ``columns`` waits for all, in step order (a worker's error is raised there)."""
+    """The key spectra of the steps, ``SPECTRA_CHUNK`` steps per call: on ``pool``'s ``threads``
+    worker threads with at most ``threads + SPECTRA_IN_FLIGHT`` chunks queued, or in the caller's
+    thread when ``pool`` is None. ``columns`` waits for all, in step order (a worker's error is
+    raised there)."""
 
-    def __init__(self, run: _Run, pool: ThreadPoolExecutor | None, step_bytes: int):
+    def __init__(self, run: _Run, pool: ThreadPoolExecutor | None, threads: int, step_bytes: int):
         self.run, self.pool = run, pool
-        self.chunk = int(np.clip(SPECTRA_MEMORY // ((SPECTRA_IN_FLIGHT + 1) * step_bytes), 1, SPECTRA_CHUNK))
+        self.in_flight = threads + SPECTRA_IN_FLIGHT
+        self.chunk = int(np.clip(SPECTRA_MEMORY // ((self.in_flight + 1) * step_bytes), 1, SPECTRA_CHUNK))
         self.pending: list[_Step] = []
         self.futures: list[Future] = []
 
@@ -391,8 +408,8 @@ class _Spectra:
             else:
                 self.futures.append(self.pool.submit(self.run.columns, self.pending))
             self.pending = []
-        if len(self.futures) > SPECTRA_IN_FLIGHT:
-            self.futures[-SPECTRA_IN_FLIGHT - 1].result()
+        if len(self.futures) > self.in_flight:
+            self.futures[-self.in_flight - 1].result()
 
     def columns(self) -> list[dict[str, np.ndarray]]:
         self.flush()
@@ -432,6 +449,14 @@ def _table(columns: list[dict[str, np.ndarray]], model: str, settings: Generatio
     return conform(pa.table(table), TRAJECTORIES, "trajectories")
 
 
+def spectra_threads(settings: GenerationSettings) -> int:
+    """Worker threads for the key spectra: ``settings.spectra_threads``, or one per CPU core this
+    process may use but one (for the model), at least one."""
+    if settings.spectra_threads is not None:
+        return settings.spectra_threads
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
 def prompt_token_rows(loaded: LoadedModel, prompts: Sequence[str]) -> list[list[int]]:
     """Each prompt's token ids (special tokens as the scan adds them: none for a decoder); a
     UsageError for an empty list or a prompt without tokens."""
@@ -461,11 +486,12 @@ def generate_trajectories(loaded: LoadedModel, prompts: Sequence[str],
                          f"tokens the context exceeds the model's {limit} positions")
     generator = torch.Generator(device=run.device).manual_seed(settings.seed) if settings.sample else None
     tokens = []
-    worker = ThreadPoolExecutor(1, thread_name_prefix="eigengap-spectra") if settings.overlap else nullcontext()
-    with worker as pool, run.adapter.trace(run.sites, run.capture, layers=run.layers):
+    threads = spectra_threads(settings)
+    workers = ThreadPoolExecutor(threads, thread_name_prefix="eigengap-spectra") if threads else nullcontext()
+    with workers as pool, run.adapter.trace(run.sites, run.capture, layers=run.layers):
         d = run.adapter.d_head
         step_bytes = 8 * min(settings.batch_size, len(rows)) * len(run.layers) * len(run.kv_heads) * d * (d + 1)
-        spectra = _Spectra(run, pool, step_bytes)
+        spectra = _Spectra(run, pool, threads, step_bytes)
         for start in range(0, len(rows), settings.batch_size):
             tokens += run.batch(rows[start:start + settings.batch_size], start, generator, spectra)
         columns = spectra.columns()
