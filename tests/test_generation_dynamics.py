@@ -1,6 +1,6 @@
 """Generation dynamics (spectral.dynamics.generation): per-step key-kernel spectra from rank-one
-updates equal the N x N Gram of all the context's keys, the step attention equals the adapter's
-own probabilities, the tokens equal Hugging Face ``generate``'s, and bad input is one line."""
+updates equal the N x N Gram of all the context's keys, the step attention equals the softmax of
+the adapter's own score row, the tokens equal Hugging Face ``generate``'s, and bad input is one line."""
 
 from __future__ import annotations
 
@@ -118,17 +118,13 @@ def test_tokens_equal_hf_generate_in_float32(tiny):
     assert gen.trajectories.schema.equals(TRAJECTORIES)
 
 
-def test_a_prompt_stops_at_its_eos_token(neox):
+def test_a_prompt_stops_at_its_eos_token():
+    neox = load_model(TINY["gpt_neox"])  # its own copy: the end-of-sequence token is changed below
     first = generate_trajectories(neox, GEN_PROMPTS, GenerationSettings(max_new_tokens=4, stop_at_eos=False))
     eos = first.tokens[1][1]  # prompt 1's second token becomes the end-of-sequence token
-    config = neox.model.generation_config
-    saved = config.eos_token_id
-    config.eos_token_id = eos
-    try:
-        gen = generate_trajectories(neox, GEN_PROMPTS, GenerationSettings(max_new_tokens=4))
-        expected = hf_tokens(neox, gen, 4, eos=eos)
-    finally:
-        config.eos_token_id = saved
+    neox.model.generation_config.eos_token_id = eos
+    gen = generate_trajectories(neox, GEN_PROMPTS, GenerationSettings(max_new_tokens=4))
+    expected = hf_tokens(neox, gen, 4, eos=eos)
     assert gen.tokens[1] == first.tokens[1][:2] and gen.tokens == expected
     steps = {r["step"] for r in gen.trajectories.to_pylist() if r["prompt"] == 1}
     assert steps == {0, 1}
