@@ -188,7 +188,7 @@ def run(config: SaesConfig, *, echo=print):
     from spectral.kernels.prompts import read_prompts
     from spectral.kernels.scan import ScanSettings, scan_table
     from spectral.models.adapter import HeadAdapter
-    from spectral.models.loading import load_model, parse_spec, require_causal_lm, resolve_device
+    from spectral.models.loading import load_model, model_heads, parse_spec, require_causal_lm, resolve_device
 
     start = time.perf_counter()
     spec = parse_spec(config.model)
@@ -198,10 +198,11 @@ def run(config: SaesConfig, *, echo=print):
     if config.prompts is None and not organism:
         raise UsageError(f"--prompts is required for {spec.text} (only organisms generate their own text)")
     training = config.training()
+    n_layers, n_heads, _ = model_heads(spec)  # from the config alone: a bad --heads fails before loading
+    chosen = parse_heads(config.heads, n_layers, n_heads)
     loaded = load_model(spec, device=resolve_device(config.device))
     adapter = HeadAdapter(loaded.model)
-    n_layers, n_heads, d_head = adapter.n_layers, adapter.n_heads, adapter.d_head
-    chosen = parse_heads(config.heads, n_layers, n_heads)
+    d_head = adapter.d_head
     training.check(d_head)
     concept, steer_layer = _steering_setup(config, loaded, organism, n_layers)
     tok = loaded.tokenizer
