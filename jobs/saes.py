@@ -374,7 +374,7 @@ def head_metrics(table, model: str, population: str, seed: int | None, k: int | 
         return None
     ks = sorted({r["k"] for r in rows})
     if k is None:
-        k = next((x for x in ks if x >= VERDICT_K), ks[-1])
+        k = verdict_k(ks)
     rows = sorted((r for r in rows if r["k"] == k), key=lambda r: (r["layer"], r["head"]))
     metrics = {m: np.array([r[m] for r in rows], float) for m in VERDICT_METRICS}
     imp = None
@@ -385,6 +385,13 @@ def head_metrics(table, model: str, population: str, seed: int | None, k: int | 
 
 VERDICT_K = 8
 """The k whose head SAEs the stable vs unstable comparison reads (the issue's fixed k)."""
+
+
+def verdict_k(ks) -> int:
+    """The k the comparisons, steering and ground truth read: ``VERDICT_K``, else the run's
+    smallest k above it, else its largest."""
+    ks = sorted(ks)
+    return next((x for x in ks if x >= VERDICT_K), ks[-1])
 
 
 def _compare(table, model: str, organism: bool, spec):
@@ -459,8 +466,7 @@ def _steering_summary(st: SteeringResults, config: SaesConfig) -> str:
 
 
 def _verdict_entries(entries):
-    ks = sorted({e.k for e in entries})
-    k = next((x for x in ks if x >= VERDICT_K), ks[-1])
+    k = verdict_k({e.k for e in entries})
     return k, [e for e in entries if e.k == k]
 
 
@@ -496,7 +502,8 @@ def _write(out: Path, table, comparison, params, summary, title, threshold, stee
     write_text(summary + "\n", out / "summary.md")
     sae_pareto(table, out / "sae_pareto.png", title=title, threshold=threshold)
     sae_density(table, out / "sae_density.png", title=title)
-    sae_stable_unstable(table, out / "sae_stable_unstable.png", title=title, metrics=VERDICT_METRICS)
+    sae_stable_unstable(table, out / "sae_stable_unstable.png", title=title, metrics=VERDICT_METRICS,
+                        k=verdict_k(set(table["k"].to_pylist())))
     if comparison is not None:
         write_parquet(tables.from_rows([{**r, "seed": -1 if r["seed"] is None else r["seed"]}
                                         for r in comparison.models], tables.REPORT_SAE_MODELS, "sae_models.parquet"),

@@ -298,14 +298,12 @@ def sae_density(table: pa.Table, path: str | Path, title: str = "") -> Path:
 
 
 def sae_stable_unstable(table: pa.Table, path: str | Path, title: str = "",
-                        metrics: tuple[str, ...] = ("superposition_index", "l0", "fvu", "ce_score")) -> Path:
-    """Per metric, the head SAEs' values (at the run's largest k <= 8, else its smallest) of
+                        metrics: tuple[str, ...] = ("superposition_index", "l0", "fvu", "ce_score"), *,
+                        k: int) -> Path:
+    """Per metric, the head SAEs' values at ``k`` (the comparison's, ``jobs.saes.verdict_k``) of
     unstable and stable heads side by side, each point a head."""
     plt = pyplot()
-    rows = [r for r in table.to_pylist() if r["kind"] == "head"]
-    ks = sorted({r["k"] for r in rows})
-    k = max((x for x in ks if x <= 8), default=ks[0]) if ks else None
-    rows = [r for r in rows if r["k"] == k]
+    rows = [r for r in table.to_pylist() if r["kind"] == "head" and r["k"] == k]
     fig, axes = plt.subplots(1, len(metrics), figsize=(1.9 * len(metrics), 3.0), squeeze=False)
     rng = np.random.default_rng(0)
     for ax, m in zip(axes[0], metrics):
