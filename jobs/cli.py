@@ -19,7 +19,7 @@ from spectral.errors import UsageError
 EXIT_USAGE = 2
 
 TOOLS = {"sweep": "jobs.sweep", "track": "jobs.sweep", "report": "jobs.report", "plan": "jobs.plan",
-         "organisms": "jobs.organisms", "predict-importance": "jobs.beyond"}
+         "organisms": "jobs.organisms", "predict-importance": "jobs.beyond", "dynamics": "jobs.dynamics"}
 """Subcommands that are not experiment kinds -> the module whose ``add_parser`` defines them."""
 
 
