@@ -28,15 +28,25 @@ seeds with a value (``analysis.population.across_seeds``) and one-sided t p-valu
 
 Verdict ``VERDICT_KEY`` per population (``RULE``, printed with it): claim "the population's mean
 of the per-seed median lag of ``gap`` < 0" (spectral change-points precede ICL emergence): PASS /
-FAIL by ``analysis.stats.decide_claims`` at one-sided 0.025 after Holm across populations (the
-PASS and FAIL claims each), else INCONCLUSIVE (also with fewer than 2 seeds with a value). Every
-other head metric gives an exploratory row (``EXPLORATORY_KEY``, its metric in ``metric``): the
-same statistics, no verdict, Holm over the metrics of its population, read as ``direction``.
-``tests/test_dynamics_analysis.py`` checks by simulation (at the level of change-point positions)
-that with head change-points independent of the ICL change-point the verdict passes at most at its
-nominal rate: with normally distributed positions 2.49 % (3 seeds) and 2.55 % (5 seeds) of 200,000
-families for a nominal 2.5 %; with uniform positions (lighter tails) the t over few seeds is
-slightly liberal: 3.1 % at 3 seeds, 2.9 % at 5, 2.7 % at 8.
+FAIL when the Holm-adjusted (across populations; the PASS and FAIL claims each) one-sided t p-value
+is below ``ONE_SIDED_LEVEL`` (1.75 %), else INCONCLUSIVE (also with fewer than 2 seeds with a
+value). Every other head metric gives an exploratory row (``EXPLORATORY_KEY``, its metric in
+``metric``): the same statistics, no verdict, Holm over the metrics of its population, read as
+``direction`` at the same level.
+
+Why 1.75 % and not 2.5 %: the nominal level of the claim is one-sided 2.5 %, and the project's
+rule is that a verdict's null simulation does not PASS more often than that. The t over few seeds
+is liberal when the per-seed lags have lighter tails than normal: at level 2.5 % it passed, with
+head and ICL change-points drawn independently from one distribution of log-steps (8 heads, each
+missing with probability 0.2; 200,000 families each), in 2.5 % of families for normal positions but
+3.1 / 3.1 / 2.9 / 2.7 % (uniform, k = 3 / 4 / 5 / 8 seeds), 3.2 / 3.0 / 2.9 / 2.7 % (arcsine, the
+U-shaped beta(0.5, 0.5)), 2.6 % (triangular) and 3.1 / 3.0 / 3.0 / 2.7 % (uniform over the
+midpoints of 30 log-spaced checkpoints, as real change-points fall). ``ONE_SIDED_LEVEL`` was chosen
+once, over 1-2.5 % in steps of 0.25 %, as the largest level whose worst rate over those five nulls
+at k = 2, 3, 4, 5, 8 seeds stays at most 2.5 %: at 1.75 % the worst is 2.29 % (arcsine, k = 3;
+uniform 2.21 %, grid 2.22 %, triangular 1.87 %, normal 1.79 %); at 2 % it was 2.58 %. The cost is
+power: under normal lags the test is then conservative (1.75 % instead of 2.5 %).
+``tests/test_dynamics_analysis.py`` asserts the rate at most 2.5 % + 3 binomial SEs for each null.
 
 The claim is about timing only: an early change of the heads says nothing by itself about
 their causing the emergence.
@@ -61,6 +71,12 @@ ICL = "icl_score"
 """Name of the ICL score's series in ``changepoint_rows``."""
 VERDICT_METRIC = "gap"
 VERDICT_KEY = "spectral_changes_precede_icl"
+NOMINAL = 0.025
+"""The claim's nominal one-sided level."""
+ONE_SIDED_LEVEL = 0.0175
+"""The one-sided level the Holm-adjusted t p-values are compared with: ``NOMINAL`` calibrated for the
+t over few seeds under light-tailed nulls (module docstring: worst null rate 2.29 % over normal,
+uniform, triangular, arcsine and checkpoint-grid positions at 2-8 seeds)."""
 EXPLORATORY_KEY = "exploratory_lag"
 MODEL_LEVEL = -1
 """``layer`` and ``head`` of a model-level series (the ICL score, the loss, ...)."""
@@ -74,8 +90,9 @@ def rule(metric: str = VERDICT_METRIC) -> str:
             "log10(1 + step); per seed the median lag over its heads with a change-point (heads without one and "
             "seeds without an ICL change-point are counted, not used); across seeds the mean with a t-interval "
             "(mean ± t(k-1) x SD/sqrt(k)); one-sided t p-values for '< 0' (PASS) and '> 0' (FAIL), Holm across "
-            "populations for each claim; PASS / FAIL when the adjusted p < 0.025, else INCONCLUSIVE (also with "
-            "fewer than 2 seeds with a value).")
+            f"populations for each claim; PASS / FAIL when the adjusted p < {ONE_SIDED_LEVEL} (the nominal one-sided "
+            f"{NOMINAL} calibrated for the t over few seeds: under light-tailed nulls at 2-8 seeds it passes in at "
+            "most 2.3 %), else INCONCLUSIVE (also with fewer than 2 seeds with a value).")
 
 
 RULE = rule()
@@ -226,9 +243,9 @@ def population_rows(models: Sequence[Mapping]) -> list[dict]:
 
 
 def _direction(p_precede: float, p_follow: float) -> str:
-    if np.isfinite(p_precede) and p_precede < 0.025:
+    if np.isfinite(p_precede) and p_precede < ONE_SIDED_LEVEL:
         return "precede"
-    if np.isfinite(p_follow) and p_follow < 0.025:
+    if np.isfinite(p_follow) and p_follow < ONE_SIDED_LEVEL:
         return "follow"
     return ""
 
@@ -255,11 +272,12 @@ def verdict_rows(populations: Sequence[Mapping], metric: str = VERDICT_METRIC) -
             r["p_pass_holm"], r["p_fail_holm"] = float(a), float(b)
             r["direction"] = _direction(a, b)
             if fam == ("verdict",):
-                r["verdict"] = decide_claims(a, b)
-                r["correction"] = f"Holm over {m} population(s), PASS and FAIL claims each; one-sided tests at 0.025"
+                r["verdict"] = decide_claims(a, b, alpha=2 * ONE_SIDED_LEVEL)
+                r["correction"] = (f"Holm over {m} population(s), PASS and FAIL claims each; one-sided tests at "
+                                   f"{ONE_SIDED_LEVEL} (nominal {NOMINAL}, calibrated)")
             else:
                 r["rule"] = (f"exploratory, no verdict: 'the mean median lag of {r['metric']} != 0', t over seeds; "
-                             "read as 'direction' at one-sided 0.025")
+                             f"read as 'direction' at one-sided {ONE_SIDED_LEVEL}")
                 r["correction"] = (f"Holm over {m} metric(s) of this population (the verdict's metric excluded), each "
                                    "direction; not corrected across populations")
     return out
