@@ -473,6 +473,32 @@ TRAJECTORIES = _schema(
 step, layer, head): ``token`` generated at the step, the key kernel of the context it was predicted
 from (``n_keys`` real tokens; the scan's columns) and the step query's attention over that context."""
 
+DYNAMICS_STEER_STEPS = _schema(
+    ("model", STR), ("arm", STR), ("rule", STR), ("layer", I64), ("prompt", I64), ("split", STR), ("step", I64),
+    ("token", I64), *_doubles("scale", "coefficient", "gap", "effect", "kl", "score_unsteered"))
+"""dynamics_steer_steps.parquet (``eigengap dynamics steer``): one row per (arm, prompt, step): the token the
+steered arm generated, the step's coefficient alpha_t and the injection layer's minimum key-kernel gap g_t it
+was set from, the effect (set score steered - unsteered on the same prefix), the KL(unsteered || steered) and
+the unsteered set score; ``split``: selection (the scale was matched there) or heldout
+(``spectral.dynamics.adaptive``)."""
+
+DYNAMICS_STEER_ARMS = _schema(
+    ("model", STR), ("arm", STR), ("rule", STR), ("layer", I64), ("vector", STR),
+    *_doubles("budget", "scale", "kl_selection", "kl", "kl_low", "kl_high", "effect", "effect_low", "effect_high",
+              "p_value", "mean_coefficient", "mean_gap"),
+    *((n, I64) for n in ("n_heldout", "n_selection", "n_steps")), ("scheme", STR))
+"""dynamics_steer_arms.parquet: per arm (fixed, adaptive) and their difference (adaptive-fixed) the matched
+scale, the mean KL on the selection prompts (the budget's) and on the held-out prompts, and the held-out
+effect with its paired bootstrap interval over prompts (``analysis.adaptive_steering.ARM_COLUMNS``)."""
+
+DYNAMICS_STEER_VERDICTS = _schema(
+    ("key", STR), ("population", STR), ("rule", STR),
+    *_doubles("value", "low", "high", "p_pass", "p_fail", "p_pass_holm", "p_fail_holm"), ("verdict", STR),
+    ("n_seeds", I64), ("k", I64), ("per_seed", STR), ("scheme", STR), ("correction", STR), ("note", STR))
+"""dynamics_steer_verdicts.parquet: does spectrally adaptive steering beat a fixed coefficient at the same
+KL budget: one model's reading (the job) or per population over seeds (the report)
+(``analysis.adaptive_steering.VERDICT_COLUMNS``)."""
+
 ALL: dict[str, pa.Schema] = {
     "scan": SCAN, "steer_scan": STEER_SCAN, "patch": PATCH, "patch_examples": PATCH_EXAMPLES,
     "validate_heads": VALIDATE_HEADS, "validate": VALIDATE, "steer_strategies": STEER_STRATEGIES,
@@ -491,6 +517,8 @@ ALL: dict[str, pa.Schema] = {
     "report_sae_groundtruth": REPORT_SAE_GROUNDTRUTH,
     "sae_steerability": SAE_STEERABILITY, "sae_steering": SAE_STEERING, "sae_recovery": SAE_RECOVERY,
     "trajectories": TRAJECTORIES,
+    "dynamics_steer_steps": DYNAMICS_STEER_STEPS, "dynamics_steer_arms": DYNAMICS_STEER_ARMS,
+    "dynamics_steer_verdicts": DYNAMICS_STEER_VERDICTS,
 }
 """Every schema by name (for tests and documentation)."""
 
