@@ -26,6 +26,7 @@ KINDS: dict[str, str] = {
     "circuits": "jobs.circuits",
     "features": "jobs.features",
     "saes": "jobs.saes",
+    "dynamics_steer": "jobs.dynamics_steer",
 }
 """Experiment kind -> the module whose ``EXPERIMENT`` record defines it (one line per kind)."""
 
