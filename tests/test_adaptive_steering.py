@@ -1,0 +1,219 @@
+"""Spectrally adaptive steering (issue 17, point 4): the per-step coefficient follows its rule
+against a plain recomputation of the gap from all the context's keys, the measures against plain
+forward passes, a zero scale is plain generation, both arms meet the budget, the job's tables and
+one-line errors, and the verdict's null simulation."""
+
+import numpy as np
+import pytest
+import torch
+
+from analysis import adaptive_steering as A
+from analysis.steering import selection_split
+from cluster.store import read_parquet
+from jobs.cli import main
+from spectral import tables
+from spectral.dynamics.adaptive import AdaptiveSettings, match_scale, steered_generation, token_rows
+from spectral.errors import UsageError
+from spectral.models.adapter import HeadAdapter
+from spectral.models.loading import load_model
+from spectral.steering.concepts import concept_for, single_token_ids
+from spectral.steering.measure import generate, kl_per_prompt, set_score
+from spectral.steering.vectors import actadd
+from spectral.tokens import pad_id
+from tests.reference import brute_key_kernel_metrics
+
+LAYER = 1  # organism-xs: 2 layers; the steer job's default n_layers // 2
+BUDGET = 0.25
+
+
+@pytest.fixture(scope="module")
+def setup(organism_cache):
+    loaded = load_model(str(organism_cache))
+    adapter = HeadAdapter(loaded.model)
+    concept = concept_for("sentiment", loaded)
+    vector = actadd(adapter, loaded.tokenizer, concept, [LAYER])[LAYER]
+    target = single_token_ids(loaded.tokenizer, concept.target, "target", "sentiment")
+    opposite = single_token_ids(loaded.tokenizer, concept.opposite, "opposite", "sentiment")
+    rows = token_rows(loaded.tokenizer, concept.prompts)
+    return loaded, adapter, concept, vector, target, opposite, rows
+
+
+def run(setup, rows, scale, rule, steps=4, batch_size=16):
+    loaded, adapter, _, vector, target, opposite, _ = setup
+    return steered_generation(adapter, rows, vector, LAYER, scale, rule, target, opposite,
+                              AdaptiveSettings(max_new_tokens=steps, batch_size=batch_size), pad_id(loaded.tokenizer))
+
+
+def reference_step(setup, prompt, tokens, coefficients, t):
+    """Plain forward of one prompt's context at step t, prompt + tokens[:t] (no cache, no padding),
+    with ``coefficients[j] x v`` added at position n - 1 + j for j <= t (n: the prompt's length):
+    (min gap over the layer's heads of the keys before the current position n - 1 + t, from the
+    N x N Gram; steered and unsteered next-token log-probs there)."""
+    loaded, adapter, _, vector, *_ = setup
+    n = len(prompt)
+    ids = torch.tensor([list(prompt) + tokens[:t].tolist()])
+    keys = {}
+
+    def keep(layer, site, x):
+        keys["k"] = x[0].double().numpy()  # (pos, head, d)
+
+    def edit(x):
+        x = x.clone()
+        for j in range(t + 1):
+            x[0, n - 1 + j] += float(coefficients[j]) * vector
+        return x
+
+    with adapter.trace(["keys_raw"], keep, layers=[LAYER], edits={(LAYER, "resid_pre"): edit}):
+        steered = torch.log_softmax(loaded.model(input_ids=ids, use_cache=False).logits[:, -1].float(), -1)
+    plain = torch.log_softmax(loaded.model(input_ids=ids, use_cache=False).logits[:, -1].float(), -1)
+    before = keys["k"][:n - 1 + t]  # the positions before the current one
+    gap = min(brute_key_kernel_metrics(before[:, h])["gap"] for h in range(before.shape[1]))
+    return gap, steered, plain
+
+
+def test_the_coefficient_follows_the_rule_and_the_measures_match_plain_forward_passes(setup):
+    _, _, _, _, target, opposite, rows = setup
+    chosen = [rows[0], rows[1][2:], rows[6], rows[11][1:]]  # 7, 5, 7 and 6 tokens: left padding in one batch
+    g = run(setup, chosen, 1.5, "gap", steps=5, batch_size=4)
+    assert g.tokens.shape == (4, 5)
+    np.testing.assert_allclose(g.coefficient, 1.5 * g.gap / g.gap[:, :1], rtol=1e-12)
+    assert np.ptp(g.coefficient) > 0.1  # the rule does move the coefficient on this model
+    for i, prompt in enumerate(chosen):
+        for t in range(5):
+            gap, steered, plain = reference_step(setup, prompt, g.tokens[i], g.coefficient[i], t)
+            assert g.gap[i, t] == pytest.approx(gap, abs=1e-6)
+            assert int(steered.argmax()) == g.tokens[i, t]
+            effect = float(set_score(steered, target, opposite) - set_score(plain, target, opposite))
+            assert g.effect[i, t] == pytest.approx(effect, abs=1e-4)
+            assert g.kl[i, t] == pytest.approx(float(kl_per_prompt(plain, steered)), abs=1e-5)
+
+
+def test_the_fixed_rule_keeps_alpha_and_a_zero_scale_is_plain_generation(setup):
+    loaded, adapter, concept, *_ , rows = setup
+    fixed = run(setup, rows[:6], 2.0, "fixed", steps=3)
+    assert np.all(fixed.coefficient == 2.0)
+    zero = run(setup, rows[:6], 0.0, "gap", steps=6)
+    assert np.all(zero.coefficient == 0.0)
+    assert np.abs(zero.kl).max() < 1e-6 and np.abs(zero.effect).max() < 1e-5
+    plain = generate(adapter, loaded.tokenizer, concept.prompts[:6], None, max_new_tokens=6)
+    assert zero.tokens.tolist() == plain
+
+
+@pytest.mark.parametrize("rule", ["fixed", "gap"])
+def test_each_arm_meets_the_budget(setup, rule):
+    rows = setup[-1][:8]
+    scale, g = match_scale(lambda s: run(setup, rows, s, rule, steps=3), BUDGET)
+    assert scale > 0 and g.scale == scale
+    assert abs(g.mean_kl - BUDGET) <= 0.02 * BUDGET  # match_budget's tolerance
+
+
+def test_bad_calls_are_one_line(setup):
+    rows = setup[-1]
+    with pytest.raises(UsageError, match="max-new-tokens must be at least 1, got 0"):
+        run(setup, rows[:2], 1.0, "gap", steps=0)
+    with pytest.raises(UsageError, match="unknown steering rule 'nope'"):
+        run(setup, rows[:2], 1.0, "nope")
+    with pytest.raises(UsageError, match="prompt 1 has 2 token"):
+        run(setup, [rows[0], rows[0][:2]], 1.0, "gap")
+    with pytest.raises(UsageError, match="--budget must be a positive number"):
+        match_scale(lambda s: run(setup, rows[:2], s, "gap"), 0.0)
+
+
+# ---------------------------------------------------------------------------- the job
+@pytest.fixture(scope="module")
+def job_dir(organism_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dynamics-steer") / "run"
+    assert main(["dynamics", "steer", "--model", "organism-xs", "--out", str(out), "--max-new-tokens", "2"]) == 0
+    return out
+
+
+def test_the_job_writes_its_tables(job_dir):
+    steps = read_parquet(job_dir / "dynamics_steer_steps.parquet", tables.DYNAMICS_STEER_STEPS)
+    arms = read_parquet(job_dir / "dynamics_steer_arms.parquet", tables.DYNAMICS_STEER_ARMS).to_pylist()
+    (verdict,) = read_parquet(job_dir / "dynamics_steer_verdicts.parquet", tables.DYNAMICS_STEER_VERDICTS).to_pylist()
+    assert steps.num_rows == 2 * 32 * 2  # arms x prompts x steps
+    assert sorted(set(steps["split"].to_pylist())) == ["heldout", "selection"]
+    assert [r["arm"] for r in arms] == ["fixed", "adaptive", A.DIFFERENCE]
+    for r in arms[:2]:
+        assert abs(r["kl_selection"] - BUDGET) <= 0.02 * BUDGET and r["n_heldout"] == 16 and r["n_steps"] == 2
+    assert arms[2]["effect"] == pytest.approx(arms[1]["effect"] - arms[0]["effect"])
+    assert verdict["key"] == A.VERDICT_KEY and verdict["verdict"] in ("PASS", "FAIL", "INCONCLUSIVE")
+    text = (job_dir / "summary.md").read_text()
+    assert "Rule: adaptive_steering_beats_fixed" in text and "alpha_t = alpha x g_t / g_0" in text
+    assert (job_dir / "steps.png").is_file()
+
+
+def test_an_existing_run_is_kept_without_force(job_dir, capsys):
+    before = (job_dir / "dynamics_steer_arms.parquet").stat().st_mtime_ns
+    assert main(["dynamics", "steer", "--model", "organism-xs", "--out", str(job_dir), "--max-new-tokens", "2"]) == 2
+    assert "pass --force" in capsys.readouterr().err
+    assert (job_dir / "dynamics_steer_arms.parquet").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-new-tokens", "0"], "--max-new-tokens: Input should be greater than 0"),
+    (["--layer", "5"], "--layer"),
+    (["--budget", "0"], "--budget: Input should be greater than 0"),
+    (["--concept", "no-such-concept.yaml"], "concept file 'no-such-concept.yaml' does not exist"),
+])
+def test_bad_input_is_one_line_exit_2_and_nothing_written(organism_cache, tmp_path, capsys, args, message):
+    out = tmp_path / "bad"
+    assert main(["dynamics", "steer", "--model", "organism-xs", "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    ours = [line for line in err.splitlines() if line.startswith("eigengap")]
+    assert ours == [err.splitlines()[-1]] and message in ours[0] and "Traceback" not in err
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------- the verdict
+def _seeds(rng, populations, n_seeds, true_difference):
+    """Per seed the mean held-out difference of two arms on 16 prompts: prompts are bimodal (positive
+    and negative contexts), each arm adds heavy-tailed per-prompt noise and a seed-level shift; with
+    ``true_difference`` 0 the arms are exchangeable."""
+    out = []
+    for pop in populations:
+        for seed in range(n_seeds):
+            base = np.where(np.arange(16) % 2, 1.0, 4.0) + rng.normal(0, 1, 16)
+            fixed = base + rng.normal(0, 1.0) + rng.standard_t(3, 16)
+            adaptive = base + true_difference + rng.normal(0, 1.0) + rng.standard_t(3, 16)
+            out.append(A.SeedSteering(pop, seed, [{"arm": A.DIFFERENCE, "effect": float((adaptive - fixed).mean())}]))
+    return out
+
+
+def test_the_verdict_passes_at_most_at_its_nominal_rate_when_the_arms_are_equal():
+    """3 populations x 5 seeds, 2000 simulations: with equal arms PASS (and FAIL) stay at or below the
+    nominal one-sided 0.025 per population after Holm; a true difference of 3 passes in most runs."""
+    rng = np.random.default_rng(0)
+    pops = ("organism-xs", "organism-s", "organism-m")
+
+    def rates(diff, sims):
+        v = [r["verdict"] for _ in range(sims) for r in A.verdicts(_seeds(rng, pops, 5, diff))]
+        return v.count("PASS") / len(v), v.count("FAIL") / len(v)
+
+    p_pass, p_fail = rates(0.0, 2000)
+    se = np.sqrt(0.025 * 0.975 / 6000)
+    assert p_pass <= 0.025 + 2 * se and p_fail <= 0.025 + 2 * se, (p_pass, p_fail)
+    assert rates(3.0, 300)[0] >= 0.5
+
+
+def test_model_rows_and_the_one_model_reading():
+    rng = np.random.default_rng(1)
+    split = selection_split(8, 0.5, 0)
+    effect = rng.normal(1.0, 0.3, (8, 3))
+    arms = {"fixed": A.ArmResult("fixed", 1.0, effect, np.full((8, 3), 0.25), np.ones((8, 3)), np.full((8, 3), 0.5)),
+            "adaptive": A.ArmResult("gap", 1.2, effect + 0.5, np.full((8, 3), 0.25), np.full((8, 3), 1.2),
+                                    np.full((8, 3), 0.6))}
+    rows = A.model_rows("m", arms, split, layer=1, vector="actadd", budget=0.25,
+                        rule_text={"fixed": "alpha_t = alpha", "gap": "g"})
+    held = list(split.heldout)
+    assert rows[0]["effect"] == pytest.approx(effect[held].mean())
+    assert rows[2]["effect"] == pytest.approx(0.5) and rows[2]["effect_low"] == rows[2]["effect_high"] == pytest.approx(0.5)
+    v = A.model_verdict(rows)
+    assert v["verdict"] == "PASS" and v["n_seeds"] == 1 and "describes this model only" in v["scheme"]
+    tables.from_rows(rows, tables.DYNAMICS_STEER_ARMS, "arms")
+    tables.from_rows([v], tables.DYNAMICS_STEER_VERDICTS, "verdicts")
+    pops = A.population_rows([A.SeedSteering("p", s, [{"arm": A.DIFFERENCE, "effect": e}]) for s, e in
+                              enumerate([0.2, 0.4, 0.3])])
+    (r,) = A.verdict_rows(pops)
+    assert r["value"] == pytest.approx(0.3) and r["k"] == 3 and r["rule"] == A.RULE
+    tables.from_rows([r], tables.DYNAMICS_STEER_VERDICTS, "verdicts")
