@@ -180,20 +180,22 @@ def _seeds(rng, populations, n_seeds, true_difference):
     return out
 
 
-def test_the_verdict_passes_at_most_at_its_nominal_rate_when_the_arms_are_equal():
-    """3 populations x 5 seeds, 2000 simulations: with equal arms PASS (and FAIL) stay at or below the
-    nominal one-sided 0.025 per population after Holm; a true difference of 3 passes in most runs."""
+@pytest.mark.parametrize("pops, sims", [(("organism-xs", "organism-s", "organism-m"), 2000), (("organism-xs",), 6000)])
+def test_the_verdict_passes_at_most_at_its_nominal_rate_when_the_arms_are_equal(pops, sims):
+    """5 seeds per population, 6000 population verdicts: with equal arms PASS (and FAIL) stay within two
+    binomial SEs of the nominal one-sided 0.025 (observed with this seed: 3 populations with Holm 0.8 % /
+    0.7 %; one population, no correction, 2.6 % / 2.3 %, and 2.6 % / 2.3 % over 20,000); a true difference
+    of 3 passes in most runs (observed 0.82 with 3 populations)."""
     rng = np.random.default_rng(0)
-    pops = ("organism-xs", "organism-s", "organism-m")
 
-    def rates(diff, sims):
-        v = [r["verdict"] for _ in range(sims) for r in A.verdicts(_seeds(rng, pops, 5, diff))]
+    def rates(diff, n):
+        v = [r["verdict"] for _ in range(n) for r in A.verdicts(_seeds(rng, pops, 5, diff))]
         return v.count("PASS") / len(v), v.count("FAIL") / len(v)
 
-    p_pass, p_fail = rates(0.0, 2000)
-    se = np.sqrt(0.025 * 0.975 / 6000)
+    p_pass, p_fail = rates(0.0, sims)
+    se = np.sqrt(0.025 * 0.975 / (sims * len(pops)))
     assert p_pass <= 0.025 + 2 * se and p_fail <= 0.025 + 2 * se, (p_pass, p_fail)
-    assert rates(3.0, 300)[0] >= 0.5
+    assert rates(3.0, 300 // len(pops))[0] >= 0.5
 
 
 def test_model_rows_and_the_one_model_reading():
