@@ -27,6 +27,7 @@ KINDS: dict[str, str] = {
     "features": "jobs.features",
     "saes": "jobs.saes",
     "dynamics_steer": "jobs.dynamics_steer",
+    "dynamics_generate": "jobs.dynamics_generate",
 }
 """Experiment kind -> the module whose ``EXPERIMENT`` record defines it (one line per kind)."""
 
