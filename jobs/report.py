@@ -64,6 +64,7 @@ def run(run_dir: Path, out: Path | None = None, echo=print, *, n_resamples: int 
     figs["circuits"] = circuits_section(data, out, n_resamples, n_permutations, seed)
     figs["beyond"] = beyond_section(data, out, n_resamples, n_permutations, seed)
     figs["saes"] = saes_section(data, out, n_resamples, n_permutations, seed)
+    figs["dynamics_steer"] = dynamics_steer_section(data, out)
     for name, (rows, schema) in TABLES.items():
         write_parquet(schemas.from_rows(getattr(result, rows), schema, str(out / name)), out / name, schema)
     facts = summary(data, result)
@@ -85,6 +86,10 @@ def run(run_dir: Path, out: Path | None = None, echo=print, *, n_resamples: int 
         from jobs.saes_section import verdict_facts
 
         facts["verdicts"].update(verdict_facts(figs["saes"]))
+    if figs["dynamics_steer"] is not None:
+        from jobs.dynamics_steer_section import verdict_facts as steer_facts
+
+        facts["verdicts"].update(steer_facts(figs["dynamics_steer"]))
     write_json(facts, out / "summary.json")
     page = write_text(render(data, result, figs), out / RESULT_FILE)  # last: its presence means the report is complete
     counts = {v: sum(r["verdict"] == v for r in result.verdicts) for v in ("PASS", "FAIL", "INCONCLUSIVE")}
@@ -153,6 +158,14 @@ def saes_section(data, out: Path, n_resamples: int, n_permutations: int, seed: i
     return section(data, out, load_cell, n_resamples=n_resamples, n_permutations=n_permutations, seed=seed)
 
 
+def dynamics_steer_section(data, out: Path):
+    """Spectrally adaptive steering (``jobs.dynamics_steer_section``): the verdict over training
+    seeds; None without dynamics_steer cells."""
+    from jobs.dynamics_steer_section import section
+
+    return section(data, out, load_cell)
+
+
 BEYOND_RESAMPLES = 1000
 """At most this many bootstrap resamples of the whole held-out procedure (each refits every fold)."""
 BEYOND_PERMUTATIONS = 10_000
@@ -165,7 +178,7 @@ def other_cells(data) -> list:
     return [(cell, *experiment(cell.kind).metrics(path)) for cell, path in data.cells if cell.kind not in ANALYSED]
 
 
-ANALYSED = (*READS, "circuits", "features", "saes")
+ANALYSED = (*READS, "circuits", "features", "saes", "dynamics_steer")
 """Kinds with an analysis of their own on the page (the cross-model analysis, the circuits and
 beyond-the-gap sections)."""
 

@@ -219,3 +219,47 @@ def test_model_rows_and_the_one_model_reading():
     (r,) = A.verdict_rows(pops)
     assert r["value"] == pytest.approx(0.3) and r["k"] == 3 and r["rule"] == A.RULE
     tables.from_rows([r], tables.DYNAMICS_STEER_VERDICTS, "verdicts")
+
+
+# ---------------------------------------------------------------------------- the report's section
+def test_the_report_section_reads_the_cells_and_passes_a_planted_difference(tmp_path):
+    """A synthetic sweep run (2 populations x 3 seeds) with dynamics_steer cells whose adaptive arm
+    leads by 0.5 (± 0.05 over seeds): PASS in both populations, tables, figure and page."""
+    import json
+
+    from cluster.store import write_parquet
+    from jobs import report
+    from jobs.dynamics_steer import RESULT_FILE
+    from tests.synthetic_runs import SIZES, finish, make_run
+
+    run_dir = make_run(tmp_path / "run", SIZES[:2], seeds=(0, 1, 2), steer=False)
+    sweep = json.loads((run_dir / "sweep.json").read_text())
+    sweep["config"]["experiments"].append({"kind": "dynamics_steer", "params": {}})
+    (run_dir / "sweep.json").write_text(json.dumps(sweep))
+    rng = np.random.default_rng(3)
+    for model_dir in sorted(run_dir.glob("model=*")):
+        model = json.loads((model_dir / "model.json").read_text())["model"]
+        diff = 0.5 + rng.normal(0, 0.05)
+        rows = [dict(model=model, arm=arm, rule=text, layer=2, vector="actadd", budget=BUDGET, scale=scale,
+                     kl_selection=BUDGET, kl=BUDGET, kl_low=0.2, kl_high=0.3, effect=effect, effect_low=effect - 0.2,
+                     effect_high=effect + 0.2, p_value=0.01, mean_coefficient=scale, mean_gap=0.5, n_heldout=16,
+                     n_selection=16, n_steps=8, scheme="synthetic")
+                for arm, text, scale, effect in (("fixed", "alpha_t = alpha", 1.0, 1.0),
+                                                 ("adaptive", "alpha_t = alpha x g_t / g_0", 1.1, 1.0 + diff),
+                                                 (A.DIFFERENCE, "", float("nan"), diff))]
+        unit = model_dir / "experiment=1-dynamics_steer"
+        write_parquet(tables.from_rows(rows, tables.DYNAMICS_STEER_ARMS, "arms"), unit / RESULT_FILE,
+                      tables.DYNAMICS_STEER_ARMS)
+        finish(unit, model, 1, "dynamics_steer")
+    out = tmp_path / "report"
+    report.run(run_dir, out, echo=lambda *a: None, n_resamples=60, n_permutations=200, track=False)
+    facts = json.loads((out / "summary.json").read_text())["verdicts"]
+    assert facts["organism-xs/dynamics/adaptive_steering_beats_fixed"] == "PASS"
+    assert facts["organism-s/dynamics/adaptive_steering_beats_fixed"] == "PASS"
+    verdicts = read_parquet(out / "dynamics_steer_verdicts.parquet", tables.DYNAMICS_STEER_VERDICTS).to_pylist()
+    assert [r["value"] for r in verdicts] == pytest.approx([0.5, 0.5], abs=0.1)
+    assert all(r["k"] == 3 and "Holm over 2 population" in r["correction"] for r in verdicts)
+    assert read_parquet(out / "dynamics_steer_models.parquet", tables.DYNAMICS_STEER_ARMS).num_rows == 6 * 3
+    assert (out / "dynamics_steer.png").stat().st_size > 0
+    page = (out / "report.html").read_text()
+    assert "Spectrally adaptive steering" in page and "adaptive_steering_beats_fixed" in page

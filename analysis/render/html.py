@@ -470,6 +470,33 @@ def _saes(run: RunData, a: Analysis, figs: dict) -> str:
     return "".join(parts)
 
 
+def _dynamics_steer(run: RunData, a: Analysis, figs: dict) -> str:
+    """Spectrally adaptive steering vs a fixed coefficient at the same KL budget (``jobs.dynamics_steer_section``)."""
+    s = figs.get("dynamics_steer")
+    if not s:
+        return "<p class=\"note\">No dynamics_steer experiment in this run.</p>"
+    parts = []
+    if s.verdicts:
+        parts.append(f"<div class=\"rule\"><b>Rule:</b> {_e(s.verdicts[0]['rule'])}</div>")
+        parts.append(_html_table(
+            ["population", "claim", "seeds", "adaptive - fixed", "95 %", "p pass / fail (Holm)", "verdict", "per seed",
+             "correction", "note"],
+            [[r["population"], r["key"], r["k"], _num(r["value"]), _ci(r["low"], r["high"]),
+              f"{_num(r['p_pass_holm'])} / {_num(r['p_fail_holm'])}", r["verdict"], r["per_seed"], r["correction"],
+              r["note"]] for r in s.verdicts], {2, 3}))
+    if s.models:
+        parts.append(_html_table(
+            ["model", "arm", "rule", "layer", "scale", "KL selection", "KL held-out", "effect", "95 %", "mean coefficient"],
+            [[r["model"], r["arm"], r["rule"], r["layer"], _num(r["scale"]), _num(r["kl_selection"]), _num(r["kl"]),
+              _num(r["effect"]), _ci(r["effect_low"], r["effect_high"]), _num(r["mean_coefficient"])]
+             for r in s.models], {3, 4, 5, 6, 7, 9}))
+        parts.append(_img(s.plots.get("arms"), "adaptive vs fixed", "per model, each arm at the matched budget: "
+                          "held-out effect with its 95 % CI over prompts, and the held-out KL it reached"))
+    if s.notes:
+        parts.append(f"<p class=\"note\">{_e('; '.join(s.notes))}</p>")
+    return "".join(parts)
+
+
 SECTIONS: tuple[tuple[str, str, Section], ...] = (
     ("verdicts", "Verdicts", lambda run, a, figs: _verdicts(a)),
     ("populations", "Populations", lambda run, a, figs: _populations(run)),
@@ -490,6 +517,7 @@ SECTIONS: tuple[tuple[str, str, Section], ...] = (
     ("circuits", "Circuits and spectra", _circuits),
     ("beyond", "Beyond the gap", _beyond),
     ("saes", "SAEs on heads' results", _saes),
+    ("dynamics_steer", "Spectrally adaptive steering", _dynamics_steer),
     ("cells", "Other experiments", _other_cells),
     ("data", "Data", lambda run, a, figs: _data(run)),
 )
