@@ -10,8 +10,9 @@ change-points of the head's gap trajectory over the steps (``spectral.dynamics.c
 its fixed rule: the step index plays the checkpoint's part) and the size of the gap's change.
 
 Prompts: ``--prompts FILE`` (one per line, or JSONL with a 'text' field); without it, for an
-organism the first half (in words) of ``--n-prompts`` fresh episodes of its language
-(``spectral.organisms.language.corpus``, seed ``PROMPT_SEED``), else the first ``--n-prompts``
+organism (organism-NAME, or a directory with its recipe.json) the first half (in words) of
+``--n-prompts`` fresh episodes of its language (``spectral.organisms.language.corpus``, seed
+``PROMPT_SEED``), else the first ``--n-prompts``
 lines of the shipped demo prompts (``spectral/data/demo_prompts.txt``).
 
 Change-points, caveat: the detector's stated false-alarm rates (at most 1 % on white noise, 5 %
@@ -123,7 +124,7 @@ class DynamicsGenerateConfig(JobConfig):
 
 def default_prompts(spec, n: int) -> tuple[list[str], str]:
     """``n`` prompts for ``spec`` when no file is given, and where they came from (module docstring)."""
-    if spec.kind == "organism":
+    if spec.kind == "organism" or (spec.kind == "local" and (Path(spec.name) / "recipe.json").is_file()):
         from spectral.organisms.language import corpus
 
         prompts = []
