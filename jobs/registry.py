@@ -28,6 +28,7 @@ KINDS: dict[str, str] = {
     "saes": "jobs.saes",
     "dynamics_steer": "jobs.dynamics_steer",
     "dynamics_generate": "jobs.dynamics_generate",
+    "dynamics_train": "jobs.dynamics_train",
 }
 """Experiment kind -> the module whose ``EXPERIMENT`` record defines it (one line per kind)."""
 

@@ -368,6 +368,31 @@ REPORT_DYNAMICS_VERDICTS = _schema(
 """dynamics_verdicts.parquet (report): per population, do the heads' gap change-points precede the ICL
 score's (``analysis.dynamics.VERDICT_COLUMNS``), and exploratory rows for the other head metrics."""
 
+DYNAMICS_PATTERNS = ("induction_score", "previous_token_score", "duplicate_token_score")
+"""A head's attention-pattern scores on repeated random tokens (``spectral.circuits.scores.PATTERNS``)."""
+
+DYNAMICS_HEADS = _schema(
+    ("population", STR), pa.field("seed", I64, nullable=True), ("model", STR), ("checkpoint", STR), ("step", I64),
+    ("log_step", F64), ("keys", STR), ("ridge", F64), ("ridge_mode", STR), ("center", BOOL), ("layer", I32),
+    ("head", I32), ("kv_head", I32), ("n_tokens", I64), ("n_prompts", I64), *_doubles(*SPECTRUM_METRICS),
+    ("entropy_dhead", F64), ("rank", I64), ("status", STR), *_doubles(*DYNAMICS_PATTERNS))
+"""dynamics_heads.parquet (``eigengap dynamics train``): one row per (seed, checkpoint, layer, head): the key
+scan of the run's fixed prompts at that checkpoint (the scan's columns) and the head's attention-pattern
+scores on repeated random tokens (``spectral.dynamics.training``). ``checkpoint``: its directory or hub
+revision; ``log_step`` = log10(1 + step)."""
+
+DYNAMICS_CHECKPOINTS = _schema(
+    ("population", STR), pa.field("seed", I64, nullable=True), ("model", STR), ("checkpoint", STR), ("step", I64),
+    ("log_step", F64), *_doubles("train_loss", "lr", "icl_score", "loss_early", "loss_late"), ("icl_form", STR),
+    ("early_token", I64), ("late_token", I64),
+    *_doubles("repeat_accuracy", "induction_accuracy", "ioi_accuracy", "max_induction_score",
+              "max_previous_token_score"), ("n_sequences", I64))
+"""dynamics_checkpoints.parquet: one row per (seed, checkpoint): the ICL score (loss at the late minus the
+early token, 1-based, of the ``icl_form`` sequences) and its parts, the top-1 accuracy on the repeat of
+repeated random tokens, the organisms' induction and IOI accuracy (NaN: not measured, a model without
+tasks), the heads' maximum induction and previous-token scores, and the training loss and learning rate
+from the checkpoint manifest (NaN for a hub revision) (``spectral.dynamics.training``)."""
+
 SAE_STEERABILITY = pa.schema([
     pa.field(n, t, nullable=False, metadata={"doc": d}) for n, t, d in (
         ("model", STR, "model spec"),
@@ -513,6 +538,7 @@ ALL: dict[str, pa.Schema] = {
     "report_kernel_verdicts": REPORT_KERNEL_VERDICTS, "saes": SAES, "report_sae_models": REPORT_SAE_MODELS,
     "dynamics_changepoints": DYNAMICS_CHANGEPOINTS, "report_dynamics_models": REPORT_DYNAMICS_MODELS,
     "report_dynamics_verdicts": REPORT_DYNAMICS_VERDICTS,
+    "dynamics_heads": DYNAMICS_HEADS, "dynamics_checkpoints": DYNAMICS_CHECKPOINTS,
     "report_sae_verdicts": REPORT_SAE_VERDICTS, "report_sae_steering_verdicts": REPORT_SAE_STEERING_VERDICTS,
     "report_sae_groundtruth": REPORT_SAE_GROUNDTRUTH,
     "sae_steerability": SAE_STEERABILITY, "sae_steering": SAE_STEERING, "sae_recovery": SAE_RECOVERY,

@@ -47,15 +47,19 @@ def load_model(
     device_map: str | dict | None = None,
     offload_folder: str | Path | None = None,
     trust_remote_code: bool = False,
+    revision: str | None = None,
 ) -> LoadedModel:
     """Load model + tokenizer for ``spec`` (see ``spectral.models.specs`` for the forms).
 
     ``device_map`` is handed to ``from_pretrained`` (accelerate sharding over GPUs, CPU and
     disk; ``offload_folder`` holds the weights a map sends to "disk"); ``device`` moves a
     model that was loaded whole. Raises UsageError with one line naming the spec and what
-    was tried when it cannot be resolved.
+    was tried when it cannot be resolved. ``revision`` (a hub model only) picks a branch, tag or
+    commit of the hub repository, e.g. Pythia's intermediate checkpoints ``step1000``.
     """
     spec = parse_spec(spec) if isinstance(spec, str) else spec
+    if revision is not None and spec.kind != "hub":
+        raise UsageError(f"model spec {spec.text!r}: a revision ({revision!r}) applies to hub models only")
     if spec.kind == "random":
         model, tokenizer = _build_random(spec, dtype or torch.float32)
     elif spec.kind == "organism":
@@ -67,7 +71,8 @@ def load_model(
         _check_checkpoint_dir(spec)
         model, tokenizer = _from_pretrained(spec, spec.name, dtype, device_map, trust_remote_code, local=True, offload=offload_folder)
     else:
-        model, tokenizer = _from_pretrained(spec, spec.name, dtype, device_map, trust_remote_code, local=False, offload=offload_folder)
+        model, tokenizer = _from_pretrained(spec, spec.name, dtype, device_map, trust_remote_code, local=False,
+                                            offload=offload_folder, revision=revision)
     if device is not None and device_map is None:
         model = model.to(device)
     model.eval()
@@ -123,14 +128,16 @@ def _check_checkpoint_dir(spec: ModelSpec) -> None:
         raise UsageError(f"checkpoint directory {spec.text!r} has no tokenizer files (looked for {', '.join(_TOKENIZER_FILES)})")
 
 
-def _from_pretrained(spec, source, dtype, device_map, trust_remote_code, *, local: bool, offload=None):
-    """from_pretrained for directories and hub ids; the cache is tried first for hub ids."""
-    kwargs = dict(use_safetensors=True, trust_remote_code=trust_remote_code)
+def _from_pretrained(spec, source, dtype, device_map, trust_remote_code, *, local: bool, offload=None, revision=None):
+    """from_pretrained for directories and hub ids; the cache is tried first for hub ids (at
+    ``revision`` when given)."""
+    at = {"revision": revision} if revision is not None else {}
+    kwargs = dict(use_safetensors=True, trust_remote_code=trust_remote_code, **at)
     if offload is not None:
         kwargs["offload_folder"] = str(offload)
     offline = local or _hub_offline()
     try:
-        AutoConfig.from_pretrained(source, local_files_only=True, trust_remote_code=trust_remote_code)
+        AutoConfig.from_pretrained(source, local_files_only=True, trust_remote_code=trust_remote_code, **at)
         cached = True
     except (OSError, ValueError):
         cached = False
@@ -143,11 +150,12 @@ def _from_pretrained(spec, source, dtype, device_map, trust_remote_code, *, loca
             f"{_hub_endpoint()}, which is unreachable)"
         )
     try:
-        config = AutoConfig.from_pretrained(source, local_files_only=cached, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source, local_files_only=cached, trust_remote_code=trust_remote_code, **at)
         model = model_class(config.model_type).from_pretrained(
             source, dtype=dtype or "auto", device_map=device_map, local_files_only=cached, **kwargs
         )
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=cached, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=cached, trust_remote_code=trust_remote_code,
+                                                  **at)
     except (OSError, ValueError) as err:
         tried = "local checkpoint directory" if local else ("hub cache" if cached else "hub cache, then the hub")
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
