@@ -105,7 +105,8 @@ def model_rows(model: str, arms: Mapping[str, ArmResult], split: Split, *, layer
                          mean_coefficient=float(a.coefficient[held].mean()), mean_gap=float(a.gap[held].mean())))
     diff = cmp.difference("adaptive", "fixed")
     dkl = mean_ci(arms["adaptive"].kl[held].mean(axis=1) - arms["fixed"].kl[held].mean(axis=1), seed)
-    rows.append(dict(common, arm=DIFFERENCE, rule="", scale=NAN, kl_selection=rows[1]["kl_selection"] - rows[0]["kl_selection"],
+    rows.append(dict(common, arm=DIFFERENCE, rule="", scale=NAN,
+                     kl_selection=rows[1]["kl_selection"] - rows[0]["kl_selection"],
                      kl=dkl.value, kl_low=dkl.low, kl_high=dkl.high, effect=diff.value, effect_low=diff.low,
                      effect_high=diff.high, p_value=diff.p_value,
                      mean_coefficient=rows[1]["mean_coefficient"] - rows[0]["mean_coefficient"],

@@ -171,18 +171,20 @@ def summary(model: str, arm_rows: list[dict], verdict: dict, layer: int, config:
     def f(x) -> str:
         return "–" if x != x else f"{x:.4g}"
 
+    chosen = "--layer" if config.layer is not None else "the steer job's baseline: n_layers // 2"
     lines = [f"# Spectrally adaptive steering: {model}", "",
-             f"Injection layer {layer} ({'--layer' if config.layer is not None else 'the steer job baseline: n_layers // 2'}), "
-             f"{config.vector} vector of the concept {config.concept!r}, {config.max_new_tokens} greedy tokens per prompt, "
-             f"budget: mean KL {config.budget:g} nats over steps and the {len(split.selection)} selection prompts; "
-             f"effects on the {len(split.heldout)} held-out prompts.", "",
-             "| arm | rule | scale | KL (selection) | KL (held-out) [95 %] | effect [95 %] | mean coefficient | mean gap |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"Injection layer {layer} ({chosen}), {config.vector} vector of the concept {config.concept!r}, "
+             f"{config.max_new_tokens} greedy tokens per prompt, budget: mean KL {config.budget:g} nats over steps "
+             f"and the {len(split.selection)} selection prompts; effects on the {len(split.heldout)} held-out "
+             "prompts.", "",
+             "| arm | rule | scale | KL (selection) | KL (held-out) [95 %] | effect [95 %] | mean coefficient "
+             "| mean gap |", "|---|---|---|---|---|---|---|---|"]
     for r in arm_rows:
         lines.append(f"| {r['arm']} | {r['rule']} | {f(r['scale'])} | {f(r['kl_selection'])} | {f(r['kl'])} "
                      f"[{f(r['kl_low'])}, {f(r['kl_high'])}] | {f(r['effect'])} [{f(r['effect_low'])}, "
                      f"{f(r['effect_high'])}] | {f(r['mean_coefficient'])} | {f(r['mean_gap'])} |")
-    lines += ["", f"**{verdict['key']}** on this model: **{verdict['verdict']}** (adaptive - fixed {f(verdict['value'])} "
+    lines += ["", f"**{verdict['key']}** on this model: **{verdict['verdict']}** (adaptive - fixed "
+              f"{f(verdict['value'])} "
               f"[{f(verdict['low'])}, {f(verdict['high'])}], p pass {f(verdict['p_pass'])}, p fail "
               f"{f(verdict['p_fail'])}; {verdict['scheme']}).", "", f"Rule: {verdict['rule']}", ""]
     return "\n".join(lines)
@@ -234,7 +236,8 @@ def unit_metrics(cell_dir: Path) -> tuple[dict[str, float], dict[str, str]]:
 
     metrics, params = statistics_metrics(cell_dir / VERDICTS_FILE, schemas.DYNAMICS_STEER_VERDICTS)
     if (cell_dir / RESULT_FILE).is_file():
-        for r in read_parquet(cell_dir / RESULT_FILE, schemas.DYNAMICS_STEER_ARMS, ["arm", "effect", "kl", "scale"]).to_pylist():
+        arms = read_parquet(cell_dir / RESULT_FILE, schemas.DYNAMICS_STEER_ARMS, ["arm", "effect", "kl", "scale"])
+        for r in arms.to_pylist():
             for k in ("effect", "kl", "scale"):
                 if r[k] is not None and math.isfinite(r[k]):
                     metrics[f"{k}/{r['arm']}"] = float(r[k])

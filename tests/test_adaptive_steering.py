@@ -209,7 +209,8 @@ def test_model_rows_and_the_one_model_reading():
                         rule_text={"fixed": "alpha_t = alpha", "gap": "g"})
     held = list(split.heldout)
     assert rows[0]["effect"] == pytest.approx(effect[held].mean())
-    assert rows[2]["effect"] == pytest.approx(0.5) and rows[2]["effect_low"] == rows[2]["effect_high"] == pytest.approx(0.5)
+    assert rows[2]["effect"] == pytest.approx(0.5)
+    assert rows[2]["effect_low"] == rows[2]["effect_high"] == pytest.approx(0.5)  # the same shift on every prompt
     v = A.model_verdict(rows)
     assert v["verdict"] == "PASS" and v["n_seeds"] == 1 and "describes this model only" in v["scheme"]
     tables.from_rows(rows, tables.DYNAMICS_STEER_ARMS, "arms")

@@ -61,7 +61,8 @@ RULES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "inverse-gap": lambda g, g0: g0 / g,
 }
 """Rule name -> ``alpha_t / alpha`` from the current gap ``g_t`` and the prompt's ``g_0`` (per prompt)."""
-RULE_TEXT = {"fixed": "alpha_t = alpha", "gap": "alpha_t = alpha x g_t / g_0", "inverse-gap": "alpha_t = alpha x g_0 / g_t"}
+RULE_TEXT = {"fixed": "alpha_t = alpha", "gap": "alpha_t = alpha x g_t / g_0",
+             "inverse-gap": "alpha_t = alpha x g_0 / g_t"}
 MIN_PROMPT_TOKENS = 3
 """A prompt needs two tokens before its last for ``g_0`` (a kernel of one key has no gap)."""
 
