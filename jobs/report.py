@@ -65,6 +65,7 @@ def run(run_dir: Path, out: Path | None = None, echo=print, *, n_resamples: int 
     figs["beyond"] = beyond_section(data, out, n_resamples, n_permutations, seed)
     figs["saes"] = saes_section(data, out, n_resamples, n_permutations, seed)
     figs["dynamics_steer"] = dynamics_steer_section(data, out)
+    figs["dynamics_train"] = dynamics_train_section(data, out)
     for name, (rows, schema) in TABLES.items():
         write_parquet(schemas.from_rows(getattr(result, rows), schema, str(out / name)), out / name, schema)
     facts = summary(data, result)
@@ -90,6 +91,10 @@ def run(run_dir: Path, out: Path | None = None, echo=print, *, n_resamples: int 
         from jobs.dynamics_steer_section import verdict_facts as steer_facts
 
         facts["verdicts"].update(steer_facts(figs["dynamics_steer"]))
+    if figs["dynamics_train"] is not None:
+        from jobs.dynamics_train_section import verdict_facts as train_facts
+
+        facts["verdicts"].update(train_facts(figs["dynamics_train"]))
     write_json(facts, out / "summary.json")
     page = write_text(render(data, result, figs), out / RESULT_FILE)  # last: its presence means the report is complete
     counts = {v: sum(r["verdict"] == v for r in result.verdicts) for v in ("PASS", "FAIL", "INCONCLUSIVE")}
@@ -166,6 +171,14 @@ def dynamics_steer_section(data, out: Path):
     return section(data, out, load_cell)
 
 
+def dynamics_train_section(data, out: Path):
+    """Training dynamics (``jobs.dynamics_train_section``): do the heads' gap change-points precede
+    the ICL score's, over training seeds; None without dynamics_train cells."""
+    from jobs.dynamics_train_section import section
+
+    return section(data, out, load_cell)
+
+
 BEYOND_RESAMPLES = 1000
 """At most this many bootstrap resamples of the whole held-out procedure (each refits every fold)."""
 BEYOND_PERMUTATIONS = 10_000
@@ -178,7 +191,7 @@ def other_cells(data) -> list:
     return [(cell, *experiment(cell.kind).metrics(path)) for cell, path in data.cells if cell.kind not in ANALYSED]
 
 
-ANALYSED = (*READS, "circuits", "features", "saes", "dynamics_steer")
+ANALYSED = (*READS, "circuits", "features", "saes", "dynamics_steer", "dynamics_train")
 """Kinds with an analysis of their own on the page (the cross-model analysis, the circuits and
 beyond-the-gap sections)."""
 

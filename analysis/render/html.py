@@ -497,6 +497,36 @@ def _dynamics_steer(run: RunData, a: Analysis, figs: dict) -> str:
     return "".join(parts)
 
 
+def _dynamics_train(run: RunData, a: Analysis, figs: dict) -> str:
+    """Do the heads' gap change-points precede the ICL score's (``jobs.dynamics_train_section``)."""
+    s = figs.get("dynamics_train")
+    if not s:
+        return "<p class=\"note\">No dynamics_train experiment in this run.</p>"
+    parts = []
+    main = [r for r in s.verdicts if not r["exploratory"]]
+    if main:
+        parts.append(f"<div class=\"rule\"><b>Rule:</b> {_e(main[0]['rule'])}</div>")
+    if s.verdicts:
+        parts.append(_html_table(
+            ["population", "claim / metric", "seeds", "mean median lag (decades)", "95 %", "p pass / fail (Holm)",
+             "verdict", "direction", "heads precede", "per seed", "correction", "note"],
+            [[r["population"], r["key"] if not r["exploratory"] else r["metric"], f"{r['k']} of {r['n_seeds']}",
+              _num(r["value"]), _ci(r["low"], r["high"]), f"{_num(r['p_pass_holm'])} / {_num(r['p_fail_holm'])}",
+              r["verdict"] or "(exploratory)", r["direction"], _num(r["fraction_precede"]), r["per_seed"],
+              r["correction"], r["note"]] for r in sorted(s.verdicts, key=lambda r: (r["exploratory"], r["population"]))],
+            {2, 3, 8}))
+        parts.append(_img(s.plots.get("lags"), "gap change-point lags", "per population, each seed's median lag of "
+                          "the heads' gap change-points to the ICL score's (below 0: the gaps change first), the mean "
+                          "and its 95 % CI over seeds"))
+    if s.icl:
+        parts.append(_html_table(
+            ["model", "seed", "checkpoints", "ICL score first", "ICL score last", "ICL change-point (step)"],
+            [[r["model"], r["seed"], r["n_checkpoints"], _num(r["icl_first"]), _num(r["icl_last"]),
+              _num(r["icl_change_step"])] for r in s.icl], {1, 2, 3, 4, 5}))
+    if s.notes:
+        parts.append(f"<p class=\"note\">{_e('; '.join(s.notes))}</p>")
+    return "".join(parts)
+
 SECTIONS: tuple[tuple[str, str, Section], ...] = (
     ("verdicts", "Verdicts", lambda run, a, figs: _verdicts(a)),
     ("populations", "Populations", lambda run, a, figs: _populations(run)),
@@ -518,6 +548,7 @@ SECTIONS: tuple[tuple[str, str, Section], ...] = (
     ("beyond", "Beyond the gap", _beyond),
     ("saes", "SAEs on heads' results", _saes),
     ("dynamics_steer", "Spectrally adaptive steering", _dynamics_steer),
+    ("dynamics_train", "Training dynamics", _dynamics_train),
     ("cells", "Other experiments", _other_cells),
     ("data", "Data", lambda run, a, figs: _data(run)),
 )
