@@ -59,6 +59,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from operator import attrgetter
 from typing import get_args
 
@@ -196,7 +197,13 @@ def step_attention(
     """The step attention metrics (module docstring) of one query per (prompt, layer, head) over
     the real keys of its context; arrays of shape (batch, layer, head)."""
     scores = torch.einsum("blhd,blhtd->blht", queries, keys).to(torch.float64)
-    scores = scores * scaling[None, :, None, None]
+    return attention_metrics(scores * scaling[None, :, None, None], real)
+
+
+def attention_metrics(scores: Float[Tensor, "row layer head pos"], real: Bool[Tensor, "row pos"]
+                      ) -> dict[str, np.ndarray]:
+    """The step attention metrics of scaled float64 score rows over their ``real`` keys; arrays
+    of shape (row, layer, head)."""
     mask = real[:, None, None, :]
     p = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
     entropy = -torch.special.xlogy(p, p).sum(dim=-1)
@@ -209,40 +216,70 @@ def step_attention(
     return {name: out[name].cpu().numpy() for name in STEP_ATTENTION_METRICS}
 
 
-class _Capture:
-    """The hook callback: per layer, this forward's keys for the statistics (new positions, one
-    query head per key head), its rotated keys (all positions given) and the last query, moved to
-    the device of the index tensors (the statistics'; layers of a sharded model live elsewhere)."""
+@dataclass
+class _Buffers:
+    """One batch's per-step tensors, written by the hooks and the loop, read by the spectra worker
+    once their steps are past (never written again then)."""
 
-    def __init__(self, stat_site: str, kv_first: Tensor, heads: Tensor):
+    prefill: Tensor
+    """(batch, prompt width, layer, kv head, d_head): the prompts' statistics keys (step 0)."""
+    keys: Tensor
+    """(batch, steps, layer, kv head, d_head): the statistics key of the position step s >= 1 reads."""
+    queries: Tensor
+    """(batch, steps, layer, head, d_head): the rotated query of each step."""
+    rotated: Tensor
+    """(batch, layer, head, pos, d_head): the rotated keys of the context (each position written
+    once, when first computed: the score rows' keys)."""
+    added: Tensor
+    """(batch, steps) bool: step s added a real key to the statistics (s >= 1, prompt not stopped)."""
+    live: Tensor
+    """(batch, steps) bool: the prompt generates at step s (the step has its rows)."""
+    tokens: Tensor
+    """(batch, steps): the token chosen at each step."""
+
+
+class _Capture:
+    """The hook callback: writes this forward's keys for the statistics (new positions, one
+    query head per key head), its new rotated keys and the last query into the batch's buffers
+    (on their device: the layers of a sharded model may live elsewhere)."""
+
+    def __init__(self, stat_site: str, kv_first: Tensor, heads: Tensor, layers: Sequence[int]):
         self.stat_site, self.kv_first, self.heads = stat_site, kv_first, heads
-        self.n_new = 0
-        self.stat_keys: dict[int, Tensor] = {}
-        self.rotated: dict[int, Tensor] = {}
-        self.queries: dict[int, Tensor] = {}
+        self.index = {layer: i for i, layer in enumerate(layers)}
+        self.buffers: _Buffers | None = None
+        self.step = self.n_new = self.t = 0
 
     def __call__(self, layer: int, site: str, t: Tensor) -> None:  # t: (batch, pos, head, d_head)
+        b, i = self.buffers, self.index[layer]
         if site == self.stat_site:
-            self.stat_keys[layer] = t[:, -self.n_new:, self.kv_first.to(t.device)].to(self.kv_first.device)
+            new = t[:, -self.n_new:, self.kv_first.to(t.device)]
+            if self.step == 0:
+                b.prefill[:, :, i] = new
+            else:
+                b.keys[:, self.step, i] = new[:, -1]
         if site == "keys_rotated":
-            self.rotated[layer] = t[:, :, self.heads.to(t.device)].to(self.heads.device)
+            b.rotated[:, i, :, self.t - self.n_new:self.t] = t[:, -self.n_new:, self.heads.to(t.device)].transpose(1, 2)
         if site == "queries_rotated":
-            self.queries[layer] = t[:, -1, self.heads.to(t.device)].to(self.heads.device)
+            b.queries[:, self.step, i] = t[:, -1, self.heads.to(t.device)]
 
 
 @dataclass(frozen=True)
-class _Step:
-    """One step as the generation loop leaves it for the spectra worker."""
+class _Chunk:
+    """Steps ``start`` .. ``stop`` - 1 of one batch, as the generation loop hands them to the
+    spectra worker: the statistics before ``start`` and views of the batch's buffers."""
 
-    step: int
-    prompts: np.ndarray
-    """(n,) indices of the prompts still generating."""
-    tokens: np.ndarray
-    """(n,) the tokens they generated at this step."""
-    stats: KeyStats
-    """Snapshot of their statistics, over (prompt x layer, key head)."""
-    attention: dict[str, np.ndarray]
-    """Step attention metrics, (n, layer, head) each."""
+    first: int
+    """Index of the batch's first prompt."""
+    start: int
+    stop: int
+    width: int
+    """The batch's prompt width (step s's context: positions < width + s)."""
+    base: tuple[Tensor, Tensor, Tensor, Tensor]
+    """(ktk, ksum, count, nonfinite) of the statistics before step ``start`` (copies)."""
+    eps: float
+    buffers: _Buffers
+    mask: Tensor
+    """(batch, pos) the whole context's attention mask (1 on real tokens)."""
 
 
 @dataclass
@@ -267,7 +304,7 @@ class _Run:
         self.device = model.get_input_embeddings().weight.device
         self.dtype = model.get_input_embeddings().weight.dtype
         self.capture = _Capture(f"keys_{s.keys}", torch.tensor(self.kv_heads, device=self.device) * group,
-                                torch.tensor(heads, device=self.device))
+                                torch.tensor(heads, device=self.device), self.layers)
         self.scaling = torch.tensor([float(attrgetter(adapter.family.scaling)(adapter.attentions[l]))
                                      for l in self.layers], dtype=torch.float64, device=self.device)
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -283,44 +320,58 @@ class _Run:
     def batch(self, rows: list[list[int]], first: int, generator: torch.Generator | None, spectra: "_Spectra"
               ) -> list[list[int]]:
         """Generate for one batch of prompts (``first``: the index of its first prompt), handing
-        each step to ``spectra``; returns the generated tokens."""
+        its steps to ``spectra`` in chunks; returns the generated tokens."""
         s, model = self.settings, self.loaded.model
         all_ids, all_mask, all_positions, t0 = self._context(rows)
-        batch, d_head = len(rows), self.adapter.d_head
-        stats = ContextKeyStats(batch, len(self.layers), len(self.kv_heads), d_head, self.device,
-                                float(torch.finfo(self.dtype).eps))
-        rotated = torch.zeros(batch, len(self.layers), len(self.heads), all_ids.shape[1], d_head, dtype=self.dtype,
-                              device=self.device)  # (batch, layer, head, pos, d): the score rows' keys
+        batch, d_head, steps = len(rows), self.adapter.d_head, s.max_new_tokens
+        n_layers, n_kv, n_heads = len(self.layers), len(self.kv_heads), len(self.heads)
+        stats = ContextKeyStats(batch, n_layers, n_kv, d_head, self.device, float(torch.finfo(self.dtype).eps))
+        new = partial(torch.zeros, dtype=self.dtype, device=self.device)
+        flags = partial(torch.zeros, dtype=torch.bool, device=self.device)
+        buffers = self.capture.buffers = _Buffers(
+            new(batch, t0, n_layers, n_kv, d_head), new(batch, steps, n_layers, n_kv, d_head),
+            new(batch, steps, n_layers, n_heads, d_head), new(batch, n_layers, n_heads, all_ids.shape[1], d_head),
+            flags(batch, steps), flags(batch, steps), torch.zeros(batch, steps, dtype=torch.long, device=self.device))
         alive = torch.ones(batch, dtype=torch.bool, device=self.device)
-        generated, cache = [], None
-        for step in range(s.max_new_tokens):
+        mask_bool = all_mask.bool()
+        cache, start, step = None, 0, 0
+        for step in range(steps):
             t = t0 + step
             ids, mask, positions = all_ids[:, :t], all_mask[:, :t], all_positions[:, :t]
             whole = step == 0 or not s.use_cache
-            self.capture.n_new = t0 if step == 0 else 1
+            self.capture.step, self.capture.n_new, self.capture.t = step, (t0 if step == 0 else 1), t
             out = model(input_ids=ids if whole else ids[:, -1:], attention_mask=mask,
                         position_ids=positions if whole else positions[:, -1:], use_cache=s.use_cache,
                         logits_to_keep=1, **{self.cache_arg: cache})
             cache = out[self.cache_arg] if s.use_cache else None
-            new_real = mask[:, -self.capture.n_new:].bool() & alive[:, None]
-            stats.add(self._stacked(self.capture.stat_keys, dim=2), new_real)  # (batch, new, layer, kv, d)
-            given = self._stacked(self.capture.rotated, dim=1).transpose(2, 3)  # (batch, layer, head, pos, d)
-            rotated[:, :, :, t - given.shape[3]:t] = given
+            if step == 0:
+                stats.add(buffers.prefill, mask_bool[:, :t0])
+            else:
+                buffers.added[:, step] = alive
+            buffers.live[:, step] = alive
             token = torch.where(alive, self._choose(out.logits[:, -1], generator), self.pad)
-            live = alive.nonzero().squeeze(-1)
-            rows_live = slice(None) if len(live) == batch else live  # a view while every prompt generates
-            queries = self._stacked(self.capture.queries, dim=1)[rows_live]  # (prompt, layer, head, d)
-            attention = step_attention(queries, rotated[rows_live, :, :, :t], self.scaling, mask[rows_live].bool())
-            spectra.add(_Step(step, first + live.cpu().numpy(), token[live].cpu().numpy(), stats.key_stats(live),
-                              attention))
-            generated.append(token)
-            if step + 1 < s.max_new_tokens:
+            buffers.tokens[:, step] = token
+            if step + 1 < steps:
                 all_ids[:, t] = token
+            if step + 1 - start >= spectra.chunk:
+                spectra.add(self._chunk(first, start, step + 1, t0, stats, buffers, mask_bool))
+                start = step + 1
             if len(self.eos):
                 alive = alive & ~torch.isin(token, self.eos)
                 if not bool(alive.any()):
                     break
-        return _trim(torch.stack(generated, dim=1).tolist(), self.eos.tolist())
+        if start < step + 1:
+            spectra.add(self._chunk(first, start, step + 1, t0, stats, buffers, mask_bool))
+        return _trim(buffers.tokens[:, :step + 1].tolist(), self.eos.tolist())
+
+    def _chunk(self, first: int, start: int, stop: int, width: int, stats: ContextKeyStats, buffers: _Buffers,
+               mask: Tensor) -> _Chunk:
+        """Steps ``start`` .. ``stop`` - 1 for the worker; then their keys enter ``stats`` (summed:
+        the worker forms each step's own statistics)."""
+        base = (stats.ktk.clone(), stats.ksum.clone(), stats.count.clone(), stats.nonfinite.clone())
+        chunk = _Chunk(first, start, stop, width, base, stats.eps, buffers, mask)
+        stats.add(buffers.keys[:, start:stop], buffers.added[:, start:stop])
+        return chunk
 
     def _context(self, rows: list[list[int]]) -> tuple[Tensor, Tensor, Tensor, int]:
         """Ids, attention mask and position ids (real tokens counted from 0) of the whole context
@@ -332,88 +383,110 @@ class _Run:
         mask = torch.cat([mask, mask.new_ones(len(rows), new)], dim=1)
         return ids, mask, (mask.cumsum(dim=-1) - 1).clamp(min=0), ids.shape[1] - new
 
-    def _stacked(self, by_layer: dict[int, Tensor], dim: int) -> Tensor:
-        return torch.stack([by_layer.pop(layer) for layer in self.layers], dim=dim)
-
     def _choose(self, logits: Float[Tensor, "batch vocab"], generator: torch.Generator | None) -> Int[Tensor, " batch"]:
         if not self.settings.sample:
             return logits.argmax(dim=-1)
         probs = torch.softmax(logits.float() / self.settings.temperature, dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
-    def columns(self, steps: list[_Step]) -> list[dict[str, np.ndarray]]:
-        """The rows of ``steps``, one column dict per step: one ``key_kernel_spectra`` call for all."""
-        s = self.settings
-        merged = KeyStats(*(np.concatenate([getattr(step.stats, name) for step in steps]) for name in
-                            ("ktk", "ksum", "count", "n_prompts", "nonfinite")), max(step.stats.eps for step in steps))
-        result = key_kernel_spectra(merged, ridge=s.ridge, center=s.center, ridge_mode=s.ridge_mode)
-        out, start = [], 0
-        for step in steps:
-            stop = start + len(step.prompts) * len(self.layers)
-            out.append(self._step_columns(step, result, slice(start, stop)))
-            start = stop
-        return out
+    def columns(self, chunk: _Chunk) -> dict[str, np.ndarray]:
+        """The rows of one chunk's steps (prompt, then step, layer, head order): each step's
+        statistics by a cumulative sum of its keys' outer products onto the chunk's base, all their
+        spectra in one ``key_kernel_spectra`` call, all their step attention in one batched op."""
+        s, b = self.settings, chunk.buffers
+        sl = slice(chunk.start, chunk.stop)
+        live = b.live[:, sl]
+        x, bad = _float_keys(b.keys[:, sl], b.added[:, sl])  # (batch, step, layer, kv, d)
+        ktk, ksum, count, nonfinite = chunk.base
+        outer = torch.einsum("bslhd,bslhe->bslhde", x, x)
+        ktk = torch.cumsum(outer, dim=1, out=outer).add_(ktk[:, None])
+        ksum = x.cumsum(dim=1).add_(ksum[:, None])
+        count = b.added[:, sl].cumsum(dim=1).add_(count[:, None])
+        nonfinite = nonfinite[:, None] | (bad.cumsum(dim=1) > 0)
+        every = bool(live.all())
+        prompt_idx, step_idx = live.nonzero(as_tuple=True)  # rows: prompt-major, then step
 
-    def _step_columns(self, step: _Step, result: KernelResult, rows: slice) -> dict[str, np.ndarray]:
-        """One step's rows (prompt x layer x head) as columns; ``rows`` selects its (prompt x layer)
-        entries of ``result``."""
-        n, n_layers, n_heads = len(step.prompts), len(self.layers), len(self.heads)
+        def rows(t: Tensor) -> Tensor:  # (batch, step, ...) -> (row, ...): a view while every prompt generates
+            return t.flatten(0, 1) if every else t[prompt_idx, step_idx]
+
+        ktk, ksum, count, nonfinite = rows(ktk), rows(ksum), rows(count), rows(nonfinite)
+        n, n_layers, n_kv, d = len(prompt_idx), *ktk.shape[1:4]
+        stats = KeyStats(ktk.reshape(n * n_layers, n_kv, d, d).cpu().numpy(),
+                         ksum.reshape(n * n_layers, n_kv, d).cpu().numpy(),
+                         count.repeat_interleave(n_layers)[:, None].expand(n * n_layers, n_kv).cpu().numpy().copy(),
+                         np.ones((n * n_layers, n_kv), np.int64), nonfinite.reshape(n * n_layers, n_kv).cpu().numpy(),
+                         chunk.eps)
+        result = key_kernel_spectra(stats, ridge=s.ridge, center=s.center, ridge_mode=s.ridge_mode)
+        # attention: every step's query against the context before it (positions < width + step)
+        context = chunk.width + torch.arange(chunk.start, chunk.stop, device=x.device)  # (step,)
+        t_max = int(context[-1])
+        scores = rows(torch.einsum("bslhd,blhtd->bslht", b.queries[:, sl], b.rotated[..., :t_max, :]))
+        scores = scores.to(torch.float64) * self.scaling[None, :, None, None]
+        real = chunk.mask[prompt_idx, :t_max] & (torch.arange(t_max, device=x.device) < context[step_idx, None])
+        attention = attention_metrics(scores, real)
+        steps = (chunk.start + step_idx).cpu().numpy()
+        prompts = (chunk.first + prompt_idx).cpu().numpy()
+        return self._rows(steps, prompts, b.tokens[prompt_idx, chunk.start + step_idx].cpu().numpy(),
+                          count.cpu().numpy(), result, attention)
+
+    def _rows(self, steps: np.ndarray, prompts: np.ndarray, tokens: np.ndarray, n_keys: np.ndarray,
+              result: KernelResult, attention: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """(row,) per-row values and ``result``'s (row x layer, kv head) entries as the table's
+        columns, one row per (row, layer, head)."""
+        n, n_layers, n_heads = len(steps), len(self.layers), len(self.heads)
         shape = (n, n_layers, n_heads)
 
-        def per_head(values: np.ndarray) -> np.ndarray:  # (prompt x layer, kv head) -> rows
-            return values[rows].reshape(n, n_layers, -1)[:, :, self.kv_pos].ravel()
+        def per_head(values: np.ndarray) -> np.ndarray:  # (row x layer, kv head) -> rows
+            return values.reshape(n, n_layers, -1)[:, :, self.kv_pos].ravel()
 
-        def grid(values, axis: int) -> np.ndarray:  # one value per prompt, layer or head -> rows
+        def grid(values, axis: int) -> np.ndarray:  # one value per row, layer or head -> rows
             expand = [1, 1, 1]
             expand[axis] = -1
             return np.broadcast_to(np.asarray(values).reshape(expand), shape).ravel()
 
         columns = {
-            "prompt": grid(step.prompts, 0).astype(np.int64),
-            "step": np.full(n * n_layers * n_heads, step.step, np.int64),
-            "token": grid(step.tokens, 0).astype(np.int64),
-            "n_keys": grid(step.stats.count[::n_layers, 0], 0).astype(np.int64),
+            "prompt": grid(prompts, 0).astype(np.int64), "step": grid(steps, 0).astype(np.int64),
+            "token": grid(tokens, 0).astype(np.int64), "n_keys": grid(n_keys, 0).astype(np.int64),
             "layer": grid(self.layers, 1).astype(np.int32), "head": grid(self.heads, 2).astype(np.int32),
             "kv_head": grid(self.head_kv, 2).astype(np.int32), "ridge": per_head(result.ridge),
         }
         columns |= {name: per_head(result.metrics[name]) for name in METRICS}
         columns |= {"entropy_dhead": per_head(result.entropy_dhead), "rank": per_head(result.rank).astype(np.int64),
                     "status": per_head(result.status)}
-        return columns | {name: values.ravel() for name, values in step.attention.items()}
+        return columns | {name: values.ravel() for name, values in attention.items()}
+
+
+def _float_keys(keys: Tensor, added: Tensor) -> tuple[Tensor, Tensor]:
+    """Keys in float64, zero where not added or not finite, and (batch, step, layer, kv) where
+    an added key was not finite (as ``ContextKeyStats.add``)."""
+    x = torch.where(added[:, :, None, None, None], keys.to(torch.float64), 0.0)
+    finite = torch.isfinite(x)
+    bad = ~finite.all(dim=-1)
+    return torch.where(finite, x, 0.0), bad
 
 
 class _Spectra:
-    """The key spectra of the steps, ``SPECTRA_CHUNK`` steps per call: on ``pool``'s ``threads``
-    worker threads with at most ``threads + SPECTRA_IN_FLIGHT`` chunks queued, or in the caller's
-    thread when ``pool`` is None. ``columns`` waits for all, in step order (a worker's error is
-    raised there)."""
+    """The chunks' rows: on ``pool``'s ``threads`` worker threads with at most
+    ``threads + SPECTRA_IN_FLIGHT`` chunks queued, or in the caller's thread when ``pool`` is
+    None. ``columns`` waits for all, in order (a worker's error is raised there)."""
 
     def __init__(self, run: _Run, pool: ThreadPoolExecutor | None, threads: int, step_bytes: int):
         self.run, self.pool = run, pool
         self.in_flight = threads + SPECTRA_IN_FLIGHT
         self.chunk = int(np.clip(SPECTRA_MEMORY // ((self.in_flight + 1) * step_bytes), 1, SPECTRA_CHUNK))
-        self.pending: list[_Step] = []
         self.futures: list[Future] = []
 
-    def add(self, step: _Step) -> None:
-        self.pending.append(step)
-        if len(self.pending) >= self.chunk:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.pending:
-            if self.pool is None:
-                self.futures.append(Future())
-                self.futures[-1].set_result(self.run.columns(self.pending))
-            else:
-                self.futures.append(self.pool.submit(self.run.columns, self.pending))
-            self.pending = []
+    def add(self, chunk: _Chunk) -> None:
+        if self.pool is None:
+            self.futures.append(Future())
+            self.futures[-1].set_result(self.run.columns(chunk))
+        else:
+            self.futures.append(self.pool.submit(self.run.columns, chunk))
         if len(self.futures) > self.in_flight:
             self.futures[-self.in_flight - 1].result()
 
     def columns(self) -> list[dict[str, np.ndarray]]:
-        self.flush()
-        return [columns for future in self.futures for columns in future.result()]
+        return [future.result() for future in self.futures]
 
 
 def left_padded(rows: Sequence[Sequence[int]], pad: int, device: torch.device
