@@ -66,6 +66,7 @@ def run(run_dir: Path, out: Path | None = None, echo=print, *, n_resamples: int 
     figs["saes"] = saes_section(data, out, n_resamples, n_permutations, seed)
     figs["dynamics_steer"] = dynamics_steer_section(data, out)
     figs["dynamics_train"] = dynamics_train_section(data, out)
+    figs["dynamics_generate"] = dynamics_generate_section(data, out)
     for name, (rows, schema) in TABLES.items():
         write_parquet(schemas.from_rows(getattr(result, rows), schema, str(out / name)), out / name, schema)
     facts = summary(data, result)
@@ -179,6 +180,14 @@ def dynamics_train_section(data, out: Path):
     return section(data, out, load_cell)
 
 
+def dynamics_generate_section(data, out: Path):
+    """Generation dynamics (``jobs.dynamics_generate_section``): per model, how much the heads'
+    gap changes while generating (descriptive); None without dynamics_generate cells."""
+    from jobs.dynamics_generate_section import section
+
+    return section(data, out, load_cell)
+
+
 BEYOND_RESAMPLES = 1000
 """At most this many bootstrap resamples of the whole held-out procedure (each refits every fold)."""
 BEYOND_PERMUTATIONS = 10_000
@@ -191,7 +200,8 @@ def other_cells(data) -> list:
     return [(cell, *experiment(cell.kind).metrics(path)) for cell, path in data.cells if cell.kind not in ANALYSED]
 
 
-ANALYSED = (*READS, "circuits", "features", "saes", "dynamics_steer", "dynamics_train")
+ANALYSED = (*READS, "circuits", "features", "saes", "dynamics_steer", "dynamics_train",
+            "dynamics_generate")
 """Kinds with an analysis of their own on the page (the cross-model analysis, the circuits and
 beyond-the-gap sections)."""
 

@@ -117,3 +117,25 @@ def test_bad_input_is_one_line_and_writes_nothing(organism_cache, tmp_path, caps
     said = err.split("eigengap dynamics: error:")
     assert code == 2 and len(said) == 2 and message in said[1].splitlines()[0] and "Traceback" not in err, err
     assert len(said[1].strip().splitlines()) == 1 and not out.exists()
+
+
+def test_report_section(cell, tmp_path):
+    from types import SimpleNamespace
+
+    from analysis.render.html import SECTIONS
+    from jobs.dynamics_generate_section import section
+    from jobs.registry import load_cell
+
+    data = SimpleNamespace(cells=[(SimpleNamespace(kind="dynamics_generate", model="organism-xs"), cell),
+                                  (SimpleNamespace(kind="scan", model="organism-xs"), cell)])
+    s = section(data, tmp_path, load_cell)
+    assert len(s.models) == 1 and s.models[0]["n_prompts"] == 3 and s.models[0]["generated_tokens"] > 0
+    rows = pq.read_table(tmp_path / "dynamics_generate_models.parquet").to_pylist()
+    params = json.loads((cell / "params.json").read_text())["summary"]
+    assert rows[0]["share_series_with_change"] == pytest.approx(params["share_series_with_change"])
+    assert (tmp_path / "dynamics_generate.png").stat().st_size > 0
+    assert {"overview", "organism-xs/trajectories", "organism-xs/heatmap"} <= set(s.plots)
+    render = dict((k, f) for k, _, f in SECTIONS)["dynamics_generate"]
+    html = render(None, None, {"dynamics_generate": s})
+    assert "series with a change-point" in html and html.count("<img") == 3
+    assert "No dynamics_generate" in render(None, None, {})

@@ -4,6 +4,7 @@ the generation steps, and a step x head heatmap, with the gap's change-points ma
 from __future__ import annotations
 
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +41,8 @@ def change_counts(rows: list[dict], heads: list[tuple[int, int]], n_steps: int) 
 
 
 def _mean(grid: np.ndarray) -> np.ndarray:
-    with np.errstate(invalid="ignore"), np.testing.suppress_warnings() as sup:
-        sup.filter(RuntimeWarning)
+    with warnings.catch_warnings():  # all-NaN columns (every prompt stopped) stay NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmean(grid, axis=0)
 
 
@@ -57,8 +58,8 @@ def gap_trajectories(table: pa.Table, rows: list[dict], path: str | Path, title:
     nrows = -(-len(layers) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False, sharex=True)
     mean = _mean(grid)
-    with np.errstate(invalid="ignore"), np.testing.suppress_warnings() as sup:
-        sup.filter(RuntimeWarning)
+    with warnings.catch_warnings():  # all-NaN columns (every prompt stopped) stay NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
         low, high = np.nanquantile(grid, 0.1, axis=0), np.nanquantile(grid, 0.9, axis=0)
     cmap = plt.get_cmap("tab20")
     for ax, layer in zip(axes.ravel(), layers):

@@ -527,6 +527,37 @@ def _dynamics_train(run: RunData, a: Analysis, figs: dict) -> str:
         parts.append(f"<p class=\"note\">{_e('; '.join(s.notes))}</p>")
     return "".join(parts)
 
+
+def _dynamics_generate(run: RunData, a: Analysis, figs: dict) -> str:
+    """How much the heads' gap changes during generation, per model (``jobs.dynamics_generate_section``)."""
+    s = figs.get("dynamics_generate")
+    if not s:
+        return "<p class=\"note\">No dynamics_generate experiment in this run.</p>"
+    parts = ["<p>Descriptive, no verdict. Change-points of each (prompt, head) gap trajectory over the generation "
+             "steps by the training-dynamics detector's fixed rule; a gap from cumulative key statistics drifts "
+             "smoothly with autocorrelated noise, so the detector's stated false-alarm rates do not hold here and "
+             "the shares say where the gap moves, not that it jumps.</p>"]
+    if s.models:
+        parts.append(_html_table(
+            ["model", "prompts", "new tokens", "heads", "series with a change-point", "heads (any prompt)",
+             "heads (>= half the prompts)", "median |gap change|", "90th pct", "median gap range"],
+            [[r["model"], r["n_prompts"], r["generated_tokens"], r["n_heads"], _num(r["share_series_with_change"]),
+              _num(r["share_heads_with_change"]), _num(r["share_heads_change_in_most_prompts"]),
+              _num(r["median_abs_gap_change"]), _num(r["p90_abs_gap_change"]), _num(r["median_gap_range"])]
+             for r in s.models], {1, 2, 3, 4, 5, 6, 7, 8, 9}))
+        parts.append(_img(s.plots.get("overview"), "generation dynamics overview", "per model, the share of gap "
+                          "trajectories (and heads) with a change-point, and the typical change of the gap over the steps"))
+        for r in s.models:
+            for key, what in (("trajectories", "each head's gap over the steps, mean over prompts with a 10-90 % band"),
+                              ("heatmap", "step x head mean gap")):
+                if f"{r['model']}/{key}" in s.plots:
+                    parts.append(_img(s.plots[f"{r['model']}/{key}"], f"{r['model']} {key}",
+                                      f"{r['model']}: {what}; change-points marked"))
+    if s.notes:
+        parts.append(f"<p class=\"note\">{_e('; '.join(s.notes))}</p>")
+    return "".join(parts)
+
+
 SECTIONS: tuple[tuple[str, str, Section], ...] = (
     ("verdicts", "Verdicts", lambda run, a, figs: _verdicts(a)),
     ("populations", "Populations", lambda run, a, figs: _populations(run)),
@@ -549,6 +580,7 @@ SECTIONS: tuple[tuple[str, str, Section], ...] = (
     ("saes", "SAEs on heads' results", _saes),
     ("dynamics_steer", "Spectrally adaptive steering", _dynamics_steer),
     ("dynamics_train", "Training dynamics", _dynamics_train),
+    ("dynamics_generate", "Generation dynamics", _dynamics_generate),
     ("cells", "Other experiments", _other_cells),
     ("data", "Data", lambda run, a, figs: _data(run)),
 )
