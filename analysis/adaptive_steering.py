@@ -126,7 +126,16 @@ def model_verdict(rows: Sequence[Mapping], rule_text: str = RULE) -> dict:
                 high=d["effect_high"], p_pass=p_pass, p_fail=p_fail, p_pass_holm=p_pass, p_fail_holm=p_fail,
                 verdict=decide_claims(p_pass, p_fail), n_seeds=1, k=1, per_seed=f"{d['model']}: {d['effect']:.3g}",
                 scheme=f"one model ({d['n_heldout']} held-out prompts): {d['scheme']}; describes this model only",
-                correction="none (one model, one test); the population verdict is the report's", note="")
+                correction="none (one model, one test); the population verdict is the report's",
+                note=held_out_kl_note(rows))
+
+
+def held_out_kl_note(rows: Sequence[Mapping]) -> str:
+    """The arms' held-out mean KLs beside the budget they were matched to on the selection prompts
+    (a budget matched on few prompts need not hold on the others: read the effects with them)."""
+    arms = {r["arm"]: r for r in rows}
+    return (f"held-out mean KL: fixed {arms['fixed']['kl']:.3g}, adaptive {arms['adaptive']['kl']:.3g} (both matched "
+            f"to {arms['fixed']['budget']:g} on the {arms['fixed']['n_selection']} selection prompts)")
 
 
 # ---------------------------------------------------------------------------- across seeds

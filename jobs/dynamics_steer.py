@@ -186,7 +186,7 @@ def summary(model: str, arm_rows: list[dict], verdict: dict, layer: int, config:
     lines += ["", f"**{verdict['key']}** on this model: **{verdict['verdict']}** (adaptive - fixed "
               f"{f(verdict['value'])} "
               f"[{f(verdict['low'])}, {f(verdict['high'])}], p pass {f(verdict['p_pass'])}, p fail "
-              f"{f(verdict['p_fail'])}; {verdict['scheme']}).", "", f"Rule: {verdict['rule']}", ""]
+              f"{f(verdict['p_fail'])}; {verdict['scheme']}); {verdict['note']}.", "", f"Rule: {verdict['rule']}", ""]
     return "\n".join(lines)
 
 

@@ -213,6 +213,7 @@ def test_model_rows_and_the_one_model_reading():
     assert rows[2]["effect_low"] == rows[2]["effect_high"] == pytest.approx(0.5)  # the same shift on every prompt
     v = A.model_verdict(rows)
     assert v["verdict"] == "PASS" and v["n_seeds"] == 1 and "describes this model only" in v["scheme"]
+    assert v["note"] == "held-out mean KL: fixed 0.25, adaptive 0.25 (both matched to 0.25 on the 4 selection prompts)"
     tables.from_rows(rows, tables.DYNAMICS_STEER_ARMS, "arms")
     tables.from_rows([v], tables.DYNAMICS_STEER_VERDICTS, "verdicts")
     pops = A.population_rows([A.SeedSteering("p", s, [{"arm": A.DIFFERENCE, "effect": e}]) for s, e in
