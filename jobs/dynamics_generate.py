@@ -79,7 +79,8 @@ class DynamicsGenerateConfig(JobConfig):
     out: Path
     """Output directory."""
     prompts: Path | None = None
-    """Prompts: plain text, one per line, or JSONL with a 'text' field (default: organism episodes or the demo prompts)."""
+    """Prompts: plain text, one per line, or JSONL with a 'text' field (default: organism episodes, else the
+    demo prompts)."""
     n_prompts: int = Field(8, gt=0)
     """Default prompts taken when --prompts is not given."""
     max_new_tokens: int = Field(32, gt=0)

@@ -38,17 +38,24 @@ Padding. A batch is left-padded (generation appends on the right); position ids 
 tokens only (as ``generate`` does), padding never enters the statistics or a score row.
 
 Cost. The statistics cost d_head^2 per head and step; the spectra cost a d_head x d_head
-eigendecomposition per head and step, about as much as the forward pass itself for a small model.
-They run ``SPECTRA_CHUNK`` steps per ``key_kernel_spectra`` call on worker threads (one per usable
-CPU core but one, by default) while the model computes the next steps (LAPACK releases the GIL), or
-in the loop (``spectra_threads=0``): the same numbers either way, from the same snapshot of the
-statistics (the tests compare them; ``benchmarks/bench_generation_dynamics.py`` times both against
-plain ``generate``).
+eigendecomposition per head and step, about as much as the forward pass itself for a small model
+(organism-l: 24,576 float64 20 x 20 ``eigvalsh`` for 8 prompts x 64 steps take about as long as
+``generate`` itself). The generation loop only runs the model and copies each step's new keys,
+rotated keys and query into per-batch buffers (hooks); everything else happens per chunk of
+``SPECTRA_CHUNK`` steps, once those steps are past: each step's statistics as the chunk's base
+plus a cumulative sum of its keys' outer products (the rank-one updates, batched), all the
+chunk's spectra in one ``key_kernel_spectra`` call and all its step attention in one batched
+op. Chunks run on worker threads (one per usable CPU core but one, by default) while the model
+computes the next steps (LAPACK and torch release the GIL), or in the loop
+(``spectra_threads=0``): the same numbers either way (the tests compare them;
+``benchmarks/bench_generation_dynamics.py`` times both against plain ``generate``).
 
 Cache. With ``use_cache`` (the default) every step after the prefill runs the new token alone
 against the KV cache; without it every step reruns the whole context (the reference path; the
 statistics still take only the new position's key). The rotated keys of the context are kept
-beside the model's cache for the score rows (the size of the cache's keys, once per query head).
+beside the model's cache for the score rows (the size of the cache's keys, once per query head),
+each position's as computed when the position was first read (the rerun path recomputes them
+each step; they agree to rounding).
 """
 
 from __future__ import annotations
@@ -82,12 +89,12 @@ from spectral.tokens import pad_id
 
 SPECTRA_CHUNK = 8
 """Steps whose key-kernel spectra one ``key_kernel_spectra`` call computes, at most (its fixed cost
-is then paid once per chunk). Their statistics wait as snapshots (prompts x layers x key heads x
-d_head^2 float64 per step)."""
+is then paid once per chunk). A chunk's worker holds the statistics of each of its steps (prompts x
+layers x key heads x d_head^2 float64 per step)."""
 SPECTRA_IN_FLIGHT = 1
 """Chunks queued beyond one per worker thread before the generation waits for the oldest."""
 SPECTRA_MEMORY = 256 * 2**20
-"""Bytes of waiting snapshots aimed at: the chunk shrinks (to one step) for a large batch x model."""
+"""Bytes of the chunks' per-step statistics aimed at: the chunk shrinks (to one step) for a large batch x model."""
 
 
 @dataclass(frozen=True)
