@@ -32,7 +32,7 @@ context, the spectrum of diag(p); its columns (``spectral.tables.STEP_ATTENTION_
 query spreads over), ``attn_top1`` (p1), ``attn_gap`` ((p1 - p2) / p1, the top-2 margin: the
 key gap's analogue, NaN with one key) and ``attn_score_norm`` (||s||, the row's singular value).
 They come from the rotated query and keys with the module's scaling, the adapter's ``scores``
-(what the three families' attention computes), softmax in float64.
+(what the three families' attention computes), the dot products and the softmax in float64.
 
 Padding. A batch is left-padded (generation appends on the right); position ids count real
 tokens only (as ``generate`` does), padding never enters the statistics or a score row.
@@ -427,8 +427,9 @@ class _Run:
         # attention: every step's query against the context before it (positions < width + step)
         context = chunk.width + torch.arange(chunk.start, chunk.stop, device=x.device)  # (step,)
         t_max = int(context[-1])
-        scores = rows(torch.einsum("bslhd,blhtd->bslht", b.queries[:, sl], b.rotated[..., :t_max, :]))
-        scores = scores.to(torch.float64) * self.scaling[None, :, None, None]
+        scores = rows(torch.einsum("bslhd,blhtd->bslht", b.queries[:, sl].to(torch.float64),
+                                   b.rotated[..., :t_max, :].to(torch.float64)))  # float64 dot products
+        scores = scores * self.scaling[None, :, None, None]
         real = chunk.mask[prompt_idx, :t_max] & (torch.arange(t_max, device=x.device) < context[step_idx, None])
         attention = attention_metrics(scores, real)
         steps = (chunk.start + step_idx).cpu().numpy()
