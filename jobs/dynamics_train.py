@@ -348,6 +348,14 @@ def _summary(config: DynamicsTrainConfig, rows: list[dict], analysis, notes: lis
             lines.append(f"| {v['verdict']} | {v['population']} | {v['metric']} | {_fmt(v['value'])} "
                          f"[{_fmt(v['low'])}, {_fmt(v['high'])}] | {_fmt(v['p_pass_holm'])} | {v['k']} of "
                          f"{v['n_seeds']} |")
+    series = {}
+    for r in analysis.changepoints:
+        if r["layer"] == -1 and r["series"] != ICL:
+            series.setdefault(r["series"], []).append(_fmt(r["lag"]))
+    if series:
+        lines += ["", "First change-point of each model-level series minus the ICL score's (decades; per seed; a "
+                  "series moving as early as the heads is a competing explanation of their lead): " + "; ".join(
+                      f"{name} {' / '.join(lags)}" for name, lags in series.items())]
     explored = [v for v in analysis.verdicts if v["exploratory"]]
     if explored:
         lines += ["", "Exploratory (no verdict): " + "; ".join(
