@@ -359,8 +359,8 @@ def _summary(config: DynamicsTrainConfig, rows: list[dict], analysis, notes: lis
     explored = [v for v in analysis.verdicts if v["exploratory"]]
     if explored:
         lines += ["", "Exploratory (no verdict): " + "; ".join(
-            f"{v['metric']} {_fmt(v['value'])} [{_fmt(v['low'])}, {_fmt(v['high'])}]{' ' + v['direction'] if v['direction'] else ''}"
-            for v in explored)]
+            f"{v['metric']} {_fmt(v['value'])} [{_fmt(v['low'])}, {_fmt(v['high'])}]"
+            + (f" {v['direction']}" if v["direction"] else "") for v in explored)]
     lines += ["", f"Rule: {RULE}", "", f"Change-points: {CPD_RULE}."]
     lines += [f"- {n}" for n in dict.fromkeys(notes)]
     lines += ["", "Timing only: an early change of the heads says nothing by itself about their causing the emergence."]

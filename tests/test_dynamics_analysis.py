@@ -129,7 +129,8 @@ def null_families(rng, n_families: int, k: int, n_heads: int, p_missing: float, 
     """The null: per family and seed the ICL score's first change and every head's first change
     (NaN for a head without one, with probability ``p_missing``) drawn independently from one
     distribution of log-steps (``draw_positions``). Returns ((families, k), (families, k, heads))."""
-    icl, heads = draw_positions(rng, positions, (n_families, k)), draw_positions(rng, positions, (n_families, k, n_heads))
+    icl = draw_positions(rng, positions, (n_families, k))
+    heads = draw_positions(rng, positions, (n_families, k, n_heads))
     heads[rng.random(heads.shape) < p_missing] = np.nan
     return icl, heads
 
