@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
     from jobs.registry import KINDS, experiment
 
     parser = sub.add_parser("dynamics", help="Spectra across training and during generation; adaptive steering.",
-                            description=__doc__.split("\n\n")[0])
+                            description="Spectra across training checkpoints (train) and token by token during generation "
+                            "(generate), and spectrally adaptive steering (steer).")
     inner = parser.add_subparsers(dest="dynamics_command", required=True, metavar="SUBCOMMAND")
     for name, kind in SUBCOMMANDS.items():
         if kind not in KINDS:
