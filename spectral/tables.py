@@ -346,27 +346,32 @@ DYNAMICS_CHANGEPOINTS = _schema(
     ("population", STR), pa.field("seed", I64, nullable=True), ("model", STR), ("series", STR), ("layer", I64),
     ("head", I64), ("n_checkpoints", I64), ("method", STR), *_doubles("sigma", "penalty"), ("n_changes", I64),
     ("indices", STR), ("steps", STR), ("log_steps", STR), ("shifts", STR),
-    *_doubles("first_step", "first_log_step", "lag"), ("note", STR))
+    *_doubles("first_step", "first_log_step", "lag", "late_step", "late_log_step"), ("note", STR))
 """dynamics_changepoints.parquet: one row per series of a training seed (the ICL score, other model-level
 series with layer = head = -1, each head's metric), its change-points (JSON lists: checkpoint index, step,
-interpolated log10(1 + step), mean shift) and the lag of its first to the ICL score's first, in decades
-(``analysis.dynamics.CHANGEPOINT_COLUMNS``; detector: ``spectral.dynamics.changepoints``)."""
+interpolated log10(1 + step), mean shift) and the lag of its first to the ICL score's first, in decades;
+a head's ``late_*``: its change-point nearest before the ICL score's first that lies after the training
+loss's first (NaN: none) (``analysis.dynamics.CHANGEPOINT_COLUMNS``; detector: ``spectral.dynamics.changepoints``)."""
 
 REPORT_DYNAMICS_MODELS = _schema(
     ("population", STR), pa.field("seed", I64, nullable=True), ("model", STR), ("metric", STR),
     *((n, I64) for n in ("n_heads", "n_changed", "n_precede", "n_follow")),
-    *_doubles("icl_log_step", "median_lag", "fraction_precede"), ("note", STR))
+    *_doubles("icl_log_step", "median_lag", "fraction_precede", "loss_log_step", "loss_lag", "median_minus_loss"),
+    ("n_before_loss", I64), ("n_late", I64), ("median_late_lag", F64), ("note", STR))
 """dynamics_models.parquet (report): per model and head metric, the median lag of its heads' first
-change-points to the ICL score's (``analysis.dynamics.MODEL_COLUMNS``)."""
+change-points to the ICL score's, the training loss's lag (the control), the heads' median first
+change-point minus the loss's, and the heads with a late change (after the loss's first change-point,
+before the ICL score's) (``analysis.dynamics.MODEL_COLUMNS``)."""
 
 REPORT_DYNAMICS_VERDICTS = _schema(
     ("key", STR), ("population", STR), ("metric", STR), ("exploratory", BOOL), ("rule", STR),
     *_doubles("value", "low", "high", "p_pass", "p_fail", "p_pass_holm", "p_fail_holm"), ("verdict", STR),
     ("direction", STR), *((n, I64) for n in ("n_seeds", "k", "n_seeds_no_icl_change", "n_seeds_no_head_change",
                                               "n_heads", "n_heads_no_change")),
-    ("fraction_precede", F64), ("per_seed", STR), ("correction", STR), ("note", STR))
+    ("fraction_precede", F64), ("n_heads_late", I64), ("per_seed", STR), ("correction", STR), ("note", STR))
 """dynamics_verdicts.parquet (report): per population, do the heads' gap change-points precede the ICL
-score's (``analysis.dynamics.VERDICT_COLUMNS``), and exploratory rows for the other head metrics."""
+score's, and by more than the training loss's (two verdicts), the loss's lag (a control row) and
+exploratory rows for the other head metrics (``analysis.dynamics.VERDICT_COLUMNS``)."""
 
 DYNAMICS_PATTERNS = ("induction_score", "previous_token_score", "duplicate_token_score")
 """A head's attention-pattern scores on repeated random tokens (``spectral.circuits.scores.PATTERNS``)."""

@@ -1,7 +1,10 @@
-"""Lags of the heads' change-points to the ICL score's and the verdict across training seeds
+"""Lags of the heads' change-points to the ICL score's and the verdicts across training seeds
 (``analysis.dynamics``): a planted lead gives PASS, a planted lag FAIL, independent change-points
-pass at most at the nominal rate, missing change-points are counted, bad input is one line."""
+pass at most at the nominal rate, missing change-points are counted, bad input is one line; the
+training-loss control: gaps moving with the loss pass the first verdict but not the one beyond the
+loss, late changes (after the loss, before ICL) are counted."""
 
+import json
 import math
 
 import numpy as np
@@ -37,19 +40,25 @@ def seeds_with_lead(lead: int, n_seeds: int = 4, n_heads: int = 6, population: s
         loss = step_series(rng, t, shift=-4.0)
         out.append(dyn.SeedDynamics(population, s, f"{population}-seed{s}", STEPS,
                                     step_series(rng, None if s < flat_icl else t), {"gap": gaps},
-                                    {"loss": loss}))
+                                    {dyn.LOSS: loss}))
     return out
 
 
 def test_gaps_changing_before_icl_pass():
     """Gaps shift 3 checkpoints (about 0.31 decades) before the ICL score in every seed: PASS."""
     a = dyn.analyse(seeds_with_lead(3))
-    (v,) = a.verdicts
+    assert [r["key"] for r in a.verdicts] == [dyn.VERDICT_KEY, dyn.BEYOND_KEY, dyn.CONTROL_KEY]
+    v, beyond, control = a.verdicts
     assert v["key"] == dyn.VERDICT_KEY and v["metric"] == "gap" and not v["exploratory"]
     assert v["verdict"] == "PASS"
     assert v["value"] == pytest.approx(-3 * (X[-1] - X[0]) / (len(X) - 1), abs=0.06)  # -0.31 decades
     assert v["high"] < 0 and v["k"] == 4 and v["fraction_precede"] == pytest.approx(1.0)
     assert v["rule"] == dyn.RULE and "Holm over 1 population" in v["correction"]
+    # the loss changes with the ICL score here: the gaps precede it too, and the control lags by about 0
+    assert beyond["verdict"] == "PASS" and beyond["rule"] == dyn.BEYOND_RULE and beyond["metric"] == "gap"
+    assert beyond["value"] == pytest.approx(v["value"], abs=0.06)
+    assert control["verdict"] == "" and control["exploratory"] and control["metric"] == dyn.LOSS
+    assert abs(control["value"]) < 0.06 and "not specific" not in v["note"]
     for m in a.models:
         assert (m["n_heads"], m["n_changed"], m["n_precede"]) == (6, 6, 6)
     tables.from_rows(a.changepoints, tables.DYNAMICS_CHANGEPOINTS, "dynamics_changepoints")
@@ -58,14 +67,15 @@ def test_gaps_changing_before_icl_pass():
 
 
 def test_gaps_changing_after_icl_fail():
-    v = dyn.analyse(seeds_with_lead(-3, seed0=10)).verdicts[0]
+    v, beyond, _ = dyn.analyse(seeds_with_lead(-3, seed0=10)).verdicts
     assert v["verdict"] == "FAIL" and v["low"] > 0 and v["fraction_precede"] == 0.0
+    assert beyond["verdict"] == "FAIL"
 
 
 def test_changepoint_rows_carry_positions_and_lags():
     s = seeds_with_lead(3, n_seeds=1, seed0=20)[0]
     rows = dyn.changepoint_rows(s)
-    assert [r["series"] for r in rows[:2]] == [dyn.ICL, "loss"] and len(rows) == 2 + 6
+    assert [r["series"] for r in rows[:2]] == [dyn.ICL, dyn.LOSS] and len(rows) == 2 + 6
     icl = rows[0]
     t = int(np.random.default_rng(20).integers(16, 25))  # the ICL change-point seeds_with_lead planted
     assert icl["first_log_step"] == pytest.approx((X[t - 1] + X[t]) / 2, abs=0.11)
@@ -73,6 +83,7 @@ def test_changepoint_rows_carry_positions_and_lags():
     head = rows[2]
     assert head["lag"] == pytest.approx(head["first_log_step"] - icl["first_log_step"])
     assert head["lag"] < 0 and head["note"] == "" and head["method"] == "pelt-l2"
+    assert math.isnan(head["late_step"]) and math.isnan(head["late_log_step"])  # before the loss: not late
 
 
 def test_heads_and_seeds_without_change_points_are_counted():
@@ -98,7 +109,7 @@ def test_exploratory_metric_rows_carry_no_verdict():
         rng = np.random.default_rng(s.seed)
         s.heads["entropy"] = {k: step_series(rng, None) for k in s.heads["gap"]}
     a = dyn.analyse(seeds)
-    rows = {r["metric"]: r for r in a.verdicts}
+    rows = {r["metric"]: r for r in a.verdicts if r["key"] in (dyn.VERDICT_KEY, dyn.EXPLORATORY_KEY)}
     assert rows["gap"]["verdict"] == "PASS" and rows["entropy"]["key"] == dyn.EXPLORATORY_KEY
     assert rows["entropy"]["exploratory"] and rows["entropy"]["verdict"] == ""
     assert rows["entropy"]["n_heads_no_change"] >= 16  # white noise: at most a few false alarms of 18 series
@@ -143,7 +154,8 @@ def null_pass_rate(rng, n_families: int, k: int, n_populations: int, positions: 
     for f in range(n_families):
         rows = [dyn.model_row(f"pop{p}", s, f"m{p}-{s}", "gap", icl[f * n_populations + p, s],
                               heads[f * n_populations + p, s]) for p in range(n_populations) for s in range(k)]
-        passes += any(v["verdict"] == "PASS" for v in dyn.verdict_rows(dyn.population_rows(rows)))
+        passes += any(v["verdict"] == "PASS" for v in dyn.verdict_rows(dyn.population_rows(rows))
+                      if v["key"] == dyn.VERDICT_KEY)
     return passes / n_families
 
 
@@ -231,3 +243,140 @@ def test_no_seeds_or_no_verdict_metric_is_an_error():
     s = seeds_with_lead(3, n_seeds=1, seed0=70)[0]
     with pytest.raises(UsageError, match="'gap'"):
         dyn.analyse([s._replace(heads={"entropy": s.heads["gap"]})])
+
+
+# ---------------------------------------------------------------------------- the training-loss control
+def seeds_with_loss(heads_at, loss_before: int, n_seeds: int = 4, n_heads: int = 6, seed0: int = 200,
+                    loss: bool = True) -> list[dyn.SeedDynamics]:
+    """Seeds whose ICL score shifts at a random checkpoint t in 28..32 and whose training loss shifts
+    ``loss_before`` checkpoints earlier; every head's gap shifts at each of ``heads_at(t)`` (checkpoints;
+    several: a step at each, alternating sign). ``loss`` False: no loss series."""
+    out = []
+    for s in range(n_seeds):
+        rng = np.random.default_rng(seed0 + s)
+        t = int(rng.integers(28, 33))
+        gaps = {}
+        for h in range(n_heads):
+            y = rng.normal(size=len(STEPS))
+            for i, at in enumerate(heads_at(t)):
+                y[at:] += 4.0 * (-1) ** i
+            gaps[(h // 4, h % 4)] = y
+        series = {dyn.LOSS: step_series(rng, t - loss_before, shift=-4.0)} if loss else {}
+        out.append(dyn.SeedDynamics("organism-s", s, f"organism-s-seed{s}", STEPS, step_series(rng, t),
+                                    {"gap": gaps}, series))
+    return out
+
+
+def checkpoints_to_decades(n: int) -> float:
+    return n * (X[-1] - X[0]) / (len(X) - 1)
+
+
+def test_gaps_moving_with_the_loss_pass_only_the_first_verdict():
+    """Gaps and loss shift together 15 checkpoints (about 1.5 decades) before the ICL score: the first
+    verdict PASSes, its note says the precedence is not specific to ICL, the verdict beyond the loss is
+    not PASS (difference about 0) and no head has a late change."""
+    a = dyn.analyse(seeds_with_loss(lambda t: [t - 15], loss_before=15))
+    v, beyond, control = a.verdicts
+    assert v["verdict"] == "PASS" and v["value"] == pytest.approx(-checkpoints_to_decades(15), abs=0.1)
+    assert control["value"] == pytest.approx(v["value"], abs=0.05) and control["low"] <= v["high"]
+    assert v["note"].startswith(f"not specific to in-context learning: the {dyn.LOSS}'s first change-point")
+    assert dyn.BEYOND_KEY in v["note"]
+    assert beyond["verdict"] != "PASS" and abs(beyond["value"]) < 0.05
+    assert all(m["n_late"] == 0 and math.isnan(m["median_late_lag"]) for m in a.models)
+    assert all(m["loss_lag"] == pytest.approx(m["loss_log_step"] - m["icl_log_step"])
+               for m in a.models)
+
+
+def test_gaps_moving_after_the_loss_before_icl():
+    """Loss 15 checkpoints before the ICL score, gaps 5 before: the first verdict PASSes without the
+    caveat (the loss's interval lies below the gaps'); the verdict beyond the loss FAILs, since the
+    gaps move after the loss (difference about +10 checkpoints); every head has a late change about 5
+    checkpoints before the ICL score's."""
+    a = dyn.analyse(seeds_with_loss(lambda t: [t - 5], loss_before=15))
+    v, beyond, control = a.verdicts
+    assert v["verdict"] == "PASS" and "not specific" not in v["note"] and control["high"] < v["low"]
+    assert beyond["verdict"] == "FAIL" and beyond["value"] == pytest.approx(checkpoints_to_decades(10), abs=0.1)
+    assert v["n_heads_late"] == 4 * 6
+    for m in a.models:
+        assert (m["n_late"], m["n_before_loss"]) == (6, 0)
+        assert m["median_late_lag"] == pytest.approx(-checkpoints_to_decades(5), abs=0.06)
+        assert m["median_minus_loss"] == pytest.approx(m["median_lag"] - m["loss_lag"])
+
+
+def test_gaps_moving_before_the_loss_pass_both_verdicts():
+    """Gaps 12 checkpoints before the ICL score, the loss 5 before: both verdicts PASS, no caveat."""
+    v, beyond, _ = dyn.analyse(seeds_with_loss(lambda t: [t - 12], loss_before=5)).verdicts
+    assert v["verdict"] == beyond["verdict"] == "PASS" and "not specific" not in v["note"]
+    assert beyond["value"] == pytest.approx(-checkpoints_to_decades(7), abs=0.1)
+
+
+def test_late_change_after_the_loss_transient_is_reported():
+    """Gaps step with the loss (15 checkpoints before ICL) and step back 4 checkpoints before ICL:
+    the first change is the early one (beyond-loss not PASS), the late one is each head's ``late_*``."""
+    a = dyn.analyse(seeds_with_loss(lambda t: [t - 15, t - 4], loss_before=15, seed0=300))
+    v, beyond, _ = a.verdicts
+    assert v["verdict"] == "PASS" and beyond["verdict"] != "PASS"
+    heads = [r for r in a.changepoints if r["layer"] != dyn.MODEL_LEVEL]
+    icl = {r["seed"]: r for r in a.changepoints if r["series"] == dyn.ICL}
+    for r in heads:
+        assert r["late_log_step"] == pytest.approx(json.loads(r["log_steps"])[-1])
+        assert r["late_step"] == STEPS[json.loads(r["indices"])[-1]]
+        assert r["late_log_step"] - icl[r["seed"]]["first_log_step"] == pytest.approx(-checkpoints_to_decades(4),
+                                                                                      abs=0.11)  # ± 1 checkpoint
+    assert all(m["n_late"] == 6 for m in a.models)
+
+
+def test_late_change_reference():
+    """``late_change`` against its definition: the change nearest before the ICL change, strictly after
+    the loss's; none when no change lies between or a reference is missing."""
+    cp = dyn.cpd.ChangePoints((3, 10, 20), (30.0, 100.0, 1000.0), (1.4, 2.0, 3.0), (1.0, -1.0, 1.0), 30, 1.0, 1.0,
+                              "pelt-l2")
+    assert dyn.late_change(cp, 1.4, 3.5) == (1000.0, 3.0)
+    assert dyn.late_change(cp, 1.4, 2.5) == (100.0, 2.0)
+    assert all(math.isnan(x) for x in dyn.late_change(cp, 1.4, 1.9))  # 1.4 is the loss's own: not after it
+    assert all(math.isnan(x) for x in dyn.late_change(cp, float("nan"), 3.5))
+
+
+def test_without_the_loss_series_the_second_verdict_is_inconclusive():
+    v, beyond, control = dyn.analyse(seeds_with_loss(lambda t: [t - 5], loss_before=15, loss=False)).verdicts
+    assert v["verdict"] == "PASS" and beyond["verdict"] == "INCONCLUSIVE" and beyond["k"] == 0
+    assert f"no {dyn.LOSS} change-point (or series)" in v["note"] and math.isnan(control["value"])
+
+
+def null_beyond(rng, n_families: int, k: int, n_populations: int, positions: str):
+    """Per family the rows of ``n_populations`` populations of k seeds whose ICL, loss and head
+    change-points are drawn independently (``null_families``); the loss is drawn like the ICL score."""
+    icl, heads = null_families(rng, n_families * n_populations, k, 8, 0.2, positions)
+    loss = draw_positions(rng, positions, icl.shape)
+    for f in range(n_families):
+        yield f, loss, heads, [dyn.model_row(f"pop{p}", s, f"m{p}-{s}", "gap", icl[f * n_populations + p, s],
+                                             heads[f * n_populations + p, s], loss[f * n_populations + p, s])
+                               for p in range(n_populations) for s in range(k)]
+
+
+@pytest.mark.parametrize("k, n_populations, positions", [(3, 1, "uniform"), (3, 1, "arcsine"), (4, 2, "grid")])
+def test_beyond_loss_null_passes_at_most_at_nominal_rate(k, n_populations, positions):
+    """Head change-points independent of the loss's: the verdict beyond the loss (Holm across the
+    populations) PASSes, through the module's rows, at most at the nominal 2.5 % + 3 binomial SEs."""
+    n = 1000
+    passes = sum(any(v["verdict"] == "PASS" for v in dyn.verdict_rows(dyn.population_rows(rows))
+                     if v["key"] == dyn.BEYOND_KEY)
+                 for _, _, _, rows in null_beyond(np.random.default_rng(500 + k), n, k, n_populations, positions))
+    assert passes / n <= dyn.NOMINAL + tolerance(n), f"PASS in {passes / n:.2%} of {n} families"
+
+
+def test_beyond_loss_statistic_is_the_calibrated_one():
+    """The second verdict's p-value is the t of the per-seed median of the heads' change-points minus
+    the loss's: the first verdict's statistic with the loss in place of the ICL score, so the calibrated
+    null simulation (``test_calibrated_level_holds_the_nominal_rate``) covers it. Same decisions on
+    300 families."""
+    rng = np.random.default_rng(4)
+    ours, module = [], []
+    for f, loss, heads, rows in null_beyond(rng, 300, 3, 1, "uniform"):
+        d = np.nanmedian(heads[f], axis=1) - loss[f]  # (3,) per seed
+        t = d.mean() / (d.std(ddof=1) / math.sqrt(3))
+        ours.append(bool(stats.t.cdf(t, 2) < dyn.ONE_SIDED_LEVEL))
+        (beyond,) = [v for v in dyn.verdict_rows(dyn.population_rows(rows)) if v["key"] == dyn.BEYOND_KEY]
+        assert beyond["p_pass"] == pytest.approx(stats.t.cdf(t, 2))
+        module.append(beyond["verdict"] == "PASS")
+    assert ours == module and 0 < sum(module) < 30
