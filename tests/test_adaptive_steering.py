@@ -12,7 +12,7 @@ from analysis.steering import selection_split
 from cluster.store import read_parquet
 from jobs.cli import main
 from spectral import tables
-from spectral.dynamics.adaptive import AdaptiveSettings, match_scale, steered_generation, token_rows
+from spectral.dynamics.adaptive import AdaptiveSettings, match_scale, sentiment_prompts, steered_generation, token_rows
 from spectral.errors import UsageError
 from spectral.models.adapter import HeadAdapter
 from spectral.models.loading import load_model
@@ -123,7 +123,8 @@ def test_bad_calls_are_one_line(setup):
 @pytest.fixture(scope="module")
 def job_dir(organism_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("dynamics-steer") / "run"
-    assert main(["dynamics", "steer", "--model", "organism-xs", "--out", str(out), "--max-new-tokens", "2"]) == 0
+    assert main(["dynamics", "steer", "--model", "organism-xs", "--out", str(out), "--max-new-tokens", "2",
+                 "--prompts", "64"]) == 0
     return out
 
 
@@ -131,15 +132,16 @@ def test_the_job_writes_its_tables(job_dir):
     steps = read_parquet(job_dir / "dynamics_steer_steps.parquet", tables.DYNAMICS_STEER_STEPS)
     arms = read_parquet(job_dir / "dynamics_steer_arms.parquet", tables.DYNAMICS_STEER_ARMS).to_pylist()
     (verdict,) = read_parquet(job_dir / "dynamics_steer_verdicts.parquet", tables.DYNAMICS_STEER_VERDICTS).to_pylist()
-    assert steps.num_rows == 2 * 32 * 2  # arms x prompts x steps
+    assert steps.num_rows == 2 * 64 * 2  # arms x prompts x steps
     assert sorted(set(steps["split"].to_pylist())) == ["heldout", "selection"]
     assert [r["arm"] for r in arms] == ["fixed", "adaptive", A.DIFFERENCE]
     for r in arms[:2]:
-        assert abs(r["kl_selection"] - BUDGET) <= 0.02 * BUDGET and r["n_heldout"] == 16 and r["n_steps"] == 2
+        assert abs(r["kl_selection"] - BUDGET) <= 0.02 * BUDGET and r["n_heldout"] == 32 and r["n_steps"] == 2
     assert arms[2]["effect"] == pytest.approx(arms[1]["effect"] - arms[0]["effect"])
     assert verdict["key"] == A.VERDICT_KEY and verdict["verdict"] in ("PASS", "FAIL", "INCONCLUSIVE")
     text = (job_dir / "summary.md").read_text()
     assert "Rule: adaptive_steering_beats_fixed" in text and "alpha_t = alpha x g_t / g_0" in text
+    assert "validity guard" in text and "held-out mean KL adaptive - fixed" in verdict["note"]
     assert (job_dir / "steps.png").is_file()
 
 
@@ -155,6 +157,8 @@ def test_an_existing_run_is_kept_without_force(job_dir, capsys):
     (["--layer", "5"], "--layer"),
     (["--budget", "0"], "--budget: Input should be greater than 0"),
     (["--concept", "no-such-concept.yaml"], "concept file 'no-such-concept.yaml' does not exist"),
+    (["--prompts", "7"], "--prompts must be an even number of at least 4, got 7"),
+    (["--prompts", "300"], "--prompts 300: this organism's language has only 136 distinct positive"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(organism_cache, tmp_path, capsys, args, message):
     out = tmp_path / "bad"
@@ -165,27 +169,41 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(organism_cache, tmp_pa
     assert not out.exists()
 
 
+def test_sentiment_prompts_are_distinct_and_alternate(organism_cache):
+    import json
+
+    tasks = json.loads((organism_cache / "tasks.json").read_text())
+    prompts = sentiment_prompts(tasks, 256)
+    assert len(set(prompts)) == 256 and prompts == sentiment_prompts(tasks, 256)
+    assert all((" love" in p) == (i % 2 == 0) for i, p in enumerate(prompts[:40]))  # positive, negative, ...
+    assert sum(p.startswith("I ") for p in prompts) == 16  # both 'I love/hate the {object}' templates: all 8 objects
+    assert len(set(sentiment_prompts(tasks, 272))) == 272  # the language has 272 distinct contexts: all fit
+
+
 # ---------------------------------------------------------------------------- the verdict
-def _seeds(rng, populations, n_seeds, true_difference):
+def _seeds(rng, populations, n_seeds, true_difference, kl_difference=0.0, kl_sd=0.005):
     """Per seed the mean held-out difference of two arms on 16 prompts: prompts are bimodal (positive
     and negative contexts), each arm adds heavy-tailed per-prompt noise and a seed-level shift; with
-    ``true_difference`` 0 the arms are exchangeable."""
+    ``true_difference`` 0 the arms are exchangeable. The seed's held-out KL difference adaptive -
+    fixed is ``kl_difference`` + N(0, ``kl_sd``) (budget 0.25)."""
     out = []
     for pop in populations:
         for seed in range(n_seeds):
             base = np.where(np.arange(16) % 2, 1.0, 4.0) + rng.normal(0, 1, 16)
             fixed = base + rng.normal(0, 1.0) + rng.standard_t(3, 16)
             adaptive = base + true_difference + rng.normal(0, 1.0) + rng.standard_t(3, 16)
-            out.append(A.SeedSteering(pop, seed, [{"arm": A.DIFFERENCE, "effect": float((adaptive - fixed).mean())}]))
+            out.append(A.SeedSteering(pop, seed, [{"arm": A.DIFFERENCE, "effect": float((adaptive - fixed).mean()),
+                                                   "kl": kl_difference + rng.normal(0, kl_sd), "budget": BUDGET}]))
     return out
 
 
 @pytest.mark.parametrize("pops, sims", [(("organism-xs", "organism-s", "organism-m"), 2000), (("organism-xs",), 6000)])
 def test_the_verdict_passes_at_most_at_its_nominal_rate_when_the_arms_are_equal(pops, sims):
-    """5 seeds per population, 6000 population verdicts: with equal arms PASS (and FAIL) stay within two
-    binomial SEs of the nominal one-sided 0.025 (observed with this seed: 3 populations with Holm 0.8 % /
-    0.7 %; one population, no correction, 2.6 % / 2.3 %, and 2.6 % / 2.3 % over 20,000); a true difference
-    of 3 passes in most runs (observed 0.82 with 3 populations)."""
+    """5 seeds per population, 6000 population verdicts: with equal arms (held-out KLs matched, so the
+    validity guard lets every claim through) PASS (and FAIL) stay within two binomial SEs of the nominal
+    one-sided 0.025 (observed with this seed: 3 populations with Holm 1.05 % / 0.9 %; one population, no
+    correction, 2.8 % / 2.3 %; the guard can only withdraw claims, never add one); a true difference of 3
+    passes in most runs (observed 0.80 with 3 populations, 0.90 with one)."""
     rng = np.random.default_rng(0)
 
     def rates(diff, n):
@@ -196,6 +214,24 @@ def test_the_verdict_passes_at_most_at_its_nominal_rate_when_the_arms_are_equal(
     se = np.sqrt(0.025 * 0.975 / (sims * len(pops)))
     assert p_pass <= 0.025 + 2 * se and p_fail <= 0.025 + 2 * se, (p_pass, p_fail)
     assert rates(3.0, 300 // len(pops))[0] >= 0.5
+
+
+def test_the_kl_guard_withdraws_a_claim_whose_winner_spent_more_kl():
+    """A true difference of 3 with matched held-out KLs passes; the same difference with the adaptive
+    arm spending 0.1 nats more held-out KL (40 % of the budget) is INCONCLUSIVE with the reason; a
+    FAIL whose winner (the fixed arm) spent more is withdrawn likewise."""
+    rng = np.random.default_rng(2)
+    (matched,) = A.verdicts(_seeds(rng, ("p",), 5, 3.0))
+    assert matched["verdict"] == "PASS" and "held-out mean KL adaptive - fixed" in matched["note"]
+    (over,) = A.verdicts(_seeds(rng, ("p",), 5, 3.0, kl_difference=0.1))
+    assert over["p_pass_holm"] < 0.025 and over["verdict"] == "INCONCLUSIVE"
+    assert "PASS by the effect withdrawn: the adaptive arm may have spent more held-out KL" in over["note"]
+    (under,) = A.verdicts(_seeds(rng, ("p",), 5, -3.0, kl_difference=-0.1))
+    assert under["p_fail_holm"] < 0.025 and under["verdict"] == "INCONCLUSIVE" and "FAIL by the effect" in under["note"]
+    assert A.kl_guard("PASS", -0.05, 0.025, 0.25) == ("PASS", "")  # at the tolerance 0.1 x 0.25: stands
+    assert A.kl_guard("FAIL", -0.025, 0.3, 0.25) == ("FAIL", "")
+    assert A.kl_guard("PASS", float("nan"), float("nan"), 0.25)[0] == "INCONCLUSIVE"
+    assert A.kl_guard("INCONCLUSIVE", 0.0, 9.0, 0.25) == ("INCONCLUSIVE", "")
 
 
 def test_model_rows_and_the_one_model_reading():
@@ -213,13 +249,18 @@ def test_model_rows_and_the_one_model_reading():
     assert rows[2]["effect_low"] == rows[2]["effect_high"] == pytest.approx(0.5)  # the same shift on every prompt
     v = A.model_verdict(rows)
     assert v["verdict"] == "PASS" and v["n_seeds"] == 1 and "describes this model only" in v["scheme"]
-    assert v["note"] == "held-out mean KL: fixed 0.25, adaptive 0.25 (both matched to 0.25 on the 4 selection prompts)"
+    assert v["note"] == ("held-out mean KL: fixed 0.25, adaptive 0.25 (both matched to 0.25 on the 4 selection "
+                         "prompts); held-out mean KL adaptive - fixed 0 [0, 0]")
+    overspent = [dict(r, kl_low=0.01, kl_high=0.05) if r["arm"] == A.DIFFERENCE else r for r in rows]
+    assert A.model_verdict(overspent)["verdict"] == "INCONCLUSIVE"  # 0.05 > 0.1 x 0.25
     tables.from_rows(rows, tables.DYNAMICS_STEER_ARMS, "arms")
     tables.from_rows([v], tables.DYNAMICS_STEER_VERDICTS, "verdicts")
-    pops = A.population_rows([A.SeedSteering("p", s, [{"arm": A.DIFFERENCE, "effect": e}]) for s, e in
-                              enumerate([0.2, 0.4, 0.3])])
+    pops = A.population_rows([A.SeedSteering("p", s, [{"arm": A.DIFFERENCE, "effect": e, "kl": 0.001 * s,
+                                                       "budget": BUDGET}]) for s, e in enumerate([0.2, 0.4, 0.3])])
     (r,) = A.verdict_rows(pops)
     assert r["value"] == pytest.approx(0.3) and r["k"] == 3 and r["rule"] == A.RULE
+    assert pops[0]["kl"] == pytest.approx(0.001) and pops[0]["budget"] == BUDGET
+    assert pops[0]["per_seed"] == "seed 0: 0.2 (KL +0); seed 1: 0.4 (KL +0.001); seed 2: 0.3 (KL +0.002)"
     tables.from_rows([r], tables.DYNAMICS_STEER_VERDICTS, "verdicts")
 
 
@@ -242,8 +283,10 @@ def test_the_report_section_reads_the_cells_and_passes_a_planted_difference(tmp_
     for model_dir in sorted(run_dir.glob("model=*")):
         model = json.loads((model_dir / "model.json").read_text())["model"]
         diff = 0.5 + rng.normal(0, 0.05)
+        dkl = rng.normal(0, 0.002)  # held-out KLs matched: the validity guard lets the claim stand
         rows = [dict(model=model, arm=arm, rule=text, layer=2, vector="actadd", budget=BUDGET, scale=scale,
-                     kl_selection=BUDGET, kl=BUDGET, kl_low=0.2, kl_high=0.3, effect=effect, effect_low=effect - 0.2,
+                     kl_selection=BUDGET, kl=dkl if arm == A.DIFFERENCE else BUDGET, kl_low=0.2, kl_high=0.3,
+                     effect=effect, effect_low=effect - 0.2,
                      effect_high=effect + 0.2, p_value=0.01, mean_coefficient=scale, mean_gap=0.5, n_heldout=16,
                      n_selection=16, n_steps=8, scheme="synthetic")
                 for arm, text, scale, effect in (("fixed", "alpha_t = alpha", 1.0, 1.0),

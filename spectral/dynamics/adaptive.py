@@ -238,6 +238,41 @@ def match_scale(run: Callable[[float], SteeredGeneration], budget: float) -> tup
     return scale, runs[scale]
 
 
+def sentiment_prompts(tasks: dict, n: int, seed: int = 0) -> tuple[str, ...]:
+    """``n`` distinct sentiment contexts of an organism's language (its tasks.json), positive and
+    negative alternating (as ``organism_sentiment``'s evaluation prompts; ``n`` even). Per polarity
+    the templates take turns, each giving its distinct fillings in a seeded order until it has no
+    more (so the short templates are not repeated); a UsageError when the language has fewer than
+    ``n / 2`` distinct contexts of a polarity. Why: the adaptive arm's per-prompt KL is heavy-tailed,
+    so a mean-KL budget matched on 16 prompts does not hold on 16 others; more prompts per split
+    make the match transfer (``docs/DESIGN.md``, "Spectrally adaptive steering")."""
+    import itertools
+    import random
+    import string
+
+    if n < 4 or n % 2:
+        raise UsageError(f"--prompts must be an even number of at least 4, got {n}")
+    rng, per = random.Random(f"eigengap-adaptive-steering:{seed}"), {}
+    fills = {"object": tasks["objects"], "name": tasks["names"], "place": tasks["places"]}
+    for polarity in ("positive", "negative"):
+        queues = []
+        for template in tasks["sentiment_contexts"][polarity]:
+            fields = sorted({f for _, f, _, _ in string.Formatter().parse(template) if f})
+            texts = sorted({template.format(**dict(zip(fields, combo)))
+                            for combo in itertools.product(*(fills[f] for f in fields))})
+            rng.shuffle(texts)
+            queues.append(texts)
+        chosen: list[str] = []
+        for text in itertools.chain.from_iterable(itertools.zip_longest(*queues)):
+            if text is not None and text not in chosen:
+                chosen.append(text)
+        if len(chosen) < n // 2:
+            raise UsageError(f"--prompts {n}: this organism's language has only {len(chosen)} distinct {polarity} "
+                             f"sentiment contexts (at most {2 * len(chosen)} prompts)")
+        per[polarity] = chosen[:n // 2]
+    return tuple(p for pair in zip(per["positive"], per["negative"]) for p in pair)
+
+
 def token_rows(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     """Each prompt's token ids as the steering measures read them (no special tokens, as
     ``spectral.steering.vectors.Batch``)."""
