@@ -15,7 +15,10 @@ Per checkpoint (``spectral.dynamics.training``, inputs fixed for the whole run):
 the repeat accuracy and attention-pattern scores on repeated random tokens, the organisms'
 induction and IOI accuracy, the training loss (the checkpoint manifest), and every head's key
 scan of the fixed prompts. Then ``analysis.dynamics``: change-points of every series, each head's
-lag to the ICL score's change-point and the verdict over the seeds (one population: the model).
+lag to the ICL score's change-point and the verdicts over the seeds (one population: the model):
+``spectral_changes_precede_icl`` and, against the training loss's first change-point (the generic
+early-training transient), ``spectral_changes_precede_icl_beyond_loss``; the loss's own lag as a
+control and each head's late gap change-point (after the loss's, before the ICL score's).
 
 Writes into ``--out``: dynamics_checkpoints.parquet, dynamics_heads.parquet,
 dynamics_changepoints.parquet, dynamics_models.parquet, dynamics_verdicts.parquet, params.json,
@@ -321,7 +324,8 @@ def _fmt(x, digits: int = 3) -> str:
 
 
 def _summary(config: DynamicsTrainConfig, rows: list[dict], analysis, notes: list[str]) -> str:
-    from analysis.dynamics import ICL, RULE, VERDICT_METRIC
+    from analysis.dynamics import (BEYOND_KEY, BEYOND_RULE, CONTROL_KEY, ICL, LOSS, MODEL_LEVEL, RULE,
+                                   VERDICT_KEY, VERDICT_METRIC)
     from spectral.dynamics.changepoints import RULE as CPD_RULE
 
     first = rows[0]
@@ -329,10 +333,15 @@ def _summary(config: DynamicsTrainConfig, rows: list[dict], analysis, notes: lis
              f"ICL score: loss at token {first['late_token']} minus token {first['early_token']} (1-based) of "
              f"{first['n_sequences']} '{first['icl_form']}' sequences (spectral.dynamics.training).", "",
              "| seed | checkpoints | ICL first / last | induction acc first / last | IOI acc first / last | "
-             "ICL change-point (step) | heads: gap change-point / precede |", "|---|---:|---|---|---|---:|---|"]
+             f"ICL change-point (step) | {LOSS} change-point (step) | heads: gap change-point / precede ICL / "
+             f"before the {LOSS} | median gap lag / {LOSS} lag / gap - {LOSS} (decades) |",
+             "|---|---:|---|---|---|---:|---:|---|---|"]
     icl_cp = {(r["population"], r["seed"]): r for r in analysis.changepoints if r["series"] == ICL}
+    loss_cp = {(r["population"], r["seed"]): r for r in analysis.changepoints
+               if r["series"] == LOSS and r["layer"] == MODEL_LEVEL}
     models = {(m["population"], m["seed"]): m for m in analysis.models if m["metric"] == VERDICT_METRIC}
-    for key in dict.fromkeys((r["population"], r["seed"]) for r in rows):
+    keys = list(dict.fromkeys((r["population"], r["seed"]) for r in rows))
+    for key in keys:
         mine = sorted((r for r in rows if (r["population"], r["seed"]) == key), key=lambda r: r["step"])
         a, b = mine[0], mine[-1]
         m = models.get(key, {})
@@ -340,28 +349,46 @@ def _summary(config: DynamicsTrainConfig, rows: list[dict], analysis, notes: lis
                      f"{_fmt(a['induction_accuracy'])} / {_fmt(b['induction_accuracy'])} | "
                      f"{_fmt(a['ioi_accuracy'])} / {_fmt(b['ioi_accuracy'])} | "
                      f"{_fmt(icl_cp[key]['first_step'], 6) if key in icl_cp else 'n/a'} | "
-                     f"{m.get('n_changed', 0)} of {m.get('n_heads', 0)} / {m.get('n_precede', 0)} |")
-    lines += ["", "| verdict | population | metric | mean median lag (decades) [95 % CI] | p (precede, Holm) | seeds |",
-              "|---|---|---|---|---:|---:|"]
+                     f"{_fmt(loss_cp[key]['first_step'], 6) if key in loss_cp else 'n/a'} | "
+                     f"{m.get('n_changed', 0)} of {m.get('n_heads', 0)} / {m.get('n_precede', 0)} / "
+                     f"{m.get('n_before_loss', 0)} | {_fmt(m.get('median_lag'))} / {_fmt(m.get('loss_lag'))} / "
+                     f"{_fmt(m.get('median_minus_loss'))} |")
+    what = {VERDICT_KEY: "mean median gap lag to ICL", BEYOND_KEY: f"mean median (gap - {LOSS}) change-point",
+            CONTROL_KEY: f"{LOSS} lag to ICL (control)"}
+    lines += ["", "| verdict | claim | population | statistic (decades) [95 % CI] | p pass / fail (Holm) | seeds | "
+              "note |", "|---|---|---|---|---|---:|---|"]
     for v in analysis.verdicts:
-        if not v["exploratory"]:
-            lines.append(f"| {v['verdict']} | {v['population']} | {v['metric']} | {_fmt(v['value'])} "
-                         f"[{_fmt(v['low'])}, {_fmt(v['high'])}] | {_fmt(v['p_pass_holm'])} | {v['k']} of "
-                         f"{v['n_seeds']} |")
+        if v["key"] in what:
+            lines.append(f"| {v['verdict'] or '(control)'} | {v['key']} | {v['population']} | {what[v['key']]} "
+                         f"{_fmt(v['value'])} [{_fmt(v['low'])}, {_fmt(v['high'])}] | {_fmt(v['p_pass_holm'])} / "
+                         f"{_fmt(v['p_fail_holm'])} | {v['k']} of {v['n_seeds']} | {v['note']} |")
+    lines += ["", f"Late gap change-points (exploratory, no verdict): per head the change-point nearest before the "
+              f"ICL score's first that lies after the {LOSS}'s first (is anything spectral moving in the run-up to "
+              "the emergence rather than in the early transient?)."]
+    late: dict[tuple, list[float]] = {}
+    for r in analysis.changepoints:
+        if r["series"] == VERDICT_METRIC and r["layer"] != MODEL_LEVEL and math.isfinite(r["late_step"]):
+            late.setdefault((r["population"], r["seed"]), []).append(r["late_step"])
+    for key in keys:
+        m = models.get(key, {})
+        steps = sorted(late.get(key, []))
+        lines.append(f"- seed {key[1]}: {m.get('n_late', 0)} of {m.get('n_heads', 0)} heads" + (
+            f", median {_fmt(m.get('median_late_lag'))} decades before the ICL change-point (steps "
+            f"{', '.join(f'{x:g}' for x in steps)})" if steps else ""))
     series = {}
     for r in analysis.changepoints:
-        if r["layer"] == -1 and r["series"] != ICL:
+        if r["layer"] == MODEL_LEVEL and r["series"] != ICL:
             series.setdefault(r["series"], []).append(_fmt(r["lag"]))
     if series:
         lines += ["", "First change-point of each model-level series minus the ICL score's (decades; per seed; a "
                   "series moving as early as the heads is a competing explanation of their lead): " + "; ".join(
                       f"{name} {' / '.join(lags)}" for name, lags in series.items())]
-    explored = [v for v in analysis.verdicts if v["exploratory"]]
+    explored = [v for v in analysis.verdicts if v["exploratory"] and v["key"] != CONTROL_KEY]
     if explored:
         lines += ["", "Exploratory (no verdict): " + "; ".join(
             f"{v['metric']} {_fmt(v['value'])} [{_fmt(v['low'])}, {_fmt(v['high'])}]"
             + (f" {v['direction']}" if v["direction"] else "") for v in explored)]
-    lines += ["", f"Rule: {RULE}", "", f"Change-points: {CPD_RULE}."]
+    lines += ["", f"Rule: {RULE}", "", f"Rule: {BEYOND_RULE}", "", f"Change-points: {CPD_RULE}."]
     lines += [f"- {n}" for n in dict.fromkeys(notes)]
     lines += ["", "Timing only: an early change of the heads says nothing by itself about their causing the emergence."]
     return "\n".join(lines)
@@ -386,8 +413,9 @@ def _write(out: Path, checkpoint_rows, head_rows, analysis, params, prompts, sum
 
 
 def unit_metrics(cell_dir: Path) -> tuple[dict[str, float], dict[str, str]]:
-    """The verdict's mean median lag (``spectral_changes_precede_icl/value``, ``/low``, ``/high``)
-    and its verdict; per seed the ICL score at the last checkpoint (``icl_score_final/seed_<s>``)."""
+    """Each verdict's value and interval (``spectral_changes_precede_icl/value``, ``/low``, ``/high``;
+    ``spectral_changes_precede_icl_beyond_loss/...``) and its verdict; per seed the ICL score at the last
+    checkpoint (``icl_score_final/seed_<s>``)."""
     from cluster.store import read_parquet
 
     metrics, params = {}, {}

@@ -66,17 +66,30 @@ def test_tables_hold_their_schemas(run_dir):
     assert data.table(job.HEADS_FILE).num_rows == 2 * 30 * 16  # organism-xs: 2 layers x 8 heads
     assert {r["icl_form"] for r in checkpoints} == {"organism"}
     assert {(r["early_token"], r["late_token"]) for r in checkpoints} == {(7, 31)}
-    (verdict,) = [r for r in data.table(job.RESULT_FILE).to_pylist() if not r["exploratory"]]
+    verdicts = data.table(job.RESULT_FILE).to_pylist()
+    verdict, beyond = [r for r in verdicts if not r["exploratory"]]
     assert verdict["key"] == "spectral_changes_precede_icl" and verdict["population"] == "organism-xs"
     assert verdict["n_seeds"] == 2 and verdict["verdict"] in ("PASS", "FAIL", "INCONCLUSIVE")
+    assert beyond["key"] == "spectral_changes_precede_icl_beyond_loss" and beyond["metric"] == "gap"
+    assert beyond["n_seeds"] == 2 and beyond["verdict"] in ("PASS", "FAIL", "INCONCLUSIVE")
+    (control,) = [r for r in verdicts if r["key"] == "control_loss_lag"]
+    assert control["metric"] == "train_loss" and control["verdict"] == "" and control["k"] == 2
     changepoints = data.table(job.CHANGEPOINTS_FILE).to_pylist()
     assert sum(r["series"] == "icl_score" for r in changepoints) == 2
     assert sum(r["series"] == "gap" for r in changepoints) == 2 * 16
     for name in ("summary.md", "params.json", "prompts.txt", "dynamics_icl.png", "dynamics_gaps.png"):
         assert (run_dir / name).stat().st_size > 0
-    assert "Rule: spectral_changes_precede_icl" in (run_dir / "summary.md").read_text()
+    summary = (run_dir / "summary.md").read_text()
+    assert "Rule: spectral_changes_precede_icl:" in summary
+    assert "Rule: spectral_changes_precede_icl_beyond_loss:" in summary
+    assert "Late gap change-points (exploratory, no verdict)" in summary
+    assert "| train_loss change-point (step) |" in summary
+    models = [m for m in data.table(job.MODELS_FILE).to_pylist() if m["metric"] == "gap"]
+    for m in models:  # the difference to the loss is the median lag minus the loss's lag
+        assert m["median_minus_loss"] == pytest.approx(m["median_lag"] - m["loss_lag"], abs=1e-9)
     metrics, params = job.unit_metrics(run_dir)
     assert params["verdict/spectral_changes_precede_icl"] == verdict["verdict"]
+    assert params["verdict/spectral_changes_precede_icl_beyond_loss"] == beyond["verdict"]
     assert metrics["icl_score_final/seed_1"] < -3
 
 

@@ -1,6 +1,7 @@
 """The report's training-dynamics section on a synthetic sweep run (2 populations x 3 seeds, one
 dynamics_train cell per seed): every head's gap shifts 3 checkpoints before the ICL score drops;
-the verdict PASSes in both populations (Holm over the two), its tables, figure and page are written."""
+the verdict PASSes in both populations (Holm over the two); the training loss falls smoothly (no early
+transient), so the verdict beyond the loss is written too; its tables, figure and page are written."""
 
 import json
 
@@ -68,8 +69,12 @@ def test_planted_lead_passes_in_both_populations(out):
     assert facts["organism-xs/dynamics/spectral_changes_precede_icl"] == "PASS"
     assert facts["organism-s/dynamics/spectral_changes_precede_icl"] == "PASS"
     verdicts = read_parquet(out / "dynamics_train_verdicts.parquet", tables.REPORT_DYNAMICS_VERDICTS).to_pylist()
-    main = [r for r in verdicts if not r["exploratory"]]
+    main = [r for r in verdicts if r["key"] == "spectral_changes_precede_icl"]
     assert len(main) == 2 and all(r["k"] == 3 and r["high"] < 0 for r in main)
+    beyond = [r for r in verdicts if r["key"] == "spectral_changes_precede_icl_beyond_loss"]
+    assert len(beyond) == 2 and all("Holm over 2 population" in r["correction"] for r in beyond)
+    assert facts["organism-xs/dynamics/spectral_changes_precede_icl_beyond_loss"] == beyond[0]["verdict"]
+    assert len([r for r in verdicts if r["key"] == "control_loss_lag"]) == 2
     assert all("Holm over 2 population" in r["correction"] for r in main)
     # 3 checkpoints of the log-spaced grid around steps 20-100: about 0.3-0.4 decades
     assert all(-0.6 < r["value"] < -0.2 for r in main)
@@ -82,3 +87,5 @@ def test_tables_figure_and_page(out):
     assert (out / "dynamics_train_lags.png").stat().st_size > 0
     page = (out / "report.html").read_text()
     assert "Training dynamics" in page and "spectral_changes_precede_icl" in page
+    assert "spectral_changes_precede_icl_beyond_loss" in page and "control_loss_lag" in page
+    assert "heads with a late gap change" in page

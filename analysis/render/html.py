@@ -503,26 +503,31 @@ def _dynamics_train(run: RunData, a: Analysis, figs: dict) -> str:
     if not s:
         return "<p class=\"note\">No dynamics_train experiment in this run.</p>"
     parts = []
-    main = [r for r in s.verdicts if not r["exploratory"]]
-    if main:
-        parts.append(f"<div class=\"rule\"><b>Rule:</b> {_e(main[0]['rule'])}</div>")
+    for rule in dict.fromkeys(r["rule"] for r in s.verdicts if not r["exploratory"]):
+        parts.append(f"<div class=\"rule\"><b>Rule:</b> {_e(rule)}</div>")
     if s.verdicts:
         parts.append(_html_table(
-            ["population", "claim / metric", "seeds", "mean median lag (decades)", "95 %", "p pass / fail (Holm)",
+            ["population", "claim / metric", "seeds", "mean over seeds (decades)", "95 %", "p pass / fail (Holm)",
              "verdict", "direction", "heads precede", "per seed", "correction", "note"],
-            [[r["population"], r["key"] if not r["exploratory"] else r["metric"], f"{r['k']} of {r['n_seeds']}",
+            [[r["population"], r["metric"] if r["key"] == "exploratory_lag" else r["key"],
+              f"{r['k']} of {r['n_seeds']}",
               _num(r["value"]), _ci(r["low"], r["high"]), f"{_num(r['p_pass_holm'])} / {_num(r['p_fail_holm'])}",
-              r["verdict"] or "(exploratory)", r["direction"], _num(r["fraction_precede"]), r["per_seed"],
+              r["verdict"] or ("(control)" if r["key"] == "control_loss_lag" else "(exploratory)"), r["direction"],
+              _num(r["fraction_precede"]), r["per_seed"],
               r["correction"], r["note"]] for r in sorted(s.verdicts, key=lambda r: (r["exploratory"], r["population"]))],
             {2, 3, 8}))
         parts.append(_img(s.plots.get("lags"), "gap change-point lags", "per population, each seed's median lag of "
-                          "the heads' gap change-points to the ICL score's (below 0: the gaps change first), the mean "
-                          "and its 95 % CI over seeds"))
+                          "the heads' gap change-points to the ICL score's (below 0: the gaps change first), the "
+                          "training loss's lag (control) and the gaps' median change-point minus the loss's, each "
+                          "with the mean and its 95 % CI over seeds"))
     if s.icl:
         parts.append(_html_table(
-            ["model", "seed", "checkpoints", "ICL score first", "ICL score last", "ICL change-point (step)"],
+            ["model", "seed", "checkpoints", "ICL score first", "ICL score last", "ICL change-point (step)",
+             "loss change-point (step)", "heads with a late gap change (after the loss's, before ICL's)",
+             "median late change - ICL (decades)"],
             [[r["model"], r["seed"], r["n_checkpoints"], _num(r["icl_first"]), _num(r["icl_last"]),
-              _num(r["icl_change_step"])] for r in s.icl], {1, 2, 3, 4, 5}))
+              _num(r["icl_change_step"]), _num(r["loss_change_step"]), f"{r['n_late']} of {r['n_heads']}",
+              _num(r["median_late_lag"])] for r in s.icl], {1, 2, 3, 4, 5, 6, 8}))
     if s.notes:
         parts.append(f"<p class=\"note\">{_e('; '.join(s.notes))}</p>")
     return "".join(parts)

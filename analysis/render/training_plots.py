@@ -4,7 +4,9 @@ training seed, x = log10(1 + step).
 - ``icl_series``: the ICL score (left axis) and the training loss (right axis) over training, each
   series' change-points marked (ICL: solid, loss: dotted vertical lines).
 - ``gap_series``: every head's key-kernel gap over training, each head's first change-point as a
-  dot on its line, the ICL score's first change-point as a vertical line.
+  dot on its line and its late change-point (after the training loss's first, before the ICL
+  score's first) as a cross, the ICL score's first change-point as a vertical line and the training
+  loss's first as a dotted one.
 """
 
 from __future__ import annotations
@@ -18,17 +20,23 @@ import numpy as np
 from analysis.render.plots import pyplot, save
 
 ICL = "icl_score"
+LOSS = "train_loss"
 
 
 def _seeds(rows: Sequence[Mapping]) -> list[tuple]:
     return list(dict.fromkeys((r["population"], r["seed"], r["model"]) for r in rows))
 
 
-def _changes(changepoints: Sequence[Mapping], key: tuple, series: str, layer: int = -1, head: int = -1) -> list[float]:
+def _row(changepoints: Sequence[Mapping], key: tuple, series: str, layer: int = -1, head: int = -1) -> Mapping:
     for r in changepoints:
         if (r["population"], r["seed"], r["model"], r["series"], r["layer"], r["head"]) == (*key, series, layer, head):
-            return json.loads(r["log_steps"])
-    return []
+            return r
+    return {}
+
+
+def _changes(changepoints: Sequence[Mapping], key: tuple, series: str, layer: int = -1, head: int = -1) -> list[float]:
+    r = _row(changepoints, key, series, layer, head)
+    return json.loads(r["log_steps"]) if r else []
 
 
 def icl_series(rows: Sequence[Mapping], changepoints: Sequence[Mapping], path: str | Path) -> Path:
@@ -58,8 +66,8 @@ def icl_series(rows: Sequence[Mapping], changepoints: Sequence[Mapping], path: s
 
 def gap_series(heads: Sequence[Mapping], changepoints: Sequence[Mapping], path: str | Path,
                metric: str = "gap") -> Path:
-    """Per seed: every head's ``metric`` over log-step, its first change-point a dot, the ICL
-    score's first change-point a vertical line."""
+    """Per seed: every head's ``metric`` over log-step, its first change-point a dot, its late
+    change-point a cross, the ICL score's first change-point a vertical line, the loss's dotted."""
     plt = pyplot()
     keys = _seeds(heads)
     fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.8 * len(keys)), squeeze=False)
@@ -76,12 +84,18 @@ def gap_series(heads: Sequence[Mapping], changepoints: Sequence[Mapping], path: 
             first = _changes(changepoints, key, metric, layer, head)[:1]
             if first:
                 ax.plot(first, [np.interp(first[0], x, y)], "o", ms=4, color=color, mec="k", mew=0.5)
+            late = _row(changepoints, key, metric, layer, head).get("late_log_step", float("nan"))
+            if late is not None and np.isfinite(late):
+                ax.plot([late], [np.interp(late, x, y)], "x", ms=6, mew=1.5, color=color)
         icl = _changes(changepoints, key, ICL)[:1]
         for c in icl:
             ax.axvline(c, color="red", lw=1.2, label="ICL change-point")
-        if icl:
+        for c in _changes(changepoints, key, LOSS)[:1]:
+            ax.axvline(c, color="C1", lw=1.2, ls=":", label="training loss change-point")
+        if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best")
-        ax.set_title(f"{key[2]}: {metric} of {len(pairs)} heads (dots: first change-point)", fontsize=9)
+        ax.set_title(f"{key[2]}: {metric} of {len(pairs)} heads (dots: first change-point; crosses: late, after the "
+                     "loss's and before ICL's)", fontsize=9)
         ax.set_xlabel("log10(1 + step)")
         ax.set_ylabel(metric)
     fig.tight_layout()
