@@ -94,8 +94,8 @@ def gap_series(heads: Sequence[Mapping], changepoints: Sequence[Mapping], path: 
             ax.axvline(c, color="C1", lw=1.2, ls=":", label="training loss change-point")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best")
-        ax.set_title(f"{key[2]}: {metric} of {len(pairs)} heads (dots: first change-point; crosses: late, after the "
-                     "loss's and before ICL's)", fontsize=9)
+        ax.set_title(f"{key[2]}: {metric} of {len(pairs)} heads (dots: first change-point; crosses: late change)",
+                     fontsize=9)
         ax.set_xlabel("log10(1 + step)")
         ax.set_ylabel(metric)
     fig.tight_layout()
