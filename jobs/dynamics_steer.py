@@ -9,18 +9,22 @@ One run, on one model:
    measurement;
 2. the evaluation prompts (with the organisms' sentiment concept ``--prompts`` distinct sentiment
    contexts, default 256: ``spectral.dynamics.adaptive.sentiment_prompts``; other concepts: their
-   own) split (``--split-seed``, stratified by the sign of the unsteered score, as ``eigengap
-   steer``) into a selection part and a held-out part;
+   own);
 3. per arm (``fixed``: alpha_t = alpha; ``adaptive``: ``--rule``, by default
    alpha_t = alpha x g_t / g_0, ``spectral.dynamics.adaptive``), the scale alpha at which the mean
-   KL(unsteered || steered) over the ``--max-new-tokens`` steps and the selection prompts equals
-   ``--budget`` (``match_budget``, 2 % tolerance);
-4. both arms at their scales on every prompt; the effect and KL of the held-out prompts compared
-   (``analysis.adaptive_steering``): the paired difference adaptive - fixed with a bootstrap
-   interval over held-out prompts and this model's reading of ``adaptive_steering_beats_fixed``,
-   with its validity guard (``analysis.adaptive_steering.kl_guard``: a claim counts only when the
-   winner did not spend more held-out KL than the loser). The verdict over a population's
-   training seeds is the report's.
+   KL(unsteered || steered) over the ``--max-new-tokens`` steps and the prompts equals ``--budget``
+   (``match_scale``, 2 % tolerance). ``--match-on evaluated`` (default): on every prompt, the very
+   prompts whose effect is compared ("at the same mean KL budget on the same prompts"; the scale
+   depends on the KL only, never on the effect, and the layer is fixed before any measurement);
+   ``--match-on selection``: on a selection split (``--selection-fraction``, ``--split-seed``,
+   stratified by the sign of the unsteered score, as ``eigengap steer``), effects on the held-out
+   rest, then both arms at their scales on every prompt;
+4. the effect and KL of the evaluated prompts compared (``analysis.adaptive_steering``): the
+   paired difference adaptive - fixed with a bootstrap interval over prompts (the scales held
+   fixed) and this model's reading of ``adaptive_steering_beats_fixed``, with its validity guard
+   (``analysis.adaptive_steering.kl_guard``: a claim counts only when the winner did not spend more
+   KL than the loser; matched on the evaluated prompts it holds by construction up to the
+   matcher's tolerance). The verdict over a population's training seeds is the report's.
 
 Writes dynamics_steer_steps.parquet (per arm x prompt x step), dynamics_steer_arms.parquet (per
 arm and the difference), dynamics_steer_verdicts.parquet (this model's reading), params.json,
@@ -46,9 +50,10 @@ from spectral.models import Device
 
 RESULT_FILE = "dynamics_steer_arms.parquet"
 DEFAULT_PROMPTS = 256
-"""The sentiment concept's evaluation prompts (128 selection, 128 held-out): the adaptive arm's per-prompt
-KL is heavy-tailed, and on organism-xs a budget matched on 16 selection prompts left its held-out mean KL
-anywhere in 0.01-0.9 (5-95 % over splits), on 128 in 0.1-0.5 (the language has 272 distinct contexts)."""
+"""The sentiment concept's evaluation prompts (all matched and evaluated; with --match-on selection 128 +
+128): the adaptive arm's per-prompt KL is heavy-tailed, and on organism-xs a budget matched on 16 selection
+prompts left its held-out mean KL anywhere in 0.01-0.9 (5-95 % over splits), on 128 in 0.1-0.5 (the language
+has 272 distinct contexts)."""
 STEPS_FILE = "dynamics_steer_steps.parquet"
 VERDICTS_FILE = "dynamics_steer_verdicts.parquet"
 
@@ -69,17 +74,20 @@ class DynamicsSteerConfig(JobConfig):
     max_new_tokens: int = Field(8, gt=0)
     """Tokens generated per prompt (greedy); every step is measured."""
     budget: float = Field(0.25, gt=0)
-    """Side-effect budget: the mean KL(unsteered || steered) over steps and selection prompts (nats) each
+    """Side-effect budget: the mean KL(unsteered || steered) over steps and the matched prompts (nats) each
     arm is scaled to (the steer job's default budget)."""
+    match_on: Literal["evaluated", "selection"] = "evaluated"
+    """Match each arm's scale on the evaluated prompts themselves (every prompt; the default) or on a
+    selection split, with effects on the held-out rest (--selection-fraction, --split-seed)."""
     read_at: str | int = "last"
     """Read the vector at the contrast prompts' last token ('last'), their token mean ('mean') or a token index."""
     prompts: int | None = Field(None, ge=4)
     """Evaluation prompts of the organisms' sentiment concept: that many distinct sentiment contexts
-    (even; default DEFAULT_PROMPTS), half for selection. Other concepts use their own prompts."""
+    (even; default DEFAULT_PROMPTS). Other concepts use their own prompts."""
     selection_fraction: float = Field(0.5, gt=0, lt=1)
-    """Fraction of the evaluation prompts the scales are matched on; effects are reported on the rest."""
+    """With --match-on selection: the fraction of the prompts the scales are matched on; effects on the rest."""
     split_seed: int = 0
-    """Seed of the selection / held-out split (and of the bootstrap)."""
+    """Seed of the bootstrap (and with --match-on selection of the selection / held-out split)."""
     scan_seed: int = 0
     """Seed of the organisms' sentiment concept's scan prompts (as eigengap steer; not used here otherwise)."""
     batch_size: int = Field(64, ge=1)
@@ -138,7 +146,8 @@ def run(config: DynamicsSteerConfig, *, echo=print):
                          "its own prompts")
     adapter = HeadAdapter(loaded.model)
     ev = Evaluator(adapter, loaded.tokenizer, concept, config.concept)  # checks every word and prompt
-    split = steer_split(ev.base_score, config.selection_fraction, config.split_seed)
+    split = steer_split(ev.base_score, config.selection_fraction, config.split_seed) \
+        if config.match_on == "selection" else None
     device = loaded.model.get_input_embeddings().weight.device
     make = actadd if config.vector == "actadd" else caa
     vector = make(adapter, loaded.tokenizer, concept, [layer], device, config.read_at)[layer]
@@ -147,7 +156,7 @@ def run(config: DynamicsSteerConfig, *, echo=print):
     rows = token_rows(loaded.tokenizer, concept.prompts)
     settings = AdaptiveSettings(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
     pad = pad_id(loaded.tokenizer)
-    selection = [rows[i] for i in split.selection]
+    matched = rows if split is None else [rows[i] for i in split.selection]
 
     def generation(prompts, scale: float, rule_name: str):
         return steered_generation(adapter, prompts, vector, layer, scale, rule_name, target, opposite, settings, pad)
@@ -156,12 +165,14 @@ def run(config: DynamicsSteerConfig, *, echo=print):
     steps_rows = []
     for arm, rule_name in (("fixed", "fixed"), ("adaptive", config.rule)):
         echo(f"{arm} arm ({RULE_TEXT[rule_name]}): matching the mean KL to {config.budget:g} on "
-             f"{len(selection)} selection prompts x {config.max_new_tokens} steps")
-        scale, _ = match_scale(lambda s: generation(selection, s, rule_name), config.budget)
-        g = generation(rows, scale, rule_name)
+             f"{len(matched)} {'evaluated' if split is None else 'selection'} prompts x {config.max_new_tokens} steps")
+        scale, g = match_scale(lambda s: generation(matched, s, rule_name), config.budget)
+        if split is not None:
+            g = generation(rows, scale, rule_name)
         arms[arm] = ArmResult(rule_name, scale, g.effect, g.kl, g.coefficient, g.gap)
-        split_of = np.array(["heldout"] * len(rows), dtype=object)
-        split_of[list(split.selection)] = "selection"
+        split_of = np.array(["evaluated" if split is None else "heldout"] * len(rows), dtype=object)
+        if split is not None:
+            split_of[list(split.selection)] = "selection"
         n, steps = g.tokens.shape
         steps_rows.append({
             "model": [spec.text] * n * steps, "arm": [arm] * n * steps, "rule": [rule_name] * n * steps,
@@ -170,7 +181,7 @@ def run(config: DynamicsSteerConfig, *, echo=print):
             "token": g.tokens.ravel(), "scale": np.full(n * steps, scale), "coefficient": g.coefficient.ravel(),
             "gap": g.gap.ravel(), "effect": g.effect.ravel(), "kl": g.kl.ravel(),
             "score_unsteered": g.score_unsteered.ravel()})
-    rule_text = rule(RULE_TEXT[config.rule])
+    rule_text = rule(RULE_TEXT[config.rule], config.match_on)
     arm_rows = model_rows(spec.text, arms, split, layer=layer, vector=config.vector, budget=config.budget,
                           rule_text=RULE_TEXT, seed=config.split_seed)
     verdict = model_verdict(arm_rows, rule_text)
@@ -180,8 +191,10 @@ def run(config: DynamicsSteerConfig, *, echo=print):
                                     for c in steps_rows])
     text = summary(spec.text, arm_rows, verdict, layer, config, split)
     params = {"config": config.model_dump(mode="json"), "layer": layer, "budget_kl": config.budget,
-              "split": {"seed": split.seed, "fraction": split.fraction, "selection": list(split.selection),
-                        "heldout": list(split.heldout), "stratified_by": "sign of the unsteered score"},
+              "match_on": config.match_on,
+              "split": None if split is None else {
+                  "seed": split.seed, "fraction": split.fraction, "selection": list(split.selection),
+                  "heldout": list(split.heldout), "stratified_by": "sign of the unsteered score"},
               "prompts": list(concept.prompts), "scales": {arm: a.scale for arm, a in arms.items()}, "rule": rule_text,
               "torch_threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - start, 3)}
     _write(config.out, steps_table, arm_rows, verdict, params, text, spec.text)
@@ -196,12 +209,15 @@ def summary(model: str, arm_rows: list[dict], verdict: dict, layer: int, config:
         return "–" if x != x else f"{x:.4g}"
 
     chosen = "--layer" if config.layer is not None else "the steer job's baseline: n_layers // 2"
+    n = arm_rows[0]["n_heldout"]
+    where = (f"the {n} prompts whose effects are compared (each arm's scale matched there, within 2 %)"
+             if split is None else f"the {len(split.selection)} selection prompts; effects on the "
+             f"{len(split.heldout)} held-out prompts")
     lines = [f"# Spectrally adaptive steering: {model}", "",
              f"Injection layer {layer} ({chosen}), {config.vector} vector of the concept {config.concept!r}, "
              f"{config.max_new_tokens} greedy tokens per prompt, budget: mean KL {config.budget:g} nats over steps "
-             f"and the {len(split.selection)} selection prompts; effects on the {len(split.heldout)} held-out "
-             "prompts.", "",
-             "| arm | rule | scale | KL (selection) | KL (held-out) [95 %] | effect [95 %] | mean coefficient "
+             f"and {where}. Intervals: paired bootstrap over the evaluated prompts with the scales held fixed.", "",
+             "| arm | rule | scale | KL (matched on) | KL (evaluated) [95 %] | effect [95 %] | mean coefficient "
              "| mean gap |", "|---|---|---|---|---|---|---|---|"]
     for r in arm_rows:
         lines.append(f"| {r['arm']} | {r['rule']} | {f(r['scale'])} | {f(r['kl_selection'])} | {f(r['kl'])} "
@@ -229,14 +245,14 @@ def _write(out: Path, steps, arm_rows, verdict, params, text, title) -> None:
 
 
 def steps_plot(steps, path: Path, title: str = "") -> Path:
-    """Per arm, the mean over held-out prompts of the coefficient, the gap, the effect and the KL by step."""
+    """Per arm, the mean over the evaluated prompts of the coefficient, the gap, the effect and the KL by step."""
     import numpy as np
 
     from analysis.render.plots import pyplot, save
 
     plt = pyplot()
     d = {k: np.asarray(steps[k].to_pylist()) for k in ("arm", "split", "step", "coefficient", "gap", "effect", "kl")}
-    held = d["split"] == "heldout"
+    held = np.isin(d["split"], ["heldout", "evaluated"])
     fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
     for arm in sorted(set(d["arm"])):
         m = held & (d["arm"] == arm)
@@ -246,13 +262,13 @@ def steps_plot(steps, path: Path, title: str = "") -> Path:
             ax.set_xlabel("step")
             ax.set_title(key, fontsize=10)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{title}: held-out prompts, mean per step", fontsize=10)
+    fig.suptitle(f"{title}: evaluated prompts, mean per step", fontsize=10)
     fig.tight_layout()
     return save(fig, path)
 
 
 def unit_metrics(cell_dir: Path) -> tuple[dict[str, float], dict[str, str]]:
-    """This model's reading (``<key>/value|low|high``, ``verdict/<key>``) and each arm's held-out
+    """This model's reading (``<key>/value|low|high``, ``verdict/<key>``) and each arm's evaluated
     effect, KL and scale (``effect/<arm>``, ``kl/<arm>``, ``scale/<arm>``)."""
     import math
 
@@ -269,10 +285,12 @@ def unit_metrics(cell_dir: Path) -> tuple[dict[str, float], dict[str, str]]:
 
 
 def cost(params, facts) -> float:
-    """Two arms x ~12 budget evaluations on half the prompts, then both arms on all: 2 x (6 + 1) passes
-    of all prompts x (prompt + new tokens), each run twice (steered and unsteered)."""
+    """Two arms x ~12 budget evaluations on all prompts (--match-on selection: on half of them, then
+    both arms on all, 6 + 1 passes): passes of all prompts x (prompt + new tokens), each run twice
+    (steered and unsteered)."""
     tokens = int(params.get("max_new_tokens", 8)) + PROMPT_TOKENS
-    return float(2 * 7 * int(params.get("prompts") or DEFAULT_PROMPTS) * 2 * tokens)
+    passes = 7 if params.get("match_on") == "selection" else 12
+    return float(2 * passes * int(params.get("prompts") or DEFAULT_PROMPTS) * 2 * tokens)
 
 
 def load(cell_dir: Path):

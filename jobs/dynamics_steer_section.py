@@ -1,7 +1,8 @@
 """The report's section on spectrally adaptive steering (issue 17, point 4): the verdict
 ``adaptive_steering_beats_fixed`` over training seeds from the run's ``dynamics_steer`` cells
-(``analysis.adaptive_steering``): per seed the mean held-out difference adaptive - fixed at the
-same mean-KL budget, per population the t-interval over seeds, Holm across populations.
+(``analysis.adaptive_steering``): per seed the mean difference adaptive - fixed over the evaluated
+prompts at the same mean-KL budget (by default matched on those very prompts), per population the
+t-interval over seeds (the replicates), Holm across populations.
 
 Tables written into the report directory: dynamics_steer_verdicts.parquet (per population) and
 dynamics_steer_models.parquet (every cell's arm rows), and the figure dynamics_steer.png.
@@ -28,14 +29,14 @@ class AdaptiveSteeringSection:
 
 
 def analyse(data, load_cell) -> AdaptiveSteeringSection | None:
-    from analysis.adaptive_steering import RULE, SeedSteering, rule, verdicts
+    from analysis.adaptive_steering import RULE, SeedSteering, matched_on, rule, verdicts
     from analysis.crossmodel import population_of
     from jobs.dynamics_steer import RESULT_FILE
 
     cells = [(cell, path) for cell, path in data.cells if cell.kind == KIND]
     if not cells:
         return None
-    seeds, models, rules, notes = [], [], set(), []
+    seeds, models, rules, matches, notes = [], [], set(), set(), []
     for cell, path in cells:
         loaded = load_cell(KIND, path)
         if RESULT_FILE not in loaded:
@@ -46,9 +47,13 @@ def analyse(data, load_cell) -> AdaptiveSteeringSection | None:
         seeds.append(SeedSteering(pop, seed, rows))
         models += rows
         rules |= {r["rule"] for r in rows if r["arm"] == "adaptive"}
+        matches.add(matched_on(rows))
     if len(rules) > 1:
         notes.append(f"the cells use different adaptive rules ({', '.join(sorted(rules))}): the verdict pools them")
-    rule_text = rule(" / ".join(sorted(rules))) if rules else RULE
+    if len(matches) > 1:
+        notes.append("some cells matched the budget on the evaluated prompts, others on a selection split: the "
+                     "verdict pools them")
+    rule_text = rule(" / ".join(sorted(rules)), " / ".join(sorted(matches))) if rules else RULE
     return AdaptiveSteeringSection(verdicts(seeds, rule_text) if seeds else [], models, notes=notes)
 
 
@@ -65,7 +70,7 @@ def write(section: AdaptiveSteeringSection, out: Path) -> None:
 
 
 def arms_plot(rows: list[dict], path: Path) -> Path:
-    """Per model, each arm's held-out effect with its interval (and the KL it reached)."""
+    """Per model, each arm's effect on the evaluated prompts with its interval (and the KL it reached)."""
     import numpy as np
 
     from analysis.render.plots import pyplot, save
@@ -81,7 +86,7 @@ def arms_plot(rows: list[dict], path: Path) -> Path:
         hi = np.array([sel[m]["effect_high"] if m in sel else np.nan for m in models])
         axes[0].errorbar(x, eff, yerr=[eff - lo, hi - eff], fmt="o", ms=4, capsize=2, label=arm)
         axes[1].plot(x, [sel[m]["kl"] if m in sel else np.nan for m in models], "o", ms=4, label=arm)
-    for ax, title in zip(axes, ("held-out effect (95 % CI over prompts)", "held-out mean KL")):
+    for ax, title in zip(axes, ("evaluated effect (95 % CI over prompts)", "evaluated mean KL")):
         ax.set_xticks(range(len(models)), models, rotation=60, ha="right", fontsize=7)
         ax.set_title(title, fontsize=10)
     axes[0].legend(fontsize=8)

@@ -509,8 +509,9 @@ DYNAMICS_STEER_STEPS = _schema(
 """dynamics_steer_steps.parquet (``eigengap dynamics steer``): one row per (arm, prompt, step): the token the
 steered arm generated, the step's coefficient alpha_t and the injection layer's minimum key-kernel gap g_t it
 was set from, the effect (set score steered - unsteered on the same prefix), the KL(unsteered || steered) and
-the unsteered set score; ``split``: selection (the scale was matched there) or heldout
-(``spectral.dynamics.adaptive``)."""
+the unsteered set score; ``split``: evaluated (the default --match-on evaluated: every prompt, the scale
+matched there and the effect compared there), or with --match-on selection: selection (the scale was matched
+there) or heldout (``spectral.dynamics.adaptive``)."""
 
 DYNAMICS_STEER_ARMS = _schema(
     ("model", STR), ("arm", STR), ("rule", STR), ("layer", I64), ("vector", STR),
@@ -518,8 +519,10 @@ DYNAMICS_STEER_ARMS = _schema(
               "p_value", "mean_coefficient", "mean_gap"),
     *((n, I64) for n in ("n_heldout", "n_selection", "n_steps")), ("scheme", STR))
 """dynamics_steer_arms.parquet: per arm (fixed, adaptive) and their difference (adaptive-fixed) the matched
-scale, the mean KL on the selection prompts (the budget's) and on the held-out prompts, and the held-out
-effect with its paired bootstrap interval over prompts (``analysis.adaptive_steering.ARM_COLUMNS``)."""
+scale, the mean KL on the prompts it was matched on (``kl_selection``, ``n_selection``: the budget's) and on
+the evaluated prompts (``kl``, ``n_heldout``; by default the same prompts), and the evaluated effect with its
+paired bootstrap interval over prompts (``analysis.adaptive_steering.ARM_COLUMNS``; ``scheme`` says where the
+scales were matched)."""
 
 DYNAMICS_STEER_VERDICTS = _schema(
     ("key", STR), ("population", STR), ("rule", STR),

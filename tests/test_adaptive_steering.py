@@ -1,7 +1,8 @@
 """Spectrally adaptive steering (issue 17, point 4): the per-step coefficient follows its rule
 against a plain recomputation of the gap from all the context's keys, the measures against plain
-forward passes, a zero scale is plain generation, both arms meet the budget, the job's tables and
-one-line errors, and the verdict's null simulation."""
+forward passes, a zero scale is plain generation, both arms meet the budget (in the job: on the very
+prompts whose effect is compared), the job's tables and one-line errors, and the verdict's null
+simulation."""
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ from analysis.steering import selection_split
 from cluster.store import read_parquet
 from jobs.cli import main
 from spectral import tables
-from spectral.dynamics.adaptive import AdaptiveSettings, match_scale, sentiment_prompts, steered_generation, token_rows
+from spectral.dynamics.adaptive import (MATCH_TOLERANCE, AdaptiveSettings, match_scale, sentiment_prompts,
+                                        steered_generation, token_rows)
 from spectral.errors import UsageError
 from spectral.models.adapter import HeadAdapter
 from spectral.models.loading import load_model
@@ -107,6 +109,15 @@ def test_each_arm_meets_the_budget(setup, rule):
     assert abs(g.mean_kl - BUDGET) <= 0.02 * BUDGET  # match_budget's tolerance
 
 
+def test_a_kl_that_jumps_over_the_budget_is_a_one_line_error():
+    """A mean KL of 0 below scale 1.3 and 1 above it: the matcher cannot land within 2 % of 0.25."""
+    from types import SimpleNamespace
+
+    with pytest.raises(UsageError, match=r"closest mean KL the matcher reached is 0 \(scale 1.25\), outside its 2% tolerance"):
+        match_scale(lambda s: SimpleNamespace(mean_kl=0.0 if s < 1.3 else 1.0), BUDGET)
+    assert A.MATCH_TOLERANCE == MATCH_TOLERANCE == 0.02  # analysis repeats it without importing torch
+
+
 def test_bad_calls_are_one_line(setup):
     rows = setup[-1]
     with pytest.raises(UsageError, match="max-new-tokens must be at least 1, got 0"):
@@ -129,19 +140,29 @@ def job_dir(organism_cache, tmp_path_factory):
 
 
 def test_the_job_writes_its_tables(job_dir):
+    """Default --match-on evaluated: all 64 prompts matched and evaluated; both arms' mean KL on them
+    (steps x prompts, recomputed from the steps table) within the matcher's 2 % of the budget, so the
+    KL difference lies within 4 % and the validity guard cannot withdraw a claim."""
     steps = read_parquet(job_dir / "dynamics_steer_steps.parquet", tables.DYNAMICS_STEER_STEPS)
     arms = read_parquet(job_dir / "dynamics_steer_arms.parquet", tables.DYNAMICS_STEER_ARMS).to_pylist()
     (verdict,) = read_parquet(job_dir / "dynamics_steer_verdicts.parquet", tables.DYNAMICS_STEER_VERDICTS).to_pylist()
     assert steps.num_rows == 2 * 64 * 2  # arms x prompts x steps
-    assert sorted(set(steps["split"].to_pylist())) == ["heldout", "selection"]
+    assert set(steps["split"].to_pylist()) == {"evaluated"}
     assert [r["arm"] for r in arms] == ["fixed", "adaptive", A.DIFFERENCE]
+    arm_of, kl = np.array(steps["arm"].to_pylist()), np.array(steps["kl"].to_pylist())
     for r in arms[:2]:
-        assert abs(r["kl_selection"] - BUDGET) <= 0.02 * BUDGET and r["n_heldout"] == 32 and r["n_steps"] == 2
+        assert kl[arm_of == r["arm"]].mean() == pytest.approx(r["kl"], rel=1e-9)
+        assert abs(r["kl"] - BUDGET) <= 0.02 * BUDGET and r["kl_selection"] == r["kl"]
+        assert r["n_heldout"] == r["n_selection"] == 64 and r["n_steps"] == 2
+    assert abs(arms[2]["kl"]) <= 0.04 * BUDGET and (arms[2]["kl_low"], arms[2]["kl_high"]) == pytest.approx((-0.01, 0.01))
+    assert A.matched_on(arms) == "evaluated"
     assert arms[2]["effect"] == pytest.approx(arms[1]["effect"] - arms[0]["effect"])
     assert verdict["key"] == A.VERDICT_KEY and verdict["verdict"] in ("PASS", "FAIL", "INCONCLUSIVE")
+    assert "withdrawn" not in verdict["note"] and "matched to 0.25 on the evaluated prompts themselves" in verdict["note"]
     text = (job_dir / "summary.md").read_text()
     assert "Rule: adaptive_steering_beats_fixed" in text and "alpha_t = alpha x g_t / g_0" in text
-    assert "validity guard" in text and "held-out mean KL adaptive - fixed" in verdict["note"]
+    assert "on the very prompts whose effect is compared" in text and "scales held fixed" in text
+    assert "validity guard" in text and "evaluated mean KL adaptive - fixed" in verdict["note"]
     assert (job_dir / "steps.png").is_file()
 
 
@@ -182,9 +203,9 @@ def test_sentiment_prompts_are_distinct_and_alternate(organism_cache):
 
 # ---------------------------------------------------------------------------- the verdict
 def _seeds(rng, populations, n_seeds, true_difference, kl_difference=0.0, kl_sd=0.005):
-    """Per seed the mean held-out difference of two arms on 16 prompts: prompts are bimodal (positive
+    """Per seed the mean difference of two arms on 16 prompts: prompts are bimodal (positive
     and negative contexts), each arm adds heavy-tailed per-prompt noise and a seed-level shift; with
-    ``true_difference`` 0 the arms are exchangeable. The seed's held-out KL difference adaptive -
+    ``true_difference`` 0 the arms are exchangeable. The seed's mean KL difference adaptive -
     fixed is ``kl_difference`` + N(0, ``kl_sd``) (budget 0.25)."""
     out = []
     for pop in populations:
@@ -199,7 +220,7 @@ def _seeds(rng, populations, n_seeds, true_difference, kl_difference=0.0, kl_sd=
 
 @pytest.mark.parametrize("pops, sims", [(("organism-xs", "organism-s", "organism-m"), 2000), (("organism-xs",), 6000)])
 def test_the_verdict_passes_at_most_at_its_nominal_rate_when_the_arms_are_equal(pops, sims):
-    """5 seeds per population, 6000 population verdicts: with equal arms (held-out KLs matched, so the
+    """5 seeds per population, 6000 population verdicts: with equal arms (KLs matched, so the
     validity guard lets every claim through) PASS (and FAIL) stay within two binomial SEs of the nominal
     one-sided 0.025 (observed with this seed: 3 populations with Holm 1.05 % / 0.9 %; one population, no
     correction, 2.8 % / 2.3 %; the guard can only withdraw claims, never add one); a true difference of 3
@@ -216,16 +237,32 @@ def test_the_verdict_passes_at_most_at_its_nominal_rate_when_the_arms_are_equal(
     assert rates(3.0, 300 // len(pops))[0] >= 0.5
 
 
+def test_matched_on_the_evaluated_prompts_the_guard_holds_by_construction_from_4_seeds():
+    """Each seed's KL difference within the matcher's band (± 2 x 2 % x the budget = ± 0.01 nats):
+    from 4 seeds on, the across-seed upper bound stays <= 0.1 x the budget whatever the values in the
+    band (worst case, three seeds at +0.01 and one at -0.01: 0.005 + 3.182 x 0.01 / 2 = 0.0209
+    nats = 0.084 x); with 3 seeds it can exceed it (+0.01, +0.01, -0.01: 0.032)."""
+    from analysis.population import across_seeds
+
+    band = 2 * A.MATCH_TOLERANCE * BUDGET
+    rng = np.random.default_rng(4)
+    draws = [*rng.uniform(-band, band, (2000, 4)), *rng.uniform(-band, band, (2000, 5)),
+             *(np.array(v) * band for v in ([1, 1, 1, -1], [1, 1, -1, -1], [1, 1, 1, 1, -1], [1, 1, 1, 0]))]
+    worst = max(across_seeds(list(d), False, 0.95)[2] for d in draws)
+    assert 0.0205 < worst <= A.KL_TOLERANCE * BUDGET
+    assert across_seeds([band, band, -band], False, 0.95)[2] == pytest.approx(0.0320, abs=1e-3)
+
+
 def test_the_kl_guard_withdraws_a_claim_whose_winner_spent_more_kl():
-    """A true difference of 3 with matched held-out KLs passes; the same difference with the adaptive
-    arm spending 0.1 nats more held-out KL (40 % of the budget) is INCONCLUSIVE with the reason; a
+    """A true difference of 3 with matched KLs passes; the same difference with the adaptive
+    arm spending 0.1 nats more KL (40 % of the budget; possible only with --match-on selection) is INCONCLUSIVE with the reason; a
     FAIL whose winner (the fixed arm) spent more is withdrawn likewise."""
     rng = np.random.default_rng(2)
     (matched,) = A.verdicts(_seeds(rng, ("p",), 5, 3.0))
-    assert matched["verdict"] == "PASS" and "held-out mean KL adaptive - fixed" in matched["note"]
+    assert matched["verdict"] == "PASS" and "evaluated mean KL adaptive - fixed" in matched["note"]
     (over,) = A.verdicts(_seeds(rng, ("p",), 5, 3.0, kl_difference=0.1))
     assert over["p_pass_holm"] < 0.025 and over["verdict"] == "INCONCLUSIVE"
-    assert "PASS by the effect withdrawn: the adaptive arm may have spent more held-out KL" in over["note"]
+    assert "PASS by the effect withdrawn: the adaptive arm may have spent more KL" in over["note"]
     (under,) = A.verdicts(_seeds(rng, ("p",), 5, -3.0, kl_difference=-0.1))
     assert under["p_fail_holm"] < 0.025 and under["verdict"] == "INCONCLUSIVE" and "FAIL by the effect" in under["note"]
     assert A.kl_guard("PASS", -0.05, 0.025, 0.25) == ("PASS", "")  # at the tolerance 0.1 x 0.25: stands
@@ -249,10 +286,22 @@ def test_model_rows_and_the_one_model_reading():
     assert rows[2]["effect_low"] == rows[2]["effect_high"] == pytest.approx(0.5)  # the same shift on every prompt
     v = A.model_verdict(rows)
     assert v["verdict"] == "PASS" and v["n_seeds"] == 1 and "describes this model only" in v["scheme"]
-    assert v["note"] == ("held-out mean KL: fixed 0.25, adaptive 0.25 (both matched to 0.25 on the 4 selection "
-                         "prompts); held-out mean KL adaptive - fixed 0 [0, 0]")
+    assert v["note"] == ("mean KL on the evaluated prompts: fixed 0.25, adaptive 0.25 (both matched to 0.25 on the 4 "
+                         "selection prompts, evaluated on 4 held-out ones); evaluated mean KL adaptive - fixed 0 [0, 0]")
+    assert A.matched_on(rows) == "selection"
     overspent = [dict(r, kl_low=0.01, kl_high=0.05) if r["arm"] == A.DIFFERENCE else r for r in rows]
     assert A.model_verdict(overspent)["verdict"] == "INCONCLUSIVE"  # 0.05 > 0.1 x 0.25
+    # every prompt matched and evaluated: all 8 prompts, the KL interval of the difference is the matcher's band
+    kl_a = np.full((8, 3), 0.25 * 1.015)  # 1.5 % over the budget: within the matcher's 2 %
+    same = A.model_rows("m", dict(arms, adaptive=arms["adaptive"]._replace(kl=kl_a)), None, layer=1, vector="actadd",
+                        budget=0.25, rule_text={"fixed": "alpha_t = alpha", "gap": "g"})
+    assert [r["n_heldout"] for r in same] == [8, 8, 8] and same[0]["effect"] == pytest.approx(effect.mean())
+    assert same[2]["kl"] == pytest.approx(0.25 * 0.015) and (same[2]["kl_low"], same[2]["kl_high"]) == pytest.approx((-0.01, 0.01))
+    assert A.matched_on(same) == "evaluated" and A.model_verdict(same)["verdict"] == "PASS"
+    assert "both matched to 0.25 on the evaluated prompts themselves" in A.model_verdict(same)["note"]
+    with pytest.raises(ValueError, match="arm adaptive: mean KL on the evaluated prompts is not within 2%"):
+        A.model_rows("m", dict(arms, adaptive=arms["adaptive"]._replace(kl=kl_a * 1.01)), None, layer=1,
+                     vector="actadd", budget=0.25, rule_text={"fixed": "alpha_t = alpha", "gap": "g"})
     tables.from_rows(rows, tables.DYNAMICS_STEER_ARMS, "arms")
     tables.from_rows([v], tables.DYNAMICS_STEER_VERDICTS, "verdicts")
     pops = A.population_rows([A.SeedSteering("p", s, [{"arm": A.DIFFERENCE, "effect": e, "kl": 0.001 * s,
@@ -283,7 +332,7 @@ def test_the_report_section_reads_the_cells_and_passes_a_planted_difference(tmp_
     for model_dir in sorted(run_dir.glob("model=*")):
         model = json.loads((model_dir / "model.json").read_text())["model"]
         diff = 0.5 + rng.normal(0, 0.05)
-        dkl = rng.normal(0, 0.002)  # held-out KLs matched: the validity guard lets the claim stand
+        dkl = rng.normal(0, 0.002)  # KLs matched: the validity guard lets the claim stand
         rows = [dict(model=model, arm=arm, rule=text, layer=2, vector="actadd", budget=BUDGET, scale=scale,
                      kl_selection=BUDGET, kl=dkl if arm == A.DIFFERENCE else BUDGET, kl_low=0.2, kl_high=0.3,
                      effect=effect, effect_low=effect - 0.2,

@@ -63,6 +63,8 @@ RULES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 """Rule name -> ``alpha_t / alpha`` from the current gap ``g_t`` and the prompt's ``g_0`` (per prompt)."""
 RULE_TEXT = {"fixed": "alpha_t = alpha", "gap": "alpha_t = alpha x g_t / g_0",
              "inverse-gap": "alpha_t = alpha x g_0 / g_t"}
+MATCH_TOLERANCE = 0.02
+"""``match_scale``'s tolerance, relative to the budget: each arm's mean KL is within this x the budget of it."""
 MIN_PROMPT_TOKENS = 3
 """A prompt needs two tokens before its last for ``g_0`` (a kernel of one key has no gap)."""
 
@@ -221,8 +223,9 @@ def _batch(adapter: HeadAdapter, rows, vector: Tensor, layer: int, scale: float,
 
 def match_scale(run: Callable[[float], SteeredGeneration], budget: float) -> tuple[float, SteeredGeneration]:
     """The scale ``alpha`` at which ``run(alpha)``'s mean KL over steps and prompts equals ``budget``
-    within ``match_budget``'s tolerance (2 % relative), and that run; a UsageError when the budget
-    is out of the arm's reach."""
+    within ``MATCH_TOLERANCE`` (2 % relative; ``match_budget``), and that run; a UsageError when the
+    budget is out of the arm's reach or the matcher ends outside the tolerance (a KL curve that
+    jumps over the budget, e.g. greedy continuations flipping together)."""
     if not budget > 0:
         raise UsageError(f"--budget must be a positive number, got {budget}")
     runs: dict[float, SteeredGeneration] = {}
@@ -232,9 +235,13 @@ def match_scale(run: Callable[[float], SteeredGeneration], budget: float) -> tup
         return runs[s].mean_kl
 
     try:
-        scale, _ = match_budget(kl_of, budget)
+        scale, kl = match_budget(kl_of, budget, tol=MATCH_TOLERANCE)
     except ValueError as err:
         raise UsageError(f"--budget: {err}; give a smaller --budget") from None
+    if abs(kl - budget) > MATCH_TOLERANCE * budget:
+        raise UsageError(f"--budget {budget:g}: the closest mean KL the matcher reached is {kl:.4g} (scale {scale:.6g}), "
+                         f"outside its {MATCH_TOLERANCE:.0%} tolerance: the arm's KL jumps over the budget; give "
+                         "another --budget or more --prompts")
     return scale, runs[scale]
 
 
