@@ -405,8 +405,7 @@ class _Run:
         live = b.live[:, sl]
         x, bad = _float_keys(b.keys[:, sl], b.added[:, sl])  # (batch, step, layer, kv, d)
         ktk, ksum, count, nonfinite = chunk.base
-        outer = torch.einsum("bslhd,bslhe->bslhde", x, x)
-        ktk = torch.cumsum(outer, dim=1, out=outer).add_(ktk[:, None])
+        ktk = torch.einsum("bslhd,bslhe->bslhde", x, x).cumsum_(dim=1).add_(ktk[:, None])  # the rank-one updates
         ksum = x.cumsum(dim=1).add_(ksum[:, None])
         count = b.added[:, sl].cumsum(dim=1).add_(count[:, None])
         nonfinite = nonfinite[:, None] | (bad.cumsum(dim=1) > 0)
