@@ -32,7 +32,9 @@ KL (across seeds: the t-interval of the seeds' differences; one model: see below
 ``KL_TOLERANCE`` x the budget; otherwise INCONCLUSIVE with the reason in the note. The guard only
 withdraws claims, so it cannot raise the rate of false PASSes. Matched on the evaluated prompts it
 holds by construction up to the matcher's tolerance: each arm's mean KL there is within
-``MATCH_TOLERANCE`` (2 %) x the budget of it, so a seed's difference lies within 2 x 2 % = 4 % of
+``MATCH_TOLERANCE`` (2 %) x the budget of it (unless the arm's mean KL jumps over the budget, a
+greedy continuation flipping at one scale: then the closest scale found, said in the note, and
+that model's band widened by the miss), so a seed's difference lies within 2 x 2 % = 4 % of
 the budget, and for one model its interval is that band, [-4 %, +4 %] x the budget (what
 re-matching on any bootstrap draw of the prompts would give); across 4 or more seeds the
 t-interval's bound stays below 0.1 x the budget for any differences inside the band (worst case
@@ -85,7 +87,8 @@ def rule(adaptive: str = "alpha_t = alpha x g_t / g_0", match_on: str = "evaluat
     ``MATCH_ON``, or both joined by ' / ' when a population's cells differ)."""
     if match_on == "evaluated":
         matched = ("each arm's alpha scaled so that its mean KL(unsteered || steered) over steps and the evaluated "
-                   f"prompts equals the budget within the matcher's tolerance ({MATCH_TOLERANCE:.0%}), on the very "
+                   f"prompts equals the budget within the matcher's tolerance ({MATCH_TOLERANCE:.0%}; where an arm's "
+                   "mean KL jumps over the budget, the closest scale found, said in the note), on the very "
                    "prompts whose effect is compared (the scale is a function of the KL only, never of the effect; "
                    "the injection layer fixed by a rule or --layer); effects, set score steered - unsteered "
                    "averaged over steps, on those prompts")
@@ -145,10 +148,12 @@ def model_rows(model: str, arms: Mapping[str, ArmResult], split: Split | None, *
     """Rows of ``DYNAMICS_STEER_ARMS``: the fixed arm, the adaptive arm and their difference, every
     effect and KL on the evaluated prompts (``ARM_COLUMNS``). ``split`` None: every prompt was
     matched and is evaluated (``n_selection`` = ``n_heldout`` = all, ``kl_selection`` = ``kl``), and
-    the difference's KL interval is the matcher's band ± 2 x ``MATCH_TOLERANCE`` x ``budget``
-    (what re-matching on any bootstrap draw of the prompts gives; a ValueError when an arm's KL is
-    outside its tolerance); else the scales were matched on ``split.selection`` and every effect and
-    KL is on ``split.heldout`` (the KL difference's interval: the prompt bootstrap)."""
+    the difference's KL interval is the matcher's band: ± the sum over the arms of
+    max(``MATCH_TOLERANCE`` x ``budget``, |arm's KL - ``budget``|), i.e. ± 4 % of the budget when
+    both arms landed within the tolerance (what re-matching on any bootstrap draw of the prompts
+    gives; wider by what an arm whose KL jumps over the budget missed it by); else the scales were
+    matched on ``split.selection`` and every effect and KL is on ``split.heldout`` (the KL
+    difference's interval: the prompt bootstrap)."""
     n = arms[ARMS[0]].effect.shape[0]
     held, sel = (list(range(n)), list(range(n))) if split is None else (list(split.heldout), list(split.selection))
     per_prompt = {name: arms[name].effect[held].mean(axis=1) for name in ARMS}  # (held-out prompts,)
@@ -169,11 +174,8 @@ def model_rows(model: str, arms: Mapping[str, ArmResult], split: Split | None, *
     dkl = mean_ci(arms["adaptive"].kl[held].mean(axis=1) - arms["fixed"].kl[held].mean(axis=1), seed)
     kl_low, kl_high = dkl.low, dkl.high
     if split is None:
-        off = [r["arm"] for r in rows if not abs(r["kl"] - budget) <= MATCH_TOLERANCE * budget * (1 + 1e-9)]
-        if off:
-            raise ValueError(f"arm {off[0]}: mean KL on the evaluated prompts is not within {MATCH_TOLERANCE:.0%} of "
-                             f"the budget {budget:g}, though its scale was matched there")
-        kl_low, kl_high = -2 * MATCH_TOLERANCE * budget, 2 * MATCH_TOLERANCE * budget
+        half = sum(max(MATCH_TOLERANCE * budget, abs(r["kl"] - budget)) for r in rows)
+        kl_low, kl_high = -half, half
     rows.append(dict(common, arm=DIFFERENCE, rule="", scale=NAN,
                      kl_selection=rows[1]["kl_selection"] - rows[0]["kl_selection"],
                      kl=dkl.value, kl_low=kl_low, kl_high=kl_high, effect=diff.value, effect_low=diff.low,
@@ -236,11 +238,16 @@ def evaluated_kl_note(rows: Sequence[Mapping]) -> str:
     """The arms' mean KLs on the evaluated prompts beside the budget and where they were matched to
     it (a budget matched on other prompts need not hold on these: read the effects with them)."""
     arms = {r["arm"]: r for r in rows}
+    budget = arms["fixed"]["budget"]
     where = ("the evaluated prompts themselves" if matched_on(rows) == "evaluated" else
              f"the {arms['fixed']['n_selection']} selection prompts, evaluated on {arms['fixed']['n_heldout']} "
              "held-out ones")
-    return (f"mean KL on the evaluated prompts: fixed {arms['fixed']['kl']:.3g}, adaptive {arms['adaptive']['kl']:.3g} "
-            f"(both matched to {arms['fixed']['budget']:g} on {where})")
+    missed = [f"the {a} arm's mean KL jumps over the budget: the matcher's closest is {arms[a]['kl']:.4g}, outside "
+              f"its {MATCH_TOLERANCE:.0%} tolerance (the KL band of the difference widened by it)" for a in ARMS
+              if matched_on(rows) == "evaluated"
+              and not abs(arms[a]["kl"] - budget) <= MATCH_TOLERANCE * budget * (1 + 1e-9)]
+    return "; ".join([f"mean KL on the evaluated prompts: fixed {arms['fixed']['kl']:.3g}, adaptive "
+                      f"{arms['adaptive']['kl']:.3g} (both matched to {budget:g} on {where})", *missed])
 
 
 # ---------------------------------------------------------------------------- across seeds

@@ -113,8 +113,8 @@ def run(config: DynamicsSteerConfig, *, echo=print):
 
     from analysis.adaptive_steering import ArmResult, model_rows, model_verdict, rule
     from analysis.sae_steering import steer_split
-    from spectral.dynamics.adaptive import (RULE_TEXT, AdaptiveSettings, match_scale, sentiment_prompts,
-                                            steered_generation, token_rows)
+    from spectral.dynamics.adaptive import (RULE_TEXT, AdaptiveSettings, match_scale, missed_match,
+                                            sentiment_prompts, steered_generation, token_rows)
     from spectral.errors import UsageError
     from spectral.models.adapter import HeadAdapter
     from spectral.models.loading import load_model, model_shape, parse_spec, require_causal_lm, resolve_device
@@ -162,11 +162,15 @@ def run(config: DynamicsSteerConfig, *, echo=print):
         return steered_generation(adapter, prompts, vector, layer, scale, rule_name, target, opposite, settings, pad)
 
     arms: dict[str, ArmResult] = {}
+    missed: dict[str, str] = {}
     steps_rows = []
     for arm, rule_name in (("fixed", "fixed"), ("adaptive", config.rule)):
         echo(f"{arm} arm ({RULE_TEXT[rule_name]}): matching the mean KL to {config.budget:g} on "
              f"{len(matched)} {'evaluated' if split is None else 'selection'} prompts x {config.max_new_tokens} steps")
         scale, g = match_scale(lambda s: generation(matched, s, rule_name), config.budget)
+        missed[arm] = missed_match(g.mean_kl, config.budget, scale)
+        if missed[arm]:
+            echo(f"warning: {arm} arm: {missed[arm]} (kept; the note and params.json say so)")
         if split is not None:
             g = generation(rows, scale, rule_name)
         arms[arm] = ArmResult(rule_name, scale, g.effect, g.kl, g.coefficient, g.gap)
@@ -191,7 +195,7 @@ def run(config: DynamicsSteerConfig, *, echo=print):
                                     for c in steps_rows])
     text = summary(spec.text, arm_rows, verdict, layer, config, split)
     params = {"config": config.model_dump(mode="json"), "layer": layer, "budget_kl": config.budget,
-              "match_on": config.match_on,
+              "match_on": config.match_on, "match_missed": {arm: text for arm, text in missed.items() if text},
               "split": None if split is None else {
                   "seed": split.seed, "fraction": split.fraction, "selection": list(split.selection),
                   "heldout": list(split.heldout), "stratified_by": "sign of the unsteered score"},
@@ -210,7 +214,7 @@ def summary(model: str, arm_rows: list[dict], verdict: dict, layer: int, config:
 
     chosen = "--layer" if config.layer is not None else "the steer job's baseline: n_layers // 2"
     n = arm_rows[0]["n_heldout"]
-    where = (f"the {n} prompts whose effects are compared (each arm's scale matched there, within 2 %)"
+    where = (f"the {n} prompts whose effects are compared (each arm's scale matched there, within 2 % unless the note says otherwise)"
              if split is None else f"the {len(split.selection)} selection prompts; effects on the "
              f"{len(split.heldout)} held-out prompts")
     lines = [f"# Spectrally adaptive steering: {model}", "",

@@ -224,8 +224,9 @@ def _batch(adapter: HeadAdapter, rows, vector: Tensor, layer: int, scale: float,
 def match_scale(run: Callable[[float], SteeredGeneration], budget: float) -> tuple[float, SteeredGeneration]:
     """The scale ``alpha`` at which ``run(alpha)``'s mean KL over steps and prompts equals ``budget``
     within ``MATCH_TOLERANCE`` (2 % relative; ``match_budget``), and that run; a UsageError when the
-    budget is out of the arm's reach or the matcher ends outside the tolerance (a KL curve that
-    jumps over the budget, e.g. greedy continuations flipping together)."""
+    budget is out of the arm's reach. Where the mean KL jumps over the budget (a greedy continuation
+    flipping at one scale moves the mean by a step), no scale lands within the tolerance: then the
+    closest scale the bisection found and its run, and ``missed_match`` says so (the caller reports it)."""
     if not budget > 0:
         raise UsageError(f"--budget must be a positive number, got {budget}")
     runs: dict[float, SteeredGeneration] = {}
@@ -238,11 +239,16 @@ def match_scale(run: Callable[[float], SteeredGeneration], budget: float) -> tup
         scale, kl = match_budget(kl_of, budget, tol=MATCH_TOLERANCE)
     except ValueError as err:
         raise UsageError(f"--budget: {err}; give a smaller --budget") from None
-    if abs(kl - budget) > MATCH_TOLERANCE * budget:
-        raise UsageError(f"--budget {budget:g}: the closest mean KL the matcher reached is {kl:.4g} (scale {scale:.6g}), "
-                         f"outside its {MATCH_TOLERANCE:.0%} tolerance: the arm's KL jumps over the budget; give "
-                         "another --budget or more --prompts")
     return scale, runs[scale]
+
+
+def missed_match(kl: float, budget: float, scale: float) -> str:
+    """'' when the mean KL ``kl`` is within ``MATCH_TOLERANCE`` of ``budget``, else a sentence saying it is not."""
+    if abs(kl - budget) <= MATCH_TOLERANCE * budget * (1 + 1e-9):
+        return ""
+    return (f"the closest mean KL the matcher reached is {kl:.4g} (scale {scale:.6g}), {abs(kl / budget - 1):.1%} "
+            f"from the budget {budget:g}, outside its {MATCH_TOLERANCE:.0%} tolerance: the arm's mean KL jumps over "
+            "the budget")
 
 
 def sentiment_prompts(tasks: dict, n: int, seed: int = 0) -> tuple[str, ...]:
