@@ -60,17 +60,7 @@ PROMPT_SEED = 7
 METRIC = "gap"
 """The trajectory whose change-points are found."""
 
-CHANGEPOINTS = pa.schema([
-    ("model", pa.string()), ("prompt", pa.int64()), ("layer", pa.int32()), ("head", pa.int32()),
-    ("n_steps", pa.int64()), ("n_changes", pa.int64()), ("first_change_step", pa.int64()),
-    ("first_shift", pa.float64()), ("change_steps", pa.string()), ("sigma", pa.float64()),
-    ("penalty", pa.float64()), ("method", pa.string()), ("gap_first", pa.float64()), ("gap_last", pa.float64()),
-    ("gap_change", pa.float64()), ("gap_range", pa.float64()), ("detected", pa.bool_())])
-"""generation_changepoints.parquet: per (prompt, layer, head) the change-points of the gap over the
-steps (``change_steps``: comma-separated steps opening a new segment; ``first_change_step`` and
-``first_shift`` null without one), the detector's sigma and penalty, the gap at the first and last
-step, ``gap_change`` = last - first, ``gap_range`` = max - min over the steps; ``detected`` False where
-the series was too short or not finite (then the change columns are null)."""
+CHANGEPOINTS = schemas.GENERATION_CHANGEPOINTS
 
 
 class DynamicsGenerateConfig(JobConfig):

@@ -342,6 +342,18 @@ REPORT_KERNEL_VERDICTS = _schema(
 """kernel_verdicts.parquet: per population, does the key kernel capture the pre-softmax
 instabilities (``analysis.kernel_agreement.RULE``)."""
 
+GENERATION_CHANGEPOINTS = pa.schema([
+    ("model", pa.string()), ("prompt", pa.int64()), ("layer", pa.int32()), ("head", pa.int32()),
+    ("n_steps", pa.int64()), ("n_changes", pa.int64()), ("first_change_step", pa.int64()),
+    ("first_shift", pa.float64()), ("change_steps", pa.string()), ("sigma", pa.float64()),
+    ("penalty", pa.float64()), ("method", pa.string()), ("gap_first", pa.float64()), ("gap_last", pa.float64()),
+    ("gap_change", pa.float64()), ("gap_range", pa.float64()), ("detected", pa.bool_())])
+"""generation_changepoints.parquet (``eigengap dynamics generate``): per (prompt, layer, head) the change-points of the gap over the
+steps (``change_steps``: comma-separated steps opening a new segment; ``first_change_step`` and
+``first_shift`` null without one), the detector's sigma and penalty, the gap at the first and last
+step, ``gap_change`` = last - first, ``gap_range`` = max - min over the steps; ``detected`` False where
+the series was too short or not finite (then the change columns are null)."""
+
 DYNAMICS_CHANGEPOINTS = _schema(
     ("population", STR), pa.field("seed", I64, nullable=True), ("model", STR), ("series", STR), ("layer", I64),
     ("head", I64), ("n_checkpoints", I64), ("method", STR), *_doubles("sigma", "penalty"), ("n_changes", I64),
@@ -545,7 +557,7 @@ ALL: dict[str, pa.Schema] = {
     "report_kernel_thresholds": REPORT_KERNEL_THRESHOLDS, "report_kernel_populations": REPORT_KERNEL_POPULATIONS,
     "report_kernel_verdicts": REPORT_KERNEL_VERDICTS, "saes": SAES, "report_sae_models": REPORT_SAE_MODELS,
     "dynamics_changepoints": DYNAMICS_CHANGEPOINTS, "report_dynamics_models": REPORT_DYNAMICS_MODELS,
-    "report_dynamics_verdicts": REPORT_DYNAMICS_VERDICTS,
+    "report_dynamics_verdicts": REPORT_DYNAMICS_VERDICTS, "generation_changepoints": GENERATION_CHANGEPOINTS,
     "dynamics_heads": DYNAMICS_HEADS, "dynamics_checkpoints": DYNAMICS_CHECKPOINTS,
     "report_sae_verdicts": REPORT_SAE_VERDICTS, "report_sae_steering_verdicts": REPORT_SAE_STEERING_VERDICTS,
     "report_sae_groundtruth": REPORT_SAE_GROUNDTRUTH,
