@@ -348,7 +348,8 @@ GENERATION_CHANGEPOINTS = pa.schema([
     ("first_shift", pa.float64()), ("change_steps", pa.string()), ("sigma", pa.float64()),
     ("penalty", pa.float64()), ("method", pa.string()), ("gap_first", pa.float64()), ("gap_last", pa.float64()),
     ("gap_change", pa.float64()), ("gap_range", pa.float64()), ("detected", pa.bool_())])
-"""generation_changepoints.parquet (``eigengap dynamics generate``): per (prompt, layer, head) the change-points of the gap over the
+"""generation_changepoints.parquet (``eigengap dynamics generate``): per (prompt, layer, head) the
+change-points of the gap over the
 steps (``change_steps``: comma-separated steps opening a new segment; ``first_change_step`` and
 ``first_shift`` null without one), the detector's sigma and penalty, the gap at the first and last
 step, ``gap_change`` = last - first, ``gap_range`` = max - min over the steps; ``detected`` False where
