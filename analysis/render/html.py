@@ -486,12 +486,13 @@ def _dynamics_steer(run: RunData, a: Analysis, figs: dict) -> str:
               r["note"]] for r in s.verdicts], {2, 3}))
     if s.models:
         parts.append(_html_table(
-            ["model", "arm", "rule", "layer", "scale", "KL selection", "KL held-out", "effect", "95 %", "mean coefficient"],
+            ["model", "arm", "rule", "layer", "scale", "KL (prompts matched on)", "KL (prompts evaluated)", "effect", "95 %",
+             "mean coefficient"],
             [[r["model"], r["arm"], r["rule"], r["layer"], _num(r["scale"]), _num(r["kl_selection"]), _num(r["kl"]),
               _num(r["effect"]), _ci(r["effect_low"], r["effect_high"]), _num(r["mean_coefficient"])]
              for r in s.models], {3, 4, 5, 6, 7, 9}))
         parts.append(_img(s.plots.get("arms"), "adaptive vs fixed", "per model, each arm at the matched budget: "
-                          "held-out effect with its 95 % CI over prompts, and the held-out KL it reached"))
+                          "the effect on the evaluated prompts with its 95 % CI over prompts, and the KL it reached there"))
     if s.notes:
         parts.append(f"<p class=\"note\">{_e('; '.join(s.notes))}</p>")
     return "".join(parts)
