@@ -43,16 +43,23 @@ def out_proj(adapter, layer):
 
 
 def plain_z(adapter, ids, layer, mask=None):
-    """Input of ``layer``'s output projection as (batch, pos, head, d_head), by a plain hook
-    registered now (inside an adapter trace it runs after the adapter's edit)."""
+    """Input of ``layer``'s output projection as (batch, pos, head, d_head) (``plain_zs``)."""
+    return plain_zs(adapter, ids, [layer], mask)[layer]
+
+
+def plain_zs(adapter, ids, layers, mask=None):
+    """Inputs of ``layers``' output projections, each (batch, pos, head, d_head), by plain hooks
+    registered now (inside an adapter trace they run after the adapter's edits)."""
     seen = {}
-    handle = out_proj(adapter, layer).register_forward_pre_hook(lambda m, args: seen.__setitem__("z", args[0].clone()))
+    handles = [out_proj(adapter, l).register_forward_pre_hook(
+        lambda m, args, l=l: seen.__setitem__(l, args[0].clone())) for l in layers]
     try:
         with torch.no_grad():
             adapter.model(input_ids=ids, attention_mask=mask, use_cache=False)
     finally:
-        handle.remove()
-    return seen["z"].unflatten(-1, (adapter.n_heads, adapter.d_head))
+        for handle in handles:
+            handle.remove()
+    return {l: seen[l].unflatten(-1, (adapter.n_heads, adapter.d_head)) for l in layers}
 
 
 # ------------------------------------------------------------------ mean and PCA of differences
@@ -141,27 +148,36 @@ def test_split_pairs_holds_out_whole_pairs():
     train, held = B.split_pairs(12, 0.2, seed=0)
     order = np.random.default_rng(0).permutation(12)
     assert held == sorted(order[:2].tolist()) and train == sorted(order[2:].tolist())
-    assert B.split_pairs(2, 0.9) [1].__len__() == 1  # at least one pair left to train on
+    assert len(B.split_pairs(2, 0.9)[1]) == 1  # at least one pair left to train on
     with pytest.raises(UsageError, match="at least 2 contrast pairs"):
         B.split_pairs(1)
     with pytest.raises(UsageError, match="held-out fraction"):
         B.split_pairs(10, 1.0)
 
 
-@pytest.mark.parametrize("direction", ["mass-mean", "probe"])
-def test_iti_probes_recomputed_with_sklearn_on_plainly_read_z(setup, direction):
+@pytest.fixture(scope="module")
+def plain_pair_z(setup):
+    """z at the last token of each pair's prompts, one unpadded forward pass per prompt:
+    {(pair, label): {layer: (head, d_head)}}, label 1 for the positive prompt."""
     loaded, adapter, concept = setup
+    z = {}
+    for i, (pos, neg) in enumerate(concept.pairs):
+        for label, text in ((1, pos), (0, neg)):
+            ids = torch.tensor([loaded.tokenizer(text, add_special_tokens=False)["input_ids"]])
+            zs = plain_zs(adapter, ids, range(adapter.n_layers))
+            z[i, label] = {l: t[0, -1].double().numpy() for l, t in zs.items()}
+    return z
+
+
+@pytest.mark.parametrize("direction", ["mass-mean", "probe"])
+def test_iti_probes_recomputed_with_sklearn_on_plainly_read_z(setup, plain_pair_z, direction):
+    loaded, adapter, concept = setup
+    z = plain_pair_z
     probes = B.fit_iti(adapter, loaded.tokenizer, concept, direction=direction, heldout_fraction=0.25, seed=1)
     train, held = B.split_pairs(len(concept.pairs), 0.25, seed=1)
     assert (probes.train_pairs, probes.heldout_pairs) == (tuple(train), tuple(held)) and len(held) == 3
     assert [(p.layer, p.head) for p in probes.probes] == [(l, h) for l in range(adapter.n_layers)
                                                           for h in range(adapter.n_heads)]
-    # z at the last token of each prompt, one unpadded forward pass per prompt
-    z = {}
-    for i, (pos, neg) in enumerate(concept.pairs):
-        for label, text in ((1, pos), (0, neg)):
-            ids = torch.tensor([loaded.tokenizer(text, add_special_tokens=False)["input_ids"]])
-            z[i, label] = [plain_z(adapter, ids, l)[0, -1].double().numpy() for l in range(adapter.n_layers)]
     for p in probes.probes:
         def data(idx):
             x = np.array([z[i, label][p.layer][p.head] for label in (1, 0) for i in idx])
@@ -171,13 +187,17 @@ def test_iti_probes_recomputed_with_sklearn_on_plainly_read_z(setup, direction):
         probe = LogisticRegression(max_iter=1000, random_state=1).fit(x_tr, y_tr)
         assert p.heldout_accuracy == pytest.approx(np.mean(probe.predict(x_out) == y_out), abs=1e-12)
         assert p.train_accuracy == pytest.approx(np.mean(probe.predict(x_tr) == y_tr), abs=1e-12)
+        p1 = probe.predict_proba(x_out)[:, list(probe.classes_).index(1)]
+        nll = -np.mean(y_out * np.log(p1) + (1 - y_out) * np.log(1 - p1))
+        assert p.heldout_log_loss == pytest.approx(nll, rel=1e-4)  # z read batched vs one by one (float32)
         d = probe.coef_[0] if direction == "probe" else x_tr[:len(train)].mean(0) - x_tr[len(train):].mean(0)
         d = d / np.linalg.norm(d)
         np.testing.assert_allclose(p.direction.double().numpy(), d, atol=2e-4)
         proj = x_tr @ d
         assert p.sigma == pytest.approx(np.sqrt(np.mean((proj - proj.mean()) ** 2)), rel=1e-3)
-    # top-K: held-out accuracy descending, ties by training accuracy, then (layer, head)
-    ranked = sorted(probes.probes, key=lambda p: (-p.heldout_accuracy, -p.train_accuracy, p.layer, p.head))
+    # top-K: held-out accuracy descending, ties by held-out log loss, training accuracy, (layer, head)
+    ranked = sorted(probes.probes, key=lambda p: (-p.heldout_accuracy, p.heldout_log_loss, -p.train_accuracy,
+                                                  p.layer, p.head))
     assert probes.top(3) == ranked[:3]
     with pytest.raises(UsageError, match="top-K heads must be 1..16"):
         probes.top(17)
@@ -191,10 +211,12 @@ def test_iti_shift_is_alpha_sigma_direction_on_the_chosen_heads_only(setup):
     chosen = {(p.layer, p.head): alpha * p.sigma * p.direction for p in probes.top(k)}
     assert set(injection.shifts) == set(chosen)
     batch = Batch.of(loaded.tokenizer, list(concept.prompts[:4]))
-    for layer in range(adapter.n_layers):
-        base = plain_z(adapter, batch.ids, layer, batch.mask)
-        with adapter.trace([], edits=injection.edits(batch.last)):
-            steered = plain_z(adapter, batch.ids, layer, batch.mask)
+    layers = range(adapter.n_layers)
+    base_all = plain_zs(adapter, batch.ids, layers, batch.mask)
+    with adapter.trace([], edits=injection.edits(batch.last)):
+        steered_all = plain_zs(adapter, batch.ids, layers, batch.mask)
+    for layer in layers:
+        base, steered = base_all[layer], steered_all[layer]
         upstream = any(l < layer for l, _ in chosen)
         for head in range(adapter.n_heads):
             if (layer, head) in chosen:
@@ -247,7 +269,8 @@ def test_iti_last_position_shifts_only_each_prompts_last_token(tiny):
 
 def test_baselines_match_a_kl_budget(setup):
     loaded, adapter, concept = setup
-    ev = Evaluator(adapter, loaded.tokenizer, concept, "sentiment")
+    small = replace(concept, prompts=concept.prompts[:8], neutral=concept.neutral[:8], heldout=())
+    ev = Evaluator(adapter, loaded.tokenizer, small, "sentiment")
     budget, layer = 0.1, adapter.n_layers - 1
     pca = B.pca_difference_vectors(adapter, loaded.tokenizer, concept, [layer])
     _, kl = match_budget(lambda s: ev.kl(Injection(pca, {layer: s})), budget)

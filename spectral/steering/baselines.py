@@ -192,6 +192,9 @@ class HeadProbe:
     train_accuracy: float
     heldout_accuracy: float
     """Accuracy of the probe on the held-out pairs' prompts (what the top-K ranks by)."""
+    heldout_log_loss: float
+    """Mean negative log-likelihood of the held-out prompts' labels under the probe (nats): the
+    first tie-break of the ranking (few held-out pairs leave many heads at accuracy 1)."""
     direction: Float[Tensor, "d_head"]
     """Unit shift direction (``ItiProbes.direction``), pointing to the positive class."""
     sigma: float
@@ -208,11 +211,12 @@ class ItiProbes:
     heldout_pairs: tuple[int, ...]
 
     def top(self, k: int) -> list[HeadProbe]:
-        """The ``k`` heads with the highest held-out accuracy (ties: higher training accuracy,
-        then lower (layer, head))."""
+        """The ``k`` heads with the highest held-out accuracy (ITI's ranking; ties: lower
+        held-out log loss, then higher training accuracy, then lower (layer, head))."""
         if not 1 <= k <= len(self.probes):
             raise UsageError(f"ITI: top-K heads must be 1..{len(self.probes)} (heads probed), got {k}")
-        return sorted(self.probes, key=lambda p: (-p.heldout_accuracy, -p.train_accuracy, p.layer, p.head))[:k]
+        return sorted(self.probes, key=lambda p: (-p.heldout_accuracy, p.heldout_log_loss, -p.train_accuracy,
+                                                  p.layer, p.head))[:k]
 
     def injection(self, k: int, alpha: float = 1.0, positions: Positions = "all") -> HeadInjection:
         """ITI's intervention: ``alpha * sigma * direction`` on each of the top ``k`` heads."""
@@ -221,7 +225,7 @@ class ItiProbes:
     def rows(self) -> list[dict]:
         """One row per probed head (for a table)."""
         return [{"layer": p.layer, "head": p.head, "train_accuracy": p.train_accuracy,
-                 "heldout_accuracy": p.heldout_accuracy, "sigma": p.sigma} for p in self.probes]
+                 "heldout_accuracy": p.heldout_accuracy, "heldout_log_loss": p.heldout_log_loss, "sigma": p.sigma} for p in self.probes]
 
 
 @torch.no_grad()
@@ -264,9 +268,10 @@ def split_pairs(n_pairs: int, heldout_fraction: float = 0.2, seed: int = 0) -> t
 
 
 def _probe_head(x_train: np.ndarray, y_train: np.ndarray, x_out: np.ndarray, y_out: np.ndarray,
-                direction: str, seed: int) -> tuple[float, float, np.ndarray, float]:
-    """(train accuracy, held-out accuracy, unit direction, sigma) of one head."""
+                direction: str, seed: int) -> tuple[float, float, float, np.ndarray, float]:
+    """(train accuracy, held-out accuracy, held-out log loss, unit direction, sigma) of one head."""
     from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
 
     probe = LogisticRegression(max_iter=1000, random_state=seed).fit(x_train, y_train)
     if direction == "probe":
@@ -277,7 +282,8 @@ def _probe_head(x_train: np.ndarray, y_train: np.ndarray, x_out: np.ndarray, y_o
     if norm == 0:
         raise UsageError(f"ITI: a head's {direction} direction is zero (its outputs do not separate the pairs)")
     d = d / norm
-    return probe.score(x_train, y_train), probe.score(x_out, y_out), d, float(np.std(x_train @ d))
+    loss = log_loss(y_out, probe.predict_proba(x_out), labels=probe.classes_)
+    return probe.score(x_train, y_train), probe.score(x_out, y_out), loss, d, float(np.std(x_train @ d))
 
 
 def fit_iti(adapter: HeadAdapter, tokenizer, concept: Concept, layers: Sequence[int] | None = None, *,
@@ -286,9 +292,10 @@ def fit_iti(adapter: HeadAdapter, tokenizer, concept: Concept, layers: Sequence[
     """A probe per head of ``layers`` (all when None) on ``z`` read ``at`` each pair's prompts,
     positive prompts labelled 1 and negative 0: ``sklearn.linear_model.LogisticRegression``
     (``max_iter=1000``, ``random_state=seed``, unstandardised float64 ``z``) fitted on the
-    training pairs (``split_pairs``), scored on the held-out pairs. The direction and sigma use
-    the training pairs only (ITI's code uses every example for them; here the held-out pairs
-    serve only the score that ranks heads)."""
+    training pairs (``split_pairs``), scored on the held-out pairs (accuracy, then log loss to
+    break ties: ``ItiProbes.top``). The direction and sigma use the training pairs only (ITI's
+    code uses every example for them; here the held-out pairs serve only the score that ranks
+    heads)."""
     if direction not in DIRECTIONS:
         raise UsageError(f"ITI direction: expected one of {', '.join(DIRECTIONS)}, got {direction!r}")
     layers = adapter.check_layers(layers)
@@ -303,8 +310,9 @@ def fit_iti(adapter: HeadAdapter, tokenizer, concept: Concept, layers: Sequence[
     probes = []
     for l in layers:
         for h in range(adapter.n_heads):
-            tr_acc, out_acc, d, sigma = _probe_head(*xy(l, h, train), *xy(l, h, held), direction, seed)
-            probes.append(HeadProbe(l, h, float(tr_acc), float(out_acc), torch.from_numpy(d).float(), sigma))
+            tr_acc, out_acc, loss, d, sigma = _probe_head(*xy(l, h, train), *xy(l, h, held), direction, seed)
+            probes.append(HeadProbe(l, h, float(tr_acc), float(out_acc), float(loss), torch.from_numpy(d).float(),
+                                    sigma))
     return ItiProbes(tuple(probes), direction, tuple(train), tuple(held))
 
 
