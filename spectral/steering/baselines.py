@@ -92,7 +92,7 @@ def pca_difference(positive: Float[Tensor, "pair d"], negative: Float[Tensor, "p
     above, below = int((proj > 0).sum()), int((proj < 0).sum())
     if below > above or (below == above and proj.mean() < 0):
         direction = -direction
-    return torch.from_numpy(direction).to(positive.dtype)
+    return torch.from_numpy(direction).to(positive.device, positive.dtype)
 
 
 def mean_difference_vectors(adapter, tokenizer, concept: Concept, layers, device=None,
@@ -225,7 +225,8 @@ class ItiProbes:
     def rows(self) -> list[dict]:
         """One row per probed head (for a table)."""
         return [{"layer": p.layer, "head": p.head, "train_accuracy": p.train_accuracy,
-                 "heldout_accuracy": p.heldout_accuracy, "heldout_log_loss": p.heldout_log_loss, "sigma": p.sigma} for p in self.probes]
+                 "heldout_accuracy": p.heldout_accuracy, "heldout_log_loss": p.heldout_log_loss, "sigma": p.sigma}
+                for p in self.probes]
 
 
 @torch.no_grad()
