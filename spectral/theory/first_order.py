@@ -1,0 +1,236 @@
+"""First-order (linearised) predictions of a steering injection, computed on the real model.
+
+An injection adds ``alpha * v`` to the residual stream entering block ``layer`` (the steering
+``Injection``). To first order in ``alpha`` every quantity downstream moves along the tangent
+``d/dalpha`` at ``alpha = 0``: ``linearize`` computes that tangent for the next-token logits of
+each prompt (``t = J v``, J the layer-to-logit Jacobian) and for the final query's attention
+logits and probabilities of chosen layers, in one forward-mode pass (``torch.autograd.forward_ad``:
+one forward pass carrying a tangent, no backward), batched over prompts. From it
+(docs/THEORY.md for the derivations and their assumptions):
+
+- the effect slope: d(set score)/d alpha = g . t, with g the gradient of the concept's set score
+  (``spectral.steering.measure.set_score``) with respect to the logits;
+- the first-order KL: KL(alpha) = 0.5 alpha^2 t^T F t, F = diag(p) - p p^T (so t^T F t = Var_p(t)),
+  and the coefficient reaching a KL budget, alpha* = sqrt(2 KL / mean t^T F t);
+- the Fisher-metric bound: |g . t| <= sqrt(t^T F t) sqrt(g^T F^+ g), so
+  |delta score| <= sqrt(2 KL) sqrt(g^T F^+ g) on the same prompt, where g^T F^+ g = sum g^2 / p
+  (g sums to 0, so it lies in the range of F).
+
+Forward-mode AD needs attention that supports it: ``linearize`` switches the model to eager
+attention for the call (``eager_attention``) and restores the previous implementation after.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.autograd.forward_ad as fwAD
+from jaxtyping import Float
+from torch import Tensor
+
+from spectral.errors import UsageError
+from spectral.models.adapter import HeadAdapter
+from spectral.steering.concepts import Concept, single_token_ids
+from spectral.steering.injection import Injection, Positions
+from spectral.steering.vectors import Batch
+
+
+@contextmanager
+def eager_attention(model) -> Iterator[None]:
+    """The model's attention switched to the eager implementation (which forward-mode AD can
+    differentiate; fused SDPA kernels cannot) for one block of code, then restored."""
+    before = getattr(model.config, "_attn_implementation", None)
+    if before in (None, "eager"):
+        yield
+        return
+    model.set_attn_implementation("eager")
+    if model.config._attn_implementation != "eager":
+        raise RuntimeError(f"cannot switch this {type(model).__name__} to eager attention for forward-mode AD")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
+@dataclass
+class Linearization:
+    """Values at ``alpha = 0`` and their tangents d/d alpha, at each prompt's last real token."""
+
+    logprobs: Float[Tensor, "n vocab"]
+    """Unsteered next-token log-probabilities (float64)."""
+    tangent: Float[Tensor, "n vocab"]
+    """d logits / d alpha: ``J v`` per prompt (float64). Log-probs move by it minus its p-mean."""
+    attention_layers: tuple[int, ...]
+    """The layers whose final-query attention was recorded (in this order below)."""
+    probs: Float[Tensor, "n layer head pos"]
+    """Unsteered attention probabilities of the final query (0 on masked keys)."""
+    score_tangent: Float[Tensor, "n layer head pos"]
+    """d (attention logits q.k * scaling) / d alpha at the final query (0 on masked keys)."""
+    prob_tangent: Float[Tensor, "n layer head pos"]
+    """d (attention probabilities) / d alpha at the final query."""
+    resid_norm: Float[Tensor, "n"]
+    """Norm of the unsteered residual entering the injected layer at each prompt's last real
+    token: ``alpha ||v|| / resid_norm`` says how far from alpha = 0 a coefficient reaches."""
+
+
+def linearize(adapter: HeadAdapter, batch: Batch, layer: int, vector: Float[Tensor, "d_model"],
+              positions: Positions = "all", attention_layers: Sequence[int] = ()) -> Linearization:
+    """One forward-mode pass: the tangent of the next-token logits (and of the final query's
+    attention in ``attention_layers``) for ``alpha * vector`` added to the residual entering
+    ``layer`` at ``positions`` (as ``Injection`` adds it), at ``alpha = 0``."""
+    adapter.require_causal_lm("the first-order steering prediction")
+    adapter.check_layers([layer])
+    attention_layers = tuple(adapter.check_layers(attention_layers)) if attention_layers else ()
+    if vector.shape != (adapter.d_model,):
+        raise UsageError(f"steering vector has shape {tuple(vector.shape)}, expected ({adapter.d_model},)")
+    rows = torch.arange(batch.ids.shape[0], device=batch.ids.device)
+    last = batch.last.to(batch.ids.device)
+    seen: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
+
+    def keep(l: int, site: str, t: Tensor) -> None:
+        primal, tangent = fwAD.unpack_dual(t)
+        if site == "resid_pre":
+            if l == layer:  # seen before the edit: the unsteered residual
+                seen[(l, site)] = (primal[rows, last].detach().double().norm(dim=-1), None)
+            return
+        if l not in attention_layers:
+            return
+        row = primal[rows, :, last]  # (n, head, k_pos): the final query of each prompt
+        tan = torch.zeros_like(row) if tangent is None else tangent[rows, :, last]
+        seen[(l, site)] = (row.detach().double(), tan.detach().double())
+
+    with torch.no_grad(), eager_attention(adapter.model), fwAD.dual_level():
+        weight = adapter.model.get_input_embeddings().weight
+        v = vector.detach().to(weight.device, weight.dtype)
+        dual = fwAD.make_dual(torch.zeros_like(v), v)
+        injection = Injection({layer: dual}, {layer: 1.0}, positions)
+        sites = ["resid_pre", "scores", "probs"] if attention_layers else ["resid_pre"]
+        with adapter.trace(sites, keep, layers=sorted({layer, *attention_layers}), attention_mask=batch.mask,
+                           edits=injection.edits(batch.last)):
+            out = adapter.model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).logits
+        logits, tangent = fwAD.unpack_dual(out)
+        logits, tangent = logits[rows, last].double(), tangent[rows, last].double()
+    probs, score_t, prob_t = ([torch.stack([seen[(l, site)][i] for l in attention_layers], 1)
+                               for site, i in (("probs", 0), ("scores", 1), ("probs", 1))]
+                              if attention_layers else [torch.zeros(len(rows), 0, adapter.n_heads, 0)] * 3)
+    return Linearization(torch.log_softmax(logits, -1), tangent, attention_layers, probs, score_t, prob_t,
+                         seen[(layer, "resid_pre")][0])
+
+
+# ---------------------------------------------------------------- the output distribution
+def fisher_quadratic(logprobs: Float[Tensor, "n vocab"], tangent: Float[Tensor, "n vocab"]) -> Float[Tensor, "n"]:
+    """Per prompt ``t^T F t`` with F = diag(p) - p p^T: the variance of t under p (twice the
+    first-order KL per unit alpha^2)."""
+    p = logprobs.exp()
+    mean = (p * tangent).sum(-1, keepdim=True)
+    return (p * (tangent - mean) ** 2).sum(-1)
+
+
+def score_gradient(logprobs: Float[Tensor, "n vocab"], target: Sequence[int], opposite: Sequence[int]) -> Float[Tensor, "n vocab"]:
+    """Per prompt the gradient of ``set_score`` (log P(target set) - log P(opposite set)) with
+    respect to the logits: p restricted to the target set and renormalised, minus the same for
+    the opposite set (the log-normaliser cancels, so each row sums to 0)."""
+    g = torch.zeros_like(logprobs)
+    for words, sign in ((list(target), 1.0), (list(opposite), -1.0)):
+        idx = torch.tensor(words, device=logprobs.device)
+        g.index_add_(1, idx, sign * torch.softmax(logprobs[:, idx], -1))
+    return g
+
+
+def fisher_dual_norm(logprobs: Float[Tensor, "n vocab"], gradient: Float[Tensor, "n vocab"]) -> Float[Tensor, "n"]:
+    """Per prompt ``sqrt(g^T F^+ g)``. For g summing to 0 (in the range of F, whose null space is
+    the constant vector) g^T F^+ g = sum_w g_w^2 / p_w: y = g / p solves F y = g. For the set
+    score with disjoint sets this is sqrt(1/P(target) + 1/P(opposite))."""
+    if not torch.allclose(gradient.sum(-1), torch.zeros(1, dtype=gradient.dtype, device=gradient.device), atol=1e-9):
+        raise ValueError("the gradient does not sum to 0: it is not in the range of the softmax Fisher")
+    return (gradient ** 2 / logprobs.exp()).sum(-1).sqrt()
+
+
+# ---------------------------------------------------------------- attention heads
+def attention_summary(lin: Linearization) -> tuple[Float[Tensor, "n layer head"], Float[Tensor, "n layer head"]]:
+    """Per prompt, recorded layer and head, per unit alpha: the attention-weighted spread of the
+    logit change, sqrt(Var_a(delta l)) (a common shift of all logits changes nothing, so only the
+    spread counts; 0.5 x its square is the first-order KL of the attention row), and the total
+    variation of the probability change, 0.5 ||delta a||_1."""
+    a, dl = lin.probs, lin.score_tangent
+    mean = (a * dl).sum(-1, keepdim=True)
+    spread = (a * (dl - mean) ** 2).sum(-1).sqrt()
+    return spread, 0.5 * lin.prob_tangent.abs().sum(-1)
+
+
+# ---------------------------------------------------------------- one layer's prediction
+@dataclass
+class FirstOrder:
+    """The first-order prediction for one layer's vector on one concept (per unit alpha)."""
+
+    layer: int
+    slope: np.ndarray
+    """Per evaluation prompt: d(set score)/d alpha (the predicted effect is alpha x slope)."""
+    fisher_prompts: np.ndarray
+    """Per evaluation prompt: t^T F t (its own first-order KL is 0.5 alpha^2 x this)."""
+    fisher_neutral: np.ndarray
+    """Per neutral prompt: t^T F t (the budget is matched on their mean KL)."""
+    dual_norm: np.ndarray
+    """Per evaluation prompt: sqrt(g^T F^+ g), the bound's constant."""
+    attention_layers: tuple[int, ...]
+    logit_spread: np.ndarray
+    """(evaluation prompt, recorded layer, head): sqrt(Var_a(delta attention logits)) per unit alpha."""
+    prob_change: np.ndarray
+    """(evaluation prompt, recorded layer, head): 0.5 ||delta attention probs||_1 per unit alpha."""
+    relative_norm: float
+    """||v|| / the mean residual norm at the injection (last tokens of all prompts): a coefficient
+    alpha moves the residual by alpha x this, relatively; the first-order terms hold only while
+    that is small (docs/THEORY.md gives the measured range)."""
+
+    def predicted_kl(self, alpha: float) -> float:
+        """Mean KL on the neutral prompts at coefficient ``alpha``, to first order."""
+        return 0.5 * alpha ** 2 * float(self.fisher_neutral.mean())
+
+    def alpha_star(self, kl: float) -> float:
+        """The coefficient whose first-order neutral KL equals ``kl``: sqrt(2 KL / mean t^T F t)."""
+        if not kl > 0:
+            raise UsageError(f"the KL budget must be positive, got {kl}")
+        curvature = float(self.fisher_neutral.mean())
+        if not curvature > 0:
+            raise ValueError(f"layer {self.layer}: the vector does not move the neutral prompts' output (t^T F t = 0)")
+        return float(np.sqrt(2.0 * kl / curvature))
+
+    def predicted_effect(self, alpha: float) -> float:
+        """Mean change of the set score at ``alpha``, to first order."""
+        return alpha * float(self.slope.mean())
+
+    def effect_at_budget(self, kl: float) -> float:
+        """The predicted mean effect at the coefficient matching the neutral KL budget."""
+        return self.predicted_effect(self.alpha_star(kl))
+
+    def bound(self, kl_per_prompt: np.ndarray) -> np.ndarray:
+        """Per evaluation prompt: the first-order bound sqrt(2 KL_i) sqrt(g_i^T F_i^+ g_i) on
+        |delta score_i|, given that prompt's own KL."""
+        return np.sqrt(2.0 * np.asarray(kl_per_prompt)) * self.dual_norm
+
+
+def first_order(adapter: HeadAdapter, tokenizer, concept: Concept, layer: int, vector: Float[Tensor, "d_model"],
+                positions: Positions = "all", attention_layers: Sequence[int] | None = None,
+                source: str = "concept") -> FirstOrder:
+    """The first-order prediction of ``vector`` at ``layer`` on ``concept``: one forward-mode
+    pass over the evaluation and neutral prompts together. ``attention_layers`` (default: the
+    injected layer) are the layers whose heads' final-query attention change is recorded."""
+    device = adapter.model.get_input_embeddings().weight.device
+    target = single_token_ids(tokenizer, concept.target, "target", source)
+    opposite = single_token_ids(tokenizer, concept.opposite, "opposite", source)
+    texts = list(concept.prompts) + list(concept.neutral)
+    batch = Batch.of(tokenizer, texts, device, f"{source}: prompts and neutral")
+    lin = linearize(adapter, batch, layer, vector, positions, [layer] if attention_layers is None else attention_layers)
+    n = len(concept.prompts)
+    fisher = fisher_quadratic(lin.logprobs, lin.tangent)
+    lp, t = lin.logprobs[:n], lin.tangent[:n]
+    g = score_gradient(lp, target, opposite)
+    spread, change = attention_summary(lin)
+    return FirstOrder(layer, (g * t).sum(-1).cpu().numpy(), fisher[:n].cpu().numpy(), fisher[n:].cpu().numpy(),
+                      fisher_dual_norm(lp, g).cpu().numpy(), lin.attention_layers,
+                      spread[:n].cpu().numpy(), change[:n].cpu().numpy(),
+                      float(vector.double().norm().cpu() / lin.resid_norm.mean().cpu()))
