@@ -64,8 +64,9 @@ class Measured:
     """The real model's response to ``alpha * vector`` at ``layer``, one forward pass per alpha
     over the evaluation and neutral prompts together (float64; the unsteered pass made once)."""
 
-    def __init__(self, adapter, tokenizer, concept, layer, vector):
+    def __init__(self, adapter, tokenizer, concept, layer, vector, positions="all"):
         self.adapter, self.layer, self.vector, self.n = adapter, layer, vector, len(concept.prompts)
+        self.positions = positions
         self.target = single_token_ids(tokenizer, concept.target, "target", "t")
         self.opposite = single_token_ids(tokenizer, concept.opposite, "opposite", "t")
         self.batch = Batch.of(tokenizer, concept.prompts + concept.neutral)
@@ -73,7 +74,8 @@ class Measured:
 
     def __call__(self, alpha):
         """Per evaluation prompt: score change and own KL; per neutral prompt: KL."""
-        steered = logprobs64(self.adapter, self.batch, Injection({self.layer: self.vector}, {self.layer: alpha}))
+        injection = Injection({self.layer: self.vector}, {self.layer: alpha}, self.positions)
+        steered = logprobs64(self.adapter, self.batch, injection)
         n = self.n
         effect = set_score(steered[:n], self.target, self.opposite) - set_score(self.base[:n], self.target, self.opposite)
         kl = kl_per_prompt(self.base, steered).numpy()
@@ -156,6 +158,20 @@ def test_first_order_matches_finite_differences_on_the_organism(organism64):
                                "prompts": list(concept.prompts[:8]), "target": list(concept.target),
                                "opposite": list(concept.opposite), "neutral": list(concept.neutral[:8])})
     check_model(organism64, small, range(HeadAdapter(organism64.model).n_layers))
+
+
+@pytest.mark.parametrize("positions", ["last", 2])
+def test_injection_at_one_position(positions):
+    """The tangent follows the injection's positions: the last token only, or one index."""
+    loaded = load_model(TINY["gpt_neox"], dtype=torch.float64)
+    adapter = HeadAdapter(loaded.model)
+    vector = scaled_vectors(adapter, loaded.tokenizer, CONCEPT, [1])[1]
+    pred = first_order(adapter, loaded.tokenizer, CONCEPT, 1, vector, positions=positions)
+    measured = Measured(adapter, loaded.tokenizer, CONCEPT, 1, vector, positions)
+    fd = (measured(STEP)[0] - measured(-STEP)[0]) / (2 * STEP)
+    np.testing.assert_allclose(pred.slope, fd, rtol=0.05, atol=0.05 * np.abs(fd).max())
+    everywhere = first_order(adapter, loaded.tokenizer, CONCEPT, 1, vector)
+    assert np.abs(pred.slope - everywhere.slope).max() > 1e-3  # the positions matter
 
 
 def test_closed_forms_equal_plain_computations():
