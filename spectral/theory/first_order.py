@@ -130,7 +130,8 @@ def fisher_quadratic(logprobs: Float[Tensor, "n vocab"], tangent: Float[Tensor, 
     return (p * (tangent - mean) ** 2).sum(-1)
 
 
-def score_gradient(logprobs: Float[Tensor, "n vocab"], target: Sequence[int], opposite: Sequence[int]) -> Float[Tensor, "n vocab"]:
+def score_gradient(logprobs: Float[Tensor, "n vocab"], target: Sequence[int],
+                   opposite: Sequence[int]) -> Float[Tensor, "n vocab"]:
     """Per prompt the gradient of ``set_score`` (log P(target set) - log P(opposite set)) with
     respect to the logits: p restricted to the target set and renormalised, minus the same for
     the opposite set (the log-normaliser cancels, so each row sums to 0)."""
