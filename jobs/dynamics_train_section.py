@@ -111,7 +111,7 @@ def lags_plot(section: TrainingDynamicsSection, path: Path) -> Path:
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xticks(ticks, labels, fontsize=7)
     ax.set_ylabel("change-point difference (decades)")
-    ax.set_title(f"Per seed (dots): gap - ICL, {LOSS} - ICL, gap - {LOSS}; mean and 95 % CI over seeds", fontsize=9)
+    ax.set_title(f"Per seed (dots): gap - ICL, {LOSS} - ICL, gap - {LOSS};\nmean and 95 % CI over seeds (squares)", fontsize=9)
     fig.tight_layout()
     return save(fig, path)
 
