@@ -67,7 +67,10 @@ def test_thresholds_calibrate_near_the_constructed_gap_and_077_fails(four):
         assert row["n_seeds"] == 3 and row["seeds"] == "0, 1, 2"
         assert row["correction"].startswith("Holm over 4 population(s)")
     counts = {v: sum(r["verdict"] == v for r in _verdicts(out)) for v in ("PASS", "FAIL", "INCONCLUSIVE")}
-    assert lines[0] == (f"wrote {out / 'report.html'} (4 populations of 12 models; verdicts: {counts['PASS']} PASS, "
+    facts = json.loads((out / "summary.json").read_text())["verdicts"]  # every section's (here: the core's only)
+    assert counts == {v: sum(x == v for x in facts.values()) for v in counts}
+    assert lines[0] == (f"wrote {out / 'report.html'} (4 populations of 12 models; verdicts of every section: "
+                        f"{counts['PASS']} PASS, "
                         f"{counts['FAIL']} FAIL, {counts['INCONCLUSIVE']} INCONCLUSIVE)")
     assert lines[1:] == [f"not logged to MLflow: {run_dir} has no tracked parent run "
                          f"(run `eigengap track {run_dir}` first)"]  # a synthetic run that no sweep tracked
