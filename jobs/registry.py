@@ -29,6 +29,7 @@ KINDS: dict[str, str] = {
     "dynamics_steer": "jobs.dynamics_steer",
     "dynamics_generate": "jobs.dynamics_generate",
     "dynamics_train": "jobs.dynamics_train",
+    "predict": "jobs.predict",
 }
 """Experiment kind -> the module whose ``EXPERIMENT`` record defines it (one line per kind)."""
 

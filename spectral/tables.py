@@ -545,6 +545,21 @@ DYNAMICS_STEER_VERDICTS = _schema(
 KL budget: one model's reading (the job) or per population over seeds (the report)
 (``analysis.adaptive_steering.VERDICT_COLUMNS``)."""
 
+PREDICT = _schema(
+    ("layer", I64), *_doubles("vector_norm", "relative_norm", "slope", "alpha_star", "first_order_effect",
+                              "line_search_alpha"), ("line_search_kl_evaluations", I64),
+    *_doubles("line_search_effect", "measured_scale", "alpha_ratio", "measured_effect", "measured_kl", "bound",
+              "within_bound"), ("bound_holds", BOOL), ("violations", pa.list_(I64)))
+"""predict.parquet: per layer the first-order predictions (slope per unit alpha, alpha* and the effect at
+the KL budget), the first-order + line-search predictor, the effect measured at the matched budget, the
+mean Fisher-metric bound, the fraction of prompts within it and the prompts that break it (``jobs.predict``)."""
+
+PREDICT_VERDICTS = _schema(
+    ("key", STR), ("predictor", STR), ("statistic", STR), *_doubles("value", "low", "high"), ("verdict", STR),
+    ("n_layers", I64), ("n_prompts", I64), ("threshold", F64), ("interval", STR), ("note", STR))
+"""predict_verdicts.parquet: correlations across layers of each predictor with the measured effect,
+calibration slopes, and the one-model reading of ``theory_predicts_steering`` (``jobs.predict``)."""
+
 ALL: dict[str, pa.Schema] = {
     "scan": SCAN, "steer_scan": STEER_SCAN, "patch": PATCH, "patch_examples": PATCH_EXAMPLES,
     "validate_heads": VALIDATE_HEADS, "validate": VALIDATE, "steer_strategies": STEER_STRATEGIES,
@@ -566,6 +581,7 @@ ALL: dict[str, pa.Schema] = {
     "trajectories": TRAJECTORIES,
     "dynamics_steer_steps": DYNAMICS_STEER_STEPS, "dynamics_steer_arms": DYNAMICS_STEER_ARMS,
     "dynamics_steer_verdicts": DYNAMICS_STEER_VERDICTS,
+    "predict": PREDICT, "predict_verdicts": PREDICT_VERDICTS,
 }
 """Every schema by name (for tests and documentation)."""
 
