@@ -11,7 +11,8 @@ concept and evaluator are the steer job's.
 The verdict ``theory_predicts_steering`` (success metric 4) is one model's descriptive reading:
 the Spearman correlation across layers of the first-order predicted effect with the measured
 effect, its 95 % interval a bootstrap over evaluation prompts (layers fixed; the per-layer values
-recomputed on each resample). PASS when the interval lies above 0.7, FAIL when below, else
+recomputed on each resample; a Fisher-z interval over layers, n-3 df, is
+written beside it, descriptive). PASS when the interval lies above 0.7, FAIL when below, else
 INCONCLUSIVE. The first-order predictor has no fitted settings, so nothing is fitted on the
 measured effects ("held-out" holds trivially); the calibration slope is descriptive. Not built
 yet: the population verdict over training seeds and organisms, and the report's section.
@@ -101,6 +102,15 @@ def calibration_slope(predicted, measured) -> float:
 
     p, m = np.asarray(predicted, float), np.asarray(measured, float)
     return float(np.polyfit(p, m, 1)[0]) if len(p) >= 2 and np.ptp(p) > 0 else math.nan
+
+
+def fisher_z(r: float, n: int) -> tuple[float, float]:
+    """95 % interval of a correlation over ``n`` layers by Fisher's z with standard error
+    1/sqrt(n-3) (NaN below 4 layers or at |r| = 1)."""
+    if n < 4 or not math.isfinite(r) or abs(r) >= 1:
+        return math.nan, math.nan
+    z, half = math.atanh(r), 1.959964 / math.sqrt(n - 3)
+    return math.tanh(z - half), math.tanh(z + half)
 
 
 def verdict(low: float, high: float, n_layers: int) -> str:
@@ -201,6 +211,12 @@ def run(config: PredictConfig, *, echo=print):
                           "note": ("one model's descriptive reading; the population verdict over seeds is not built yet"
                                    + ("; fewer than 3 layers: a correlation is +-1 by construction" if n_layers < 3 else ""))
                           if primary else "descriptive"})
+        low, high = fisher_z(spearman, n_layers)
+        stats.append({"key": f"correlation/{name}/spearman_fisher_z", "predictor": name, "statistic": "spearman",
+                      "value": spearman, "low": low, "high": high, "verdict": "", "n_layers": n_layers,
+                      "n_prompts": n_prompts, "threshold": THRESHOLD,
+                      "interval": "Fisher z, n-3 df (layers as the sample; 95 %)",
+                      "note": "descriptive; wider than the prompt bootstrap, which holds the layers fixed"})
         stats.append({"key": f"calibration_slope/{name}", "predictor": name, "statistic": "calibration_slope",
                       "value": calibration_slope(predict(everything), measured_of(everything)), "low": math.nan,
                       "high": math.nan, "verdict": "", "n_layers": n_layers, "n_prompts": n_prompts,
@@ -239,6 +255,10 @@ def _summary(config, model, budget, rows, stats, timing) -> str:
         pe = by[f"correlation/{name}/pearson"]
         lines.append(f"| {name} | {sp['value']:.3f} [{sp['low']:.3f}, {sp['high']:.3f}] | "
                      f"{pe['value']:.3f} [{pe['low']:.3f}, {pe['high']:.3f}] | {by[f'calibration_slope/{name}']['value']:.3g} |")
+    fz = by["correlation/first_order/spearman_fisher_z"]
+    lines += ["", f"The same Spearman with a Fisher-z interval over layers (n-3 df), which counts the few layers as the "
+              f"sample the prompt bootstrap holds fixed: [{fz['low']:.3f}, {fz['high']:.3f}] (NaN below 4 layers); the "
+              f"verdict below reads the prompt bootstrap, as the issue allows, and says nothing about other layers or models."]
     lines += ["", f"**theory_predicts_steering (success metric 4), one model: {v['verdict']}**: Spearman of the first-order "
               f"effect at the budget with the measured effect across layers {v['value']:.3f} [{v['low']:.3f}, {v['high']:.3f}] "
               f"({v['interval']}; PASS when the interval is above {THRESHOLD}, FAIL when below). The first-order predictor "
