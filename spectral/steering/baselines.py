@@ -44,7 +44,7 @@ from spectral.errors import UsageError
 from spectral.models.adapter import HeadAdapter
 from spectral.steering.concepts import Concept
 from spectral.steering.injection import Positions
-from spectral.steering.vectors import Batch, ReadAt, actadd, read_residuals
+from spectral.steering.vectors import Batch, ReadAt, actadd, read_residuals, read_site
 
 
 # ------------------------------------------------------------------ per-layer vectors
@@ -229,30 +229,11 @@ class ItiProbes:
                 for p in self.probes]
 
 
-@torch.no_grad()
 def read_head_outputs(adapter: HeadAdapter, batch: Batch, layers: Sequence[int],
                       at: ReadAt = "last") -> dict[int, Float[Tensor, "n head d_head"]]:
     """Each head's output ``z`` (before the output projection) per layer, one row per prompt, at
     ``at`` (last real token, mean over real tokens, or a token index)."""
-    out: dict[int, Tensor] = {}
-    rows = torch.arange(batch.ids.shape[0], device=batch.ids.device)
-    if isinstance(at, int) and not 0 <= at <= int(batch.last.min()):
-        raise UsageError(f"position {at} is past the end of the shortest contrast prompt "
-                         f"({int(batch.last.min()) + 1} tokens)")
-
-    def keep(layer, site, z):  # z: (batch, pos, head, d_head)
-        if at == "last":
-            value = z[rows, batch.last.to(z.device)]
-        elif at == "mean":
-            m = batch.mask.to(z.device, z.dtype)[:, :, None, None]
-            value = (z * m).sum(1) / m.sum(1)
-        else:
-            value = z[:, at]
-        out[layer] = value.detach().float().clone()
-
-    with adapter.trace(["result"], keep, layers=layers):
-        adapter.model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)
-    return out
+    return read_site(adapter, batch, layers, "result", at)
 
 
 def split_pairs(n_pairs: int, heldout_fraction: float = 0.2, seed: int = 0) -> tuple[list[int], list[int]]:

@@ -51,8 +51,10 @@ tokens, or a token index (0-based; every prompt must be that long)."""
 
 
 @torch.no_grad()
-def read_residuals(adapter: HeadAdapter, batch: Batch, layers: Sequence[int], at: ReadAt = "last") -> dict[int, Tensor]:
-    """Residual stream entering each of ``layers``, one (n, d_model) row per prompt, at ``at``."""
+def read_site(adapter: HeadAdapter, batch: Batch, layers: Sequence[int], site: str, at: ReadAt = "last"
+              ) -> dict[int, Tensor]:
+    """The adapter's ``site`` (shaped (batch, pos, ...)) in each of ``layers``, one row per prompt
+    at ``at``: its last real token, the mean over its real tokens, or a token index. One forward pass."""
     out: dict[int, Tensor] = {}
     rows = torch.arange(batch.ids.shape[0], device=batch.ids.device)
     if isinstance(at, int) and not 0 <= at <= int(batch.last.min()):
@@ -61,17 +63,22 @@ def read_residuals(adapter: HeadAdapter, batch: Batch, layers: Sequence[int], at
 
     def keep(layer, site, t):
         if at == "last":
-            value = t[rows, batch.last]
+            value = t[rows.to(t.device), batch.last.to(t.device)]
         elif at == "mean":
-            m = batch.mask.to(t.device, t.dtype)[..., None]
+            m = batch.mask.to(t.device, t.dtype).reshape(*batch.mask.shape, *[1] * (t.dim() - 2))
             value = (t * m).sum(1) / m.sum(1)
         else:
             value = t[:, at]
         out[layer] = value.detach().float().clone()
 
-    with adapter.trace(["resid_pre"], keep, layers=layers):
+    with adapter.trace([site], keep, layers=layers):
         adapter.model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)
     return out
+
+
+def read_residuals(adapter: HeadAdapter, batch: Batch, layers: Sequence[int], at: ReadAt = "last") -> dict[int, Tensor]:
+    """Residual stream entering each of ``layers``, one (n, d_model) row per prompt, at ``at``."""
+    return read_site(adapter, batch, layers, "resid_pre", at)
 
 
 def steering_vectors(adapter: HeadAdapter, tokenizer, pairs: Sequence[tuple[str, str]], layers: Sequence[int],
