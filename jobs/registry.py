@@ -30,6 +30,7 @@ KINDS: dict[str, str] = {
     "dynamics_generate": "jobs.dynamics_generate",
     "dynamics_train": "jobs.dynamics_train",
     "predict": "jobs.predict",
+    "autosteer": "jobs.autosteer",
 }
 """Experiment kind -> the module whose ``EXPERIMENT`` record defines it (one line per kind)."""
 

@@ -560,6 +560,41 @@ PREDICT_VERDICTS = _schema(
 """predict_verdicts.parquet: correlations across layers of each predictor with the measured effect,
 calibration slopes, and the one-model reading of ``theory_predicts_steering`` (``jobs.predict``)."""
 
+AUTOSTEER_STRATEGIES = _schema(
+    ("model", STR), ("concept", STR), ("strategy", STR), ("family", STR), ("automated", BOOL), ("system", BOOL),
+    ("layers", STR), ("description", STR), ("vector", STR),
+    *_doubles("budget", "scale", "kl", "kl_relative_error", "effect", "effect_low", "effect_high", "p_value",
+              "vs_oracle", "vs_oracle_low", "vs_oracle_high", "ratio_to_oracle"),
+    ("beats_oracle_beyond_interval", BOOL),
+    *_doubles("loss_increase", "loss_low", "loss_high", "steerability", "steerability_low", "steerability_high",
+              "anti_steerable"),
+    *((n, I64) for n in ("n_heldout", "n_selection", "n_draws")), *_doubles("choice_seconds", "measure_seconds"),
+    ("scheme", STR))
+"""strategies.parquet of ``eigengap autosteer``: per strategy its layers and weights (JSON: layer -> relative
+weight; '' for ITI's heads), the matched scale and neutral KL, the held-out effect with its paired interval, the
+difference from and ratio to the oracle (the ratio only where the oracle's interval is above 0), the held-out
+loss increase, the steerability slope over the multipliers and the anti-steerable fraction, and what choosing
+and measuring cost (``analysis.autosteer.STRATEGY_COLUMNS``)."""
+
+AUTOSTEER_LAYERS = _schema(
+    ("layer", I64), *_doubles("scale", "kl", "selection_effect", "heldout_effect", "probe_effect", "probe_scale",
+                              "predicted_effect", "min_gap", "mean_gap"), ("candidate", BOOL), ("dropped", STR))
+"""layers.parquet of ``eigengap autosteer``: per layer the oracle grid (the vector matched to the budget: scale,
+KL, mean effect on the selection and on the held-out prompts), the probe's effect and scale, the first-order
+predicted effect at the budget on the selection prompts, and the held-out scan's min / mean gap (NaN where a
+strategy did not run or the layer was filtered out: ``candidate`` False; ``dropped``: why a candidate layer was left
+out, a zero vector or a budget out of reach)."""
+
+AUTOSTEER_ITI = _schema(("layer", I64), ("head", I64),
+                        *_doubles("train_accuracy", "heldout_accuracy", "heldout_log_loss", "sigma"))
+"""iti_heads.parquet of ``eigengap autosteer``: every probed head's ITI probe (accuracy on the training and the
+held-out contrast pairs, held-out log loss, and sigma, the spread of its outputs along the shift direction)."""
+
+AUTOSTEER_VERDICTS = DYNAMICS_STEER_VERDICTS
+"""autosteer_verdicts.parquet: does the automated choice reach 90 % of the oracle's effect (success metric 5):
+one model's reading (the job) or per population over seeds and overall (the report)
+(``analysis.autosteer.VERDICT_COLUMNS``, the same columns as ``DYNAMICS_STEER_VERDICTS``)."""
+
 ALL: dict[str, pa.Schema] = {
     "scan": SCAN, "steer_scan": STEER_SCAN, "patch": PATCH, "patch_examples": PATCH_EXAMPLES,
     "validate_heads": VALIDATE_HEADS, "validate": VALIDATE, "steer_strategies": STEER_STRATEGIES,
@@ -582,6 +617,8 @@ ALL: dict[str, pa.Schema] = {
     "dynamics_steer_steps": DYNAMICS_STEER_STEPS, "dynamics_steer_arms": DYNAMICS_STEER_ARMS,
     "dynamics_steer_verdicts": DYNAMICS_STEER_VERDICTS,
     "predict": PREDICT, "predict_verdicts": PREDICT_VERDICTS,
+    "autosteer_strategies": AUTOSTEER_STRATEGIES, "autosteer_layers": AUTOSTEER_LAYERS,
+    "autosteer_verdicts": AUTOSTEER_VERDICTS, "autosteer_iti": AUTOSTEER_ITI,
 }
 """Every schema by name (for tests and documentation)."""
 

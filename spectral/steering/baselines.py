@@ -24,9 +24,8 @@ the steer machinery takes, so each can be matched to a KL budget
 Per-layer vectors are ``{layer: (d_model,)}`` dicts like ``caa``'s, for ``Injection``. The
 head-level intervention is a ``HeadInjection``: ``edits(last)`` as ``Injection``'s (so
 ``next_token_logprobs`` and ``Evaluator.kl``/``measure(with_loss=False)`` take it) and
-``scaled(alpha)`` for ``match_budget``. ``measure.heldout_loss`` rebuilds an ``Injection`` from
-``vectors``/``coefficients`` and so does not take it: a HeadInjection has neither attribute (an
-AttributeError, not a wrong result); use ``with_positions("all")`` there.
+``scaled(alpha)`` for ``match_budget``; ``measure.heldout_loss`` takes it too (through
+``with_positions("all")``).
 """
 
 from __future__ import annotations

@@ -158,6 +158,78 @@ def organism_sentiment(tasks: dict, n: int = 32, seed: int = 0, scan_seed: int =
                    tuple(" " + w for w in tasks["negative_words"]), tuple(neutral), tuple(heldout), tuple(scan))
 
 
+FEMALE_NAMES = ("Mary", "Alice", "Sarah", "Emma", "Lucy", "Anna", "Kate", "Rose")
+MALE_NAMES = ("John", "Bob", "David", "James", "Peter", "Tom", "Paul", "Mark")
+"""The organisms' names split in two sets for the ``names`` concept (the organisms were never told
+which is which: the sets are an arbitrary, fixed partition of ``spectral.organisms.language.NAMES``)."""
+
+
+def organism_names(tasks: dict, n: int = 32, seed: int = 0, scan_seed: int = 0) -> Concept:
+    """The organisms' second built-in concept, a name preference: which set of names the model
+    says next. IOI is the language's task whose answer is a name, so the concept lives in it.
+
+    - target / opposite: the ``FEMALE_NAMES`` / ``MALE_NAMES`` (each a single token);
+    - contrast pairs: the same IOI context (template, place, object) with both names from the
+      target set vs both from the opposite set ("When Mary and Alice went to the store, Alice gave a
+      ball to" / "When John and Bob ..."), so the difference reads "the answer is a target name";
+    - evaluation prompts: IOI contexts with one name from each set, the indirect object (the
+      answer) from the target set in half of them and from the opposite set in the other half,
+      alternating (so the unsteered score is positive on half and negative on half, as the
+      sentiment concept's prompts are);
+    - neutral prompts (the KL budget): sentiment contexts and filler, never a context whose next
+      word is a name (there the side effect would be the effect itself);
+    - held-out text and ``n`` scan prompts (a second sample of the evaluation prompts'
+      distribution drawn with ``scan_seed``, disjoint from them), as the sentiment concept's.
+
+    Every name of ``tasks['names']`` must be in one of the sets (UsageError otherwise)."""
+    from spectral.organisms.language import FILLER_NOUNS, corpus, sentiment_context
+
+    names = set(tasks["names"])
+    female = [x for x in FEMALE_NAMES if x in names]
+    male = [x for x in MALE_NAMES if x in names]
+    if len(female) < 2 or len(male) < 2 or names - set(female) - set(male):
+        raise UsageError("--concept names: the organism's names are not the language's 16 (tasks.json): "
+                         "the built-in names concept does not apply (pass a concept file)")
+    templates = tasks["ioi_templates"]
+    rng = random.Random(f"eigengap-names:{seed}")
+
+    def context(r: random.Random, a: str, b: str) -> str:  # a: the indirect object (the answer), b: the subject
+        return r.choice(templates).format(A=a, B=b, place=r.choice(tasks["places"]), object=r.choice(tasks["objects"]))
+
+    def mixed(r: random.Random, answer_in_target: bool) -> str:
+        a, b = r.choice(female), r.choice(male)
+        return context(r, a, b) if answer_in_target else context(r, b, a)
+
+    pairs = []
+    for _ in range(n):
+        t, place, obj = rng.choice(templates), rng.choice(tasks["places"]), rng.choice(tasks["objects"])
+        (fa, fb), (ma, mb) = rng.sample(female, 2), rng.sample(male, 2)
+        pairs.append((t.format(A=fa, B=fb, place=place, object=obj), t.format(A=ma, B=mb, place=place, object=obj)))
+    prompts: list[str] = []
+    for i in range(100 * n):
+        if len(prompts) == n:
+            break
+        text = mixed(rng, len(prompts) % 2 == 0)
+        if text not in prompts:
+            prompts.append(text)
+    neutral = [sentiment_context(rng, ("positive", "negative")[i % 2], tasks) for i in range(n // 2)]
+    neutral += [f"A {rng.choice(FILLER_NOUNS)} is" for _ in range(n - len(neutral))]
+    heldout = [" ".join(corpus(40000 + i, 4)) for i in range(16)]
+    scan_rng, taken, scan = random.Random(f"eigengap-names-scan:{scan_seed}"), set(prompts), []
+    for i in range(100 * n):
+        if len(scan) == n:
+            break
+        text = mixed(scan_rng, len(scan) % 2 == 0)
+        if text not in taken and text not in scan:
+            scan.append(text)
+    return Concept("names", tuple(pairs), tuple(prompts), tuple(" " + w for w in female),
+                   tuple(" " + w for w in male), tuple(neutral), tuple(heldout), tuple(scan))
+
+
+BUILTIN_ORGANISM_CONCEPTS = {"sentiment": organism_sentiment, "names": organism_names}
+"""The organisms' built-in concepts (``concept_for`` names), each built from the organism's tasks.json."""
+
+
 def english_love_hate(tokenizer) -> Concept:
     """The Love/Hate concept, target/opposite restricted to this tokenizer's single tokens."""
     target = [w for w in ENGLISH_POSITIVE if is_single_token(tokenizer, w)]
@@ -199,17 +271,18 @@ def scan_texts(concept: Concept, scan_set: str = "held-out") -> tuple[list[str],
                    "n_removed_as_evaluation_prompts": len(candidates) - len(texts), "n_evaluation_prompts_in_scan": 0}
 
 
-def concept_for(name_or_path: str, loaded, scan_seed: int = 0) -> Concept:
-    """``sentiment`` (organisms, from tasks.json; its scan prompts drawn with ``scan_seed``),
-    ``love-hate`` (English), or a YAML/JSON file."""
+def concept_for(name_or_path: str, loaded, scan_seed: int = 0, n: int = 32) -> Concept:
+    """``sentiment`` or ``names`` (organisms, from tasks.json, ``n`` evaluation prompts; the scan
+    prompts drawn with ``scan_seed``), ``love-hate`` (English), or a YAML/JSON file."""
     from spectral.models.loading import checkpoint_path
 
-    if name_or_path == "sentiment":
+    if name_or_path in BUILTIN_ORGANISM_CONCEPTS:
         path = checkpoint_path(loaded)
         if path is None or not (path / "tasks.json").is_file():
-            raise UsageError("--concept sentiment needs a model organism (a checkpoint with tasks.json); "
+            raise UsageError(f"--concept {name_or_path} needs a model organism (a checkpoint with tasks.json); "
                              "use love-hate for English models or pass a concept file")
-        return organism_sentiment(json.loads((path / "tasks.json").read_text()), scan_seed=scan_seed)
+        return BUILTIN_ORGANISM_CONCEPTS[name_or_path](json.loads((path / "tasks.json").read_text()), n=n,
+                                                       scan_seed=scan_seed)
     if name_or_path == "love-hate":
         return english_love_hate(loaded.tokenizer)
     return read_concept(name_or_path)

@@ -5,7 +5,7 @@ GPT-2)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -33,6 +33,10 @@ class Injection:
                 raise UsageError(f"coefficient of layer {layer} is not finite ({c})")
             if layer not in self.vectors:
                 raise UsageError(f"no steering vector for layer {layer}")
+
+    def with_positions(self, positions: Positions) -> Injection:
+        """The same vectors and coefficients at other positions (``measure.heldout_loss``: 'all')."""
+        return replace(self, positions=positions)
 
     def edits(self, last: Tensor | None = None) -> dict[tuple[int, str], object]:
         """Adapter edits (scoped to one ``trace``). ``last``: each row's last real position,

@@ -41,8 +41,10 @@ def kl_per_prompt(base: Tensor, steered: Tensor) -> Tensor:
 @torch.no_grad()
 def heldout_loss(adapter: HeadAdapter, batch: Batch, injection: Injection | None = None) -> Tensor:
     """Mean next-token cross-entropy per text (nats), with the injection at every position
-    (whatever the injection's ``positions``: held-out text has no designated last token)."""
-    edits = Injection(injection.vectors, injection.coefficients, "all").edits() if injection is not None else {}
+    (whatever the injection's ``positions``: held-out text has no designated last token). The
+    injection is an ``Injection``, a ``baselines.HeadInjection`` or an ``autosteer.RowScaled`` (any
+    object with ``with_positions`` and ``edits(last)``)."""
+    edits = injection.with_positions("all").edits(batch.last) if injection is not None else {}
     with adapter.trace([], edits=edits):
         logits = adapter.model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).logits.float()
     logp = torch.log_softmax(logits[:, :-1], -1)
