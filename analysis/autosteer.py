@@ -92,7 +92,7 @@ def model_rows(model: str, concept: str, results: Sequence[Mapping], split: Spli
     for r in results:
         name, draws = r["name"], r["draws"]
         eff = cmp.effect(name)
-        vs = cmp.contrast({name: 1.0, "oracle": -1.0}) if oracle is not None else None
+        vs = (cmp.contrast({name: 1.0, "oracle": -1.0}) if name != "oracle" else cmp.contrast({})) if oracle else None
         slope = np.mean([slopes(multipliers, d["multiplier_effects"][:, held]) for d in draws], axis=0)
         st = mean_ci(slope, seed)
         loss = np.mean([d["loss_increase"] for d in draws], axis=0)
@@ -123,7 +123,7 @@ AUTOMATED_NAMES = ("probe", "probe-k", "theory", "spectral", "spectral-1", "adap
 ``tests/test_autosteer.py`` checks they agree)."""
 
 
-def difference(rows: Sequence[Mapping], system: str, seed_effects: Mapping[str, np.ndarray] | None = None) -> float:
+def difference(rows: Sequence[Mapping], system: str) -> float:
     """D = effect(system) - FRACTION x effect(oracle) from a model's strategy rows."""
     by = {r["strategy"]: r for r in rows}
     if system not in by or "oracle" not in by:

@@ -139,6 +139,7 @@ def run(config: AutosteerConfig, *, echo=print):
     from spectral.steering.measure import Evaluator
     from spectral.steering.strategies import layer_gaps
     from spectral.steering.vectors import actadd, caa
+    from spectral.theory.first_order import first_order
 
     start = time.perf_counter()
     spec = parse_spec(config.model)
@@ -188,7 +189,11 @@ def run(config: AutosteerConfig, *, echo=print):
             layer_info[l].update(probe_effect=probe_choice.details["probe_effect"][l],
                                  probe_scale=probe_choice.details["probe_scale"][l])
     if "theory" in wanted:
-        c = A.theory(adapter, tok, concept, vectors, budget, positions, split.selection, config.concept)
+        t0 = time.perf_counter()
+        sub = A.sub_concept(concept, list(split.selection))
+        predicted = {l: float(first_order(adapter, tok, sub, l, vectors[l], positions, source=config.concept)
+                              .effect_at_budget(budget)) for l in vectors}
+        c = A.theory(predicted, vectors, positions, time.perf_counter() - t0)
         choices.append(c)
         for l in vectors:
             layer_info[l]["predicted_effect"] = c.details["predicted_effect"][l]

@@ -50,7 +50,6 @@ anti-steerable prompts (Tan et al. 2024: a prompt whose effect falls as the mult
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -276,21 +275,17 @@ def probe(adapter: HeadAdapter, tokenizer, concept: Concept, vectors, budget: fl
                    details=details))
 
 
-def theory(adapter: HeadAdapter, tokenizer, concept: Concept, vectors, budget: float, positions, selection,
-           source: str) -> Choice:
-    from spectral.theory.first_order import first_order
-
-    t0 = time.perf_counter()
-    sub = sub_concept(concept, list(selection))
-    predicted = {l: float(first_order(adapter, tokenizer, sub, l, vectors[l], positions, source=source)
-                          .effect_at_budget(budget)) for l in sorted(vectors)}
+def theory(predicted: Mapping[int, float], vectors, positions, seconds: float) -> Choice:
+    """The layer with the largest first-order predicted effect at the budget (``predicted``: per
+    layer ``spectral.theory.first_order(...).effect_at_budget`` on the selection prompts, which the
+    caller computes: this package does not import the theory's)."""
     finite = {l: v for l, v in predicted.items() if math.isfinite(v)}
     if not finite:
         raise UsageError("theory: the first-order prediction is undefined at every layer (no KL to first order)")
     best = max(finite, key=lambda l: (finite[l], -l))
     return Choice("theory", "theory", vector_maker(vectors, {best: 1.0}, positions), {best: 1.0},
-                  "the layer with the largest first-order effect at the budget (docs/THEORY.md)",
-                  time.perf_counter() - t0, details={"predicted_effect": predicted})
+                  "the layer with the largest first-order effect at the budget (docs/THEORY.md)", seconds,
+                  details={"predicted_effect": dict(predicted)})
 
 
 def spectral(gaps: Mapping[int, tuple[float, float]], vectors, positions, seconds: float) -> list[Choice]:
