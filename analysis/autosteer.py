@@ -28,13 +28,14 @@ model's reading from the prompt-level interval (the job's verdicts.parquet).
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
-from analysis.population import across_seeds, holm, one_sided_t
+from scipy import stats
+
+from analysis.population import across_seeds, holm, one_sided_t, pooled_mean
 from analysis.stats import CONFIDENCE, N_RESAMPLES, decide_claims
 from analysis.steering import Comparison, Split, mean_ci
 
@@ -185,23 +186,12 @@ def population_rows(runs: Sequence[SeedRun]) -> list[dict]:
                         per_seed="; ".join(f"seed {s.seed}: {v:.3g}" for s, v in members),
                         scheme=f"{len(members)} seeds: mean ± t(k-1) x SD/sqrt(k) of the seeds' D",
                         note="" if k == len(members) else f"{k} of {len(members)} seeds with a value"))
-    usable = [r for r in out if np.isfinite(r["se"]) and np.isfinite(r["df"])]
     if len(cells) > 1:
-        if len(usable) == len(out):
-            value = float(np.mean([r["value"] for r in out]))
-            var = sum(r["se"] ** 2 for r in out) / len(out) ** 2
-            se = math.sqrt(var)
-            denominator = sum((r["se"] ** 2 / len(out) ** 2) ** 2 / r["df"] for r in out)
-            df = var ** 2 / denominator if denominator > 0 else float(sum(r["df"] for r in out))
-            from scipy import stats
-
-            t = float(stats.t.ppf(0.5 + CONFIDENCE / 2, df))
-            p_above, p_below = one_sided_t(value, se, df)
-            low, high = value - t * se, value + t * se
-            note = ""
-        else:
-            value = low = high = se = df = p_above = p_below = NAN
-            note = "a population without an interval: no overall estimate"
+        value, se, df = pooled_mean([r["value"] for r in out], [r["se"] for r in out], [r["df"] for r in out])
+        t = float(stats.t.ppf(0.5 + CONFIDENCE / 2, df)) if np.isfinite(df) else NAN
+        p_above, p_below = one_sided_t(value, se, df)
+        low, high = value - t * se, value + t * se
+        note = "" if np.isfinite(se) else "a population without an interval: no overall estimate"
         out.append(dict(population=OVERALL, n_seeds=sum(r["n_seeds"] for r in out), k=sum(r["k"] for r in out),
                         value=value, low=low, high=high, se=se, df=df, p_above=p_above, p_below=p_below,
                         systems=sorted({s for r in out for s in r["systems"]}),

@@ -584,6 +584,19 @@ def across_seeds(values: Sequence[float], fisher: bool = False, confidence: floa
     return float(back(v.mean())), float(back(v.mean() - half)), float(back(v.mean() + half)), se, float(k - 1), k
 
 
+def pooled_mean(means: Sequence[float], ses: Sequence[float], dfs: Sequence[float]) -> tuple[float, float, float]:
+    """(mean, se, df) of the mean of P populations' means: a fixed-effect summary of these
+    populations, SE sqrt(sum se_p^2) / P with Welch-Satterthwaite degrees of freedom
+    (sum v_p)^2 / sum (v_p^2 / df_p), v_p = se_p^2 / P^2. All NaN when a population has no interval."""
+    m, s, d = (np.asarray(x, dtype=float) for x in (means, ses, dfs))
+    if m.size == 0 or not (np.all(np.isfinite(m)) and np.all(np.isfinite(s)) and np.all(np.isfinite(d))):
+        return NAN, NAN, NAN
+    v = s ** 2 / m.size ** 2
+    var = float(v.sum())
+    denominator = float((v ** 2 / d).sum())
+    return float(m.mean()), math.sqrt(var), (var ** 2 / denominator if denominator > 0 else float(d.sum()))
+
+
 def one_sided_t(mean: float, se: float, df: float) -> tuple[float, float]:
     """(p of "mean > 0", p of "mean < 0") from the t with ``se`` and ``df`` (``across_seeds``);
     NaN without an interval, 0/1 when the seeds agree exactly (se 0)."""
