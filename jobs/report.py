@@ -67,6 +67,7 @@ def run(run_dir: Path, out: Path | None = None, echo=print, *, n_resamples: int 
     figs["dynamics_steer"] = dynamics_steer_section(data, out)
     figs["dynamics_train"] = dynamics_train_section(data, out)
     figs["dynamics_generate"] = dynamics_generate_section(data, out)
+    figs["steering_theory"] = steering_theory_section(data, out)
     for name, (rows, schema) in TABLES.items():
         write_parquet(schemas.from_rows(getattr(result, rows), schema, str(out / name)), out / name, schema)
     facts = summary(data, result)
@@ -96,6 +97,10 @@ def run(run_dir: Path, out: Path | None = None, echo=print, *, n_resamples: int 
         from jobs.dynamics_train_section import verdict_facts as train_facts
 
         facts["verdicts"].update(train_facts(figs["dynamics_train"]))
+    if figs["steering_theory"] is not None:
+        from jobs.autosteer_section import verdict_facts as theory_facts
+
+        facts["verdicts"].update(theory_facts(figs["steering_theory"]))
     write_json(facts, out / "summary.json")
     page = write_text(render(data, result, figs), out / RESULT_FILE)  # last: its presence means the report is complete
     counts = {v: sum(x == v for x in facts["verdicts"].values()) for v in ("PASS", "FAIL", "INCONCLUSIVE")}
@@ -189,6 +194,14 @@ def dynamics_generate_section(data, out: Path):
     return section(data, out, load_cell)
 
 
+def steering_theory_section(data, out: Path):
+    """Steering theory and automated steering (``jobs.autosteer_section``): success metrics 4 and 5
+    over training seeds; None without predict or autosteer cells."""
+    from jobs.autosteer_section import section
+
+    return section(data, out, load_cell)
+
+
 BEYOND_RESAMPLES = 1000
 """At most this many bootstrap resamples of the whole held-out procedure (each refits every fold)."""
 BEYOND_PERMUTATIONS = 10_000
@@ -202,7 +215,7 @@ def other_cells(data) -> list:
 
 
 ANALYSED = (*READS, "circuits", "features", "saes", "dynamics_steer", "dynamics_train",
-            "dynamics_generate")
+            "dynamics_generate", "predict", "autosteer")
 """Kinds with an analysis of their own on the page (the cross-model analysis, the circuits and
 beyond-the-gap sections)."""
 

@@ -590,6 +590,14 @@ AUTOSTEER_ITI = _schema(("layer", I64), ("head", I64),
 """iti_heads.parquet of ``eigengap autosteer``: every probed head's ITI probe (accuracy on the training and the
 held-out contrast pairs, held-out log loss, and sigma, the spread of its outputs along the shift direction)."""
 
+REPORT_AUTOSTEER_STRATEGIES = _schema(
+    ("population", STR), ("strategy", STR), ("family", STR), ("automated", BOOL), ("system", BOOL), ("n_seeds", I64),
+    *_doubles("effect", "vs_oracle", "vs_oracle_low", "vs_oracle_high", "ratio_to_oracle", "oracle_layers", "kl",
+              "loss_increase", "steerability", "anti_steerable", "choice_seconds"))
+"""autosteer_strategies.parquet of the report: per (organism:concept) population and strategy, the across-seed
+means (the difference from the oracle with its t-interval over seeds; ``oracle_layers``: the fraction of seeds
+whose choice has the oracle's layers) (``jobs.autosteer_section.STRATEGY_SUMMARY_COLUMNS``)."""
+
 AUTOSTEER_VERDICTS = DYNAMICS_STEER_VERDICTS
 """autosteer_verdicts.parquet: does the automated choice reach 90 % of the oracle's effect (success metric 5):
 one model's reading (the job) or per population over seeds and overall (the report)
@@ -619,6 +627,7 @@ ALL: dict[str, pa.Schema] = {
     "predict": PREDICT, "predict_verdicts": PREDICT_VERDICTS,
     "autosteer_strategies": AUTOSTEER_STRATEGIES, "autosteer_layers": AUTOSTEER_LAYERS,
     "autosteer_verdicts": AUTOSTEER_VERDICTS, "autosteer_iti": AUTOSTEER_ITI,
+    "report_autosteer_strategies": REPORT_AUTOSTEER_STRATEGIES,
 }
 """Every schema by name (for tests and documentation)."""
 

@@ -251,3 +251,69 @@ def test_the_overall_row_pools_the_population_means():
     assert o["p_above"] == pytest.approx(stats.t.sf(o["value"] / se, df))
     v = AS.verdict_rows(AS.population_rows(runs))
     assert [r["population"] for r in v] == ["a", "b", AS.OVERALL] and "Holm over 3 row(s)" in v[0]["correction"]
+
+
+# ---------------------------------------------------------------------------- the report's section
+def _row(schema, **values):
+    import pyarrow as pa
+
+    defaults = {pa.string(): "", pa.bool_(): False, pa.int64(): 0, pa.float64(): float("nan")}
+    row = {f.name: defaults.get(f.type, []) for f in schema}
+    row.update(values)
+    return row
+
+
+def test_the_report_sections_read_the_cells(tmp_path):
+    """A synthetic sweep run (2 populations x 3 seeds) with predict and autosteer cells: the system
+    equals the oracle on every seed (D = 0.1 x the oracle's effect > 0: PASS per population and
+    overall); the first-order prediction is the measured effect plus small noise over 6 layers
+    (PASS in each population), the tables, figures and page."""
+    from cluster.store import write_parquet
+    from jobs import report
+    from tests.synthetic_runs import SIZES, finish, make_run
+
+    run_dir = make_run(tmp_path / "run", SIZES[:2], seeds=(0, 1, 2), steer=False)
+    sweep = json.loads((run_dir / "sweep.json").read_text())
+    sweep["config"]["experiments"] += [{"kind": "autosteer", "params": {}}, {"kind": "predict", "params": {}}]
+    (run_dir / "sweep.json").write_text(json.dumps(sweep))
+    rng = np.random.default_rng(5)
+    for model_dir in sorted(run_dir.glob("model=*")):
+        model = json.loads((model_dir / "model.json").read_text())["model"]
+        oracle = 5.0 + rng.normal(0, 0.3)
+        rows = [_row(tables.AUTOSTEER_STRATEGIES, model=model, concept="sentiment", strategy=name, family=family,
+                     automated=name == "probe", system=name == "probe", layers=json.dumps({"1": 1.0}), budget=BUDGET,
+                     kl=BUDGET, effect=effect, vs_oracle=effect - oracle, loss_increase=0.1, steerability=1.0,
+                     anti_steerable=0.0, n_heldout=32, n_selection=32, n_draws=1)
+                for name, family, effect in (("oracle", "oracle", oracle), ("probe", "probe", oracle),
+                                             ("caa", "baseline", 0.5 * oracle))]
+        unit = model_dir / "experiment=1-autosteer"
+        write_parquet(tables.from_rows(rows, tables.AUTOSTEER_STRATEGIES, "s"), unit / "strategies.parquet",
+                      tables.AUTOSTEER_STRATEGIES)
+        finish(unit, model, 1, "autosteer")
+        measured = rng.normal(0, 1, 6)
+        predicted = measured + rng.normal(0, 0.05, 6)
+        layers = [_row(tables.PREDICT, layer=l, first_order_effect=float(p), measured_effect=float(m), violations=[],
+                       bound_holds=True) for l, (p, m) in enumerate(zip(predicted, measured))]
+        from scipy.stats import spearmanr
+
+        rho = float(spearmanr(predicted, measured).statistic)
+        stats = [_row(tables.PREDICT_VERDICTS, key="theory_predicts_steering", value=rho, low=rho, high=rho,
+                      n_layers=6, n_prompts=32)]
+        unit = model_dir / "experiment=2-predict"
+        write_parquet(tables.from_rows(stats, tables.PREDICT_VERDICTS, "v"), unit / "predict_verdicts.parquet",
+                      tables.PREDICT_VERDICTS)
+        write_parquet(tables.from_rows(layers, tables.PREDICT, "p"), unit / "predict.parquet", tables.PREDICT)
+        finish(unit, model, 2, "predict")
+    out = tmp_path / "report"
+    report.run(run_dir, out, echo=lambda *a: None, n_resamples=60, n_permutations=200, track=False)
+    facts = json.loads((out / "summary.json").read_text())["verdicts"]
+    assert facts["organism-xs:sentiment/autosteer/autosteer_matches_oracle"] == "PASS"
+    assert facts["overall/autosteer/autosteer_matches_oracle"] == "PASS"
+    assert facts["organism-xs/predict/theory_predicts_steering"] == "PASS"
+    assert "all organisms (pooled layers)/predict/theory_predicts_steering" in facts
+    summary = read_parquet(out / "autosteer_strategies.parquet", tables.REPORT_AUTOSTEER_STRATEGIES).to_pylist()
+    caa = next(r for r in summary if r["strategy"] == "caa" and r["population"] == "organism-s:sentiment")
+    assert caa["ratio_to_oracle"] == pytest.approx(0.5) and caa["oracle_layers"] == 1.0 and caa["n_seeds"] == 3
+    assert (out / "autosteer.png").stat().st_size > 0 and (out / "predict.png").stat().st_size > 0
+    page = (out / "report.html").read_text()
+    assert "Steering theory and automated steering" in page and "autosteer_matches_oracle" in page

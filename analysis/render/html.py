@@ -564,6 +564,60 @@ def _dynamics_generate(run: RunData, a: Analysis, figs: dict) -> str:
     return "".join(parts)
 
 
+def _verdict_table(rows: list[dict], value: str) -> str:
+    return _html_table(
+        ["population", "claim", "seeds", value, "95 %", "p pass / fail (Holm)", "verdict", "per seed", "correction",
+         "note"],
+        [[r["population"], r["key"], r["k"], _num(r["value"]), _ci(r["low"], r["high"]),
+          f"{_num(r['p_pass_holm'])} / {_num(r['p_fail_holm'])}", r["verdict"], r["per_seed"], r["correction"],
+          r["note"]] for r in rows], {2, 3})
+
+
+def _steering_theory(run: RunData, a: Analysis, figs: dict) -> str:
+    """Success metrics 4 and 5 (``jobs.autosteer_section``): the first-order prediction and automated steering."""
+    s = figs.get("steering_theory")
+    if not s:
+        return "<p class=\"note\">No predict or autosteer experiment in this run.</p>"
+    parts = []
+    p = s.get("predict")
+    if p is not None:
+        parts.append("<h3>Success metric 4: the first-order prediction (eigengap predict)</h3>")
+        if p.verdicts:
+            parts.append(f"<div class=\"rule\"><b>Rule:</b> {_e(p.verdicts[0]['rule'])}</div>")
+            parts.append(_verdict_table(p.verdicts, "Spearman"))
+        if p.models:
+            parts.append(_html_table(
+                ["model", "layers", "Spearman", "95 % (prompt bootstrap)", "bound broken", "measurements",
+                 "prediction / search time"],
+                [[m["model"], m["n_layers"], _num(m["spearman"]), _ci(m["low"], m["high"]), m["violations"],
+                  m["n_measurements"], _num(m["first_order_over_search"])] for m in p.models], {1, 2, 4, 5, 6}))
+        parts.append(_img(p.plots.get("layers"), "predicted vs measured", "every layer of every predict cell: the "
+                          "measured effect at the matched KL budget against the first-order prediction"))
+        if p.notes:
+            parts.append(f"<p class=\"note\">{_e('; '.join(p.notes))}</p>")
+    t = s.get("autosteer")
+    if t is not None:
+        parts.append("<h3>Success metric 5: automated steering against the oracle (eigengap autosteer)</h3>")
+        if t.verdicts:
+            parts.append(f"<div class=\"rule\"><b>Rule:</b> {_e(t.verdicts[0]['rule'])}</div>")
+            parts.append(_verdict_table(t.verdicts, "system - 0.9 oracle"))
+        if t.strategies:
+            parts.append(_html_table(
+                ["population", "strategy", "seeds", "effect", "- oracle (mean over seeds)", "95 % (seeds)",
+                 "/ oracle", "oracle's layers", "KL", "loss increase", "steerability", "anti-steerable", "choice s"],
+                [[r["population"], r["strategy"] + (" (system)" if r["system"] else ""), r["n_seeds"], _num(r["effect"]),
+                  _num(r["vs_oracle"]), _ci(r["vs_oracle_low"], r["vs_oracle_high"]), _num(r["ratio_to_oracle"]),
+                  _num(r["oracle_layers"]), _num(r["kl"]), _num(r["loss_increase"]), _num(r["steerability"]),
+                  _num(r["anti_steerable"]), _num(r["choice_seconds"])] for r in t.strategies],
+                {2, 3, 4, 6, 7, 8, 9, 10, 11, 12}, wide=True))
+            parts.append(_img(t.plots.get("strategies"), "strategies against the oracle",
+                              "per population, each strategy's held-out effect minus the oracle's, mean over seeds with "
+                              "its t-interval"))
+        if t.notes:
+            parts.append(f"<p class=\"note\">{_e('; '.join(t.notes))}</p>")
+    return "".join(parts)
+
+
 SECTIONS: tuple[tuple[str, str, Section], ...] = (
     ("verdicts", "Verdicts", lambda run, a, figs: _verdicts(a)),
     ("populations", "Populations", lambda run, a, figs: _populations(run)),
@@ -587,6 +641,7 @@ SECTIONS: tuple[tuple[str, str, Section], ...] = (
     ("dynamics_steer", "Spectrally adaptive steering", _dynamics_steer),
     ("dynamics_train", "Training dynamics", _dynamics_train),
     ("dynamics_generate", "Generation dynamics", _dynamics_generate),
+    ("steering_theory", "Steering theory and automated steering", _steering_theory),
     ("cells", "Other experiments", _other_cells),
     ("data", "Data", lambda run, a, figs: _data(run)),
 )
