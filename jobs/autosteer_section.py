@@ -64,29 +64,32 @@ def analyse_predict(data, load_cell) -> PredictSection | None:
         rows = loaded.table(RESULT_FILE).to_pylist()
         stats = loaded.table("predict_verdicts.parquet").to_pylist()
         primary = next(s for s in stats if s["key"] == "theory_predicts_steering")
-        pop, seed = population_of(cell.model)
-        seeds.append(SeedPrediction(pop, seed, float(primary["value"]), len(rows)))
         params = json.loads((Path(path) / "params.json").read_text()) if (Path(path) / "params.json").is_file() else {}
+        config = params.get("config", {})
+        what = f"{config.get('concept', 'sentiment')}/{config.get('vector', 'actadd')}"
+        organism, seed = population_of(cell.model)
+        pop = f"{organism}:{what}"
+        seeds.append(SeedPrediction(pop, seed, float(primary["value"]), len(rows)))
         timing = params.get("timing", {})
         measurements = sum(len(r["violations"]) for r in rows)
         models.append(dict(model=cell.model, population=pop, seed=seed, n_layers=len(rows), spearman=primary["value"],
                            low=primary["low"], high=primary["high"], violations=measurements,
                            n_measurements=len(rows) * int(primary["n_prompts"]),
                            first_order_over_search=timing.get("first_order_over_search", math.nan)))
-        layers += [dict(population=pop, seed=seed, model=cell.model, layer=r["layer"],
+        layers += [dict(population=pop, what=what, seed=seed, model=cell.model, layer=r["layer"],
                         predicted=r["first_order_effect"], measured=r["measured_effect"]) for r in rows]
-    pops = sorted({m["population"] for m in models})
-    if len(pops) > 1:  # across organisms: per seed index, the correlation over every organism's layers
-        from scipy.stats import spearmanr
+    from scipy.stats import spearmanr
 
+    for what in dict.fromkeys(r["what"] for r in layers):  # across organisms: per seed index, every organism's layers
         by_seed: dict = {}
         for r in layers:
-            by_seed.setdefault(r["seed"], []).append(r)
+            if r["what"] == what:
+                by_seed.setdefault(r["seed"], []).append(r)
         for seed, rs in sorted(by_seed.items(), key=lambda kv: (kv[0] is None, kv[0])):
             if len({r["population"] for r in rs}) < 2:
                 continue
             rho = spearmanr([r["predicted"] for r in rs], [r["measured"] for r in rs]).statistic
-            seeds.append(SeedPrediction(POOLED, seed, float(rho), len(rs)))
+            seeds.append(SeedPrediction(f"{POOLED}:{what}", seed, float(rho), len(rs)))
     short = sorted({m["population"] for m in models if m["n_layers"] < MIN_LAYERS})
     if short:
         notes.append(f"{', '.join(short)}: fewer than {MIN_LAYERS} layers, no per-organism value (their layers count "

@@ -309,8 +309,8 @@ def test_the_report_sections_read_the_cells(tmp_path):
     facts = json.loads((out / "summary.json").read_text())["verdicts"]
     assert facts["organism-xs:sentiment/autosteer/autosteer_matches_oracle"] == "PASS"
     assert facts["overall/autosteer/autosteer_matches_oracle"] == "PASS"
-    assert facts["organism-xs/predict/theory_predicts_steering"] == "PASS"
-    assert "all organisms (pooled layers)/predict/theory_predicts_steering" in facts
+    assert facts["organism-xs:sentiment/actadd/predict/theory_predicts_steering"] == "PASS"
+    assert "all organisms (pooled layers):sentiment/actadd/predict/theory_predicts_steering" in facts
     summary = read_parquet(out / "autosteer_strategies.parquet", tables.REPORT_AUTOSTEER_STRATEGIES).to_pylist()
     caa = next(r for r in summary if r["strategy"] == "caa" and r["population"] == "organism-s:sentiment")
     assert caa["ratio_to_oracle"] == pytest.approx(0.5) and caa["oracle_layers"] == 1.0 and caa["n_seeds"] == 3
