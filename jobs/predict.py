@@ -14,8 +14,10 @@ effect, its 95 % interval a bootstrap over evaluation prompts (layers fixed; the
 recomputed on each resample; a Fisher-z interval over layers, n-3 df, is
 written beside it, descriptive). PASS when the interval lies above 0.7, FAIL when below, else
 INCONCLUSIVE. The first-order predictor has no fitted settings, so nothing is fitted on the
-measured effects ("held-out" holds trivially); the calibration slope is descriptive. Not built
-yet: the population verdict over training seeds and organisms, and the report's section.
+measured effects ("held-out" holds trivially); the calibration slope is descriptive. The verdict
+over training seeds and organisms is the report's (``analysis.predict``, ``jobs.autosteer_section``).
+A layer whose steering vector is zero (the contrast pairs' residuals agree there) is left out and
+named.
 
 Also ``python -m jobs.predict ...``.
 """
@@ -145,15 +147,19 @@ def run(config: PredictConfig, *, echo=print):
                                            config.read_at).items()}
     budget = config.kl_budget
     weight = loaded.model.get_input_embeddings().weight
+    zero = [l for l in range(n_layers) if not float(vectors[l].double().norm()) > 0]  # the pairs agree there
+    usable = [l for l in range(n_layers) if l not in zero]
+    if not usable:
+        raise UsageError("every layer's steering vector is zero (the contrast pairs' residuals agree): nothing to predict")
 
     t0 = time.perf_counter()  # the closed form: one forward-mode pass per layer
     fos = {l: first_order(adapter, loaded.tokenizer, concept, l, vectors[l], config.positions, source=config.concept)
-           for l in range(n_layers)}
+           for l in usable}
     seconds_first_order = time.perf_counter() - t0
 
     rows, effects, slopes, alpha_stars, line_alphas = [], {}, {}, {}, {}
     seconds_line_search = seconds_search = 0.0
-    for l in range(n_layers):
+    for l in usable:
         fo, v = fos[l], vectors[l].to(weight.device)
         t0 = time.perf_counter()  # "first-order + line search": the coefficient from the measured neutral KL
         calls = [0]
@@ -189,7 +195,8 @@ def run(config: PredictConfig, *, echo=print):
 
     rng = np.random.default_rng(config.seed)
     n_prompts = len(concept.prompts)
-    layers = list(range(n_layers))
+    layers = usable
+    n_layers = len(usable)
     predictors = {"first_order": lambda idx: [alpha_stars[l] * slopes[l][idx].mean() for l in layers],
                   "line_search": lambda idx: [line_alphas[l] * slopes[l][idx].mean() for l in layers]}
     measured_of = lambda idx: [effects[l][idx].mean() for l in layers]  # noqa: E731
@@ -208,7 +215,8 @@ def run(config: PredictConfig, *, echo=print):
                           "verdict": verdict(float(low), float(high), n_layers) if primary else "",
                           "n_layers": n_layers, "n_prompts": n_prompts, "threshold": THRESHOLD,
                           "interval": f"bootstrap over evaluation prompts ({BOOTSTRAP} draws, percentile 95 %, layers fixed)",
-                          "note": ("one model's descriptive reading; the population verdict over seeds is not built yet"
+                          "note": ("one model's descriptive reading; the verdict over training seeds and organisms is the report's "
+                                   "(analysis.predict)"
                                    + ("; fewer than 3 layers: a correlation is +-1 by construction" if n_layers < 3 else ""))
                           if primary else "descriptive"})
         low, high = fisher_z(spearman, n_layers)
@@ -225,7 +233,11 @@ def run(config: PredictConfig, *, echo=print):
               "seconds_search": seconds_search, "first_order_over_search": seconds_first_order / seconds_search,
               "line_search_over_search": seconds_line_search / seconds_search}
     text = _summary(config, spec.text, budget, rows, stats, timing)
-    _write(config, rows, stats, text, {"budget_kl": budget, "timing": {k: round(v, 4) for k, v in timing.items()},
+    if zero:
+        text += (f"\n\nLeft out: layer(s) {', '.join(map(str, zero))}, whose steering vector is zero (the contrast pairs' "
+                 "residuals agree there, e.g. at layer 0 when every pair ends in the same token).")
+    _write(config, rows, stats, text, {"budget_kl": budget, "zero_vector_layers": zero,
+                                       "timing": {k: round(v, 4) for k, v in timing.items()},
                                        "seconds": round(time.perf_counter() - start, 3)})
     echo(text)
     echo(f"wrote {config.out}")
@@ -263,7 +275,7 @@ def _summary(config, model, budget, rows, stats, timing) -> str:
               f"effect at the budget with the measured effect across layers {v['value']:.3f} [{v['low']:.3f}, {v['high']:.3f}] "
               f"({v['interval']}; PASS when the interval is above {THRESHOLD}, FAIL when below). The first-order predictor "
               "has no fitted settings (nothing is fitted on the measured effects); the calibration slope is descriptive. "
-              f"{v['note'].capitalize()}; the report section is not built yet.", "",
+              f"{v['note'][0].upper() + v['note'][1:]}.", "",
               f"Fisher-metric bound (|effect_i| <= sqrt(2 KL_i) sqrt(g_i^T F_i^+ g_i), KL_i the prompt's own measured KL): "
               f"{held} of {n_prompts * len(rows)} measurements within it ({held / (n_prompts * len(rows)):.1%}). "
               + ("Broken at: " + "; ".join(broken) + "." if broken else "It holds on every one."), "",

@@ -34,7 +34,7 @@ def test_writes_its_tables(predicted):
     assert params["budget_kl"] == BUDGET
     assert {"seconds_first_order", "seconds_search", "first_order_over_search"} <= params["timing"].keys()
     text = (predicted / "summary.md").read_text()
-    assert "theory_predicts_steering" in text and "Timing:" in text and "population verdict" in text
+    assert "theory_predicts_steering" in text and "Timing:" in text and "over training seeds and organisms is the report" in text
     for r in layers.to_pylist():
         assert abs(r["measured_kl"] - BUDGET) <= 0.02 * BUDGET  # matched within match_budget's tolerance
         assert r["line_search_alpha"] == pytest.approx(r["measured_scale"])  # the same search
