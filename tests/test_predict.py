@@ -85,3 +85,13 @@ def test_bad_input(organism_cache, tmp_path, capsys, concept, extra, message):
     assert len(errors) == 1 and errors[0].startswith("eigengap predict: error: "), errors
     assert message in errors[0]
     assert not out.exists()
+
+
+def test_a_layer_whose_vector_is_zero_is_left_out_and_named(organism_cache, tmp_path):
+    """The names concept's pairs all end in ' to': at layer 0 (the token embedding) their CAA vector is zero."""
+    out = tmp_path / "out"
+    assert main(["predict", "--model", str(organism_cache), "--out", str(out), "--concept", "names",
+                 "--vector", "caa"]) == 0
+    assert read_parquet(out / "predict.parquet", tables.PREDICT)["layer"].to_pylist() == [1]
+    assert json.loads((out / "params.json").read_text())["zero_vector_layers"] == [0]
+    assert "Left out: layer(s) 0" in (out / "summary.md").read_text()
