@@ -50,7 +50,7 @@ class PredictConfig(JobConfig):
     out: Path
     """Output directory."""
     concept: str = "sentiment"
-    """'sentiment' (organisms), 'love-hate' (English tokenizers), or a YAML/JSON concept file."""
+    """'sentiment' or 'names' (organisms), 'love-hate' (English tokenizers), or a YAML/JSON concept file."""
     vector: Literal["actadd", "caa"] = "actadd"
     """ActAdd (the first contrast pair) or CAA (mean difference over all pairs), as in ``steer``."""
     kl_budget: float = Field(0.25, gt=0)

@@ -43,7 +43,7 @@ class SteerConfig(ExecutorOptions):
     out: Path
     """Output directory."""
     concept: str = "sentiment"
-    """'sentiment' (organisms), 'love-hate' (English tokenizers), or a YAML/JSON concept file."""
+    """'sentiment' or 'names' (organisms), 'love-hate' (English tokenizers), or a YAML/JSON concept file."""
     strategies: list[str] = list(STRATEGIES)
     """Strategies to compare (baseline, oracle, random, spectral, all)."""
     vector: Literal["actadd", "caa"] = "actadd"
