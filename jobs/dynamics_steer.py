@@ -64,7 +64,7 @@ class DynamicsSteerConfig(JobConfig):
     out: Path
     """Output directory."""
     concept: str = "sentiment"
-    """'sentiment' or 'names' (organisms), 'love-hate' (English tokenizers), or a YAML/JSON concept file."""
+    """'sentiment' (organisms), 'love-hate' (English tokenizers), or a YAML/JSON concept file."""
     vector: Literal["actadd", "caa"] = "actadd"
     """ActAdd (the first contrast pair) or CAA (mean difference over all pairs), as eigengap steer."""
     layer: int | None = None
