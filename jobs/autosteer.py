@@ -327,7 +327,7 @@ def summary(config, model, concept, rows, verdict, layer_rows, split, baseline_l
     if dropped:
         lines += ["", "Left out of every choice: " + "; ".join(dropped) + "."]
     worst = max(r["kl_relative_error"] for r in rows)
-    beaten = [r["strategy"] for r in rows if r["beats_oracle_beyond_interval"]]
+    beaten = [f"{r['strategy']} ({outside_the_grid(r, config.vector)})" for r in rows if r["beats_oracle_beyond_interval"]]
     lines += ["", f"Every strategy's neutral KL is within {worst:.1%} of the budget (tolerance 2 %). "
               + (f"Beating the oracle by more than its own interval (a sanity check): {', '.join(beaten)}."
                  if beaten else "No strategy beats the oracle by more than the oracle's own interval."), "",
@@ -338,6 +338,21 @@ def summary(config, model, concept, rows, verdict, layer_rows, split, baseline_l
               + ", ".join(f"{k.split('/')[1]} {v:.2f} s" for k, v in timing.items() if k.startswith("choice_seconds/"))
               + " to choose."]
     return "\n".join(lines)
+
+
+def outside_the_grid(row, vector: str) -> str:
+    """Why a strategy lies outside the oracle's grid (one layer, the --vector's vector), or that it
+    lies inside it (then beating the oracle beyond its interval would be a fault)."""
+    import json
+
+    layers = json.loads(row["layers"]) if row["layers"] else {}
+    if row["strategy"] == "iti":
+        return "outside the oracle's grid: heads' outputs, not the residual stream"
+    if len(layers) > 1:
+        return "outside the oracle's grid: several layers"
+    if row["family"] == "baseline" and row["strategy"] != vector or row["strategy"] == "adaptive":
+        return "outside the oracle's grid: another vector or per-prompt coefficients"
+    return "INSIDE the oracle's grid: check the run"
 
 
 def _write(config, rows, layer_rows, verdict, iti_rows, text, extra) -> None:

