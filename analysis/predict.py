@@ -87,8 +87,9 @@ def _z(r: float) -> float:
     return float(np.arctanh(np.clip(r, -0.9999999, 0.9999999))) if np.isfinite(r) else NAN
 
 
-def population_rows(seeds: Sequence[SeedPrediction]) -> list[dict]:
-    """Per population (and overall, with more than one) the across-seed estimate on the z scale."""
+def population_rows(seeds: Sequence[SeedPrediction], overall: bool = True) -> list[dict]:
+    """Per population (and with ``overall`` and more than one population, overall) the across-seed
+    estimate on the z scale."""
     cells: dict[str, list[SeedPrediction]] = {}
     for s in seeds:
         cells.setdefault(s.population, []).append(s)
@@ -105,7 +106,7 @@ def population_rows(seeds: Sequence[SeedPrediction]) -> list[dict]:
                         scheme=f"{len(members)} seeds: mean Fisher z ± t(k-1) x SD/sqrt(k), back with tanh",
                         note="" if k == len(members) else (f"{k} of {len(members)} seeds with a value (a seed needs "
                                                           f"{MIN_LAYERS} layers)")))
-    if len(cells) > 1:
+    if overall and len(cells) > 1:
         z, se, df = pooled_mean([r["z"] for r in out], [r["se"] for r in out], [r["df"] for r in out])
         t = float(stats.t.ppf(0.5 + CONFIDENCE / 2, df)) if np.isfinite(df) else NAN
         p_above, p_below = one_sided_t(z - target, se, df)
@@ -134,5 +135,5 @@ def verdict_rows(populations: Sequence[dict]) -> list[dict]:
             for r, a, b in zip(populations, pass_holm, fail_holm)]
 
 
-def verdicts(seeds: Sequence[SeedPrediction]) -> list[dict]:
-    return verdict_rows(population_rows(seeds))
+def verdicts(seeds: Sequence[SeedPrediction], overall: bool = True) -> list[dict]:
+    return verdict_rows(population_rows(seeds, overall))

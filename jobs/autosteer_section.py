@@ -1,10 +1,12 @@
 """The report's sections on steering theory and automated steering (issue 18; success metrics 4 and
 5), from the run's ``predict`` and ``autosteer`` cells.
 
-- ``predict``: ``theory_predicts_steering`` over training seeds (``analysis.predict``): per organism
-  with enough layers, and "all organisms (pooled layers)" (per seed index, the correlation over
-  every organism's layers), Holm across the rows; the Fisher-metric bound's record over every
-  measurement; the cost of the prediction relative to the per-layer search.
+- ``predict``: ``theory_predicts_steering`` over training seeds (``analysis.predict``): per
+  (organism, concept/vector) with enough layers, and "all organisms (pooled layers)" per
+  concept/vector (per seed index, the correlation over every organism's layers: the across-organism
+  answer, so no "overall" row), Holm across the rows; the Fisher-metric bound's record over every
+  measurement, each (model, layer) where it breaks named in the notes; the cost of the prediction
+  relative to the per-layer search.
 - ``autosteer``: ``autosteer_matches_oracle`` per (organism, concept) over seeds and overall
   (``analysis.autosteer``), and every strategy side by side: per population the across-seed mean
   of its difference from the oracle with the t-interval, its KL, steerability and anti-steerable
@@ -72,6 +74,10 @@ def analyse_predict(data, load_cell) -> PredictSection | None:
         seeds.append(SeedPrediction(pop, seed, float(primary["value"]), len(rows)))
         timing = params.get("timing", {})
         measurements = sum(len(r["violations"]) for r in rows)
+        broken = [f"layer {r['layer']}: {len(r['violations'])} prompt(s), alpha*/scale {r['alpha_ratio']:.1f}"
+                  for r in rows if r["violations"]]
+        if broken:
+            notes.append(f"the Fisher-metric bound breaks on {cell.model} ({what}): " + "; ".join(broken))
         models.append(dict(model=cell.model, population=pop, seed=seed, n_layers=len(rows), spearman=primary["value"],
                            low=primary["low"], high=primary["high"], violations=measurements,
                            n_measurements=len(rows) * int(primary["n_prompts"]),
@@ -94,7 +100,7 @@ def analyse_predict(data, load_cell) -> PredictSection | None:
     if short:
         notes.append(f"{', '.join(short)}: fewer than {MIN_LAYERS} layers, no per-organism value (their layers count "
                      f"in '{POOLED}')")
-    return PredictSection(verdicts(seeds) if seeds else [], models, layers, notes=notes)
+    return PredictSection(verdicts(seeds, overall=False) if seeds else [], models, layers, notes=notes)
 
 
 def predict_plot(layers: list[dict], path: Path) -> Path:
