@@ -35,7 +35,7 @@ import numpy as np
 
 from scipy import stats
 
-from analysis.population import across_seeds, holm, one_sided_t, pooled_mean
+from analysis.population import across_seeds, holm_claims, one_sided_t, pooled_mean
 from analysis.stats import CONFIDENCE, N_RESAMPLES, decide_claims
 from analysis.steering import Comparison, Split, mean_ci
 
@@ -204,8 +204,7 @@ def population_rows(runs: Sequence[SeedRun]) -> list[dict]:
 
 def verdict_rows(populations: Sequence[Mapping]) -> list[dict]:
     """The verdict per population and overall, Holm across all of them for each claim."""
-    pass_holm, fail_holm = holm([r["p_above"] for r in populations]), holm([r["p_below"] for r in populations])
-    m = int(sum(np.isfinite(r["p_above"]) for r in populations))
+    pass_holm, fail_holm, m = holm_claims(populations)
     out = []
     for r, a, b in zip(populations, pass_holm, fail_holm):
         systems = r["systems"]

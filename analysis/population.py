@@ -584,6 +584,13 @@ def across_seeds(values: Sequence[float], fisher: bool = False, confidence: floa
     return float(back(v.mean())), float(back(v.mean() - half)), float(back(v.mean() + half)), se, float(k - 1), k
 
 
+def holm_claims(rows: Sequence[Mapping]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Holm-adjusted p-values of the PASS claims (``p_above``) and of the FAIL claims (``p_below``)
+    across ``rows``, each family on its own, and how many rows have a test."""
+    above, below = [r["p_above"] for r in rows], [r["p_below"] for r in rows]
+    return holm(above), holm(below), int(sum(np.isfinite(p) for p in above))
+
+
 def pooled_mean(means: Sequence[float], ses: Sequence[float], dfs: Sequence[float]) -> tuple[float, float, float]:
     """(mean, se, df) of the mean of P populations' means: a fixed-effect summary of these
     populations, SE sqrt(sum se_p^2) / P with Welch-Satterthwaite degrees of freedom

@@ -39,7 +39,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import stats
 
-from analysis.population import across_seeds, holm, one_sided_t, pooled_mean
+from analysis.population import across_seeds, holm_claims, one_sided_t, pooled_mean
 from analysis.stats import CONFIDENCE, decide_claims
 
 NAN = float("nan")
@@ -124,8 +124,7 @@ def population_rows(seeds: Sequence[SeedPrediction], overall: bool = True) -> li
 
 def verdict_rows(populations: Sequence[dict]) -> list[dict]:
     """The verdict per population and overall (``spectral.tables.DYNAMICS_STEER_VERDICTS`` columns)."""
-    pass_holm, fail_holm = holm([r["p_above"] for r in populations]), holm([r["p_below"] for r in populations])
-    m = int(sum(np.isfinite(r["p_above"]) for r in populations))
+    pass_holm, fail_holm, m = holm_claims(populations)
     return [dict(key=VERDICT_KEY, population=r["population"], rule=RULE, value=r["value"], low=r["low"],
                  high=r["high"], p_pass=r["p_above"], p_fail=r["p_below"], p_pass_holm=float(a), p_fail_holm=float(b),
                  verdict=decide_claims(a, b, 2 * LEVEL) if r["k"] >= 2 or r["population"] == OVERALL else "INCONCLUSIVE", n_seeds=r["n_seeds"], k=r["k"],

@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from jobs.config import JobConfig, out_dir_ready
+from jobs.config import JobConfig, out_dir_ready, steering_position
 from jobs.registry import PROMPT_TOKENS, Experiment, statistics_metrics
 from spectral import tables as schemas
 from spectral.errors import UsageError
@@ -94,14 +94,7 @@ class AutosteerConfig(JobConfig):
     @field_validator("positions", "read_at")
     @classmethod
     def _position(cls, value, info):
-        named = ("all", "last") if info.field_name == "positions" else ("last", "mean")
-        if value in named:
-            return value
-        if isinstance(value, int) and value >= 0:
-            return value
-        if isinstance(value, str) and value.isdigit():
-            return int(value)
-        raise ValueError(f"expected {' or '.join(named)} or a token index >= 0, got {value!r}")
+        return steering_position(value, info.field_name)
 
     def wanted(self) -> list[str]:
         """The strategies to run, in report order: the requested ones plus the oracle and the system

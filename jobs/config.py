@@ -128,3 +128,16 @@ def out_dir_ready(path: Path, marker: str, force: bool) -> None:
         raise UsageError(f"{path / marker} exists: pass --force to overwrite it, or choose another --out")
     if path.exists() and not path.is_dir():
         raise UsageError(f"--out {path} is a file, not a directory")
+
+
+def steering_position(value, field_name: str):
+    """A steering job's ``--positions`` ('all', 'last' or a token index) or ``--read-at`` ('last',
+    'mean' or a token index) value, validated (a token index given as a string becomes an int)."""
+    named = ("all", "last") if field_name == "positions" else ("last", "mean")
+    if value in named:
+        return value
+    if isinstance(value, int) and value >= 0:
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    raise ValueError(f"expected {' or '.join(named)} or a token index >= 0, got {value!r}")

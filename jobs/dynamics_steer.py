@@ -43,7 +43,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from jobs.config import JobConfig, out_dir_ready
+from jobs.config import JobConfig, out_dir_ready, steering_position
 from jobs.registry import PROMPT_TOKENS, Experiment, statistics_metrics
 from spectral import tables as schemas
 from spectral.models import Device
@@ -100,11 +100,7 @@ class DynamicsSteerConfig(JobConfig):
     @field_validator("read_at")
     @classmethod
     def _position(cls, value):
-        if value in ("last", "mean") or (isinstance(value, int) and value >= 0):
-            return value
-        if isinstance(value, str) and value.isdigit():
-            return int(value)
-        raise ValueError(f"expected last or mean or a token index >= 0, got {value!r}")
+        return steering_position(value, "read_at")
 
 
 def run(config: DynamicsSteerConfig, *, echo=print):
