@@ -63,7 +63,7 @@ from spectral.errors import UsageError
 from spectral.kernels.key import KeyStats, key_kernel_spectra
 from spectral.models.adapter import HeadAdapter
 from spectral.steering.concepts import Concept
-from spectral.steering.injection import Injection, Positions
+from spectral.steering.injection import Injection, Positions, add_at
 from spectral.steering.measure import Evaluator
 from spectral.steering.strategies import match_budget, spectral_k, spectral_profile
 from spectral.steering.vectors import Batch
@@ -111,20 +111,9 @@ class RowScaled:
             return {}
 
         def edit(x: Tensor) -> Tensor:
-            rows = torch.arange(x.shape[0], device=x.device)
             delta = (self.coefficient * factor.to(x.device, torch.float64)[:, None]
                      * self.vector.to(x.device, torch.float64)[None]).to(x.dtype)  # (batch, d)
-            if isinstance(self.positions, int):
-                if self.positions >= x.shape[1]:
-                    return x
-                x = x.clone()
-                x[:, self.positions] += delta
-                return x
-            if self.positions == "all" or x.shape[1] == 1:
-                return x + delta[:, None]
-            x = x.clone()
-            x[rows, last.to(x.device)] += delta
-            return x
+            return add_at(x, delta, self.positions, last)
         return {(self.layer, "resid_pre"): edit}
 
 

@@ -43,18 +43,26 @@ class Injection:
         needed for ``positions='last'`` on full prompts."""
         def make(layer: int, coefficient: float):
             def edit(x: Tensor) -> Tensor:
-                delta = (coefficient * self.vectors[layer]).to(x.device, x.dtype)
-                if isinstance(self.positions, int):
-                    if self.positions >= x.shape[1]:
-                        return x
-                    x = x.clone()
-                    x[:, self.positions] += delta
-                    return x
-                if self.positions == "all" or last is None or x.shape[1] == 1:
-                    return x + delta
-                x = x.clone()
-                rows = torch.arange(x.shape[0], device=x.device)
-                x[rows, last.to(x.device)] += delta
-                return x
+                return add_at(x, (coefficient * self.vectors[layer]).to(x.device, x.dtype), self.positions, last)
             return edit
         return {(l, "resid_pre"): make(l, c) for l, c in self.coefficients.items() if c != 0}
+
+
+def add_at(x: Tensor, delta: Tensor, positions: Positions, last: Tensor | None) -> Tensor:
+    """``x`` (batch, pos, d) with ``delta`` ((d,) or one row per batch item, (batch, d)) added at
+    ``positions``: every position ('all'; also when ``last`` is None or there is one position, as
+    in a generation step), each row's ``last`` position ('last'), or one token index (rows shorter
+    than it are left alone)."""
+    per_row = delta.dim() == 2
+    if isinstance(positions, int):
+        if positions >= x.shape[1]:
+            return x
+        x = x.clone()
+        x[:, positions] += delta
+        return x
+    if positions == "all" or last is None or x.shape[1] == 1:
+        return x + (delta[:, None] if per_row else delta)
+    x = x.clone()
+    rows = torch.arange(x.shape[0], device=x.device)
+    x[rows, last.to(x.device)] += delta
+    return x
