@@ -123,6 +123,19 @@ ENGLISH_LOVE_HATE = {
 """``scan``: prompts like ``prompts`` but disjoint from them, for the held-out steering scan."""
 
 
+def _draws(draw, n: int, exclude: set[str] = frozenset(), distinct: bool = True) -> list[str]:
+    """Up to ``n`` texts ``draw(k)`` (``k``: how many are kept so far), skipping those in ``exclude``
+    (and with ``distinct`` repeats), in at most 100 n tries."""
+    out: list[str] = []
+    for _ in range(100 * n):
+        if len(out) == n:
+            break
+        text = draw(len(out))
+        if text not in exclude and not (distinct and text in out):
+            out.append(text)
+    return out
+
+
 def organism_sentiment(tasks: dict, n: int = 32, seed: int = 0, scan_seed: int = 0) -> Concept:
     """The organisms' sentiment concept: contrast pairs from the language's sentiment contexts
     ("I love the apple. It is" / "I hate the apple. It is"); evaluation prompts that are
@@ -147,13 +160,9 @@ def organism_sentiment(tasks: dict, n: int = 32, seed: int = 0, scan_seed: int =
                  rng.choice(tasks["objects"])) for _ in range(n // 2))]
     neutral += [f"A {rng.choice(FILLER_NOUNS)} is" for _ in range(n - len(neutral))]
     heldout = [" ".join(corpus(30000 + i, 4)) for i in range(16)]
-    scan_rng, taken, scan = random.Random(f"eigengap-scan:{scan_seed}"), set(prompts), []
-    for i in range(100 * n):
-        if len(scan) == n:
-            break
-        text = sentiment_context(scan_rng, ("positive", "negative")[len(scan) % 2], tasks)
-        if text not in taken:
-            scan.append(text)
+    scan_rng = random.Random(f"eigengap-scan:{scan_seed}")
+    scan = _draws(lambda k: sentiment_context(scan_rng, ("positive", "negative")[k % 2], tasks), n, set(prompts),
+                  distinct=False)
     return Concept("sentiment", tuple(map(tuple, pairs)), tuple(prompts), tuple(" " + w for w in tasks["positive_words"]),
                    tuple(" " + w for w in tasks["negative_words"]), tuple(neutral), tuple(heldout), tuple(scan))
 
@@ -205,23 +214,12 @@ def organism_names(tasks: dict, n: int = 32, seed: int = 0, scan_seed: int = 0) 
         t, place, obj = rng.choice(templates), rng.choice(tasks["places"]), rng.choice(tasks["objects"])
         (fa, fb), (ma, mb) = rng.sample(female, 2), rng.sample(male, 2)
         pairs.append((t.format(A=fa, B=fb, place=place, object=obj), t.format(A=ma, B=mb, place=place, object=obj)))
-    prompts: list[str] = []
-    for i in range(100 * n):
-        if len(prompts) == n:
-            break
-        text = mixed(rng, len(prompts) % 2 == 0)
-        if text not in prompts:
-            prompts.append(text)
+    prompts = _draws(lambda k: mixed(rng, k % 2 == 0), n)
     neutral = [sentiment_context(rng, ("positive", "negative")[i % 2], tasks) for i in range(n // 2)]
     neutral += [f"A {rng.choice(FILLER_NOUNS)} is" for _ in range(n - len(neutral))]
     heldout = [" ".join(corpus(40000 + i, 4)) for i in range(16)]
-    scan_rng, taken, scan = random.Random(f"eigengap-names-scan:{scan_seed}"), set(prompts), []
-    for i in range(100 * n):
-        if len(scan) == n:
-            break
-        text = mixed(scan_rng, len(scan) % 2 == 0)
-        if text not in taken and text not in scan:
-            scan.append(text)
+    scan_rng = random.Random(f"eigengap-names-scan:{scan_seed}")
+    scan = _draws(lambda k: mixed(scan_rng, k % 2 == 0), n, set(prompts))
     return Concept("names", tuple(pairs), tuple(prompts), tuple(" " + w for w in female),
                    tuple(" " + w for w in male), tuple(neutral), tuple(heldout), tuple(scan))
 
