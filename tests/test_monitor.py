@@ -1,0 +1,122 @@
+"""The spectral monitor's parts (issue 19, point 2): its features against the scan and a plain
+attention computation, each detector against a plain reference, planted and exchangeable
+anomalies, and one-line errors."""
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from spectral.errors import UsageError
+from spectral.monitor import MIN_BENIGN, SpectralMonitor
+from spectral.monitor.detectors import DETECTORS, make_detector
+from spectral.monitor.features import ATTENTION_METRICS, KEY_METRICS, attention_metrics
+
+TEXTS = ["I love the apple. It is", "When Mary and John went to the park, John gave a ball to",
+         "Repeat: zod kit mup | zod kit", "A dog is"]
+
+
+def test_key_features_are_each_prompts_own_scan(organism, organism_cache):
+    from cluster.executors import LocalExecutor
+    from spectral.kernels.scan import ScanSettings, scan_table
+    from spectral.models.adapter import HeadAdapter
+    from spectral.monitor.features import prompt_features
+
+    adapter = HeadAdapter(organism.model)
+    f = prompt_features(adapter, organism.tokenizer, TEXTS, batch_size=3)  # two batches, padded
+    col = {n: i for i, n in enumerate(f.names)}
+    for i, text in enumerate(TEXTS):
+        rows = scan_table(LocalExecutor(organism, progress=False), str(organism_cache), [text], ScanSettings(), 2,
+                          adapter.n_heads, adapter.n_kv_heads).to_pylist()
+        for r in rows:
+            for m in KEY_METRICS:
+                assert f.spectral[i, col[f"L{r['layer']}.H{r['head']}.{m}"]] == pytest.approx(r[m], rel=1e-5, abs=1e-9)
+
+
+def test_attention_features_are_the_last_rows_of_the_models_own_attention(organism):
+    import torch
+
+    from spectral.models.adapter import HeadAdapter
+    from spectral.monitor.features import prompt_features
+
+    adapter = HeadAdapter(organism.model)
+    f = prompt_features(adapter, organism.tokenizer, TEXTS)
+    col = {n: i for i, n in enumerate(f.names)}
+    organism.model.config._attn_implementation = "eager"
+    try:
+        for i, text in enumerate(TEXTS):
+            ids = torch.tensor([organism.tokenizer(text, add_special_tokens=False)["input_ids"]])
+            with torch.no_grad():
+                att = organism.model(input_ids=ids, output_attentions=True).attentions
+            for l, a in enumerate(att):
+                p = a[0, :, -1].double().numpy()  # (head, key)
+                expected = attention_metrics(p)
+                for h in range(adapter.n_heads):
+                    for k, m in enumerate(ATTENTION_METRICS):
+                        assert f.spectral[i, col[f"L{l}.H{h}.{m}"]] == pytest.approx(expected[h, k], abs=1e-5)
+    finally:
+        organism.model.config._attn_implementation = "sdpa"
+
+
+def test_attention_metrics_plain():
+    p = np.array([[0.5, 0.3, 0.2], [1.0, 0.0, 0.0]])
+    m = attention_metrics(p)
+    assert m[0] == pytest.approx([-(0.5 * np.log(0.5) + 0.3 * np.log(0.3) + 0.2 * np.log(0.2)), 0.5, 0.4])
+    assert m[1] == pytest.approx([0.0, 1.0, 1.0])
+
+
+def test_detectors_against_plain_references():
+    from scipy.spatial.distance import mahalanobis
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 5)) @ rng.normal(size=(5, 5))
+    y = rng.normal(size=(10, 5))
+    mu, cov = x.mean(0), np.cov(x, rowvar=False)
+    got = make_detector("mahalanobis").fit(x).score(y)
+    assert got == pytest.approx([mahalanobis(r, mu, np.linalg.inv(cov)) ** 2 for r in y], rel=1e-8)
+    w, v = np.linalg.eigh(np.cov(x, rowvar=False))
+    top = v[:, -1]
+    assert make_detector("signature").fit(x).score(y) == pytest.approx(((y - mu) @ top) ** 2, rel=1e-8)
+    med = np.median(x, 0)
+    mad = 1.4826 * np.median(np.abs(x - med), 0)
+    assert make_detector("spectral").fit(x).score(y) == pytest.approx((((y - med) / mad) ** 2).mean(1), rel=1e-10)
+
+
+@pytest.mark.parametrize("name", list(DETECTORS))
+def test_a_planted_anomaly_is_found_and_exchangeable_data_is_not(name):
+    """500 benign rows of 20 correlated features; test rows 300 benign vs 300 shifted by 6 SDs along
+    a direction of the benign covariance (AUROC >= 0.99) and 300 vs 300 from the benign distribution
+    (AUROC within 0.5 +- 0.06)."""
+    rng = np.random.default_rng(1)
+    mix = rng.normal(size=(20, 20)) / np.sqrt(20)
+    benign = lambda n: rng.normal(size=(n, 20)) @ mix  # noqa: E731
+    d = make_detector(name).fit(benign(500))
+    shift = 6.0 * np.linalg.svd(mix)[2][0] * np.linalg.svd(mix)[1][0]  # 6 SDs along the top principal axis
+    planted = roc_auc_score([0] * 300 + [1] * 300, d.score(np.vstack([benign(300), benign(300) + shift])))
+    same = roc_auc_score([0] * 300 + [1] * 300, d.score(np.vstack([benign(300), benign(300)])))
+    assert planted >= 0.99 and abs(same - 0.5) <= 0.06, (planted, same)
+
+
+def test_bad_input_is_a_usage_error(organism):
+    with pytest.raises(UsageError, match="unknown detector 'magic'"):
+        SpectralMonitor(organism, ["spectral", "magic"])
+    monitor = SpectralMonitor(organism)
+    with pytest.raises(UsageError, match=f"at least {MIN_BENIGN} are needed"):
+        monitor.fit([])
+    with pytest.raises(UsageError, match=f"at least {MIN_BENIGN} are needed"):
+        monitor.fit(TEXTS)
+    with pytest.raises(UsageError, match="not fitted"):
+        monitor.score(TEXTS)
+    with pytest.raises(UsageError, match="fewer than 3 tokens"):
+        monitor.fit(TEXTS * 2 + ["A dog"])
+    with pytest.raises(UsageError, match="is not finite"):
+        make_detector("spectral").fit(np.array([[1.0, np.nan]] * 4))
+
+
+def test_the_monitor_scores_every_detector(organism):
+    from spectral.organisms.language import corpus
+
+    benign = [" ".join(corpus(50000 + i, 2)) for i in range(16)]
+    monitor = SpectralMonitor(organism).fit(benign)
+    scores = monitor.score(TEXTS)
+    assert set(scores) == set(DETECTORS) and all(s.shape == (len(TEXTS),) and np.all(np.isfinite(s))
+                                                for s in scores.values())
