@@ -38,6 +38,7 @@ from scipy import stats
 from analysis.population import across_seeds, holm_claims, one_sided_t, pooled_mean
 from analysis.stats import CONFIDENCE, N_RESAMPLES, decide_claims
 from analysis.steering import Comparison, Split, mean_ci
+from spectral.steering.choices import AUTOMATED
 
 NAN = float("nan")
 FRACTION = 0.9
@@ -101,7 +102,7 @@ def model_rows(model: str, concept: str, results: Sequence[Mapping], split: Spli
         clear = oracle is not None and oracle.low > 0
         rows.append(dict(
             model=model, concept=concept, strategy=name, family=r["family"],
-            automated=name in AUTOMATED_NAMES, system=name == system,
+            automated=name in AUTOMATED, system=name == system,
             layers=json.dumps({str(l): round(float(w), 6) for l, w in r["layers"].items()}) if r["layers"] else "",
             description=r["description"], vector=vector, budget=budget,
             scale=float(np.mean([d["scale"] for d in draws])), kl=float(np.mean([d["kl"] for d in draws])),
@@ -117,11 +118,6 @@ def model_rows(model: str, concept: str, results: Sequence[Mapping], split: Spli
             n_draws=len(draws), choice_seconds=float(r["choice_seconds"]),
             measure_seconds=float(sum(d["seconds"] for d in draws)), scheme=SCHEME))
     return rows
-
-
-AUTOMATED_NAMES = ("probe", "probe-k", "theory", "spectral", "spectral-1", "adaptive")
-"""``spectral.steering.autosteer.AUTOMATED`` (repeated so that this module does not import torch;
-``tests/test_autosteer.py`` checks they agree)."""
 
 
 def difference(rows: Sequence[Mapping], system: str) -> float:

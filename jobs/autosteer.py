@@ -27,7 +27,7 @@ from jobs.registry import PROMPT_TOKENS, Experiment, statistics_metrics
 from spectral import tables as schemas
 from spectral.errors import UsageError
 from spectral.models import Device
-from spectral.steering.autosteer import AUTOMATED, MULTIPLIERS, STRATEGIES, SYSTEM
+from spectral.steering.choices import AUTOMATED, MULTIPLIERS, STRATEGIES, SYSTEM
 
 RESULT_FILE = "strategies.parquet"
 

@@ -10,7 +10,7 @@ The evaluation prompts are split once (``analysis.steering.selection_split``, st
 sign of the unsteered score) into a *selection* part, the only prompts any choice may look at, and a
 *held-out* part, where every reported effect is measured.
 
-Strategies (``STRATEGIES``; "the vector" is ``--vector``'s, CAA by default):
+Strategies (``spectral.steering.choices.STRATEGIES``; "the vector" is ``--vector``'s, CAA by default):
 
 - ``oracle`` ("expert selection", the grid): every layer with the vector at the budget, the layer
   with the largest mean effect on the selection prompts. At a fixed budget the coefficient is the
@@ -62,22 +62,13 @@ from torch import Tensor
 from spectral.errors import UsageError
 from spectral.kernels.key import KeyStats, key_kernel_spectra
 from spectral.models.adapter import HeadAdapter
+from spectral.steering.choices import MULTIPLIERS
 from spectral.steering.concepts import Concept
 from spectral.steering.injection import Injection, Positions, add_at
 from spectral.steering.measure import Evaluator
 from spectral.steering.strategies import match_budget, spectral_k, spectral_profile
 from spectral.steering.vectors import Batch
 
-STRATEGIES = ("oracle", "probe", "probe-k", "theory", "spectral", "spectral-1", "adaptive",
-              "actadd", "caa", "mean-diff", "pca-diff", "iti", "random")
-"""Every strategy ``eigengap autosteer`` can run (module docstring), in report order."""
-AUTOMATED = ("probe", "probe-k", "theory", "spectral", "spectral-1", "adaptive")
-"""The automated choices (``--system`` is one of them): no search on the effect beyond the selection prompts."""
-BASELINES = ("actadd", "caa", "mean-diff", "pca-diff", "iti", "random")
-SYSTEM = "probe"
-"""The default automated choice the success-metric-5 verdict reads (fixed before any measurement)."""
-MULTIPLIERS = (-1.0, -0.5, 0.0, 0.5, 1.0)
-"""Multiples of each strategy's matched scale for the steerability slope (Tan et al. 2024)."""
 MATCH_TOLERANCE = 0.02
 """``match_budget``'s relative tolerance: every strategy's neutral KL is within 2 % of the budget."""
 
