@@ -31,6 +31,7 @@ KINDS: dict[str, str] = {
     "dynamics_train": "jobs.dynamics_train",
     "predict": "jobs.predict",
     "autosteer": "jobs.autosteer",
+    "monitor": "jobs.monitor",
 }
 """Experiment kind -> the module whose ``EXPERIMENT`` record defines it (one line per kind)."""
 

@@ -598,6 +598,24 @@ REPORT_AUTOSTEER_STRATEGIES = _schema(
 means (the difference from the oracle with its t-interval over seeds; ``oracle_layers``: the fraction of seeds
 whose choice has the oracle's layers) (``jobs.autosteer_section.STRATEGY_SUMMARY_COLUMNS``)."""
 
+MONITOR = _schema(
+    ("pairing", STR), ("detector", STR),
+    *_doubles("auroc", "auroc_low", "auroc_high", "average_precision", "tpr_at_1pct_fpr", "tpr_low", "tpr_high",
+              "test_fpr", "threshold"), ("n_benign", I64), ("n_anomalous", I64))
+"""monitor.parquet of ``eigengap monitor``: per test pairing and detector the AUROC and average precision of
+anomalous against benign prompts, the TPR at 1 % FPR with the threshold set on held-out benign calibration
+prompts and the FPR it gives on the test's benign prompts; 95 % stratified bootstrap intervals
+(``analysis.monitor.detector_rows``)."""
+
+MONITOR_VERDICTS = _schema(("key", STR), ("pairing", STR), ("rule", STR), *_doubles("value", "low", "high"),
+                           ("verdict", STR), ("baseline", STR), ("detail", STR))
+"""monitor_verdicts.parquet: per pairing, is the spectral detector non-inferior to every activation baseline
+(``analysis.monitor.pairing_verdict``; value: AUROC(spectral) - AUROC(the closest baseline))."""
+
+MONITOR_SCORES = _schema(("pairing", STR), ("label", I64), ("index", I64), ("detector", STR), ("score", F64))
+"""scores.parquet of ``eigengap monitor``: every test prompt's score per detector (label 0 benign, 1 anomalous;
+``index``: the prompt's position in its class)."""
+
 AUTOSTEER_VERDICTS = DYNAMICS_STEER_VERDICTS
 """autosteer_verdicts.parquet: does the automated choice reach 90 % of the oracle's effect (success metric 5):
 one model's reading (the job) or per population over seeds and overall (the report)
@@ -628,6 +646,7 @@ ALL: dict[str, pa.Schema] = {
     "autosteer_strategies": AUTOSTEER_STRATEGIES, "autosteer_layers": AUTOSTEER_LAYERS,
     "autosteer_verdicts": AUTOSTEER_VERDICTS, "autosteer_iti": AUTOSTEER_ITI,
     "report_autosteer_strategies": REPORT_AUTOSTEER_STRATEGIES,
+    "monitor": MONITOR, "monitor_verdicts": MONITOR_VERDICTS, "monitor_scores": MONITOR_SCORES,
 }
 """Every schema by name (for tests and documentation)."""
 

