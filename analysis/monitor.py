@@ -115,3 +115,55 @@ def pairing_verdict(pairing: str, rows: Sequence[Mapping], boots: Mapping[str, n
                 detail="; ".join(f"{SPECTRAL} - {b}: {values[b]:+.3f} [{lows[b]:+.3f}, {highs[b]:+.3f}] (p "
                                  f"non-inferior {p_noninferior[b]:.3g}, p inferior Holm {a:.3g})"
                                  for b, a in zip(BASELINES, adjusted)))
+
+
+# ---------------------------------------------------------------------------- across seeds
+POPULATION_RULE = (f"{VERDICT_KEY} over training seeds: per (population, pairing) and baseline b, per seed "
+                   "D_b = AUROC(spectral) - AUROC(b) on that seed's test prompts; across seeds the mean with a "
+                   "t-interval (mean ± t(k-1) x SD/sqrt(k)); one-sided t p-values of 'D_b > -"
+                   f"{MARGIN}' and 'D_b < -{MARGIN}'. PASS claim (non-inferior to every baseline): its p is the "
+                   "largest over the baselines (intersection-union); FAIL claim (inferior to some baseline): Holm over "
+                   "the baselines, the smallest adjusted p; then Holm across every (population, pairing) row for each "
+                   "claim; PASS / FAIL when the adjusted p < 0.025, else INCONCLUSIVE (also with fewer than 2 seeds). "
+                   "The negative control has no verdict.")
+
+
+def population_verdicts(seeds: Sequence[tuple[str, int | None, Sequence[Mapping]]]) -> list[dict]:
+    """``seeds``: (population, seed, monitor.parquet rows) per model. One row per (population, pairing)
+    with a verdict (``spectral.tables.MONITOR_POPULATION`` columns)."""
+    from analysis.population import across_seeds, holm_claims, one_sided_t
+    from analysis.stats import CONFIDENCE, decide_claims
+
+    cells: dict[tuple[str, str], list[tuple[int | None, dict[str, float]]]] = {}
+    for pop, seed, rows in seeds:
+        by: dict[str, dict[str, float]] = {}
+        for r in rows:
+            by.setdefault(r["pairing"], {})[r["detector"]] = float(r["auroc"])
+        for pairing, aucs in by.items():
+            if pairing != "control" and SPECTRAL in aucs and all(b in aucs for b in BASELINES):
+                cells.setdefault((pop, pairing), []).append((seed, aucs))
+    out = []
+    for (pop, pairing), members in cells.items():
+        per_b = {}
+        for b in BASELINES:
+            d = [a[SPECTRAL] - a[b] for _, a in members]
+            value, low, high, se, df, k = across_seeds(d, False, CONFIDENCE)
+            p_pass, p_fail = one_sided_t(value + MARGIN, se, df)
+            per_b[b] = dict(value=value, low=low, high=high, k=k, p_pass=p_pass, p_fail=p_fail)
+        p_pass = max(v["p_pass"] for v in per_b.values())
+        fails = holm([v["p_fail"] for v in per_b.values()])
+        worst = min(BASELINES, key=lambda b: per_b[b]["value"])
+        out.append(dict(population=pop, pairing=pairing, p_above=p_pass,
+                        p_below=float(np.nanmin(fails)) if np.any(np.isfinite(fails)) else NAN,
+                        value=per_b[worst]["value"], low=per_b[worst]["low"], high=per_b[worst]["high"],
+                        baseline=worst, k=per_b[worst]["k"], n_seeds=len(members),
+                        per_seed="; ".join(f"seed {s}: " + ", ".join(f"{SPECTRAL} {a[SPECTRAL]:.3f} / {b} {a[b]:.3f}"
+                                                                       for b in BASELINES) for s, a in members),
+                        detail="; ".join(f"{SPECTRAL} - {b}: {v['value']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]"
+                                         for b, v in per_b.items())))
+    pass_holm, fail_holm, m = holm_claims(out)
+    for r, a, b in zip(out, pass_holm, fail_holm):
+        r.update(key=VERDICT_KEY, rule=POPULATION_RULE, p_pass_holm=float(a), p_fail_holm=float(b),
+                 verdict=decide_claims(a, b) if r["k"] >= 2 else "INCONCLUSIVE",
+                 correction=f"Holm over {m} (population, pairing) row(s), PASS and FAIL claims each; one-sided 0.025")
+    return out

@@ -68,6 +68,7 @@ def run(run_dir: Path, out: Path | None = None, echo=print, *, n_resamples: int 
     figs["dynamics_train"] = dynamics_train_section(data, out)
     figs["dynamics_generate"] = dynamics_generate_section(data, out)
     figs["steering_theory"] = steering_theory_section(data, out)
+    figs["monitor"] = monitor_section(data, out)
     for name, (rows, schema) in TABLES.items():
         write_parquet(schemas.from_rows(getattr(result, rows), schema, str(out / name)), out / name, schema)
     facts = summary(data, result)
@@ -101,6 +102,10 @@ def run(run_dir: Path, out: Path | None = None, echo=print, *, n_resamples: int 
         from jobs.autosteer_section import verdict_facts as theory_facts
 
         facts["verdicts"].update(theory_facts(figs["steering_theory"]))
+    if figs["monitor"] is not None:
+        from jobs.monitor_section import verdict_facts as monitor_facts
+
+        facts["verdicts"].update(monitor_facts(figs["monitor"]))
     write_json(facts, out / "summary.json")
     page = write_text(render(data, result, figs), out / RESULT_FILE)  # last: its presence means the report is complete
     counts = {v: sum(x == v for x in facts["verdicts"].values()) for v in ("PASS", "FAIL", "INCONCLUSIVE")}
@@ -202,6 +207,14 @@ def steering_theory_section(data, out: Path):
     return section(data, out, load_cell)
 
 
+def monitor_section(data, out: Path):
+    """The spectral runtime monitor (``jobs.monitor_section``): non-inferiority to the activation
+    baselines over training seeds; None without monitor cells."""
+    from jobs.monitor_section import section
+
+    return section(data, out, load_cell)
+
+
 BEYOND_RESAMPLES = 1000
 """At most this many bootstrap resamples of the whole held-out procedure (each refits every fold)."""
 BEYOND_PERMUTATIONS = 10_000
@@ -215,7 +228,7 @@ def other_cells(data) -> list:
 
 
 ANALYSED = (*READS, "circuits", "features", "saes", "dynamics_steer", "dynamics_train",
-            "dynamics_generate", "predict", "autosteer")
+            "dynamics_generate", "predict", "autosteer", "monitor")
 """Kinds with an analysis of their own on the page (the cross-model analysis, the circuits and
 beyond-the-gap sections)."""
 

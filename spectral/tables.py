@@ -612,6 +612,14 @@ MONITOR_VERDICTS = _schema(("key", STR), ("pairing", STR), ("rule", STR), *_doub
 """monitor_verdicts.parquet: per pairing, is the spectral detector non-inferior to every activation baseline
 (``analysis.monitor.pairing_verdict``; value: AUROC(spectral) - AUROC(the closest baseline))."""
 
+MONITOR_POPULATION = _schema(
+    ("key", STR), ("population", STR), ("pairing", STR), ("rule", STR),
+    *_doubles("value", "low", "high", "p_above", "p_below", "p_pass_holm", "p_fail_holm"), ("verdict", STR),
+    ("baseline", STR), ("k", I64), ("n_seeds", I64), ("per_seed", STR), ("detail", STR), ("correction", STR))
+"""monitor_verdicts.parquet of the report: per (population, pairing) over training seeds, is the spectral detector
+non-inferior to every activation baseline (``analysis.monitor.population_verdicts``; value: the across-seed mean
+AUROC difference to the closest baseline)."""
+
 MONITOR_SCORES = _schema(("pairing", STR), ("label", I64), ("index", I64), ("detector", STR), ("score", F64))
 """scores.parquet of ``eigengap monitor``: every test prompt's score per detector (label 0 benign, 1 anomalous;
 ``index``: the prompt's position in its class)."""
@@ -647,6 +655,7 @@ ALL: dict[str, pa.Schema] = {
     "autosteer_verdicts": AUTOSTEER_VERDICTS, "autosteer_iti": AUTOSTEER_ITI,
     "report_autosteer_strategies": REPORT_AUTOSTEER_STRATEGIES,
     "monitor": MONITOR, "monitor_verdicts": MONITOR_VERDICTS, "monitor_scores": MONITOR_SCORES,
+    "monitor_population": MONITOR_POPULATION,
 }
 """Every schema by name (for tests and documentation)."""
 

@@ -109,3 +109,56 @@ def test_bad_input_is_one_line_exit_2(organism_cache, tmp_path, capsys, files, e
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(errors) == 1 and message.replace("{B}", str(tmp_path / "B")) in errors[0], errors
     assert not (tmp_path / "out" / "monitor.parquet").exists()
+
+
+def _seed_rows(rng, pairings, spectral_auc, baseline_auc, sd=0.02):
+    return [dict(pairing=p, detector=d, auroc=float(np.clip((spectral_auc if d == "spectral" else baseline_auc)
+                                                               + rng.normal(0, sd), 0, 1)))
+            for p in pairings for d in ("spectral", *M.BASELINES)]
+
+
+def test_the_population_verdict_passes_at_most_at_its_nominal_rate_at_the_margin():
+    """5 seeds per population, 2 populations x 3 pairings, the spectral AUROC exactly MARGIN below both
+    baselines in expectation (seed-level noise SD 0.02 on each AUROC): PASS within two binomial SEs of
+    2.5 %; 0.05 above: PASS in most runs; 0.10 below: FAIL in most."""
+    rng = np.random.default_rng(7)
+    pairings = ("trigger", "shuffled", "garbled")
+
+    def rates(spectral_auc, sims):
+        v = []
+        for _ in range(sims):
+            seeds = [(pop, s, _seed_rows(rng, pairings, spectral_auc, 0.8)) for pop in ("a", "b") for s in range(5)]
+            v += [r["verdict"] for r in M.population_verdicts(seeds)]
+        return v.count("PASS") / len(v), v.count("FAIL") / len(v)
+
+    sims = 1000
+    p_pass, _ = rates(0.8 - M.MARGIN, sims)
+    assert p_pass <= 0.025 + 2 * np.sqrt(0.025 * 0.975 / (sims * 6)), p_pass
+    assert rates(0.85, 100)[0] >= 0.5 and rates(0.70, 100)[1] >= 0.5
+
+
+def test_the_report_section_reads_monitor_cells(tmp_path):
+    from cluster.store import write_parquet
+    from jobs import report
+    from tests.synthetic_runs import SIZES, finish, make_run
+
+    run_dir = make_run(tmp_path / "run", SIZES[:2], seeds=(0, 1, 2), steer=False)
+    sweep = json.loads((run_dir / "sweep.json").read_text())
+    sweep["config"]["experiments"].append({"kind": "monitor", "params": {}})
+    (run_dir / "sweep.json").write_text(json.dumps(sweep))
+    rng = np.random.default_rng(2)
+    for model_dir in sorted(run_dir.glob("model=*")):
+        model = json.loads((model_dir / "model.json").read_text())["model"]
+        rows = [dict(r, auroc_low=0.0, auroc_high=1.0, average_precision=0.5, tpr_at_1pct_fpr=0.1, tpr_low=0.0,
+                     tpr_high=1.0, test_fpr=0.01, threshold=1.0, n_benign=64, n_anomalous=64)
+                for r in _seed_rows(rng, ("shuffled", "control"), 0.95, 0.80, sd=0.01)]
+        unit = model_dir / "experiment=1-monitor"
+        write_parquet(tables.from_rows(rows, tables.MONITOR, "m"), unit / "monitor.parquet", tables.MONITOR)
+        finish(unit, model, 1, "monitor")
+    out = tmp_path / "report"
+    report.run(run_dir, out, echo=lambda *a: None, n_resamples=60, n_permutations=200, track=False)
+    facts = json.loads((out / "summary.json").read_text())["verdicts"]
+    assert facts["organism-xs/monitor/shuffled/spectral_monitor_matches_baselines"] == "PASS"
+    assert not any("control" in k and "monitor" in k for k in facts)  # the negative control has no verdict
+    assert (out / "monitor.png").stat().st_size > 0
+    assert "Runtime monitor" in (out / "report.html").read_text()

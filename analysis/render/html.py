@@ -618,6 +618,32 @@ def _steering_theory(run: RunData, a: Analysis, figs: dict) -> str:
     return "".join(parts)
 
 
+def _monitor(run: RunData, a: Analysis, figs: dict) -> str:
+    """The spectral runtime monitor against activation baselines (``jobs.monitor_section``)."""
+    s = figs.get("monitor")
+    if not s:
+        return "<p class=\"note\">No monitor experiment in this run.</p>"
+    parts = []
+    if s.verdicts:
+        parts.append(f"<div class=\"rule\"><b>Rule:</b> {_e(s.verdicts[0]['rule'])}</div>")
+        parts.append(_html_table(
+            ["population", "pairing", "seeds", "spectral - closest baseline (AUROC)", "95 %", "p pass / fail (Holm)",
+             "verdict", "per baseline", "correction"],
+            [[r["population"], r["pairing"], r["k"], _num(r["value"]), _ci(r["low"], r["high"]),
+              f"{_num(r['p_pass_holm'])} / {_num(r['p_fail_holm'])}", r["verdict"], r["detail"], r["correction"]]
+             for r in s.verdicts], {2, 3}))
+    if s.summary:
+        parts.append(_html_table(
+            ["population", "pairing", "detector", "seeds", "AUROC (mean)", "min", "max", "TPR at 1 % FPR (mean)"],
+            [[r["population"], r["pairing"], r["detector"], r["n_seeds"], _num(r["auroc"]), _num(r["auroc_min"]),
+              _num(r["auroc_max"]), _num(r["tpr_at_1pct_fpr"])] for r in s.summary], {3, 4, 5, 6, 7}))
+        parts.append(_img(s.plots.get("auroc"), "monitor AUROC", "per population and pairing, each detector's AUROC "
+                          "(mean over seeds; bars: min to max); dotted: 0.5"))
+    if s.notes:
+        parts.append(f"<p class=\"note\">{_e('; '.join(s.notes))}</p>")
+    return "".join(parts)
+
+
 SECTIONS: tuple[tuple[str, str, Section], ...] = (
     ("verdicts", "Verdicts", lambda run, a, figs: _verdicts(a)),
     ("populations", "Populations", lambda run, a, figs: _populations(run)),
@@ -642,6 +668,7 @@ SECTIONS: tuple[tuple[str, str, Section], ...] = (
     ("dynamics_train", "Training dynamics", _dynamics_train),
     ("dynamics_generate", "Generation dynamics", _dynamics_generate),
     ("steering_theory", "Steering theory and automated steering", _steering_theory),
+    ("monitor", "Runtime monitor", _monitor),
     ("cells", "Other experiments", _other_cells),
     ("data", "Data", lambda run, a, figs: _data(run)),
 )
