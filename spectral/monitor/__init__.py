@@ -9,7 +9,7 @@ import numpy as np
 
 from spectral.errors import UsageError
 from spectral.monitor.detectors import DETECTORS, Detector, make_detector
-from spectral.monitor.features import PromptFeatures, prompt_features
+from spectral.monitor.features import ATTENTION_METRICS, KEY_METRICS, PromptFeatures, prompt_features
 
 INPUTS = {"spectral": "spectral", "isolation-forest": "spectral", "signature": "heads", "mahalanobis": "residual"}
 """What each detector reads: the spectral features, every head's output at the last token (the
@@ -54,6 +54,43 @@ class SpectralMonitor:
             raise UsageError("the monitor is not fitted: call fit(benign prompts) first")
         f = prompts if isinstance(prompts, PromptFeatures) else self.features(prompts)
         return {name: d.score(_inputs(f, INPUTS[name])) for name, d in self.detectors.items()}
+
+
+    def score_generation(self, prompts: Sequence[str], max_new_tokens: int = 16, batch_size: int = 8):
+        """The streaming monitor: generate (greedy, KV cache) and score every step from the spectra
+        ``spectral.dynamics.generation`` streams (each step's context key kernels, rank-one updated,
+        and its query's attention). Step s describes the context prompt + s generated tokens, so its
+        scores equal ``score`` of that prefix. The detectors reading spectral features only
+        (``spectral``, ``isolation-forest``): the activation baselines are not streamed. Returns the
+        ``Generation`` and {detector: (prompts x steps) array, NaN after a prompt's end}."""
+        from spectral.dynamics.generation import GenerationSettings, generate_trajectories
+
+        if not self.names:
+            raise UsageError("the monitor is not fitted: call fit(benign prompts) first")
+        streamed = [d for d in self.detectors if INPUTS[d] == "spectral"]
+        if not streamed:
+            raise UsageError("no detector reads the spectral features: nothing to stream")
+        gen = generate_trajectories(self.loaded, prompts, GenerationSettings(
+            max_new_tokens=max_new_tokens, batch_size=batch_size, stop_at_eos=False))
+        t = gen.trajectories.to_pydict()
+        group = self.adapter.n_heads // self.adapter.n_kv_heads
+        col = {n: i for i, n in enumerate(self.names)}
+        x = np.full((len(prompts), max_new_tokens, len(self.names)), np.nan)
+        for i in range(len(t["prompt"])):
+            p, s, l, h, k = t["prompt"][i], t["step"][i], t["layer"][i], t["head"][i], t["kv_head"][i]
+            if h == k * group:
+                for m in KEY_METRICS:
+                    x[p, s, col[f"L{l}.H{k}.{m}"]] = t[m][i]
+            for m in ATTENTION_METRICS:
+                x[p, s, col[f"L{l}.H{h}.{m}"]] = t[m][i]
+        flat = x.reshape(-1, len(self.names))
+        done = np.all(np.isfinite(flat), axis=1)
+        scores = {}
+        for d in streamed:
+            out = np.full(flat.shape[0], np.nan)
+            out[done] = self.detectors[d].score(flat[done])
+            scores[d] = out.reshape(len(prompts), max_new_tokens)
+        return gen, scores
 
 
 def _inputs(f: PromptFeatures, which: str) -> np.ndarray:
