@@ -1,7 +1,8 @@
 """The streaming spectral monitor during generation vs plain ``generate`` with a KV cache (issue 19;
 target: ratio <= 1.2).
 
-Per model, 8 prompts of 16 tokens, one batch, 64 new tokens each (both paths generate exactly that
+Per model 8 prompts (the Pythia twin: 16 tokens of the demo lines; organism-l: 8 benign prompts of
+its own language from the monitor suite, 8-14 tokens), one batch, 64 new tokens each (both paths generate exactly that
 many: the monitor with ``stop_at_eos=False``, ``generate`` with ``min_new_tokens``). The monitor is
 fitted beforehand on 32 other prompts (not timed); timed: ``SpectralMonitor.score_generation``
 (generation, every head's per-step key spectra and step attention, the features and the spectral
@@ -30,8 +31,17 @@ TARGET_RATIO_MAX = 1.2
 
 def measure(spec: str, repeats: int) -> dict:
     loaded = load_model(spec)
-    texts = token_prompts(loaded.tokenizer, N_PROMPTS, PROMPT_TOKENS)
-    benign = token_prompts(loaded.tokenizer, 32, PROMPT_TOKENS, first=N_PROMPTS)
+    if spec.startswith("organism"):  # the organism's own language (the demo lines are not in its vocabulary)
+        import json
+
+        from spectral.models.loading import checkpoint_path
+        from spectral.monitor.suite import organism_suite
+
+        suite = organism_suite(json.loads((checkpoint_path(loaded) / "tasks.json").read_text()), 32, N_PROMPTS, 8)
+        benign, texts = list(suite.fit), list(suite.calibration)
+    else:
+        texts = token_prompts(loaded.tokenizer, N_PROMPTS, PROMPT_TOKENS)
+        benign = token_prompts(loaded.tokenizer, 32, PROMPT_TOKENS, first=N_PROMPTS)
     monitor = SpectralMonitor(loaded, ["spectral"]).fit(benign)
     gen, _ = monitor.score_generation(texts, NEW_TOKENS, N_PROMPTS)  # warm-up, and the batch generate reads
     ids, mask = left_padded(gen.prompt_tokens, gen.pad_token, loaded.model.device)
