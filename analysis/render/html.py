@@ -478,12 +478,7 @@ def _dynamics_steer(run: RunData, a: Analysis, figs: dict) -> str:
     parts = []
     if s.verdicts:
         parts.append(f"<div class=\"rule\"><b>Rule:</b> {_e(s.verdicts[0]['rule'])}</div>")
-        parts.append(_html_table(
-            ["population", "claim", "seeds", "adaptive - fixed", "95 %", "p pass / fail (Holm)", "verdict", "per seed",
-             "correction", "note"],
-            [[r["population"], r["key"], r["k"], _num(r["value"]), _ci(r["low"], r["high"]),
-              f"{_num(r['p_pass_holm'])} / {_num(r['p_fail_holm'])}", r["verdict"], r["per_seed"], r["correction"],
-              r["note"]] for r in s.verdicts], {2, 3}))
+        parts.append(_verdict_table(s.verdicts, "adaptive - fixed"))
     if s.models:
         parts.append(_html_table(
             ["model", "arm", "rule", "layer", "scale", "KL (prompts matched on)", "KL (prompts evaluated)", "effect", "95 %",
