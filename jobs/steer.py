@@ -195,6 +195,12 @@ def run(config: SteerConfig, *, echo=print):
     adapter = ev.adapter
     make = actadd if config.vector == "actadd" else caa
     vectors = {l: v.cpu() for l, v in make(adapter, probe.tokenizer, concept, range(n_layers), device, config.read_at).items()}
+    zero = [l for l, v in vectors.items() if not float(v.double().norm()) > 0]
+    if zero:  # the oracle and the random control need every layer
+        raise UsageError(f"--concept {config.concept}: the steering vector is zero at layer(s) "
+                         f"{', '.join(map(str, zero))} (the contrast pairs' residuals agree there, e.g. every pair ends "
+                         "in the same token); eigengap steer needs one at every layer: use eigengap autosteer, which "
+                         "leaves such layers out")
 
     # the scan the spectral strategy reads: key kernel, held out from the evaluation prompts by default
     settings = ScanSettings()

@@ -474,6 +474,7 @@ def test_in_sample_scan_stays_available_and_is_labelled(organism_cache, steer_lo
       "prompts": ["I love the", "I hate the", "The"]}, [],
      "--selection-fraction: 3 evaluation prompts split at 0.5 leave 1 for selection and 2 held out"),
     ({k: v for k, v in GOOD_CONCEPT.items() if k != "neutral"}, [], "missing field 'neutral'"),
+    (None, ["--concept", "names"], "the steering vector is zero at layer(s) 0"),
 ])
 def test_steer_bad_input(organism_cache, tmp_path, capsys, concept, extra, message):
     args = steer_args(organism_cache, tmp_path / "out", *extra)
