@@ -55,7 +55,8 @@ class MonitorConfig(JobConfig):
     """Built-in suite: prompts per class of each pairing."""
     batch_size: int = Field(32, ge=1)
     seed: int = 0
-    """Seed of the suite's draws, the isolation forest and the bootstrap."""
+    """Seed of the isolation forest and the bootstrap; the built-in suite's prompts are drawn with
+    ``suite_seed(seed, model)``: the organism's training seed moves them too."""
     device: Device = "auto"
     force: bool = False
     """Overwrite existing results in --out."""
@@ -69,6 +70,16 @@ class MonitorConfig(JobConfig):
         if not value:
             raise ValueError("no detector given")
         return value
+
+
+def suite_seed(seed: int, model: str) -> int:
+    """The built-in suite's draw: ``seed`` + 1000 x the organism's training seed, so that a sweep over
+    training seeds also draws new prompts (the seeds' spread then includes the prompts', and the
+    across-seed interval covers both)."""
+    from analysis.crossmodel import population_of
+
+    training = population_of(model)[1] or 0
+    return seed + 1000 * training
 
 
 def read_lines(path: Path, what: str) -> list[str]:
@@ -123,7 +134,7 @@ def run(config: MonitorConfig, *, echo=print):
             raise UsageError("the built-in suite needs a model organism (a checkpoint with tasks.json): pass "
                              "--benign FILE --test FILE")
         suite = organism_suite(json.loads((path / "tasks.json").read_text()), config.n_fit, config.n_calibration,
-                               config.n_test, config.seed)
+                               config.n_test, suite_seed(config.seed, spec.text))
     monitor = SpectralMonitor(loaded, config.detectors, batch_size=config.batch_size, seed=config.seed)
     t0 = time.perf_counter()
     monitor.fit(list(suite.fit))
@@ -151,6 +162,7 @@ def run(config: MonitorConfig, *, echo=print):
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
     write_json({"config": config.model_dump(mode="json"), "trigger": suite.trigger,
+                "suite_seed": suite_seed(config.seed, spec.text) if config.benign is None else None,
                 "n_fit": len(suite.fit), "n_calibration": len(suite.calibration),
                 "pairings": {p.name: {"benign": list(p.benign[:3]), "anomalous": list(p.anomalous[:3])}
                              for p in suite.pairings},

