@@ -20,6 +20,8 @@ threshold is set elsewhere (on held-out benign prompts).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import numpy as np
 
 from spectral.errors import UsageError
@@ -27,8 +29,9 @@ from spectral.errors import UsageError
 MAD_SCALE = 1.4826
 
 
-class Detector:
-    """``fit`` on benign rows (n, features), ``score`` rows: larger is more anomalous."""
+class Detector(ABC):
+    """``fit`` on benign rows (n, features), ``score`` rows: larger is more anomalous. A detector
+    implements ``_fit`` and ``_score`` on validated float64 matrices."""
 
     name = "detector"
     min_rows = 2
@@ -58,11 +61,11 @@ class Detector:
             raise UsageError(f"{self.name}: {what}: row {r}, feature {c} is not finite")
         return x
 
-    def _fit(self, x: np.ndarray) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _fit(self, x: np.ndarray) -> None: ...
 
-    def _score(self, x: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+    @abstractmethod
+    def _score(self, x: np.ndarray) -> np.ndarray: ...
 
 
 class SpectralDetector(Detector):
