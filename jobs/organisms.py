@@ -29,15 +29,45 @@ class TrainConfig(JobConfig):
     checkpoints: int = Field(0, ge=0)
     """Also keep this many training checkpoints at log-spaced steps (0: none; each such
     organism is cached apart from the plain one: docs/ORGANISMS.md, "Training checkpoints")."""
+    arm: str | None = None
+    """Train under a spectral-regularisation arm: baseline, sigma-reparam, gap-penalty, entropy or
+    controlled-instability (docs/ORGANISMS.md, "Training arms"; cached as NAME[-seedN]-ARM)."""
+    arm_heads: str | None = None
+    """The arm's heads: L.H,... or L.* or all (gap-penalty, entropy, controlled-instability)."""
+    arm_target: float | None = None
+    """The arm's target gap in (0, 1) (gap-penalty, controlled-instability)."""
+    arm_direction: str | None = None
+    """The arm's direction: up or down (gap-penalty, entropy)."""
+    arm_weight: float | None = None
+    """The arm's penalty weight (> 0)."""
+    steps: int | None = Field(None, ge=1)
+    """Train for this many steps instead of the recipe's (a pilot, cached as NAME[-seedN]-stepsN)."""
 
     @model_validator(mode="after")
     def _something(self):
         if not self.names and not self.all:
             raise ValueError("name an organism or pass --all")
-        for name in self.names:
-            recipe_of(name, checkpoints=self.checkpoints)
+        options = {k: v for k, v in self.arm_options().items() if v is not None}
+        if self.arm is None and options:
+            raise ValueError(f"--{next(iter(options)).replace('_', '-')} needs --arm")
+        for name in self.names if not self.all else list(SUITE):
+            recipe_of(name, checkpoints=self.checkpoints, arm=self.spec(name), steps=self.steps)
         parse_seeds(self.seeds)
         return self
+
+    def arm_options(self) -> dict:
+        return {"arm_heads": self.arm_heads, "arm_target": self.arm_target, "arm_direction": self.arm_direction,
+                "arm_weight": self.arm_weight}
+
+    def spec(self, name: str):
+        """The arm resolved for organism ``name`` (None: the plain recipe)."""
+        from spectral.organisms.suite import arm_spec
+
+        if self.arm is None:
+            return None
+        o = self.arm_options()
+        return arm_spec(name, self.arm, heads=o["arm_heads"], target=o["arm_target"], direction=o["arm_direction"],
+                        weight=o["arm_weight"])
 
     def specs(self) -> list[str]:
         names = list(SUITE) if self.all else self.names
@@ -79,8 +109,10 @@ class EvalConfig(JobConfig):
 def run_train(config: TrainConfig, echo=print) -> None:
     total = time.perf_counter()
     for name in config.specs():
-        path = train_organism(name, checkpoints=config.checkpoints, force=config.force)
+        path = train_organism(name, checkpoints=config.checkpoints, arm=config.spec(name), steps=config.steps,
+                              force=config.force)
         kept = f", {config.checkpoints} checkpoints" if config.checkpoints else ""
+        kept += f", arm {config.spec(name).describe()}" if config.spec(name) is not None else ""
         echo(f"{name}: {path} (trained in {training_report(path)['train_seconds']} s{kept})")
     echo(f"done in {time.perf_counter() - total:.1f} s")
 

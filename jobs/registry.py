@@ -32,6 +32,7 @@ KINDS: dict[str, str] = {
     "predict": "jobs.predict",
     "autosteer": "jobs.autosteer",
     "monitor": "jobs.monitor",
+    "regularize": "jobs.regularize",
 }
 """Experiment kind -> the module whose ``EXPERIMENT`` record defines it (one line per kind)."""
 

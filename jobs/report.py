@@ -69,6 +69,7 @@ def run(run_dir: Path, out: Path | None = None, echo=print, *, n_resamples: int 
     figs["dynamics_generate"] = dynamics_generate_section(data, out)
     figs["steering_theory"] = steering_theory_section(data, out)
     figs["monitor"] = monitor_section(data, out)
+    figs["regularize"] = regularize_section(data, out)
     for name, (rows, schema) in TABLES.items():
         write_parquet(schemas.from_rows(getattr(result, rows), schema, str(out / name)), out / name, schema)
     facts = summary(data, result)
@@ -106,6 +107,10 @@ def run(run_dir: Path, out: Path | None = None, echo=print, *, n_resamples: int 
         from jobs.monitor_section import verdict_facts as monitor_facts
 
         facts["verdicts"].update(monitor_facts(figs["monitor"]))
+    if figs["regularize"] is not None:
+        from jobs.regularize_section import verdict_facts as regularize_facts
+
+        facts["verdicts"].update(regularize_facts(figs["regularize"]))
     write_json(facts, out / "summary.json")
     page = write_text(render(data, result, figs), out / RESULT_FILE)  # last: its presence means the report is complete
     counts = {v: sum(x == v for x in facts["verdicts"].values()) for v in ("PASS", "FAIL", "INCONCLUSIVE")}
@@ -215,6 +220,14 @@ def monitor_section(data, out: Path):
     return section(data, out, load_cell)
 
 
+def regularize_section(data, out: Path):
+    """Spectral regularisation and controlled instability (``jobs.regularize_section``): arm - baseline
+    over training seeds and the verdicts; None without regularize cells."""
+    from jobs.regularize_section import section
+
+    return section(data, out, load_cell)
+
+
 BEYOND_RESAMPLES = 1000
 """At most this many bootstrap resamples of the whole held-out procedure (each refits every fold)."""
 BEYOND_PERMUTATIONS = 10_000
@@ -228,7 +241,7 @@ def other_cells(data) -> list:
 
 
 ANALYSED = (*READS, "circuits", "features", "saes", "dynamics_steer", "dynamics_train",
-            "dynamics_generate", "predict", "autosteer", "monitor")
+            "dynamics_generate", "predict", "autosteer", "monitor", "regularize")
 """Kinds with an analysis of their own on the page (the cross-model analysis, the circuits and
 beyond-the-gap sections)."""
 

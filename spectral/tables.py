@@ -636,6 +636,48 @@ AUTOSTEER_VERDICTS = DYNAMICS_STEER_VERDICTS
 one model's reading (the job) or per population over seeds and overall (the report)
 (``analysis.autosteer.VERDICT_COLUMNS``, the same columns as ``DYNAMICS_STEER_VERDICTS``)."""
 
+REGULARIZE_MODEL_MEASURES = (
+    "icl_score", "icl_loss_early", "icl_loss_late", "repeat_accuracy", "induction_accuracy", "ioi_accuracy",
+    "heldout_loss", "few_shot_accuracy_0", "few_shot_loss_0", "few_shot_accuracy_1", "few_shot_loss_1",
+    "few_shot_accuracy_2", "few_shot_loss_2", "few_shot_gain_1", "few_shot_gain_2")
+"""The model-level measures of one trained arm (``spectral.regularize.measure.measure_arm``)."""
+
+REGULARIZE_MODELS = _schema(
+    ("population", STR), ("arm", STR), ("options", STR), ("seed", I64), ("entry", STR), ("direction", STR),
+    ("targeted", STR), *_doubles("train_seconds", "final_loss", "final_arm_loss", *REGULARIZE_MODEL_MEASURES,
+                                 "gap_targeted", "gap_rest", "fraction_unstable", "restoration_targeted",
+                                 "importance_rank_targeted"))
+"""regularize_models.parquet of ``eigengap regularize``: one row per (arm, training seed): the arm's options,
+the cache entry it was trained into, its training time and final losses (the language-model loss and the
+arm's extra term, NaN without one), every model-level measure (``spectral.regularize.measure``) and the head
+summaries over the arm's targeted heads (``analysis.regularize.head_summary``; ``targeted``: L.H list, every
+head when empty)."""
+
+REGULARIZE_HEADS = _schema(("population", STR), ("arm", STR), ("seed", I64), ("layer", I64), ("head", I64),
+                           ("targeted", BOOL), *_doubles("gap", "restoration"), ("importance_rank", I64))
+"""regularize_heads.parquet: per (arm, seed, head) the key-kernel gap of the held-out prompts' scan, the exact
+IOI restoration and its rank among the model's heads (1 = most important), and whether the arm targets it."""
+
+REGULARIZE_LAYERS = _schema(("population", STR), ("arm", STR), ("seed", I64), ("layer", I64), ("targeted", BOOL),
+                            *_doubles("effect", "kl", "scale"), ("note", STR))
+"""regularize_layers.parquet: per (arm, seed, layer) the CAA sentiment vector's mean effect at the KL budget,
+the KL reached and the scale; NaN with the reason in ``note`` where the budget was out of reach."""
+
+REGULARIZE_CONTRASTS = _schema(("population", STR), ("arm", STR), ("measure", STR), ("better", STR),
+                               *_doubles("baseline", "arm_value", "value", "low", "high", "se", "df"), ("k", I64),
+                               ("per_seed", STR))
+"""regularize_contrasts.parquet: per (population, arm, measure) the mean over seeds of arm - baseline (paired by
+training seed) with its t-interval (``analysis.regularize.contrast_rows``; descriptive, no multiplicity claim);
+``baseline`` and ``arm_value`` the two means; ``better``: which direction of the measure is better."""
+
+REGULARIZE_VERDICTS = _schema(
+    ("key", STR), ("population", STR), ("arm", STR), ("layer", I64), ("rule", STR),
+    *_doubles("value", "low", "high", "p_pass", "p_fail", "p_pass_holm", "p_fail_holm"), ("verdict", STR),
+    ("n_seeds", I64), ("k", I64), ("per_seed", STR), ("scheme", STR), ("correction", STR), ("note", STR))
+"""regularize_verdicts.parquet: the verdicts of issue 20 (``analysis.regularize.verdict_rows``): did the gap
+manipulation take hold, does strategic instability improve few-shot learning, does targeted instability make
+a layer more steerable (layer -1 where the verdict is not per layer)."""
+
 ALL: dict[str, pa.Schema] = {
     "scan": SCAN, "steer_scan": STEER_SCAN, "patch": PATCH, "patch_examples": PATCH_EXAMPLES,
     "validate_heads": VALIDATE_HEADS, "validate": VALIDATE, "steer_strategies": STEER_STRATEGIES,
@@ -663,6 +705,8 @@ ALL: dict[str, pa.Schema] = {
     "report_autosteer_strategies": REPORT_AUTOSTEER_STRATEGIES,
     "monitor": MONITOR, "monitor_verdicts": MONITOR_VERDICTS, "monitor_scores": MONITOR_SCORES,
     "monitor_population": MONITOR_POPULATION, "monitor_backdoor": MONITOR_BACKDOOR,
+    "regularize_models": REGULARIZE_MODELS, "regularize_heads": REGULARIZE_HEADS, "regularize_layers": REGULARIZE_LAYERS,
+    "regularize_contrasts": REGULARIZE_CONTRASTS, "regularize_verdicts": REGULARIZE_VERDICTS,
 }
 """Every schema by name (for tests and documentation)."""
 

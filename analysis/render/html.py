@@ -639,6 +639,42 @@ def _monitor(run: RunData, a: Analysis, figs: dict) -> str:
     return "".join(parts)
 
 
+def _regularize(run: RunData, a: Analysis, figs: dict) -> str:
+    """Spectral regularisation and controlled instability (``jobs.regularize_section``)."""
+    s = figs.get("regularize")
+    if not s:
+        return "<p class=\"note\">No regularize experiment in this run.</p>"
+    parts = []
+    if s.verdicts:
+        for key in dict.fromkeys(r["key"] for r in s.verdicts):
+            rows = [r for r in s.verdicts if r["key"] == key]
+            parts.append(f"<div class=\"rule\"><b>Rule:</b> {_e(rows[0]['rule'])}</div>")
+            parts.append(_html_table(
+                ["population", "arm", "layer", "seeds", "D (mean over seeds)", "95 % (seeds)", "p pass / fail (Holm)",
+                 "verdict", "per seed", "correction"],
+                [[r["population"], r["arm"], r["layer"] if r["layer"] >= 0 else "", r["k"], _num(r["value"]),
+                  _ci(r["low"], r["high"]), f"{_num(r['p_pass_holm'])} / {_num(r['p_fail_holm'])}", r["verdict"],
+                  r["per_seed"], r["correction"]] for r in rows], {3, 4}))
+    else:
+        parts.append("<p class=\"note\">No verdict: no gap arm with a baseline of the same seeds.</p>")
+    if s.contrasts:
+        parts.append("<p>Arm - baseline per measure, paired by training seed: the mean over seeds with its 95 % "
+                     "t-interval (descriptive; no multiplicity claim).</p>")
+        parts.append(_html_table(
+            ["population", "arm", "measure", "better", "baseline", "arm", "arm - baseline", "95 % (seeds)", "seeds"],
+            [[c["population"], c["arm"], c["measure"], c["better"], _num(c["baseline"]), _num(c["arm_value"]),
+              _num(c["value"]), _ci(c["low"], c["high"]), c["k"]] for c in s.contrasts], {4, 5, 6, 8}, wide=True))
+    for name, path in s.plots.items():
+        what, pop = name.split("/", 1)
+        caption = (f"{pop}: every head's key-kernel gap on held-out prompts per arm and seed (red: the arm's targeted "
+                   "heads); dashed: 0.77" if what == "gaps" else
+                   f"{pop}: arm - baseline per measure, mean over seeds with its 95 % t-interval")
+        parts.append(_img(path, name, caption))
+    if s.notes:
+        parts.append(f"<p class=\"note\">{_e('; '.join(s.notes))}</p>")
+    return "".join(parts)
+
+
 SECTIONS: tuple[tuple[str, str, Section], ...] = (
     ("verdicts", "Verdicts", lambda run, a, figs: _verdicts(a)),
     ("populations", "Populations", lambda run, a, figs: _populations(run)),
@@ -664,6 +700,7 @@ SECTIONS: tuple[tuple[str, str, Section], ...] = (
     ("dynamics_generate", "Generation dynamics", _dynamics_generate),
     ("steering_theory", "Steering theory and automated steering", _steering_theory),
     ("monitor", "Runtime monitor", _monitor),
+    ("regularize", "Spectral regularisation and controlled instability", _regularize),
     ("cells", "Other experiments", _other_cells),
     ("data", "Data", lambda run, a, figs: _data(run)),
 )

@@ -29,6 +29,7 @@ from spectral.organisms.language import tasks as language_tasks
 from spectral.organisms.checkpoints import CHECKPOINTS, Checkpoint, checkpoint_steps, list_checkpoints, sha256_file
 from spectral.organisms.names import parse_name
 from spectral.organisms.train import Recipe, train
+from spectral.regularize.choices import ArmSpec, entry_suffix, from_fields, resolve
 
 RECIPE_VERSION = 5
 """Bump when the language, tokenizer or training loop changes: older entries become stale."""
@@ -74,33 +75,61 @@ def parse_seeds(text: str | None) -> list[int] | None:
     return seeds
 
 
-def recipe_of(name: str, seed: int | None = None, checkpoints: int = 0) -> Recipe:
+def recipe_of(name: str, seed: int | None = None, checkpoints: int = 0, arm: ArmSpec | None = None,
+              steps: int | None = None) -> Recipe:
     """The recipe of ``name`` (which may carry ``?seed=N``), at ``seed`` when given, keeping
-    ``checkpoints`` training checkpoints."""
+    ``checkpoints`` training checkpoints, trained with the training arm ``arm``
+    (``spectral.regularize.choices.resolve``; None: the plain recipe) for ``steps`` optimizer steps
+    (None: the recipe's; another count is a pilot, cached as its own entry)."""
     base, parsed_seed = split_name(name)
     if base not in SUITE:
         raise UsageError(f"unknown organism {base!r} (known: {', '.join(SUITE)})")
-    checkpoint_steps(SUITE[base].steps, checkpoints)  # a bad count is refused here, before any work
-    return replace(SUITE[base], seed=parsed_seed if seed is None else seed, checkpoints=checkpoints)
+    if steps is not None and steps < 1:
+        raise UsageError(f"steps must be >= 1, got {steps}")
+    total = SUITE[base].steps if steps is None else steps
+    checkpoint_steps(total, checkpoints)  # a bad count is refused here, before any work
+    recipe = replace(SUITE[base], seed=parsed_seed if seed is None else seed, checkpoints=checkpoints, steps=total)
+    return replace(recipe, **arm.fields()) if arm is not None else recipe
+
+
+def arm_spec(name: str, arm: str, *, heads: str | None = None, target: float | None = None,
+             direction: str | None = None, weight: float | None = None) -> ArmSpec | None:
+    """The training arm ``arm`` with its options resolved for organism ``name``'s shape."""
+    base, _ = split_name(name)
+    if base not in SUITE:
+        raise UsageError(f"unknown organism {base!r} (known: {', '.join(SUITE)})")
+    r = SUITE[base]
+    return resolve(arm, r.layers, r.heads, heads=heads, target=target, direction=direction, weight=weight)
 
 
 def entry_name(recipe: Recipe) -> str:
     """The cache entry of a recipe: its name for seed 0 (the suite's own organisms), else
-    ``NAME-seedN``; ``-checkpointsK`` appended when it keeps K training checkpoints."""
+    ``NAME-seedN``; ``-stepsN`` for a pilot of N steps; then ``-ARM`` (or ``-ARM-<digest>``) for a training arm
+    (``spectral.regularize.choices.entry_suffix``); ``-checkpointsK`` appended when it keeps K
+    training checkpoints."""
     name = recipe.name if recipe.seed == 0 else f"{recipe.name}-seed{recipe.seed}"
+    if recipe.name in SUITE and recipe.steps != SUITE[recipe.name].steps:
+        name += f"-steps{recipe.steps}"
+    name += entry_suffix(from_fields(recipe.as_dict()), recipe.layers, recipe.heads)
     return f"{name}-checkpoints{recipe.checkpoints}" if recipe.checkpoints else name
 
 
-_ENTRY = re.compile(r"(?P<name>.+?)(?:-seed(?P<seed>\d+))?(?:-checkpoints(?P<checkpoints>\d+))?")
+_ENTRY = re.compile(r"(?P<name>organism-[a-z]+)(?:-seed(?P<seed>\d+))?(?:-steps(?P<steps>\d+))?(?:-(?P<arm>[a-z]+(?:-[a-z]+)*)"
+                    r"(?:-(?P<digest>[0-9a-f]{8}))?)?(?:-checkpoints(?P<checkpoints>\d+))?")
 
 
 def train_command(entry: str, *, force: bool = True) -> str:
-    """The command that (re)trains a cache entry, from its name."""
+    """The command that (re)trains a cache entry, from its name (an arm trained with other than its
+    default options: the options are those of the entry's recipe.json)."""
     match = _ENTRY.fullmatch(entry)
-    name, seed, checkpoints = match["name"], match["seed"], match["checkpoints"]
+    if match is None:
+        return f"eigengap organisms train ... (entry {entry})"
+    name, seed, checkpoints, arm = match["name"], match["seed"], match["checkpoints"], match["arm"]
     spec = f"'{name}?seed={seed}'" if seed else name
-    return (f"eigengap organisms train {spec}" + (f" --checkpoints {checkpoints}" if checkpoints else "")
-            + (" --force" if force else ""))
+    return (f"eigengap organisms train {spec}" + (f" --steps {match['steps']}" if match["steps"] else "")
+            + (f" --arm {arm}" if arm else "")
+            + (" --arm-... (the options in its recipe.json)" if match["digest"] else "")
+            + (f" --checkpoints {checkpoints}" if checkpoints else "") + (" --force" if force else ""))
 
 
 def spec_text(recipe: Recipe) -> str:
@@ -108,15 +137,17 @@ def spec_text(recipe: Recipe) -> str:
     return recipe.name if recipe.seed == 0 else f"{recipe.name}?seed={recipe.seed}"
 
 
-def organism_dir(name: str, seed: int | None = None, *, checkpoints: int = 0, progress: bool = True) -> Path:
+def organism_dir(name: str, seed: int | None = None, *, checkpoints: int = 0, arm: ArmSpec | None = None,
+                 steps: int | None = None, progress: bool = True) -> Path:
     """The checkpoint directory of organism ``name`` (``organism-s`` or ``organism-s?seed=3``;
     ``seed`` overrides), trained first if it is not cached; with ``checkpoints``, the entry
     that also keeps that many training checkpoints.
 
     Processes that need the same missing organism at once (the workers of one node, a sweep
     beside ``eigengap organisms train``) train it once: the first takes a lock on the entry,
-    the others wait for it and then use what it trained."""
-    recipe = recipe_of(name, seed, checkpoints)
+    the others wait for it and then use what it trained. ``arm``: the organism trained with that
+    training arm (its own entry); ``steps``: a pilot of that many steps (its own entry)."""
+    recipe = recipe_of(name, seed, checkpoints, arm, steps)
     path = cache_root() / entry_name(recipe)
     if path.exists() and _recipe_matches(path, recipe):
         verify(path)
@@ -132,11 +163,12 @@ def organism_dir(name: str, seed: int | None = None, *, checkpoints: int = 0, pr
         return _train_into(recipe, path, progress)
 
 
-def train_organism(name: str, seed: int | None = None, *, checkpoints: int = 0, force: bool = False,
-                   progress: bool = True) -> Path:
+def train_organism(name: str, seed: int | None = None, *, checkpoints: int = 0, arm: ArmSpec | None = None,
+                   steps: int | None = None, force: bool = False, progress: bool = True) -> Path:
     """Train ``name`` (``?seed=N`` allowed; ``seed`` overrides), keeping ``checkpoints``
-    training checkpoints, into the cache, reusing a valid entry unless ``force``."""
-    recipe = recipe_of(name, seed, checkpoints)
+    training checkpoints, with training arm ``arm`` (None: the plain recipe), into the cache,
+    reusing a valid entry unless ``force``; ``steps``: a pilot of that many steps."""
+    recipe = recipe_of(name, seed, checkpoints, arm, steps)
     path = cache_root() / entry_name(recipe)
     with _entry_lock(recipe):
         if path.exists() and not force:
@@ -178,8 +210,10 @@ def organism_checkpoints(name: str, seed: int | None = None, checkpoints: int | 
 
 
 def describe(recipe: Recipe) -> str:
-    """A recipe's organism in messages: its spec, plus its training checkpoints."""
-    return spec_text(recipe) + (f" with {recipe.checkpoints} training checkpoints" if recipe.checkpoints else "")
+    """A recipe's organism in messages: its spec, plus its training arm and checkpoints."""
+    spec = from_fields(recipe.as_dict())
+    return (spec_text(recipe) + (f" (arm {spec.describe()})" if spec is not None else "")
+            + (f" with {recipe.checkpoints} training checkpoints" if recipe.checkpoints else ""))
 
 
 @contextlib.contextmanager

