@@ -125,7 +125,7 @@ def head_summary(run: ArmRun, heads: Sequence[tuple[int, int]]) -> dict[str, flo
     return {"gap_targeted": float(np.mean([gap[k] for k in chosen])),
             "gap_rest": float(np.mean(others)) if others else NAN,
             "fraction_unstable": float(np.mean(gaps <= THRESHOLD)) if gaps.size else NAN,
-            "restoration_targeted": NAN if everything else float(np.nanmean([rest[k] for k in chosen])),
+            "restoration_targeted": NAN if everything else _mean([rest[k] for k in chosen]),
             "importance_rank_targeted": NAN if everything else float(np.mean([rank[k] for k in chosen]))}
 
 
@@ -171,10 +171,17 @@ def contrast_rows(runs: Sequence[ArmRun]) -> list[dict]:
             e = _estimate(d, seeds)
             out.append(dict(population=pop, arm=arm, measure=measure,
                             better=BETTER.get(measure, "higher" if measure.startswith("steer_effect") else ""),
-                            baseline=float(np.nanmean([b[measure] for _, b in per])),
-                            arm_value=float(np.nanmean([m[measure] for m, _ in per])),
+                            baseline=_mean([b[measure] for _, b in per]),
+                            arm_value=_mean([m[measure] for m, _ in per]),
                             **{k: e[k] for k in ("value", "low", "high", "se", "df", "k", "per_seed")}))
     return out
+
+
+def _mean(values: Sequence[float]) -> float:
+    """The mean of the finite values; NaN when there are none."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else NAN
 
 
 def _claims(runs: Sequence[ArmRun]) -> list[dict]:

@@ -28,7 +28,8 @@ def add_experiment_parser(sub, kind: str) -> None:
     from jobs.config import add_arguments, parse_config
 
     record = experiment(kind)
-    parser = sub.add_parser(kind, help=record.help, description=record.help)
+    text = record.help.replace("%", "%%")  # argparse formats help strings with %: "1 % FPR" must not break --help
+    parser = sub.add_parser(kind, help=text, description=text)
     add_arguments(parser, record.config)
     parser.set_defaults(handler=lambda ns: record.run(parse_config(record.config, ns)))
 

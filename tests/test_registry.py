@@ -104,3 +104,20 @@ def test_reading_every_record_loads_no_model_stack():
             "print(sorted(m for m in ('torch', 'transformers', 'matplotlib', 'mlflow', 'ray') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_the_help_of_every_command_renders(capsys):
+    """``eigengap --help`` and each command's ``--help`` print and exit 0 (a help string with a bare
+    '%', as in "1 % FPR", once broke argparse's formatting of the whole list)."""
+    from jobs.cli import build_parser
+
+    parser = build_parser()
+    with pytest.raises(SystemExit) as done:
+        parser.parse_args(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    for kind in registry.KINDS:
+        assert kind in text
+        with pytest.raises(SystemExit) as done:
+            parser.parse_args([kind, "--help"])
+        assert done.value.code == 0
