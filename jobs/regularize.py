@@ -1,6 +1,6 @@
 """``eigengap regularize`` (experiment kind ``regularize``, issue 20): train an organism under several
 training arms (baseline, sigma-reparam, a key-kernel gap penalty, an attention-entropy regulariser,
-controlled instability: ``spectral.regularize.choices``) from the same training seeds, measure each
+controlled instability: ``spectral.training.arms``) from the same training seeds, measure each
 trained model (``spectral.regularize.measure``: spectra, task quality, few-shot learning, head
 importance, steerability per layer at a matched KL budget) and compare each arm with the baseline
 over the seeds (``analysis.regularize``: paired differences with t-intervals, three verdict families
@@ -31,7 +31,7 @@ from pydantic import Field, model_validator
 from jobs.config import JobConfig, out_dir_ready
 from jobs.registry import PROMPT_TOKENS, Experiment
 from spectral import tables as schemas
-from spectral.regularize.choices import ARMS, BASELINE
+from spectral.training.arms import ARMS, BASELINE
 
 RESULT_FILE = "regularize_verdicts.parquet"
 PARTS = "parts"

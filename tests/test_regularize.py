@@ -9,7 +9,7 @@ import torch
 
 from spectral.errors import UsageError
 from spectral.kernels.key import KeyStats, key_kernel_spectra
-from spectral.regularize.penalties import gap_penalty, key_gap
+from spectral.training.penalties import gap_penalty, key_gap
 
 
 def test_key_gap_is_the_scans_gap():
@@ -68,8 +68,9 @@ from analysis import regularize as R  # noqa: E402
 from spectral.organisms.suite import arm_spec, entry_name, recipe_of  # noqa: E402
 from spectral.organisms.train import model_config, train  # noqa: E402
 from spectral.organisms.vocab import word_tokenizer  # noqa: E402
-from spectral.regularize.arms import Regularizer, SigmaReparamQK, normalized_entropy  # noqa: E402
-from spectral.regularize.choices import ARMS, parse_heads, resolve  # noqa: E402
+from spectral.training.regularizer import (  # noqa: E402
+    Regularizer, SigmaReparamQK, attention_probs, capture, normalized_entropy)
+from spectral.training.arms import ARMS, parse_heads, resolve  # noqa: E402
 
 
 def _fresh_model(seed: int = 2):
@@ -140,6 +141,32 @@ def test_normalized_entropy_against_a_plain_loop():
                 p = probs[b, q, :q + 1][mask[b, :q + 1]]
                 values.append(float(-(p * p.log()).sum()) / math.log(n))
     assert float(normalized_entropy(probs, mask)) == pytest.approx(float(np.mean(values)), rel=1e-6)
+
+
+def test_the_arms_hooks_see_what_the_scans_adapter_sees():
+    """Keys and attention probabilities read by the training arms' own hooks (this package sits below
+    spectral.models) equal HeadAdapter's keys_raw and probs, padding included."""
+    from spectral.models.adapter import HeadAdapter
+
+    model, tok = _fresh_model(3)
+    model.eval()
+    ids = torch.randint(0, len(tok), (3, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, 9:] = 0
+    mask[2, 5:] = 0
+    adapter = HeadAdapter(model)
+    want: dict = {}
+    with torch.no_grad(), adapter.trace(["keys_raw", "probs"], lambda l, s, t: want.__setitem__((l, s), t),
+                                        attention_mask=mask):
+        model(input_ids=ids, attention_mask=mask)
+    attns = [layer.attention for layer in model.gpt_neox.layers]
+    with torch.no_grad(), capture(attns, (0, 1), adapter.n_heads, adapter.d_head) as seen:
+        model(input_ids=ids, attention_mask=mask)
+    for l in (0, 1):
+        q, k, cos_sin = seen[l]
+        assert torch.equal(k, want[(l, "keys_raw")])
+        probs = attention_probs(q, k, cos_sin, attns[l].scaling, mask.bool())
+        assert torch.allclose(probs, want[(l, "probs")], atol=1e-6)
 
 
 def _gap_of(path: Path, heads) -> float:

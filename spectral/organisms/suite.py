@@ -29,7 +29,7 @@ from spectral.organisms.language import tasks as language_tasks
 from spectral.organisms.checkpoints import CHECKPOINTS, Checkpoint, checkpoint_steps, list_checkpoints, sha256_file
 from spectral.organisms.names import parse_name
 from spectral.organisms.train import Recipe, train
-from spectral.regularize.choices import ArmSpec, entry_suffix, from_fields, resolve
+from spectral.training.arms import ArmSpec, entry_suffix, from_fields, resolve
 
 RECIPE_VERSION = 5
 """Bump when the language, tokenizer or training loop changes: older entries become stale."""
@@ -79,7 +79,7 @@ def recipe_of(name: str, seed: int | None = None, checkpoints: int = 0, arm: Arm
               steps: int | None = None) -> Recipe:
     """The recipe of ``name`` (which may carry ``?seed=N``), at ``seed`` when given, keeping
     ``checkpoints`` training checkpoints, trained with the training arm ``arm``
-    (``spectral.regularize.choices.resolve``; None: the plain recipe) for ``steps`` optimizer steps
+    (``spectral.training.arms.resolve``; None: the plain recipe) for ``steps`` optimizer steps
     (None: the recipe's; another count is a pilot, cached as its own entry)."""
     base, parsed_seed = split_name(name)
     if base not in SUITE:
@@ -105,7 +105,7 @@ def arm_spec(name: str, arm: str, *, heads: str | None = None, target: float | N
 def entry_name(recipe: Recipe) -> str:
     """The cache entry of a recipe: its name for seed 0 (the suite's own organisms), else
     ``NAME-seedN``; ``-stepsN`` for a pilot of N steps; then ``-ARM`` (or ``-ARM-<digest>``) for a training arm
-    (``spectral.regularize.choices.entry_suffix``); ``-checkpointsK`` appended when it keeps K
+    (``spectral.training.arms.entry_suffix``); ``-checkpointsK`` appended when it keeps K
     training checkpoints."""
     name = recipe.name if recipe.seed == 0 else f"{recipe.name}-seed{recipe.seed}"
     if recipe.name in SUITE and recipe.steps != SUITE[recipe.name].steps:

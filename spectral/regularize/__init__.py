@@ -1,3 +1,2 @@
-"""Spectral regularisation of training (issue 20): the training arms (``choices``: names, options,
-cache entries; ``arms``: installing an arm on a model during training), the differentiable key-kernel
-gap and its penalty (``penalties``), and what a trained arm shows (``measure``)."""
+"""Spectral regularisation (issue 20): what a model trained under a training arm shows
+(``measure``). The arms themselves are part of organism training: ``spectral.training``."""

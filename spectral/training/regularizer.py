@@ -1,4 +1,4 @@
-"""Applying a training arm (``spectral.regularize.choices``) to a GPT-NeoX organism during training.
+"""Applying a training arm (``spectral.training.arms``) to a GPT-NeoX organism during training.
 
 ``Regularizer(model, spec)`` installs the arm on the freshly initialised model (before the optimizer
 is built, so sigma-reparam's ``gamma`` parameters are trained), ``penalty(input_ids, mask)`` runs
@@ -6,10 +6,12 @@ the training forward pass and returns ``(outputs, extra_loss)`` for the arms tha
 and ``finish()`` leaves a plain GPT-NeoX model (sigma-reparam's weights materialised), so the saved
 organism is read by every tool like any other.
 
-The gap and entropy arms read the heads through ``spectral.models.adapter.HeadAdapter`` (the hooks
-the scan uses, with the graph kept): the raw keys (the scan's key kernel) and the attention
-probabilities recomputed from the rotated queries and keys with the padding mask (the model's own
-attention, in whatever implementation, is unchanged).
+The gap and entropy arms read the heads with their own hooks on each GPT-NeoX attention module (the
+graph kept): the raw keys, split from ``query_key_value``'s output as the scan's adapter splits them
+(``spectral.models.families.gpt_neox``; this package sits below ``spectral.models`` in the layering,
+so the few lines are repeated here and ``tests/test_regularize.py`` checks them equal to the
+adapter's), and the attention probabilities recomputed from the rotated queries and keys with the
+causal and padding masks (the model's own attention, in whatever implementation, is unchanged).
 """
 
 from __future__ import annotations
@@ -19,9 +21,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from spectral.errors import UsageError
-from spectral.models.adapter import HeadAdapter
-from spectral.regularize.choices import ArmSpec
-from spectral.regularize.penalties import gap_penalty, key_gap
+from spectral.training.arms import ArmSpec
+from spectral.training.penalties import gap_penalty, key_gap
 
 
 class SigmaReparamQK(nn.Module):
@@ -73,13 +74,14 @@ class Regularizer:
     def __init__(self, model: nn.Module, spec: ArmSpec):
         _require_neox(model)
         self.model, self.spec = model, spec
-        self.adapter = HeadAdapter(model)
+        self.attentions = [layer.attention for layer in model.gpt_neox.layers]
+        self.n_heads = model.config.num_attention_heads
+        self.d_head = model.config.hidden_size // self.n_heads
         self.reparametrized: list[nn.Module] = []
         if spec.arm == "sigma-reparam":
-            for attn in self.adapter.attentions:
+            for attn in self.attentions:
                 parametrize.register_parametrization(
-                    attn.query_key_value, "weight",
-                    SigmaReparamQK(attn.query_key_value.weight, self.adapter.n_heads, self.adapter.d_head))
+                    attn.query_key_value, "weight", SigmaReparamQK(attn.query_key_value.weight, self.n_heads, self.d_head))
                 self.reparametrized.append(attn.query_key_value)
         self.site = {"gap-penalty": "keys_raw", "controlled-instability": "keys_raw", "entropy": "probs"}.get(spec.arm)
         self.last: dict[str, float] = {}
@@ -92,15 +94,13 @@ class Regularizer:
         """The training forward pass: (the language-model loss, the arm's extra loss or None)."""
         if self.site is None:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss, None
-        layers = list(self.spec.layers)
-        seen: dict[int, Tensor] = {}
-
-        def keep(layer: int, site: str, t: Tensor) -> None:
-            seen[layer] = t
-
-        with self.adapter.trace([self.site], keep, layers=layers, attention_mask=attention_mask):
+        with capture(self.attentions, self.spec.layers, self.n_heads, self.d_head) as seen:
             loss = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         mask = attention_mask.bool()
+        if self.site == "probs":
+            seen = {l: attention_probs(*seen[l], self.attentions[l].scaling, mask) for l in seen}
+        else:
+            seen = {l: seen[l][1] for l in seen}  # the raw keys
         if self.site == "keys_raw":
             gaps = torch.stack([key_gap(seen[l][:, :, h], mask) for l, h in self.spec.heads])
             extra = self.spec.weight * torch.stack(
@@ -119,6 +119,52 @@ class Regularizer:
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
         self.reparametrized = []
         return self.model
+
+
+class capture:
+    """Context manager: per layer in ``layers``, ``(q, k, (cos, sin))`` of the forward pass run
+    inside it, q and k the raw (unrotated) queries and keys (batch, pos, head, d_head) split from
+    ``query_key_value``'s output with the graph kept."""
+
+    def __init__(self, attentions, layers, n_heads: int, d_head: int):
+        self.attentions, self.layers, self.n_heads, self.d_head = attentions, layers, n_heads, d_head
+        self.seen: dict[int, tuple] = {}
+        self.handles: list = []
+
+    def __enter__(self) -> dict[int, tuple]:
+        for l in self.layers:
+            attn, rope = self.attentions[l], {}
+
+            def pre(module, args, kwargs, rope=rope):
+                rope["cos_sin"] = kwargs.get("position_embeddings")
+
+            def post(module, args, output, l=l, rope=rope):
+                qkv = output.view(*output.shape[:-1], self.n_heads, 3 * self.d_head)  # rows per head [q | k | v]
+                q, k, _ = qkv.chunk(3, dim=-1)
+                self.seen[l] = (q, k, rope.get("cos_sin"))
+
+            self.handles.append(attn.register_forward_pre_hook(pre, with_kwargs=True))
+            self.handles.append(attn.query_key_value.register_forward_hook(post))
+        return self.seen
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def attention_probs(q: Tensor, k: Tensor, cos_sin, scaling: float, mask: Tensor) -> Tensor:
+    """(batch, head, query, key) attention probabilities of raw ``q``, ``k`` (batch, pos, head, d_head):
+    GPT-NeoX's partial rotary, scores ``q k^T x scaling``, causal and padding keys masked, softmax
+    (rows with no visible key are 0)."""
+    from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
+
+    if cos_sin is None:
+        raise RuntimeError("the attention module received no position_embeddings to rotate with")
+    q, k = apply_rotary_pos_emb(q, k, *cos_sin, unsqueeze_dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scaling
+    t = q.shape[1]
+    blocked = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)[None, None] | ~mask[:, None, None, :]
+    return torch.softmax(scores.float().masked_fill(blocked, float("-inf")), dim=-1).nan_to_num(0.0)
 
 
 def normalized_entropy(probs: Tensor, mask: Tensor) -> Tensor:

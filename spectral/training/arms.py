@@ -1,5 +1,5 @@
 """The training arms of issue 20 and their options (light: no torch; job configs and the organism
-suite validate with it, ``spectral.regularize.arms`` applies them during training).
+suite validate with it, ``spectral.training.regularizer`` applies them during training).
 
 Arms (``ARMS``):
 
@@ -12,7 +12,7 @@ Arms (``ARMS``):
   baseline's forward pass. No options.
 - ``gap-penalty``: ``weight x mean over the chosen heads of gap_penalty(key_gap(head), target,
   direction)`` added to the loss, the key-kernel gap of each chosen head over the training batch's
-  real tokens (``spectral.regularize.penalties``). Default: every head, ``up`` toward 0.95 (a
+  real tokens (``spectral.training.penalties``). Default: every head, ``up`` toward 0.95 (a
   stabilising regulariser; the organisms' heads start near 0.9).
 - ``entropy``: ``-/+ weight x`` the chosen heads' mean normalised attention entropy (entropy of a
   query's attention over its visible real keys divided by log of their count; queries with one
