@@ -169,6 +169,57 @@ def test_the_arms_hooks_see_what_the_scans_adapter_sees():
         assert torch.allclose(probs, want[(l, "probs")], atol=1e-6)
 
 
+def test_the_arms_losses_equal_the_per_head_reference_bit_for_bit():
+    """The arms read each layer's keys / attention once and slice heads after (fast); the loss and
+    every gradient equal the plain per-head computation (each head sliced first, as the arm did
+    before) exactly, so the arms train the same bits as before the change."""
+    model, tok = _fresh_model(4)
+    model.train()
+    ids = torch.randint(0, len(tok), (4, 16), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(4, 16, dtype=torch.long)
+    mask[1, 11:] = 0
+    mask[3, 6:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    attns = [layer.attention for layer in model.gpt_neox.layers]
+    for arm in ("gap-penalty", "controlled-instability", "entropy"):
+        spec = arm_spec("organism-xs", arm)
+        reg = Regularizer(model, spec)
+        model.zero_grad()
+        loss, extra = reg.forward(ids, mask, labels)
+        (loss + extra).backward()
+        fast = extra.detach().clone(), [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        with capture(attns, spec.layers, reg.n_heads, reg.d_head) as seen:
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        m = mask.bool()
+        if arm == "entropy":
+            probs = {l: attention_probs(*seen[l], attns[l].scaling, m) for l in seen}
+            plain = spec.weight * -torch.stack([normalized_entropy(probs[l][:, h], m) for l, h in spec.heads]).mean()
+        else:
+            gaps = [key_gap(seen[l][1][:, :, h], m) for l, h in spec.heads]
+            plain = spec.weight * torch.stack([gap_penalty(g, spec.target, spec.direction) for g in gaps]).mean()
+        plain = plain.to(loss.dtype)
+        (loss + plain).backward()
+        assert torch.equal(fast[0], plain.detach()), arm
+        assert all(torch.equal(a, p.grad) for a, p in zip(fast[1], model.parameters())), arm
+
+
+def test_the_training_set_is_built_once_per_seed():
+    """A process training several arms of one seed builds their common training set once; it is
+    the same set a fresh build gives, and another seed gets its own."""
+    from spectral.organisms.train import _build_training_data, training_data
+
+    tok = word_tokenizer("")
+    a = recipe_of("organism-xs", 1, steps=6)
+    arm = recipe_of("organism-xs", 1, arm=arm_spec("organism-xs", "entropy"), steps=6)
+    first = training_data(a, tok)
+    assert training_data(arm, tok) is first
+    fresh = _build_training_data(a, tok)
+    assert all(torch.equal(x, y) for x, y in zip(first.tensors, fresh.tensors))
+    other = training_data(recipe_of("organism-xs", 2, steps=6), tok)
+    assert other is not first and not torch.equal(other.tensors[0], first.tensors[0])
+
+
 def _gap_of(path: Path, heads) -> float:
     from spectral.dynamics.training import key_scan, organism_probe_prompts
     from spectral.kernels.scan import ScanSettings
