@@ -73,6 +73,10 @@ class DynamicsTrainConfig(JobConfig):
     """Key-scan prompts (one per line or JSONL 'text'); organisms: n-prompts generated episodes by default."""
     n_prompts: int = Field(64, gt=0)
     """Generated organism prompts for the key scan (4 episodes each)."""
+    max_tokens: int | None = Field(None, gt=0)
+    """Cut every key-scan prompt to this many tokens (default: the context the organism was trained
+    on, from its recipe, so no key comes from a position training never reached; hub models: the
+    model's maximum)."""
     n_sequences: int = Field(128, gt=0)
     """Sequences of the ICL score and of the repeated random tokens."""
     n_induction: int = Field(100, gt=0)
@@ -156,11 +160,13 @@ class Run:
     seed: int | None
     model: str
     points: list[Point]
+    context: int | None = None
+    """The training context (organisms and checkpoint directories with a recipe; None: unknown)."""
 
 
-def _from_checkpoints(population: str, seed: int | None, model: str, checkpoints) -> Run:
+def _from_checkpoints(population: str, seed: int | None, model: str, checkpoints, context: int | None) -> Run:
     return Run(population, seed, model, [Point(c.step, str(c.path), None, float(c.train_loss), float(c.lr))
-                                         for c in checkpoints])
+                                         for c in checkpoints], context)
 
 
 def plan_runs(config: DynamicsTrainConfig, *, train: bool) -> list[Run]:
@@ -168,7 +174,7 @@ def plan_runs(config: DynamicsTrainConfig, *, train: bool) -> list[Run]:
     With ``train``, an organism seed not cached with its checkpoints is trained now."""
     from spectral.dynamics.changepoints import MIN_LENGTH
     from spectral.models.specs import parse_spec
-    from spectral.organisms.checkpoints import list_checkpoints
+    from spectral.organisms.checkpoints import checkpoints_recipe, list_checkpoints
     from spectral.organisms.suite import organism_dir, recipe_of, spec_text
 
     spec = parse_spec(config.model)
@@ -184,13 +190,15 @@ def plan_runs(config: DynamicsTrainConfig, *, train: bool) -> list[Run]:
             if not train:
                 continue
             path = organism_dir(spec_text(r), checkpoints=config.checkpoints)
-            runs.append(_from_checkpoints(r.name, r.seed, spec_text(r), list_checkpoints(path)))
+            runs.append(_from_checkpoints(r.name, r.seed, spec_text(r), list_checkpoints(path), r.context))
         return runs
     if spec.kind == "local":
         checkpoints = list_checkpoints(Path(spec.name))
         if len(checkpoints) < MIN_LENGTH:
             raise UsageError(f"{spec.text}: {len(checkpoints)} checkpoints; change-points need at least {MIN_LENGTH}")
-        return [_from_checkpoints(Path(spec.name).name, None, spec.text, checkpoints)]
+        context = checkpoints_recipe(Path(spec.name)).get("context")
+        return [_from_checkpoints(Path(spec.name).name, None, spec.text, checkpoints,
+                                  int(context) if context else None)]
     if spec.kind == "hub":
         if config.revisions is None:
             raise UsageError(f"{spec.text} is a hub model: name its checkpoints with --revisions step1000,step2000,...")
@@ -220,8 +228,9 @@ def run(config: DynamicsTrainConfig, *, echo=print):
             checkpoint_rows.append(rows)
             head_rows += heads
     analysis, notes = analyse_rows(checkpoint_rows, head_rows)
-    params = {"config": config.model_dump(mode="json"), "runs": [{"model": r.model, "seed": r.seed,
-                                                                   "steps": [p.step for p in r.points]} for r in runs],
+    params = {"config": config.model_dump(mode="json"),
+              "runs": [{"model": r.model, "seed": r.seed, "steps": [p.step for p in r.points],
+                        "scan_max_tokens": scan_max_tokens(config, r)} for r in runs],
               "icl_form": probes.icl.form, "early_token": probes.icl.early, "late_token": probes.icl.late,
               "n_prompts": len(probes.prompts), "seconds": round(time.perf_counter() - start, 3)}
     summary = _summary(config, checkpoint_rows, analysis, notes)
@@ -230,6 +239,11 @@ def run(config: DynamicsTrainConfig, *, echo=print):
     echo(f"wrote {config.out} ({len(checkpoint_rows)} checkpoints, {len(head_rows)} head rows) in "
          f"{params['seconds']:.1f} s")
     return analysis
+
+
+def scan_max_tokens(config: DynamicsTrainConfig, r: Run) -> int | None:
+    """The key scan's prompt length limit for run ``r`` (``DynamicsTrainConfig.max_tokens``)."""
+    return config.max_tokens or r.context
 
 
 def _measure_point(config: DynamicsTrainConfig, r: Run, point: Point, prompts, probes):
@@ -251,7 +265,7 @@ def _measure_point(config: DynamicsTrainConfig, r: Run, point: Point, prompts, p
         probes = training.make_probes(loaded, tasks, texts, n_sequences=config.n_sequences,
                                       n_induction=config.n_induction, n_ioi_per_template=config.n_ioi_per_template)
     settings = ScanSettings(ridge=config.ridge, center=config.center, ridge_mode=config.ridge_mode,
-                            batch_size=config.batch_size)
+                            batch_size=config.batch_size, max_tokens=scan_max_tokens(config, r))
     m = training.measure(loaded, probes, settings, r.model, batch_size=config.batch_size)
     where = point.revision or point.source
     x = float(log_step([point.step])[0])
@@ -323,6 +337,12 @@ def _fmt(x, digits: int = 3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}g}"
 
 
+def _limit_text(config: DynamicsTrainConfig) -> str:
+    if config.max_tokens:
+        return f"{config.max_tokens} tokens (--max-tokens)"
+    return "the organism's training context (its recipe) or, without one, the model's maximum"
+
+
 def _summary(config: DynamicsTrainConfig, rows: list[dict], analysis, notes: list[str]) -> str:
     from analysis.dynamics import (BEYOND_KEY, BEYOND_RULE, CONTROL_KEY, ICL, LOSS, MODEL_LEVEL, RULE,
                                    VERDICT_KEY, VERDICT_METRIC)
@@ -331,7 +351,8 @@ def _summary(config: DynamicsTrainConfig, rows: list[dict], analysis, notes: lis
     first = rows[0]
     lines = [f"# Training dynamics: {config.model}", "",
              f"ICL score: loss at token {first['late_token']} minus token {first['early_token']} (1-based) of "
-             f"{first['n_sequences']} '{first['icl_form']}' sequences (spectral.dynamics.training).", "",
+             f"{first['n_sequences']} '{first['icl_form']}' sequences (spectral.dynamics.training). Key scan: "
+             f"every prompt cut to {_limit_text(config)}.", "",
              "| seed | checkpoints | ICL first / last | induction acc first / last | IOI acc first / last | "
              f"ICL change-point (step) | {LOSS} change-point (step) | heads: gap change-point / precede ICL / "
              f"before the {LOSS} | median gap lag / {LOSS} lag / gap - {LOSS} (decades) |",

@@ -130,6 +130,18 @@ class CheckpointWriter:
         os.replace(tmp, path)
 
 
+def checkpoints_recipe(directory: Path) -> dict:
+    """The recipe the checkpoints of an organism directory (or its ``checkpoints/`` folder) were
+    trained with, from their manifest ({} when it names none)."""
+    directory = Path(directory)
+    root = directory if directory.name == CHECKPOINTS else directory / CHECKPOINTS
+    try:
+        recipe = json.loads((root / MANIFEST).read_text()).get("recipe")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return {}
+    return recipe if isinstance(recipe, dict) else {}
+
+
 def list_checkpoints(directory: Path) -> list[Checkpoint]:
     """The training checkpoints of an organism directory (or of its ``checkpoints/`` folder),
     in step order, each verified against the manifest's checksums. A step whose directory or
