@@ -82,6 +82,13 @@ def _fresh_model(seed: int = 2):
     return GPTNeoXForCausalLM(model_config(recipe, 8 * -(-len(tok) // 8), tok)), tok
 
 
+def _padded(vocab: int, width: int, seed: int, ends: tuple[int, ...]):
+    """Random ids (one row per entry of ``ends``) and a right-padding mask: row i real up to ends[i]."""
+    ids = torch.randint(0, vocab, (len(ends), width), generator=torch.Generator().manual_seed(seed))
+    mask = (torch.arange(width)[None, :] < torch.tensor(ends)[:, None]).long()
+    return ids, mask
+
+
 def test_sigma_reparam_starts_from_the_baseline_forward_pass():
     model, tok = _fresh_model()
     ids = torch.randint(0, len(tok), (4, 20), generator=torch.Generator().manual_seed(0))
@@ -150,10 +157,7 @@ def test_the_arms_hooks_see_what_the_scans_adapter_sees():
 
     model, tok = _fresh_model(3)
     model.eval()
-    ids = torch.randint(0, len(tok), (3, 12), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones(3, 12, dtype=torch.long)
-    mask[1, 9:] = 0
-    mask[2, 5:] = 0
+    ids, mask = _padded(len(tok), 12, seed=1, ends=(12, 9, 5))
     adapter = HeadAdapter(model)
     want: dict = {}
     with torch.no_grad(), adapter.trace(["keys_raw", "probs"], lambda l, s, t: want.__setitem__((l, s), t),
@@ -196,10 +200,7 @@ def test_the_arms_losses_equal_the_per_head_reference_bit_for_bit():
     same bits as before."""
     model, tok = _fresh_model(4)
     model.train()
-    ids = torch.randint(0, len(tok), (4, 16), generator=torch.Generator().manual_seed(2))
-    mask = torch.ones(4, 16, dtype=torch.long)
-    mask[1, 11:] = 0
-    mask[3, 6:] = 0
+    ids, mask = _padded(len(tok), 16, seed=2, ends=(16, 11, 16, 6))
     labels = ids.masked_fill(mask == 0, -100)
     attns = [layer.attention for layer in model.gpt_neox.layers]
     for arm in ("gap-penalty", "controlled-instability", "entropy"):
