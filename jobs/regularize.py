@@ -206,6 +206,7 @@ def measure_model(config: RegularizeConfig, arm: str, spec, seed: int, parts: Pa
         "options": spec.describe() if spec is not None else arm, "direction": spec.direction if spec else "",
         "targeted": [list(h) for h in spec.heads] if spec is not None else [],
         "training": {"train_seconds": report.get("train_seconds", float("nan")),
+                     "train_threads": report.get("environment", {}).get("threads", float("nan")),
                      "final_loss": report.get("final_loss", float("nan")),
                      "final_arm_loss": report.get("final_arm_loss", float("nan"))},
         "model": m.model,
@@ -251,7 +252,7 @@ def run(config: RegularizeConfig, *, echo=print):
         model_rows.append({"population": population, "arm": rec["arm"], "options": rec["options"], "seed": rec["seed"],
                            "entry": rec["entry"], "direction": rec["direction"],
                            "targeted": ",".join(f"{l}.{h}" for l, h in rec["targeted"]),
-                           **{k: float(v) for k, v in rec["training"].items()},
+                           **{k: float(rec["training"][k]) for k in ("train_seconds", "final_loss", "final_arm_loss")},
                            **{k: float(rec["model"][k]) for k in schemas.REGULARIZE_MODEL_MEASURES}, **summary})
         head_rows += [{"population": population, "arm": rec["arm"], "seed": rec["seed"], "layer": h["layer"],
                        "head": h["head"], "targeted": (h["layer"], h["head"]) in targeted, "gap": h["gap"],
@@ -263,7 +264,8 @@ def run(config: RegularizeConfig, *, echo=print):
                         "scale": row["scale"], "note": row["note"]} for row in rec["layers"]]
     contrasts = contrast_rows(runs)
     verdicts = verdict_rows(runs)
-    text = summary_text(config, population, seeds, specs, model_rows, contrasts, verdicts, time.perf_counter() - start)
+    text = summary_text(config, population, seeds, specs, model_rows, contrasts, verdicts, time.perf_counter() - start,
+                        mixed_threads(records))
 
     out = config.out
     write_json({"config": config.model_dump(mode="json"), "arms": {a: (s.describe() if s else a) for a, s in specs.items()},
@@ -286,11 +288,23 @@ def run(config: RegularizeConfig, *, echo=print):
     return model_rows, contrasts, verdicts
 
 
+def mixed_threads(records: list[dict]) -> dict[int, dict[str, int]]:
+    """Seeds whose models were trained at different torch thread counts, from the part files'
+    training facts (parts written before the count was kept are skipped): {seed: {arm: threads}}."""
+    by_seed: dict[int, dict[str, int]] = {}
+    for r in records:
+        threads = r["training"].get("train_threads")
+        if threads is not None and threads == threads:  # known, not NaN
+            by_seed.setdefault(int(r["seed"]), {})[r["arm"]] = int(threads)
+    return {s: arms for s, arms in by_seed.items() if len(set(arms.values())) > 1}
+
+
 KEY_CONTRASTS = ("gap_targeted", "gap_rest", "fraction_unstable", "few_shot_gain_1", "few_shot_loss_1", "icl_score", "induction_accuracy",
                  "ioi_accuracy", "heldout_loss", "importance_rank_targeted")
 
 
-def summary_text(config, population, seeds, specs, model_rows, contrasts, verdicts, seconds) -> str:
+def summary_text(config, population, seeds, specs, model_rows, contrasts, verdicts, seconds,
+                 mixed: dict[int, dict[str, int]] | None = None) -> str:
     from analysis.regularize import rule
 
     def num(x, f=".3g"):
@@ -323,6 +337,10 @@ def summary_text(config, population, seeds, specs, model_rows, contrasts, verdic
     if len(seeds) < 2:
         lines.append("- one seed: every verdict is INCONCLUSIVE (the seeds are the replicates); pass --seeds 0,1,2")
     lines += ["", "Rules:", ""] + [f"- {rule(k)}" for k in sorted({v['key'] for v in verdicts})]
+    for seed, arms in sorted((mixed or {}).items()):
+        lines += ["", f"Note: seed {seed}'s models were trained at different torch thread counts ("
+                  + ", ".join(f"{a} {t}" for a, t in arms.items()) + "): the same initial weights and batches, but "
+                  "not bit-for-bit pairs (the thread count changes float reductions; docs/ORGANISMS.md)."]
     lines += ["", f"Finished in {seconds:.0f} s."]
     return "\n".join(lines)
 

@@ -391,6 +391,17 @@ def test_null_simulation_the_verdicts_pass_at_most_at_their_nominal_level(n_seed
 
 
 # ---------------------------------------------------------------------------- the job, end to end
+def test_seeds_trained_at_mixed_thread_counts_are_named():
+    from jobs.regularize import mixed_threads
+
+    def part(seed, arm, threads):
+        return {"seed": seed, "arm": arm, "training": {} if threads is None else {"train_threads": threads}}
+
+    parts = [part(0, "baseline", 2), part(0, "entropy", 1), part(1, "baseline", 1), part(1, "entropy", 1),
+             part(2, "baseline", None), part(2, "entropy", 2)]
+    assert mixed_threads(parts) == {0: {"baseline": 2, "entropy": 1}}
+
+
 def test_regularize_job_pilot_resumes_and_reports(organism_cache, tmp_path):
     """A 30-step pilot of three arms on two seeds: the tables, the contrasts recomputed by hand from the
     heads table, a rerun that reuses every model's measurements, and the report's section."""
@@ -406,6 +417,12 @@ def test_regularize_job_pilot_resumes_and_reports(organism_cache, tmp_path):
         (a, s) for a in ("baseline", "controlled-instability", "sigma-reparam") for s in (0, 1))
     assert {m["entry"] for m in models if m["arm"] == "controlled-instability"} == {
         "organism-xs-steps30-controlled-instability", "organism-xs-seed1-steps30-controlled-instability"}
+    from spectral.organisms.suite import cache_root
+
+    for m in models:  # each part keeps the thread count its model was trained with (its cache entry's)
+        report = json.loads((cache_root() / m["entry"] / "recipe.json").read_text())["training"]
+        part = json.loads((out / "parts" / f"{m['entry']}.json").read_text())
+        assert part["training"]["train_threads"] == report["environment"]["threads"] >= 1
     heads = pq.read_table(out / "regularize_heads.parquet").to_pylist()
     assert len(heads) == 6 * 16 and {h["head"] for h in heads if h["targeted"]} == {0, 1, 2, 3}
     # the contrast of the targeted heads' gap, by hand from the heads table
