@@ -132,7 +132,7 @@ def run(config: AutosteerConfig, *, echo=print):
     from spectral.steering.measure import Evaluator
     from spectral.steering.strategies import layer_gaps
     from spectral.steering.vectors import actadd, caa
-    from spectral.theory.first_order import first_order
+    from spectral.theory.first_order import first_order_layers
 
     start = time.perf_counter()
     spec = parse_spec(config.model)
@@ -184,8 +184,8 @@ def run(config: AutosteerConfig, *, echo=print):
     if "theory" in wanted:
         t0 = time.perf_counter()
         sub = A.sub_concept(concept, list(split.selection))
-        predicted = {l: float(first_order(adapter, tok, sub, l, vectors[l], positions, source=config.concept)
-                              .effect_at_budget(budget)) for l in vectors}
+        predicted = {l: float(fo.effect_at_budget(budget))
+                     for l, fo in first_order_layers(adapter, tok, sub, vectors, positions, source=config.concept).items()}
         c = A.theory(predicted, vectors, positions, time.perf_counter() - t0)
         choices.append(c)
         for l in vectors:

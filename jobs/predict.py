@@ -123,7 +123,7 @@ def run(config: PredictConfig, *, echo=print):
     from spectral.steering.injection import Injection
     from spectral.steering.strategies import match_budget
     from spectral.steering.vectors import actadd, caa
-    from spectral.theory.first_order import first_order
+    from spectral.theory.first_order import first_order_layers
 
     start = time.perf_counter()
     spec = parse_spec(config.model)
@@ -145,9 +145,9 @@ def run(config: PredictConfig, *, echo=print):
     if not usable:
         raise UsageError("every layer's steering vector is zero (the contrast pairs' residuals agree): nothing to predict")
 
-    t0 = time.perf_counter()  # the closed form: one forward-mode pass per layer
-    fos = {l: first_order(adapter, loaded.tokenizer, concept, l, vectors[l], config.positions, source=config.concept)
-           for l in usable}
+    t0 = time.perf_counter()  # the closed form: one plain pass, then a forward-mode pass from each layer on
+    fos = first_order_layers(adapter, loaded.tokenizer, concept, {l: vectors[l] for l in usable}, config.positions,
+                             source=config.concept)
     seconds_first_order = time.perf_counter() - t0
 
     rows, effects, slopes, alpha_stars, line_alphas = [], {}, {}, {}, {}

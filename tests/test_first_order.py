@@ -13,8 +13,8 @@ from spectral.steering.concepts import concept_for, concept_from_dict, single_to
 from spectral.steering.injection import Injection
 from spectral.steering.measure import kl_per_prompt, next_token_logprobs, set_score
 from spectral.steering.vectors import Batch, read_residuals, steering_vectors
-from spectral.theory.first_order import (attention_summary, first_order, fisher_dual_norm, fisher_quadratic,
-                                         linearize, score_gradient)
+from spectral.theory.first_order import (attention_summary, first_order, first_order_layers, fisher_dual_norm,
+                                         fisher_quadratic, linearize, score_gradient)
 from tests.conftest import TINY
 
 # byte tokenizer: every character is one token
@@ -158,6 +158,37 @@ def test_first_order_matches_finite_differences_on_the_organism(organism64):
                                "prompts": list(concept.prompts[:8]), "target": list(concept.target),
                                "opposite": list(concept.opposite), "neutral": list(concept.neutral[:8])})
     check_model(organism64, small, range(HeadAdapter(organism64.model).n_layers))
+
+
+def _same_prediction(many, one):
+    for name in ("slope", "fisher_prompts", "fisher_neutral", "dual_norm", "logit_spread", "prob_change"):
+        a, b = getattr(many, name), getattr(one, name)
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12 * max(1.0, float(np.abs(b).max())), err_msg=name)
+    assert many.attention_layers == one.attention_layers == (one.layer,)
+    assert many.relative_norm == pytest.approx(one.relative_norm, rel=1e-12)
+
+
+@pytest.mark.parametrize("positions", ["all", "last", 2])
+def test_every_layer_at_once_equals_one_layer_at_a_time(random64, positions):
+    """first_order_layers (one plain pass, then each layer's tangent from its own block on) gives
+    first_order's values for every layer: GPT-NeoX, Llama and GPT-2, every injection position."""
+    adapter = HeadAdapter(random64.model)
+    layers = list(range(adapter.n_layers))
+    vectors = scaled_vectors(adapter, random64.tokenizer, CONCEPT, layers)
+    many = first_order_layers(adapter, random64.tokenizer, CONCEPT, vectors, positions)
+    assert sorted(many) == layers
+    for l in layers:
+        _same_prediction(many[l], first_order(adapter, random64.tokenizer, CONCEPT, l, vectors[l], positions))
+
+
+def test_every_layer_at_once_on_the_organism(organism64):
+    concept = concept_for("sentiment", organism64, scan_seed=0)
+    adapter = HeadAdapter(organism64.model)
+    layers = list(range(adapter.n_layers))
+    vectors = scaled_vectors(adapter, organism64.tokenizer, concept, layers)
+    many = first_order_layers(adapter, organism64.tokenizer, concept, vectors)
+    for l in layers:
+        _same_prediction(many[l], first_order(adapter, organism64.tokenizer, concept, l, vectors[l]))
 
 
 @pytest.mark.parametrize("positions", ["last", 2])

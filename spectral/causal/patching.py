@@ -71,8 +71,7 @@ def cache_run(adapter: HeadAdapter, ids: Tensor, task: EncodedTask) -> RunCache:
             t = t.transpose(1, 2)[:, ::group]
         store[site][layer] = t.detach().clone()
 
-    handles = [block.register_forward_pre_hook(_kwargs_keeper(kwargs, l, block), with_kwargs=True)
-               for l, block in enumerate(adapter.blocks)]
+    handles = keep_block_kwargs(adapter, kwargs)
     try:
         with adapter.trace(list(store), keep, attention_mask=task.mask.to(ids.device)):
             logits = adapter.model(input_ids=ids, attention_mask=task.mask.to(ids.device), use_cache=False).logits
@@ -81,6 +80,14 @@ def cache_run(adapter: HeadAdapter, ids: Tensor, task: EncodedTask) -> RunCache:
             h.remove()
     return RunCache(logit_diff(logits, task), store["result"], store["resid_pre"], kwargs,
                     store["keys_rotated"], store["values"], store["resid_post"])
+
+
+def keep_block_kwargs(adapter: HeadAdapter, store: list) -> list:
+    """Pre-hooks (remove them after the forward pass) that keep in ``store[l]`` every argument
+    the model passes block ``l`` except its hidden states and key/value cache: what a block
+    needs to be called again on other hidden states (``replay``)."""
+    return [block.register_forward_pre_hook(_kwargs_keeper(store, l, block), with_kwargs=True)
+            for l, block in enumerate(adapter.blocks)]
 
 
 def _kwargs_keeper(store: list, layer: int, block: torch.nn.Module):
