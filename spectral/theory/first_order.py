@@ -129,7 +129,9 @@ def linearize_layers(adapter: HeadAdapter, batch: Batch, vectors: Mapping[int, T
     residual entering block l (kept from the plain pass, with every block's other arguments) and
     runs blocks l .. L-1, the final norm and the unembedding at the last real tokens only. For L
     layers that is 1 plain pass plus L (L+1) / 2 blocks carrying a tangent instead of L full
-    passes; the values equal ``linearize``'s (tested)."""
+    passes (L^2 blocks): about half the work on deep models; on organism-l (6 layers) 0.51-0.53 s
+    against 0.59-0.61 s, forward-mode AD's per-operation overhead being most of either. The values
+    equal ``linearize``'s (tested to 1e-9 in float64)."""
     from spectral.causal.patching import keep_block_kwargs
 
     adapter.require_causal_lm("the first-order steering prediction")
@@ -275,7 +277,7 @@ def first_order_layers(adapter: HeadAdapter, tokenizer, concept: Concept, vector
                        positions: Positions = "all", source: str = "concept") -> dict[int, FirstOrder]:
     """``first_order`` of every layer's vector (attention recorded at the injected layer), from one
     plain pass and one forward-mode pass from each layer on (``linearize_layers``): the same values
-    for about half the cost on a 6-layer model."""
+    as calling ``first_order`` per layer, for less work (its docstring gives the figures)."""
     target = single_token_ids(tokenizer, concept.target, "target", source)
     opposite = single_token_ids(tokenizer, concept.opposite, "opposite", source)
     device = adapter.model.get_input_embeddings().weight.device
