@@ -130,13 +130,17 @@ class CheckpointWriter:
         os.replace(tmp, path)
 
 
+def _root(directory: Path) -> Path:
+    """The ``checkpoints/`` folder of an organism directory (or the folder itself)."""
+    directory = Path(directory)
+    return directory if directory.name == CHECKPOINTS else directory / CHECKPOINTS
+
+
 def checkpoints_recipe(directory: Path) -> dict:
     """The recipe the checkpoints of an organism directory (or its ``checkpoints/`` folder) were
     trained with, from their manifest ({} when it names none)."""
-    directory = Path(directory)
-    root = directory if directory.name == CHECKPOINTS else directory / CHECKPOINTS
     try:
-        recipe = json.loads((root / MANIFEST).read_text()).get("recipe")
+        recipe = json.loads((_root(directory) / MANIFEST).read_text()).get("recipe")
     except (OSError, json.JSONDecodeError, AttributeError):
         return {}
     return recipe if isinstance(recipe, dict) else {}
@@ -147,7 +151,7 @@ def list_checkpoints(directory: Path) -> list[Checkpoint]:
     in step order, each verified against the manifest's checksums. A step whose directory or
     file is gone or differs from its checksum is a one-line UsageError naming the step."""
     directory = Path(directory)
-    root = directory if directory.name == CHECKPOINTS else directory / CHECKPOINTS
+    root = _root(directory)
     try:
         manifest = json.loads((root / MANIFEST).read_text())
         entries, recipe, total, requested = (manifest[k] for k in ("steps", "recipe", "total_steps", "requested"))

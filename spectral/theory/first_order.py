@@ -99,9 +99,7 @@ def linearize(adapter: HeadAdapter, batch: Batch, layer: int, vector: Float[Tens
             return
         if l not in attention_layers:
             return
-        row = primal[rows, :, last]  # (n, head, k_pos): the final query of each prompt
-        tan = torch.zeros_like(row) if tangent is None else tangent[rows, :, last]
-        seen[(l, site)] = (row.detach().double(), tan.detach().double())
+        seen[(l, site)] = _final_query(primal, tangent, rows, last)
 
     with torch.no_grad(), eager_attention(adapter.model), fwAD.dual_level():
         weight = adapter.model.get_input_embeddings().weight
@@ -119,6 +117,14 @@ def linearize(adapter: HeadAdapter, batch: Batch, layer: int, vector: Float[Tens
                               if attention_layers else [torch.zeros(len(rows), 0, adapter.n_heads, 0)] * 3)
     return Linearization(torch.log_softmax(logits, -1), tangent, attention_layers, probs, score_t, prob_t,
                          seen[(layer, "resid_pre")][0])
+
+
+def _final_query(primal: Tensor, tangent: Tensor | None, rows: Tensor, last: Tensor) -> tuple[Tensor, Tensor]:
+    """An attention site's (n, head, k_pos) row of each prompt's final query, and its tangent
+    (zero where the site carries none), both float64."""
+    row = primal[rows, :, last]
+    tan = torch.zeros_like(row) if tangent is None else tangent[rows, :, last]
+    return row.detach().double(), tan.detach().double()
 
 
 def linearize_layers(adapter: HeadAdapter, batch: Batch, vectors: Mapping[int, Tensor],
@@ -160,10 +166,7 @@ def linearize_layers(adapter: HeadAdapter, batch: Batch, vectors: Mapping[int, T
             seen: dict[str, tuple[Tensor, Tensor]] = {}
 
             def keep(layer: int, site: str, t: Tensor) -> None:
-                primal, tangent = fwAD.unpack_dual(t)
-                row = primal[rows, :, last]  # (n, head, k_pos): the final query of each prompt
-                tan = torch.zeros_like(row) if tangent is None else tangent[rows, :, last]
-                seen[site] = (row.detach().double(), tan.detach().double())
+                seen[site] = _final_query(*fwAD.unpack_dual(t), rows, last)
 
             start = resid[l]
             v = vectors[l].detach().to(start.device, start.dtype)
