@@ -191,7 +191,7 @@ def test_weights_are_per_head_slices_of_the_projection(tiny):
 
 
 def _biases(adapter, attn):
-    h, d, kv = adapter.n_heads, adapter.d_head, adapter.n_kv_heads
+    h, d = adapter.n_heads, adapter.d_head
     if adapter.family.name == "gpt_neox":
         b = attn.query_key_value.bias.view(h, 3, d)
         return b[:, 0], b[:, 1]
