@@ -99,33 +99,19 @@ def _one_pass(adapter, tok, concept, vectors, target, opposite, cotangent: str, 
     return {l: g[:n].double().numpy() for l, g in zip(layers, grads)}, squares
 
 
-def _forward_floor(adapter, tok, concept, layers):
+def _forward_floor(adapter, tok, concept, layers) -> None:
     """The plain pass over the neutral prompts, then blocks l .. L-1 replayed from each layer's
     residual without a tangent: what an exact forward-mode curvature computes at the least (a
     tangent through a block costs at least the block's own products). The slopes come on top
     (timed apart: the reverse pass over the evaluation prompts)."""
-    from spectral.causal.patching import keep_block_kwargs
     from spectral.steering.vectors import Batch
-    from spectral.theory.first_order import eager_attention
+    from spectral.theory.first_order import eager_attention, record_blocks, run_blocks
 
-    model = adapter.model
     batch = Batch.of(tok, list(concept.neutral), torch.device("cpu"), "benchmark")
-    kwargs: list = [None] * adapter.n_layers
-    resid: dict = {}
-    with torch.no_grad(), eager_attention(model):
-        handles = keep_block_kwargs(adapter, kwargs)
-        try:
-            with adapter.trace(["resid_pre"], lambda l, site, t: resid.__setitem__(l, t.detach()), layers=layers):
-                model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
+    with torch.no_grad(), eager_attention(adapter.model):
+        _, resid, kwargs = record_blocks(adapter, batch, layers)
         for l in layers:
-            hidden = resid[l]
-            for b in range(l, adapter.n_layers):
-                result = adapter.blocks[b](hidden, **kwargs[b])
-                hidden = result[0] if isinstance(result, tuple) else result
-    return len(layers) * (len(layers) + 1) // 2
+            run_blocks(adapter, resid[l], kwargs, l)
 
 
 def _projections(lin):
@@ -214,8 +200,11 @@ def main(argv: list[str] | None = None) -> dict:
     ks = sorted({1, 2, 4, 8, args.rank, 32, 64})
     shares = _eigen_shares(lins, layers, ks)
     truncated = eigen()[1]
-    truncation_error = max(float(np.max(np.abs(truncated[l] - _projections(lins[l])[0][:, :args.rank].sum(-1).numpy())
-                                        / _projections(lins[l])[1].numpy())) for l in layers)
+    truncation_error = 0.0
+    for l in layers:
+        proj, total = _projections(lins[l])
+        err = np.abs(truncated[l] - proj[:, :args.rank].sum(-1).numpy()) / total.numpy()
+        truncation_error = max(truncation_error, float(err.max()))
     result = {"benchmark": "predict_estimators", "model": args.model, "layers": len(layers),
               "evaluation_prompts": len(concept.prompts), "neutral_prompts": len(concept.neutral),
               "kl_budget": BUDGET, "search_s": round(s, 3), "exact_first_order_s": round(e, 3),

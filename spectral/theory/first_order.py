@@ -79,8 +79,8 @@ class _LinearTangent(torch.autograd.Function):
 class _LayerNormTangent(torch.autograd.Function):
     """``F.layer_norm`` over the last dimension with its tangent in closed form,
     gamma * (x_t - mean(x_t) - xhat * mean(x_t * xhat)) / sigma (xhat the normalised input, sigma
-    the standard deviation with eps). PyTorch computes this tangent through a Python
-    decomposition: about 0.3 s to load in a process and several small operations per call."""
+    the standard deviation with eps). PyTorch computes this tangent through a decomposition of
+    several small operations per call."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
@@ -202,6 +202,32 @@ def _final_query(primal: Tensor, tangent: Tensor | None, rows: Tensor, last: Ten
     return row.detach().double(), tan.detach().double()
 
 
+def record_blocks(adapter: HeadAdapter, batch: Batch, layers: Sequence[int]) -> tuple[Tensor, dict[int, Tensor], list]:
+    """One plain forward pass over ``batch``: its logits, the residual entering each block in
+    ``layers``, and every block's other arguments (``keep_block_kwargs``), so that blocks can be
+    run again from any of those residuals (``run_blocks``)."""
+    from spectral.causal.patching import keep_block_kwargs
+
+    resid: dict[int, Tensor] = {}
+    kwargs: list = [None] * adapter.n_layers
+    handles = keep_block_kwargs(adapter, kwargs)
+    try:
+        with adapter.trace(["resid_pre"], lambda l, site, t: resid.__setitem__(l, t.detach()), layers=layers):
+            logits = adapter.model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return logits, resid, kwargs
+
+
+def run_blocks(adapter: HeadAdapter, hidden: Tensor, kwargs: list, start: int) -> Tensor:
+    """Blocks ``start`` .. L-1 on ``hidden``, with the arguments ``record_blocks`` kept."""
+    for b in range(start, adapter.n_layers):
+        result = adapter.blocks[b](hidden, **kwargs[b])
+        hidden = result[0] if isinstance(result, tuple) else result
+    return hidden
+
+
 def linearize_layers(adapter: HeadAdapter, batch: Batch, vectors: Mapping[int, Tensor],
                      positions: Positions = "all") -> dict[int, Linearization]:
     """``linearize`` for each layer's own vector (``vectors``: layer -> d_model vector), its
@@ -215,8 +241,6 @@ def linearize_layers(adapter: HeadAdapter, batch: Batch, vectors: Mapping[int, T
     threads, interleaved rounds) 0.49-0.53 s, against 0.58-0.61 s one layer at a time and
     0.64-0.71 s with PyTorch's own tangent formulas. The values equal ``linearize``'s (tested to
     1e-9 in float64)."""
-    from spectral.causal.patching import keep_block_kwargs
-
     adapter.require_causal_lm("the first-order steering prediction")
     layers = adapter.check_layers(sorted(vectors))
     for l in layers:
@@ -226,37 +250,28 @@ def linearize_layers(adapter: HeadAdapter, batch: Batch, vectors: Mapping[int, T
     model = adapter.model
     rows = torch.arange(batch.ids.shape[0], device=batch.ids.device)
     last = batch.last.to(batch.ids.device)
-    resid: dict[int, Tensor] = {}
-    kwargs: list = [None] * adapter.n_layers
     norm = model.get_submodule(adapter.family.final_norm)
     out: dict[int, Linearization] = {}
     with torch.no_grad(), eager_attention(model):
-        handles = keep_block_kwargs(adapter, kwargs)
-        try:
-            with adapter.trace(["resid_pre"], lambda l, site, t: resid.__setitem__(l, t.detach()), layers=layers):
-                logits = model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).logits
-        finally:
-            for h in handles:
-                h.remove()
+        logits, resid, kwargs = record_blocks(adapter, batch, layers)
         logprobs = torch.log_softmax(logits[rows, last].double(), -1)
-        for l in layers:
-            seen: dict[str, tuple[Tensor, Tensor]] = {}
+        with linear_tangents([*adapter.blocks, norm]):
+            for l in layers:
+                seen: dict[str, tuple[Tensor, Tensor]] = {}
 
-            def keep(layer: int, site: str, t: Tensor) -> None:
-                seen[site] = _final_query(*fwAD.unpack_dual(t), rows, last)
+                def keep(layer: int, site: str, t: Tensor) -> None:
+                    seen[site] = _final_query(*fwAD.unpack_dual(t), rows, last)
 
-            start = resid[l]
-            v = vectors[l].detach().to(start.device, start.dtype)
-            with fwAD.dual_level(), linear_tangents([*adapter.blocks, norm]):
-                hidden = fwAD.make_dual(start, add_at(torch.zeros_like(start), v, positions, last))
-                with adapter.trace(["scores", "probs"], keep, layers=[l], attention_mask=batch.mask):
-                    for b in range(l, adapter.n_layers):
-                        result = adapter.blocks[b](hidden, **kwargs[b])
-                        hidden = result[0] if isinstance(result, tuple) else result
-                final = model.get_output_embeddings()(norm(hidden[rows, last]))
-                tangent = fwAD.unpack_dual(final).tangent.double()
-            out[l] = Linearization(logprobs, tangent, (l,), seen["probs"][0][:, None], seen["scores"][1][:, None],
-                                   seen["probs"][1][:, None], start[rows, last].double().norm(dim=-1))
+                start = resid[l]
+                v = vectors[l].detach().to(start.device, start.dtype)
+                with fwAD.dual_level():
+                    hidden = fwAD.make_dual(start, add_at(torch.zeros_like(start), v, positions, last))
+                    with adapter.trace(["scores", "probs"], keep, layers=[l], attention_mask=batch.mask):
+                        hidden = run_blocks(adapter, hidden, kwargs, l)
+                    final = model.get_output_embeddings()(norm(hidden[rows, last]))
+                    tangent = fwAD.unpack_dual(final).tangent.double()
+                out[l] = Linearization(logprobs, tangent, (l,), seen["probs"][0][:, None], seen["scores"][1][:, None],
+                                       seen["probs"][1][:, None], start[rows, last].double().norm(dim=-1))
     return out
 
 
